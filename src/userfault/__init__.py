@@ -1,0 +1,1 @@
+"""userfault: on-demand paging from userland on Linux."""

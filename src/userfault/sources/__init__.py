@@ -1,0 +1,1 @@
+"""Page sources: where pagers get the bytes they install."""
