@@ -1,0 +1,30 @@
+"""Firecracker snapshot support: the UFFD handshake protocol (and, later, the pager).
+
+Firecracker restores a snapshot with guest memory served by an external page-fault handler:
+the VMM connects to a Unix socket, sends the userfaultfd and a JSON list of guest regions,
+then faults on guest memory until the handler installs the pages from the snapshot file.
+"""
+
+from __future__ import annotations
+
+from .protocol import (
+    MAX_MESSAGE_BYTES,
+    MAX_REGIONS,
+    SUPPORTED_PAGE_SIZES,
+    FirecrackerProtocolError,
+    GuestRegion,
+    PeerCred,
+    parse_mappings,
+    receive_handshake,
+)
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "MAX_REGIONS",
+    "SUPPORTED_PAGE_SIZES",
+    "FirecrackerProtocolError",
+    "GuestRegion",
+    "PeerCred",
+    "parse_mappings",
+    "receive_handshake",
+]
