@@ -1,0 +1,447 @@
+"""Pages stored in Redis (one key per page), standalone or Redis Cluster.
+
+Key layout (``prefix`` defaults to ``"userfault:"``, ``page_size`` to 4096)::
+
+    {prefix}meta      JSON {"size": <total bytes>, "page_size": <bytes per key>, "version": 1}
+    {prefix}{index}   the bytes of [index * page_size, (index + 1) * page_size), index in decimal
+
+A page value holds the *leading* bytes of its page: bytes past the end of the value are zeros.
+So an empty value is an all-zero page (what :func:`upload` writes for zero pages), the last
+page is ``size % page_size`` bytes long (or a full page), and a value longer than ``page_size``
+is an error. A *missing* key is an error by default (``missing="error"``): the data was never
+uploaded, was evicted, or its node is gone, and serving zeros would be silent corruption.
+``missing="zero"`` is an explicit opt-in for sparse data whose absent pages are zero.
+
+On a cluster the page keys spread over all masters (data bigger than one machine); put a hash
+tag in the prefix (``"{vm1}:"``) to keep one object on one node instead. ``read_many`` fetches
+all the keys of a batch with pipelined ``MGET`` (standalone) or ``mget_nonatomic`` (cluster:
+grouped by hash slot, one pipeline per node).
+
+The source is picklable (constructor arguments only) and fork-safe: the client is created
+lazily in the process that uses it, and again after a fork.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from userfault.errors import SourceError
+
+__all__ = ["RedisSource", "upload"]
+
+_MGET_BATCH = 512  # keys per MGET in a pipeline
+
+#: What upload() accepts: a path or an object with the buffer protocol.
+BufferLike = bytes | bytearray | memoryview
+
+
+def _import_redis() -> Any:
+    try:
+        import redis
+        import redis.cluster
+    except ImportError as err:
+        raise ImportError(
+            "RedisSource needs the redis package: pip install userfault[redis]") from err
+    return redis
+
+
+def _check_page_size(page_size: int) -> None:
+    if page_size < 4096 or page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two >= 4096, not {page_size}")
+
+
+def _make_client(url: str, cluster: bool, timeout: float) -> Any:
+    redis = _import_redis()
+    if cluster:
+        return redis.cluster.RedisCluster.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+def _describe_url(url: str) -> str:
+    # Hide a password in redis://user:password@host
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return url
+
+
+class RedisSource:
+    """Pages kept in Redis under ``{prefix}{index}`` keys (see the module docstring).
+
+    Args:
+        url: ``redis://host:port/db`` (``rediss://`` for TLS); for a cluster, any one node.
+        prefix: key prefix of this object.
+        page_size: bytes per key, a power of two >= 4096. ``None`` takes it from the meta key,
+            or 4096 when there is none. A value that contradicts the meta key is an error.
+        size: total size; ``None`` reads it from ``{prefix}meta``.
+        cluster: connect with :class:`redis.cluster.RedisCluster`.
+        missing: ``"error"`` (default) raises :class:`SourceError` for a missing page key;
+            ``"zero"`` serves missing pages as zeros (sparse data, explicit opt-in).
+        timeout: socket timeout in seconds.
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        prefix: str = "userfault:",
+        page_size: int | None = None,
+        size: int | None = None,
+        cluster: bool = False,
+        missing: Literal["error", "zero"] = "error",
+        timeout: float = 10.0,
+    ) -> None:
+        if missing not in ("error", "zero"):
+            raise ValueError(f"missing must be 'error' or 'zero', not {missing!r}")
+        if page_size is not None:
+            _check_page_size(page_size)
+        if size is not None and size < 0:
+            raise ValueError(f"size must be >= 0, not {size}")
+        self._url = url
+        self._prefix = prefix
+        self._cluster = bool(cluster)
+        self._missing = missing
+        self._timeout = float(timeout)
+        self._desc = f"{_describe_url(url)} prefix {prefix!r}"
+        self._reset_process_state()
+        if size is None or page_size is None:
+            meta = self._read_meta(required=size is None)
+            if meta is not None:
+                if page_size is not None and meta["page_size"] != page_size:
+                    raise SourceError(
+                        f"RedisSource {self._desc}: page_size={page_size} was asked for but "
+                        f"{prefix}meta says the data was stored with page_size "
+                        f"{meta['page_size']}", source=self._desc)
+                page_size = int(meta["page_size"])
+                if size is None:
+                    size = int(meta["size"])
+        self._page_size = page_size or 4096
+        assert size is not None
+        self._size = size
+
+    # -- pickling --------------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"url": self._url, "prefix": self._prefix, "page_size": self._page_size,
+                "size": self._size, "cluster": self._cluster, "missing": self._missing,
+                "timeout": self._timeout}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._url = state["url"]
+        self._prefix = state["prefix"]
+        self._page_size = state["page_size"]
+        self._size = state["size"]
+        self._cluster = state["cluster"]
+        self._missing = state["missing"]
+        self._timeout = state["timeout"]
+        self._desc = f"{_describe_url(self._url)} prefix {self._prefix!r}"
+        self._reset_process_state()
+
+    def _reset_process_state(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._client_obj: Any = None
+
+    def _client(self) -> Any:
+        if self._pid != os.getpid():
+            self._reset_process_state()  # forked: never reuse the parent's sockets
+        if self._client_obj is None:
+            with self._lock:
+                if self._client_obj is None:
+                    self._client_obj = _make_client(self._url, self._cluster, self._timeout)
+        return self._client_obj
+
+    # -- public API ------------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def page_size(self) -> int:
+        return self._page_size
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    def __repr__(self) -> str:
+        return (f"RedisSource({self._desc}, size={self._size}, page_size={self._page_size}, "
+                f"cluster={self._cluster}, missing={self._missing!r})")
+
+    def key(self, index: int) -> str:
+        """The key of page ``index``."""
+        return f"{self._prefix}{index}"
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with ``[offset, offset + len(buf))`` (one MGET of the pages it spans)."""
+        self.read_many([(offset, buf)])
+
+    def read_many(self, requests: Sequence[tuple[int, memoryview]]) -> None:
+        """Fill every ``(offset, buf)`` with one pipelined batch of MGETs for all their keys."""
+        views = [(off, _bytes_view(b)) for off, b in requests]
+        indices: dict[int, None] = {}
+        for off, b in views:
+            if not len(b):
+                continue
+            if off < 0 or off >= self._size:
+                raise self._error("read", off, len(b),
+                                  f"the range starts outside the source (size {self._size})")
+            end = min(off + len(b), self._size)
+            for i in range(off // self._page_size, (end - 1) // self._page_size + 1):
+                indices[i] = None
+        if not indices:
+            return
+        order = list(indices)
+        values = self._mget(order, views)
+        pages = dict(zip(order, values, strict=True))
+        ps = self._page_size
+        for off, b in views:
+            n = len(b)
+            if not n:
+                continue
+            end = min(off + n, self._size)
+            pos = off
+            while pos < end:
+                i = pos // ps
+                in_page = pos - i * ps
+                take = min(end, (i + 1) * ps) - pos
+                dst = b[pos - off: pos - off + take]
+                val = pages[i]
+                if val is None:
+                    if self._missing == "error":
+                        raise self._error(
+                            "read", off, n,
+                            f"page key {self.key(i)!r} does not exist (never uploaded, evicted "
+                            "or lost); pass missing='zero' only if absent pages are zeros")
+                    dst[:] = bytes(take)
+                elif len(val) > ps:
+                    raise self._error(
+                        "read", off, n,
+                        f"page key {self.key(i)!r} holds {len(val)} bytes, more than the "
+                        f"page size {ps}: wrong prefix or page_size?")
+                else:
+                    have = max(0, min(len(val) - in_page, take))
+                    if have:
+                        dst[:have] = val[in_page: in_page + have]
+                    if have < take:
+                        dst[have:] = bytes(take - have)
+                pos += take
+            if end < off + n:
+                b[end - off:] = bytes(off + n - end)
+
+    def write_from(self, offset: int, data: memoryview) -> None:
+        """Store ``data`` at ``offset`` (bytes past ``size`` are dropped).
+
+        Whole pages are ``SET`` (an all-zero page as an empty value); parts of pages use
+        ``SETRANGE``. With ``missing="error"`` a partial write to a missing page is refused.
+        """
+        mv = memoryview(data).cast("B") if memoryview(data).format != "B" else memoryview(data)
+        if not len(mv):
+            return
+        if offset < 0 or offset >= self._size:
+            raise self._error("write", offset, len(mv),
+                              f"the range starts outside the source (size {self._size})")
+        ps = self._page_size
+        end = min(offset + len(mv), self._size)
+        full: list[tuple[str, bytes]] = []
+        partial: list[tuple[str, int, bytes]] = []
+        pos = offset
+        while pos < end:
+            i = pos // ps
+            page_end = min((i + 1) * ps, self._size)
+            take = min(end, (i + 1) * ps) - pos
+            chunk = bytes(mv[pos - offset: pos - offset + take])
+            if pos == i * ps and pos + take >= page_end:
+                full.append((self.key(i), b"" if not any(chunk) else chunk))
+            else:
+                partial.append((self.key(i), pos - i * ps, chunk))
+            pos += take
+        try:
+            client = self._client()
+            if partial and self._missing == "error":
+                pipe = client.pipeline(transaction=False)
+                for k, _, _ in partial:
+                    pipe.exists(k)
+                absent = [k for (k, _, _), e in zip(partial, pipe.execute(), strict=True) if not e]
+                if absent:
+                    raise self._error("write", offset, len(mv),
+                                      f"partial write to missing page key {absent[0]!r}")
+            pipe = client.pipeline(transaction=False)
+            for k, v in full:
+                pipe.set(k, v)
+            for k, at, v in partial:
+                pipe.setrange(k, at, v)
+            pipe.execute()
+        except SourceError:
+            raise
+        except Exception as err:
+            raise self._redis_error("write", offset, len(mv), err) from err
+
+    def close(self) -> None:
+        """Close the client's connections (the source stays usable)."""
+        if self._pid == os.getpid() and self._client_obj is not None:
+            client, self._client_obj = self._client_obj, None
+            client.close()
+
+    def __enter__(self) -> RedisSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _error(self, what: str, offset: int, length: int, cause: str) -> SourceError:
+        return SourceError(
+            f"RedisSource {self._desc}: {what} [{offset}, {offset + length}) ({length} bytes) "
+            f"failed: {cause}", source=self._desc, offset=offset, length=length)
+
+    def _redis_error(self, what: str, offset: int, length: int, err: BaseException) -> SourceError:
+        return self._error(what, offset, length, f"{type(err).__name__}: {err}")
+
+    def _mget(self, order: list[int], views: list[tuple[int, memoryview]]) -> list[bytes | None]:
+        keys = [self.key(i) for i in order]
+        try:
+            client = self._client()
+            if self._cluster:
+                return list(client.mget_nonatomic(keys))
+            if len(keys) <= _MGET_BATCH:
+                return list(client.mget(keys))
+            pipe = client.pipeline(transaction=False)
+            for s in range(0, len(keys), _MGET_BATCH):
+                pipe.mget(keys[s: s + _MGET_BATCH])
+            out: list[bytes | None] = []
+            for part in pipe.execute():
+                out.extend(part)
+            return out
+        except Exception as err:
+            off = views[0][0] if views else 0
+            length = max((o + len(b) for o, b in views), default=0) - off
+            raise self._redis_error("read", off, length, err) from err
+
+    def _read_meta(self, *, required: bool) -> dict[str, int] | None:
+        key = f"{self._prefix}meta"
+        try:
+            raw = self._client().get(key)
+        except Exception as err:
+            raise SourceError(f"RedisSource {self._desc}: reading {key!r} failed: "
+                              f"{type(err).__name__}: {err}", source=self._desc) from err
+        if raw is None:
+            if required:
+                raise SourceError(
+                    f"RedisSource {self._desc}: no {key!r} key, so the size is unknown; pass "
+                    "size= or store the data with userfault.sources.redis.upload()",
+                    source=self._desc)
+            return None
+        try:
+            meta = json.loads(raw)
+            out = {"size": int(meta["size"]), "page_size": int(meta["page_size"])}
+            _check_page_size(out["page_size"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise SourceError(f"RedisSource {self._desc}: {key!r} is not valid meta JSON "
+                              f"({raw[:200]!r}): {err}", source=self._desc) from err
+        return out
+
+
+def _bytes_view(buf: memoryview) -> memoryview:
+    mv = memoryview(buf)
+    if mv.readonly:
+        raise TypeError("read_into needs a writable buffer")
+    if mv.format != "B" or mv.ndim != 1:
+        mv = mv.cast("B")
+    return mv
+
+
+def _chunks(src: BufferLike | str | os.PathLike[str], chunk: int) -> Iterable[tuple[int, bytes]]:
+    if isinstance(src, (str, os.PathLike)):
+        with open(src, "rb") as f:
+            pos = 0
+            while True:
+                data = f.read(chunk)
+                if not data:
+                    return
+                yield pos, data
+                pos += len(data)
+    else:
+        mv = memoryview(src).cast("B")
+        for pos in range(0, len(mv), chunk):
+            yield pos, bytes(mv[pos: pos + chunk])
+
+
+def upload(
+    source_bytes_or_path: BufferLike | str | os.PathLike[str],
+    url: str = "redis://127.0.0.1:6379/0",
+    prefix: str = "userfault:",
+    page_size: int = 4096,
+    skip_zero: bool | Literal["omit"] = True,
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    cluster: bool = False,
+    batch_bytes: int = 4 << 20,
+    timeout: float = 30.0,
+) -> RedisSource:
+    """Store a file or buffer in Redis in the layout :class:`RedisSource` reads.
+
+    Pages are written with pipelined ``SET`` in batches of about ``batch_bytes``; the meta key
+    is written last, so a reader never sees a size before the data is there.
+
+    Args:
+        skip_zero: ``True`` stores an all-zero page as an empty value (a few dozen bytes instead
+            of a page; readers with the default ``missing="error"`` still work). ``"omit"``
+            writes no key at all for zero pages: readers then need ``missing="zero"``.
+            ``False`` stores every page as is.
+        progress: called as ``progress(bytes_done, bytes_total)`` after each batch.
+
+    Returns:
+        a :class:`RedisSource` on the uploaded data (``missing="zero"`` if ``skip_zero="omit"``).
+
+    Existing page keys past the new size (from an older, larger upload) are not deleted.
+    """
+    _check_page_size(page_size)
+    if isinstance(source_bytes_or_path, (str, os.PathLike)):
+        total = Path(source_bytes_or_path).stat().st_size
+    else:
+        total = memoryview(source_bytes_or_path).nbytes
+    desc = f"{_describe_url(url)} prefix {prefix!r}"
+    per_batch = max(page_size, batch_bytes // page_size * page_size)
+    zero = bytes(page_size)
+    done = 0
+    try:
+        client = _make_client(url, cluster, timeout)
+        try:
+            for pos, data in _chunks(source_bytes_or_path, per_batch):
+                pipe = client.pipeline(transaction=False)
+                omitted: list[str] = []
+                for s in range(0, len(data), page_size):
+                    page = data[s: s + page_size]
+                    key = f"{prefix}{(pos + s) // page_size}"
+                    if skip_zero and page == zero[: len(page)]:
+                        if skip_zero == "omit":
+                            omitted.append(key)
+                            continue
+                        page = b""
+                    pipe.set(key, page)
+                if omitted:  # a stale page from an older upload must not shadow the zeros
+                    for k in omitted:
+                        pipe.delete(k)
+                pipe.execute()
+                done += len(data)
+                if progress is not None:
+                    progress(done, total)
+            client.set(f"{prefix}meta", json.dumps(
+                {"size": total, "page_size": page_size, "version": 1}))
+        finally:
+            client.close()
+    except Exception as err:
+        raise SourceError(f"upload to Redis {desc} failed after {done} of {total} bytes: "
+                          f"{type(err).__name__}: {err}", source=desc, offset=done,
+                          length=total - done) from err
+    return RedisSource(url, prefix=prefix, page_size=page_size, size=total, cluster=cluster,
+                       missing="zero" if skip_zero == "omit" else "error", timeout=timeout)
