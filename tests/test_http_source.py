@@ -1,0 +1,257 @@
+"""HTTPSource against a real nginx (tests/servers.py): bytes, ranges, pooling, failures."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import pickle
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from servers import NginxServer
+from userfault.errors import SourceError
+from userfault.sources.base import BatchedPageSource, PageSource
+from userfault.sources.http import HTTPSource
+
+SIZE = (1 << 20) + 777  # not a multiple of the page size: the last page has a zero tail
+PAGE = 4096
+
+
+@pytest.fixture(scope="module")
+def blob(nginx_server: NginxServer) -> tuple[str, bytes]:
+    data = random.Random(1234).randbytes(SIZE)
+    (nginx_server.directory / "http_blob.bin").write_bytes(data)
+    return nginx_server.url("http_blob.bin"), data
+
+
+def expected(data: bytes, offset: int, length: int) -> bytes:
+    chunk = data[offset: offset + length]
+    return chunk + bytes(length - len(chunk))
+
+
+def read(src: HTTPSource, offset: int, length: int) -> bytes:
+    buf = bytearray(length)
+    src.read_into(offset, memoryview(buf))
+    return bytes(buf)
+
+
+def entries_for(server: NginxServer, since: int, uri: str, expect: int) -> list[tuple[int, ...]]:
+    return [e[:3] for e in server.log_entries(since, expect=expect) if e[3] == uri]
+
+
+def test_protocols_and_size(blob: tuple[str, bytes]) -> None:
+    url, data = blob
+    with HTTPSource(url) as src:
+        assert isinstance(src, PageSource)
+        assert isinstance(src, BatchedPageSource)
+        assert src.size == len(data)
+        assert src.url == url
+
+
+def test_sequential_pages_one_keepalive_connection(
+        nginx_server: NginxServer, blob: tuple[str, bytes]) -> None:
+    url, data = blob
+    since = nginx_server.log_size()
+    pages = -(-SIZE // PAGE)
+    with HTTPSource(url) as src:
+        for i in range(pages):
+            assert read(src, i * PAGE, PAGE) == expected(data, i * PAGE, PAGE)
+        assert src.connections_opened == 1
+    log = entries_for(nginx_server, since, "/http_blob.bin", pages + 1)
+    assert len(log) == pages + 1  # the size probe, then one GET per page
+    assert {status for _, _, status in log} == {206}
+    assert len({conn for conn, _, _ in log}) == 1, "keep-alive: one TCP connection"
+    assert max(reqs for _, reqs, _ in log) == pages + 1
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(offset=st.integers(0, SIZE - 1), length=st.integers(1, 300_000))
+def test_random_ranges(blob: tuple[str, bytes], offset: int, length: int) -> None:
+    url, data = blob
+    src = _shared_source(url)
+    assert read(src, offset, length) == expected(data, offset, length)
+
+
+_SOURCES: dict[str, HTTPSource] = {}
+
+
+def _shared_source(url: str) -> HTTPSource:
+    if url not in _SOURCES:
+        _SOURCES[url] = HTTPSource(url, connections=3)
+    return _SOURCES[url]
+
+
+def test_read_many_parallel_random_pages(nginx_server: NginxServer,
+                                         blob: tuple[str, bytes]) -> None:
+    url, data = blob
+    rng = random.Random(7)
+    offsets = rng.sample(range(0, SIZE, PAGE), 120)
+    bufs = [bytearray(PAGE) for _ in offsets]
+    since = nginx_server.log_size()
+    with HTTPSource(url, connections=4) as src:
+        src.read_many([(off, memoryview(b)) for off, b in zip(offsets, bufs, strict=True)])
+        for off, b in zip(offsets, bufs, strict=True):
+            assert bytes(b) == expected(data, off, PAGE)
+        assert src.connections_opened <= 4
+    log = entries_for(nginx_server, since, "/http_blob.bin", 2)
+    conns = {conn for conn, _, _ in log}
+    assert 2 <= len(conns) <= 4, f"parallel fetches over the pool, got {len(conns)} connections"
+
+
+def test_read_many_merges_adjacent_ranges(nginx_server: NginxServer,
+                                          blob: tuple[str, bytes]) -> None:
+    url, data = blob
+    # 16 adjacent pages (in shuffled order) + 2 lone pages -> 3 GETs; the last run ends past SIZE
+    base = 40 * PAGE
+    reqs = [base + i * PAGE for i in range(16)] + [3 * PAGE, (SIZE // PAGE) * PAGE]
+    random.Random(3).shuffle(reqs)
+    bufs = {off: bytearray(PAGE) for off in reqs}
+    with HTTPSource(url, size=SIZE) as src:  # size given: no probe GET
+        since = nginx_server.log_size()
+        src.read_many([(off, memoryview(bufs[off])) for off in reqs])
+    for off in reqs:
+        assert bytes(bufs[off]) == expected(data, off, PAGE)
+    ranges = sorted(e[4] for e in nginx_server.log_entries(since, expect=3)
+                    if e[3] == "/http_blob.bin")
+    assert ranges == sorted([f"bytes={base}-{base + 16 * PAGE - 1}",
+                             f"bytes={3 * PAGE}-{4 * PAGE - 1}",
+                             f"bytes={(SIZE // PAGE) * PAGE}-{SIZE - 1}"])
+
+
+def test_read_many_big_sequential_batch_is_split_for_parallelism(
+        blob: tuple[str, bytes]) -> None:
+    url, data = blob
+    chunk = 64 * 1024
+    buf = bytearray(SIZE - SIZE % chunk)
+    mv = memoryview(buf)
+    with HTTPSource(url, connections=4) as src:
+        src.read_many([(o, mv[o: o + chunk]) for o in range(0, len(buf), chunk)])
+    assert hashlib.sha256(buf).digest() == hashlib.sha256(data[: len(buf)]).digest()
+
+
+def test_last_partial_page_zero_tail_and_beyond_end(blob: tuple[str, bytes]) -> None:
+    url, data = blob
+    with HTTPSource(url) as src:
+        last = (SIZE // PAGE) * PAGE
+        buf = bytearray(b"\xaa" * PAGE)
+        src.read_into(last, memoryview(buf))
+        assert bytes(buf) == data[last:] + bytes(PAGE - (SIZE - last))
+        with pytest.raises(SourceError, match=r"outside the source \(size 1049353\)"):
+            src.read_into(SIZE + PAGE, memoryview(bytearray(PAGE)))
+
+
+def test_404_is_a_clear_error(nginx_server: NginxServer) -> None:
+    with pytest.raises(SourceError, match=r"HTTP 404 Not Found \(no such file on the server\)"):
+        HTTPSource(nginx_server.url("does-not-exist.bin"))
+
+
+def test_server_ignoring_range_is_refused(nginx_server: NginxServer,
+                                          blob: tuple[str, bytes]) -> None:
+    url = nginx_server.url("norange/http_blob.bin")
+    with pytest.raises(SourceError, match="ignores Range requests") as info:
+        HTTPSource(url)
+    assert info.value.source.endswith("/norange/http_blob.bin")
+    # Even when the size is given (no probe), a 200 reply is never taken as the page.
+    src = HTTPSource(url, size=SIZE)
+    buf = bytearray(PAGE)
+    with pytest.raises(SourceError, match=r"\[8192, 12288\) \(4096 bytes\).*200 OK") as info:
+        src.read_into(2 * PAGE, memoryview(buf))
+    assert (info.value.offset, info.value.length) == (2 * PAGE, PAGE)
+
+
+def test_file_changed_size_is_detected(nginx_server: NginxServer) -> None:
+    path = nginx_server.directory / "shrinks.bin"
+    path.write_bytes(b"a" * 10 * PAGE)
+    src = HTTPSource(nginx_server.url("shrinks.bin"))
+    path.write_bytes(b"b" * 9 * PAGE)
+    with pytest.raises(SourceError, match=r"changed size on the server \(40960 -> 36864\)"):
+        src.read_into(0, memoryview(bytearray(PAGE)))
+
+
+def test_https_with_ca_file_and_verification(nginx_server: NginxServer,
+                                             blob: tuple[str, bytes]) -> None:
+    if nginx_server.tls_port is None:
+        pytest.skip("openssl missing: nginx started without TLS")
+    _, data = blob
+    url = nginx_server.tls_base_url + "/http_blob.bin"
+    with HTTPSource(url, verify=str(nginx_server.cert)) as src:
+        assert read(src, 5 * PAGE, 3 * PAGE) == expected(data, 5 * PAGE, 3 * PAGE)
+    with HTTPSource(url, verify=False) as src:
+        assert read(src, 0, PAGE) == data[:PAGE]
+    with pytest.raises(SourceError, match="TLS certificate verification failed"):
+        HTTPSource(url)
+
+
+def test_dropped_keepalive_connection_is_retried_once(tmp_path: object) -> None:
+    data = os.urandom(8 * PAGE)
+    with NginxServer() as server:
+        (server.directory / "f.bin").write_bytes(data)
+        src = HTTPSource(server.url("f.bin"))
+        assert read(src, 0, PAGE) == data[:PAGE]
+        server.stop()  # the pooled connection dies with the server
+        server.start()
+        assert read(src, PAGE, PAGE) == data[PAGE: 2 * PAGE]
+        assert src.connections_opened == 2
+
+
+def test_server_stopped_mid_run_raises_not_zeros() -> None:
+    data = os.urandom(64 * PAGE)
+    with NginxServer() as server:
+        (server.directory / "f.bin").write_bytes(data)
+        src = HTTPSource(server.url("f.bin"), timeout=2.0)
+        assert read(src, 0, PAGE) == data[:PAGE]
+        server.stop()
+        buf = bytearray(PAGE)
+        with pytest.raises(SourceError, match=r"\[4096, 8192\).*connection refused"):
+            src.read_into(PAGE, memoryview(buf))
+        bufs = [bytearray(PAGE) for _ in range(8)]
+        with pytest.raises(SourceError, match="connection refused"):
+            src.read_many([(i * 3 * PAGE, memoryview(b)) for i, b in enumerate(bufs)])
+        with pytest.raises(SourceError, match="connection refused"):
+            HTTPSource(server.url("f.bin"))
+
+
+def _child_read(src: HTTPSource, q: multiprocessing.Queue[object]) -> None:
+    try:
+        buf = bytearray(src.size)
+        mv = memoryview(buf)
+        src.read_many([(o, mv[o: o + 65536]) for o in range(0, src.size, 65536)])
+        q.put((hashlib.sha256(buf).hexdigest(), src.connections_opened))
+    except BaseException as err:  # report to the parent
+        q.put(repr(err))
+
+
+def test_pickle_then_read_in_forked_child(nginx_server: NginxServer,
+                                          blob: tuple[str, bytes]) -> None:
+    url, data = blob
+    src = HTTPSource(url, connections=2, timeout=5.0)
+    since = nginx_server.log_size()
+    assert read(src, 0, PAGE) == data[:PAGE]  # the parent now has a pooled connection
+    parent_conns = {c for c, _, _ in entries_for(nginx_server, since, "/http_blob.bin", 1)}
+    assert len(parent_conns) == 1
+    state = pickle.dumps(src)
+    assert b"socket" not in state and len(state) < 500
+    clone = pickle.loads(state)
+    assert clone.size == SIZE and clone.connections_opened == 0
+    digest = hashlib.sha256(data).hexdigest()
+    ctx = multiprocessing.get_context("fork")
+    for obj in (src, clone):  # the parent's own object (with a live pool) and the clone
+        q: multiprocessing.Queue[object] = ctx.Queue()
+        since = nginx_server.log_size()
+        p = ctx.Process(target=_child_read, args=(obj, q))
+        p.start()
+        result = q.get(timeout=30)
+        p.join(10)
+        assert isinstance(result, tuple) and result[0] == digest, result
+        assert 1 <= result[1] <= 2  # connections the child opened itself
+        child_conns = {c for c, _, _ in entries_for(nginx_server, since, "/http_blob.bin", 2)}
+        assert child_conns and not (child_conns & parent_conns), "child reused a parent socket"
+    # The parent's pool still works after the fork, on its own connection.
+    since = nginx_server.log_size()
+    assert read(src, 7 * PAGE, PAGE) == data[7 * PAGE: 8 * PAGE]
+    assert {c for c, _, _ in entries_for(nginx_server, since, "/http_blob.bin", 1)} == parent_conns
