@@ -1,0 +1,17 @@
+/* Shared declarations of the userfault._native extension. */
+#ifndef USERFAULT_NATIVE_H
+#define USERFAULT_NATIVE_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+extern PyMethodDef userfault_ops_methods[];
+extern PyTypeObject userfault_MappingType;
+extern PyTypeObject userfault_EngineType;
+
+/* ioctl() that retries EINTR; returns 0 or an errno value. */
+int uf_ioctl(int fd, unsigned long request, void *arg);
+uint64_t uf_now_ns(void);
+
+#endif

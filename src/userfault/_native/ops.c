@@ -1,0 +1,397 @@
+/* One thin function per userfaultfd syscall or ioctl. Each releases the GIL around the call
+ * and returns plain values plus an errno (0 on success); Python turns errnos into exceptions. */
+#define _GNU_SOURCE
+#include "native.h"
+#include "compat.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+int uf_ioctl(int fd, unsigned long request, void *arg)
+{
+    int r;
+    do {
+        r = ioctl(fd, request, arg);
+    } while (r < 0 && errno == EINTR);
+    return r < 0 ? errno : 0;
+}
+
+uint64_t uf_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* The partial-progress field holds bytes done, or -errno when nothing was done. */
+static long long progress(long long field) { return field > 0 ? field : 0; }
+
+static PyObject *open_dev(PyObject *self, PyObject *args)
+{
+    int flags, fd, err = 0, uffd = -1;
+    if (!PyArg_ParseTuple(args, "i", &flags))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    fd = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+    if (fd < 0) {
+        err = errno;
+    } else {
+        uffd = ioctl(fd, USERFAULTFD_IOC_NEW, flags);
+        if (uffd < 0)
+            err = errno;
+        close(fd);
+    }
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("ii", uffd, err);
+}
+
+static PyObject *open_syscall(PyObject *self, PyObject *args)
+{
+    int flags, err = 0;
+    long fd;
+    if (!PyArg_ParseTuple(args, "i", &flags))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    fd = syscall(SYS_userfaultfd, flags);
+    if (fd < 0)
+        err = errno;
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("li", fd, err);
+}
+
+static PyObject *api(PyObject *self, PyObject *args)
+{
+    int fd, err;
+    struct uffdio_api a = {.api = UFFD_API};
+    if (!PyArg_ParseTuple(args, "iK", &fd, &a.features))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    err = uf_ioctl(fd, UFFDIO_API, &a);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("KKi", (unsigned long long)a.features, (unsigned long long)a.ioctls, err);
+}
+
+static PyObject *do_register(PyObject *self, PyObject *args)
+{
+    int fd, err;
+    struct uffdio_register r = {0};
+    if (!PyArg_ParseTuple(args, "iKKK", &fd, &r.range.start, &r.range.len, &r.mode))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    err = uf_ioctl(fd, UFFDIO_REGISTER, &r);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("Ki", (unsigned long long)r.ioctls, err);
+}
+
+/* UNREGISTER and WAKE share struct uffdio_range. */
+static PyObject *range_op(PyObject *args, unsigned long request)
+{
+    int fd, err;
+    struct uffdio_range r;
+    if (!PyArg_ParseTuple(args, "iKK", &fd, &r.start, &r.len))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    err = uf_ioctl(fd, request, &r);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(err);
+}
+
+static PyObject *unregister(PyObject *self, PyObject *args) { return range_op(args, UFFDIO_UNREGISTER); }
+static PyObject *wake(PyObject *self, PyObject *args) { return range_op(args, UFFDIO_WAKE); }
+
+/* copy(fd, dst, src, len, mode): src is an address or any buffer (held during the call). */
+static PyObject *copy(PyObject *self, PyObject *args)
+{
+    int fd, err;
+    PyObject *src;
+    Py_buffer view = {0};
+    struct uffdio_copy c = {0};
+    if (!PyArg_ParseTuple(args, "iKOKK", &fd, &c.dst, &src, &c.len, &c.mode))
+        return NULL;
+    if (PyLong_Check(src)) {
+        c.src = PyLong_AsUnsignedLongLong(src);
+        if (PyErr_Occurred())
+            return NULL;
+    } else {
+        if (PyObject_GetBuffer(src, &view, PyBUF_SIMPLE) < 0)
+            return NULL;
+        if ((unsigned long long)view.len < c.len) {
+            PyBuffer_Release(&view);
+            PyErr_Format(PyExc_ValueError, "src holds %zd bytes, fewer than the %llu to copy",
+                         view.len, (unsigned long long)c.len);
+            return NULL;
+        }
+        c.src = (uintptr_t)view.buf;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    err = uf_ioctl(fd, UFFDIO_COPY, &c);
+    Py_END_ALLOW_THREADS
+    if (view.obj)
+        PyBuffer_Release(&view);
+    return Py_BuildValue("Li", err ? progress(c.copy) : (long long)c.copy, err);
+}
+
+static PyObject *zeropage(PyObject *self, PyObject *args)
+{
+    int fd, err;
+    struct uffdio_zeropage z = {0};
+    if (!PyArg_ParseTuple(args, "iKKK", &fd, &z.range.start, &z.range.len, &z.mode))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    err = uf_ioctl(fd, UFFDIO_ZEROPAGE, &z);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("Li", err ? progress(z.zeropage) : (long long)z.zeropage, err);
+}
+
+static PyObject *writeprotect(PyObject *self, PyObject *args)
+{
+    int fd, err;
+    struct uffdio_writeprotect w = {0};
+    if (!PyArg_ParseTuple(args, "iKKK", &fd, &w.range.start, &w.range.len, &w.mode))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    err = uf_ioctl(fd, UFFDIO_WRITEPROTECT, &w);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(err);
+}
+
+static PyObject *do_continue(PyObject *self, PyObject *args)
+{
+    int fd, err;
+    struct uffdio_continue c = {0};
+    if (!PyArg_ParseTuple(args, "iKKK", &fd, &c.range.start, &c.range.len, &c.mode))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    err = uf_ioctl(fd, UFFDIO_CONTINUE, &c);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("Li", err ? progress(c.mapped) : (long long)c.mapped, err);
+}
+
+static PyObject *poison(PyObject *self, PyObject *args)
+{
+    int fd, err;
+    struct uffdio_poison p = {0};
+    if (!PyArg_ParseTuple(args, "iKKK", &fd, &p.range.start, &p.range.len, &p.mode))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    err = uf_ioctl(fd, UFFDIO_POISON, &p);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("Li", err ? progress(p.updated) : (long long)p.updated, err);
+}
+
+static PyObject *move(PyObject *self, PyObject *args)
+{
+    int fd, err;
+    struct uffdio_move m = {0};
+    if (!PyArg_ParseTuple(args, "iKKKK", &fd, &m.dst, &m.src, &m.len, &m.mode))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    err = uf_ioctl(fd, UFFDIO_MOVE, &m);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("Li", err ? progress(m.move) : (long long)m.move, err);
+}
+
+/* Wait up to timeout_ms (-1: forever) for the fd to be readable, then read up to max_msgs
+ * messages. Returns (bytes, errno); EAGAIN and a timeout give (b"", 0), a signal (b"", EINTR). */
+static PyObject *read_msgs(PyObject *self, PyObject *args)
+{
+    int fd, max_msgs, timeout_ms, err = 0;
+    ssize_t n = 0;
+    if (!PyArg_ParseTuple(args, "iii", &fd, &max_msgs, &timeout_ms))
+        return NULL;
+    if (max_msgs < 1 || max_msgs > 4096) {
+        PyErr_SetString(PyExc_ValueError, "max_msgs must be between 1 and 4096");
+        return NULL;
+    }
+    PyObject *buf = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)max_msgs * sizeof(struct uffd_msg));
+    if (!buf)
+        return NULL;
+    char *p = PyBytes_AS_STRING(buf);
+    Py_BEGIN_ALLOW_THREADS
+    for (;;) {
+        if (timeout_ms != 0) {
+            struct pollfd pfd = {.fd = fd, .events = POLLIN};
+            int r = poll(&pfd, 1, timeout_ms);
+            if (r < 0) { /* EINTR too: the caller runs signal handlers, then calls again */
+                err = errno;
+                break;
+            }
+            if (r == 0)
+                break;
+            if (pfd.revents & (POLLERR | POLLNVAL)) {
+                err = EBADF;
+                break;
+            }
+        }
+        n = read(fd, p, (size_t)max_msgs * sizeof(struct uffd_msg));
+        if (n < 0) {
+            n = 0;
+            if (errno != EAGAIN)
+                err = errno;
+        }
+        break;
+    }
+    Py_END_ALLOW_THREADS
+    if (_PyBytes_Resize(&buf, n) < 0)
+        return NULL;
+    return Py_BuildValue("Ni", buf, err);
+}
+
+static PyObject *pagemap_scan(PyObject *self, PyObject *args)
+{
+    int fd, err;
+    unsigned long long start, end, flags, cat_inv, cat_mask, cat_any, ret_mask, max_pages;
+    Py_ssize_t vec_len;
+    if (!PyArg_ParseTuple(args, "iKKKKKKKKn", &fd, &start, &end, &flags, &cat_inv, &cat_mask,
+                          &cat_any, &ret_mask, &max_pages, &vec_len))
+        return NULL;
+    if (vec_len < 1 || vec_len > (1 << 20)) {
+        PyErr_SetString(PyExc_ValueError, "vec_len must be between 1 and 1048576");
+        return NULL;
+    }
+    struct page_region *vec = PyMem_RawCalloc((size_t)vec_len, sizeof(*vec));
+    if (!vec)
+        return PyErr_NoMemory();
+    struct pm_scan_arg a = {
+        .size = sizeof(a), .flags = flags, .start = start, .end = end,
+        .vec = (uintptr_t)vec, .vec_len = (uint64_t)vec_len, .max_pages = max_pages,
+        .category_inverted = cat_inv, .category_mask = cat_mask,
+        .category_anyof_mask = cat_any, .return_mask = ret_mask,
+    };
+    long n;
+    Py_BEGIN_ALLOW_THREADS
+    do {
+        n = ioctl(fd, PAGEMAP_SCAN, &a);
+    } while (n < 0 && errno == EINTR);
+    err = n < 0 ? errno : 0;
+    Py_END_ALLOW_THREADS
+    PyObject *list = PyList_New(0);
+    for (long i = 0; list && i < n; i++) {
+        PyObject *t = Py_BuildValue("KKK", (unsigned long long)vec[i].start,
+                                    (unsigned long long)vec[i].end,
+                                    (unsigned long long)vec[i].categories);
+        if (!t || PyList_Append(list, t) < 0) {
+            Py_XDECREF(t);
+            Py_CLEAR(list);
+            break;
+        }
+        Py_DECREF(t);
+    }
+    PyMem_RawFree(vec);
+    if (!list)
+        return NULL;
+    return Py_BuildValue("NKi", list, (unsigned long long)a.walk_end, err);
+}
+
+static PyObject *do_mmap(PyObject *self, PyObject *args)
+{
+    unsigned long long addr, len, off;
+    int prot, flags, fd, err = 0;
+    void *p;
+    if (!PyArg_ParseTuple(args, "KKiiiK", &addr, &len, &prot, &flags, &fd, &off))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    p = mmap((void *)(uintptr_t)addr, len, prot, flags, fd, (off_t)off);
+    if (p == MAP_FAILED)
+        err = errno;
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("Ki", err ? 0ull : (unsigned long long)(uintptr_t)p, err);
+}
+
+static PyObject *do_munmap(PyObject *self, PyObject *args)
+{
+    unsigned long long addr, len;
+    int err = 0;
+    if (!PyArg_ParseTuple(args, "KK", &addr, &len))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    if (munmap((void *)(uintptr_t)addr, len) < 0)
+        err = errno;
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(err);
+}
+
+static PyObject *do_madvise(PyObject *self, PyObject *args)
+{
+    unsigned long long addr, len;
+    int advice, err = 0;
+    if (!PyArg_ParseTuple(args, "KKi", &addr, &len, &advice))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    if (madvise((void *)(uintptr_t)addr, len, advice) < 0)
+        err = errno;
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(err);
+}
+
+static PyObject *do_mremap(PyObject *self, PyObject *args)
+{
+    unsigned long long old, old_len, new_len, new_addr;
+    int flags, err = 0;
+    void *p;
+    if (!PyArg_ParseTuple(args, "KKKiK", &old, &old_len, &new_len, &flags, &new_addr))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    p = mremap((void *)(uintptr_t)old, old_len, new_len, flags, (void *)(uintptr_t)new_addr);
+    if (p == MAP_FAILED)
+        err = errno;
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("Ki", err ? 0ull : (unsigned long long)(uintptr_t)p, err);
+}
+
+/* Touch one byte every `stride` bytes of [addr, addr+len): read (write=0) or write (write=1,
+ * stores `value`). With hold_gil the faults happen while this thread holds the GIL, which is
+ * exactly what must not deadlock. Returns the sum of the bytes read (a cheap checksum). */
+static PyObject *touch(PyObject *self, PyObject *args)
+{
+    unsigned long long addr, len, stride;
+    int write, value, hold_gil;
+    if (!PyArg_ParseTuple(args, "KKKiip", &addr, &len, &stride, &write, &value, &hold_gil))
+        return NULL;
+    if (stride == 0) {
+        PyErr_SetString(PyExc_ValueError, "stride must be positive");
+        return NULL;
+    }
+    unsigned long long sum = 0;
+    volatile unsigned char *p = (volatile unsigned char *)(uintptr_t)addr;
+    PyThreadState *ts = hold_gil ? NULL : PyEval_SaveThread();
+    for (unsigned long long i = 0; i < len; i += stride) {
+        if (write)
+            p[i] = (unsigned char)value;
+        else
+            sum += p[i];
+    }
+    if (ts)
+        PyEval_RestoreThread(ts);
+    return PyLong_FromUnsignedLongLong(sum);
+}
+
+PyMethodDef userfault_ops_methods[] = {
+    {"open_dev", open_dev, METH_VARARGS, "open_dev(flags) -> (fd, errno) via /dev/userfaultfd"},
+    {"open_syscall", open_syscall, METH_VARARGS, "open_syscall(flags) -> (fd, errno)"},
+    {"api", api, METH_VARARGS, "api(fd, features) -> (features, ioctls, errno)"},
+    {"register", do_register, METH_VARARGS, "register(fd, start, len, mode) -> (ioctls, errno)"},
+    {"unregister", unregister, METH_VARARGS, "unregister(fd, start, len) -> errno"},
+    {"wake", wake, METH_VARARGS, "wake(fd, start, len) -> errno"},
+    {"copy", copy, METH_VARARGS, "copy(fd, dst, src, len, mode) -> (bytes_done, errno)"},
+    {"zeropage", zeropage, METH_VARARGS, "zeropage(fd, start, len, mode) -> (bytes_done, errno)"},
+    {"writeprotect", writeprotect, METH_VARARGS, "writeprotect(fd, start, len, mode) -> errno"},
+    {"continue_", do_continue, METH_VARARGS, "continue_(fd, start, len, mode) -> (bytes_done, errno)"},
+    {"poison", poison, METH_VARARGS, "poison(fd, start, len, mode) -> (bytes_done, errno)"},
+    {"move", move, METH_VARARGS, "move(fd, dst, src, len, mode) -> (bytes_done, errno)"},
+    {"read_msgs", read_msgs, METH_VARARGS, "read_msgs(fd, max_msgs, timeout_ms) -> (bytes, errno)"},
+    {"pagemap_scan", pagemap_scan, METH_VARARGS,
+     "pagemap_scan(fd, start, end, flags, inverted, mask, anyof, return_mask, max_pages, vec_len)"
+     " -> ([(start, end, categories)], walk_end, errno)"},
+    {"mmap", do_mmap, METH_VARARGS, "mmap(addr, len, prot, flags, fd, offset) -> (addr, errno)"},
+    {"munmap", do_munmap, METH_VARARGS, "munmap(addr, len) -> errno"},
+    {"madvise", do_madvise, METH_VARARGS, "madvise(addr, len, advice) -> errno"},
+    {"mremap", do_mremap, METH_VARARGS, "mremap(old, old_len, new_len, flags, new_addr) -> (addr, errno)"},
+    {"touch", touch, METH_VARARGS, "touch(addr, len, stride, write, value, hold_gil) -> checksum"},
+    {NULL, NULL, 0, NULL},
+};
