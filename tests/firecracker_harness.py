@@ -257,6 +257,39 @@ def restore_with_handler(
             vm.kill()
 
 
+@contextlib.contextmanager
+def command_handler(
+    argv: list[str], sock_path: Path, mem_file: Path, *, ready_timeout: float = 10.0
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run an external handler command, e.g. ``userfault firecracker serve``.
+
+    The literal strings ``{socket}`` and ``{mem_file}`` in ``argv`` are replaced by the
+    paths (plain substitution, not ``str.format``). The command must
+    create and listen on the socket; it is terminated (then killed) on exit. Use it with
+    ``functools.partial(command_handler, [...])`` as ``start_handler``.
+    """
+    args = [a.replace("{socket}", str(sock_path)).replace("{mem_file}", str(mem_file))
+            for a in argv]
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while not sock_path.exists():
+            if proc.poll() is not None:
+                raise FirecrackerError(f"handler {args} exited with {proc.returncode}")
+            if time.monotonic() > deadline:
+                raise FirecrackerError(f"handler {args} did not create {sock_path}")
+            time.sleep(0.005)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
 # -- a minimal pure-Python stand-in page-fault handler --------------------------------------
 
 _UFFD_EVENT_PAGEFAULT = 0x12
@@ -333,8 +366,11 @@ def python_uffd_handler(
                 poller = select.poll()
                 poller.register(uffd, select.POLLIN)
                 while not stop.is_set():
-                    if not poller.poll(50):
+                    events = poller.poll(50)
+                    if not events:
                         continue
+                    if events[0][1] & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                        break  # the VMM is gone
                     try:
                         data = os.read(uffd, 32 * 64)
                     except BlockingIOError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from firecracker_harness import (
     Snapshot,
     boot,
     build_guest,
+    command_handler,
     firecracker_version,
     python_uffd_handler,
     restore_with_handler,
@@ -111,3 +113,30 @@ def test_wrong_page_contents_are_noticed_by_the_guest(snap: Snapshot, tmp_path: 
     # stamp itself it is happy again.
     assert [ok for _, ok in ticks[:2]].count(False) == 1, ticks
     assert ticks[2][1], ticks
+
+
+_STANDIN_COMMAND = """
+import signal, sys, threading
+from pathlib import Path
+from firecracker_harness import python_uffd_handler
+done = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: done.set())
+with python_uffd_handler(Path(sys.argv[1]), Path(sys.argv[2])) as st:
+    done.wait(100)
+print(f"served {st.faults} faults, error {st.error!r}", flush=True)
+sys.exit(1 if st.error else 0)
+"""
+
+
+def test_restore_with_handler_command(snap: Snapshot, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # The pager plugs in as a command; here the stand-in handler runs in its own process.
+    here = Path(__file__).parent
+    path = os.pathsep.join([str(here.parent / "src"), str(here), os.environ.get("PYTHONPATH", "")])
+    monkeypatch.setenv("PYTHONPATH", path)
+    handler: Any = functools.partial(
+        command_handler, [sys.executable, "-c", _STANDIN_COMMAND, "{socket}", "{mem_file}"])
+    with restore_with_handler(FIRECRACKER_BIN, snap, tmp_path, handler) as (vm, proc):
+        ticks = vm.wait_ticks(2, 30)
+    assert proc.returncode == 0
+    assert ticks[0][0] > snap.last_tick and all(ok for _, ok in ticks), ticks
