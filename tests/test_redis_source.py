@@ -1,0 +1,281 @@
+"""RedisSource against a real redis-server and a real 3-master Redis Cluster."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import multiprocessing
+import pickle
+import random
+
+import pytest
+import redis
+import redis.cluster
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from servers import RedisCluster, RedisServer
+from userfault.errors import SourceError
+from userfault.sources.base import BatchedPageSource, WritablePageSource
+from userfault.sources.redis import RedisSource, upload
+
+PAGE = 4096
+SIZE = 300 * PAGE + 1234
+_prefixes = itertools.count()
+
+
+def make_data(seed: int = 99, size: int = SIZE) -> bytes:
+    data = bytearray(random.Random(seed).randbytes(size))
+    data[10 * PAGE: 14 * PAGE] = bytes(4 * PAGE)  # zero pages, stored as empty values
+    return bytes(data)
+
+
+def new_prefix() -> str:
+    return f"t{next(_prefixes)}:"
+
+
+def expected(data: bytes, offset: int, length: int) -> bytes:
+    chunk = data[offset: offset + length]
+    return chunk + bytes(length - len(chunk))
+
+
+def read(src: RedisSource, offset: int, length: int) -> bytes:
+    buf = bytearray(length)
+    src.read_into(offset, memoryview(buf))
+    return bytes(buf)
+
+
+@pytest.fixture(scope="module", params=[4096, 16384], ids=["page4k", "page16k"])
+def stored(request: pytest.FixtureRequest,
+           redis_server: RedisServer) -> tuple[RedisSource, bytes]:
+    data = make_data()
+    src = upload(data, redis_server.url, prefix=new_prefix(), page_size=request.param)
+    return src, data
+
+
+def test_upload_layout_and_meta(redis_server: RedisServer) -> None:
+    data = make_data()
+    prefix = new_prefix()
+    progress: list[tuple[int, int]] = []
+    src = upload(data, redis_server.url, prefix, 4096,
+                 progress=lambda d, t: progress.append((d, t)), batch_bytes=256 * 1024)
+    assert isinstance(src, BatchedPageSource) and isinstance(src, WritablePageSource)
+    assert progress[-1] == (SIZE, SIZE) and len(progress) == -(-SIZE // (256 * 1024))
+    r = redis.Redis.from_url(redis_server.url)
+    assert json.loads(r.get(f"{prefix}meta")) == {"size": SIZE, "page_size": 4096, "version": 1}
+    assert r.get(f"{prefix}0") == data[:PAGE]
+    assert r.get(f"{prefix}11") == b""  # zero page -> empty value
+    assert r.strlen(f"{prefix}300") == 1234  # the short last page
+    assert r.exists(f"{prefix}301") == 0
+    learned = RedisSource(redis_server.url, prefix=prefix)
+    assert (learned.size, learned.page_size) == (SIZE, 4096)
+    r.close()
+
+
+def test_sequential_pages(stored: tuple[RedisSource, bytes]) -> None:
+    src, data = stored
+    for off in range(0, SIZE, PAGE):
+        assert read(src, off, PAGE) == expected(data, off, PAGE)
+
+
+@settings(max_examples=50, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(offset=st.integers(0, SIZE - 1), length=st.integers(1, 100_000))
+def test_random_ranges(stored: tuple[RedisSource, bytes], offset: int, length: int) -> None:
+    src, data = stored
+    assert read(src, offset, length) == expected(data, offset, length)
+
+
+def test_read_many(stored: tuple[RedisSource, bytes]) -> None:
+    src, data = stored
+    rng = random.Random(5)
+    reqs = [(rng.randrange(SIZE), rng.choice([PAGE, 3 * PAGE, 100, 70_000])) for _ in range(300)]
+    bufs = [bytearray(n) for _, n in reqs]
+    src.read_many([(off, memoryview(b)) for (off, _), b in zip(reqs, bufs, strict=True)])
+    for (off, n), b in zip(reqs, bufs, strict=True):
+        assert bytes(b) == expected(data, off, n)
+
+
+def test_big_read_many_pipelines_mget_batches(redis_server: RedisServer) -> None:
+    data = random.Random(3).randbytes(4 << 20)
+    src = upload(data, redis_server.url, prefix=new_prefix())
+    buf = bytearray(len(data))
+    mv = memoryview(buf)
+    src.read_many([(o, mv[o: o + (1 << 20)]) for o in range(0, len(data), 1 << 20)])
+    assert hashlib.sha256(buf).digest() == hashlib.sha256(data).digest()
+
+
+def test_missing_key_is_an_error_unless_opted_in(redis_server: RedisServer) -> None:
+    data = make_data()
+    prefix = new_prefix()
+    upload(data, redis_server.url, prefix)
+    r = redis.Redis.from_url(redis_server.url)
+    r.delete(f"{prefix}5")
+    src = RedisSource(redis_server.url, prefix=prefix)
+    with pytest.raises(SourceError, match=rf"\[16384, 28672\).*page key '{prefix}5' does not "
+                                          "exist") as info:
+        src.read_into(4 * PAGE, memoryview(bytearray(3 * PAGE)))
+    assert (info.value.offset, info.value.length) == (4 * PAGE, 3 * PAGE)
+    with pytest.raises(SourceError, match="does not exist"):
+        src.read_many([(0, memoryview(bytearray(PAGE))), (5 * PAGE, memoryview(bytearray(PAGE)))])
+    sparse = RedisSource(redis_server.url, prefix=prefix, missing="zero")
+    assert read(sparse, 4 * PAGE, 3 * PAGE) == data[4 * PAGE: 5 * PAGE] + bytes(PAGE) + data[
+        6 * PAGE: 7 * PAGE]
+    r.close()
+
+
+def test_skip_zero_omit_needs_missing_zero(redis_server: RedisServer) -> None:
+    data = make_data()
+    prefix = new_prefix()
+    src = upload(data, redis_server.url, prefix, skip_zero="omit")
+    r = redis.Redis.from_url(redis_server.url)
+    assert r.exists(f"{prefix}11") == 0 and r.exists(f"{prefix}9") == 1
+    assert read(src, 0, SIZE) == data
+    with pytest.raises(SourceError, match="does not exist"):
+        RedisSource(redis_server.url, prefix=prefix).read_into(10 * PAGE,
+                                                              memoryview(bytearray(PAGE)))
+    r.close()
+
+
+def test_meta_errors(redis_server: RedisServer) -> None:
+    prefix = new_prefix()
+    with pytest.raises(SourceError, match=rf"no '{prefix}meta' key, so the size is unknown"):
+        RedisSource(redis_server.url, prefix=prefix)
+    upload(b"x" * 3 * 16384, redis_server.url, prefix, page_size=16384)
+    with pytest.raises(SourceError, match=r"page_size=4096 was asked for but .* page_size 16384"):
+        RedisSource(redis_server.url, prefix=prefix, page_size=4096)
+    # A value longer than the page: wrong page_size given with an explicit size.
+    src = RedisSource(redis_server.url, prefix=prefix, page_size=4096, size=3 * 16384)
+    with pytest.raises(SourceError, match="holds 16384 bytes, more than the page size 4096"):
+        src.read_into(0, memoryview(bytearray(PAGE)))
+    with pytest.raises(ValueError, match="power of two >= 4096"):
+        RedisSource(redis_server.url, prefix=prefix, page_size=6000, size=1)
+
+
+def test_write_from_whole_and_partial_pages(redis_server: RedisServer) -> None:
+    data = bytearray(make_data())
+    prefix = new_prefix()
+    src = upload(bytes(data), redis_server.url, prefix, page_size=16384)
+    writes = [(0, b"A" * 16384), (16384 + 100, b"B" * 5000), (3 * 16384 - 10, b"C" * 40000),
+              (20 * 16384, bytes(16384)), (SIZE - 10, b"D" * 4096)]
+    for off, payload in writes:
+        src.write_from(off, memoryview(payload))
+        n = min(len(payload), SIZE - off)  # bytes past the size are dropped
+        data[off: off + n] = payload[:n]
+    assert read(src, 0, SIZE) == bytes(data)
+    fresh = RedisSource(redis_server.url, prefix=prefix)
+    assert read(fresh, 0, SIZE) == bytes(data)
+    r = redis.Redis.from_url(redis_server.url)
+    assert r.get(f"{prefix}20") == b""  # a zero page written back is an empty value
+    r.delete(f"{prefix}7")
+    with pytest.raises(SourceError, match=f"partial write to missing page key '{prefix}7'"):
+        src.write_from(7 * 16384 + 8, memoryview(b"x"))
+    with pytest.raises(SourceError, match="outside the source"):
+        src.write_from(SIZE, memoryview(b"x"))
+    r.close()
+
+
+def test_redis_killed_raises_source_error() -> None:
+    data = make_data()
+    with RedisServer() as server:
+        src = upload(data, server.url, "k:", timeout=2.0)
+        assert read(src, 0, PAGE) == data[:PAGE]
+        server.kill()
+        buf = bytearray(b"\xaa" * PAGE)
+        with pytest.raises(SourceError, match=r"RedisSource redis://127\.0\.0\.1:\d+/0 prefix "
+                                              r"'k:': read \[4096, 8192\).*Connection"):
+            src.read_into(PAGE, memoryview(buf))
+        with pytest.raises(SourceError, match="write"):
+            src.write_from(0, memoryview(bytes(PAGE)))
+        with pytest.raises(SourceError, match="upload to Redis"):
+            upload(data, server.url, "k2:", timeout=2.0)
+
+
+def _child_read(src: RedisSource, q: multiprocessing.Queue[object]) -> None:
+    try:
+        buf = bytearray(src.size)
+        mv = memoryview(buf)
+        src.read_many([(o, mv[o: o + 65536]) for o in range(0, src.size, 65536)])
+        src.write_from(0, memoryview(b"child!" + bytes(PAGE - 6)))
+        q.put(hashlib.sha256(buf).hexdigest())
+    except BaseException as err:
+        q.put(repr(err))
+
+
+def _fork_read(src: RedisSource) -> object:
+    ctx = multiprocessing.get_context("fork")
+    q: multiprocessing.Queue[object] = ctx.Queue()
+    p = ctx.Process(target=_child_read, args=(src, q))
+    p.start()
+    result = q.get(timeout=30)
+    p.join(10)
+    return result
+
+
+def test_pickle_then_read_in_forked_child(redis_server: RedisServer) -> None:
+    data = make_data()
+    src = upload(data, redis_server.url, new_prefix())
+    assert read(src, 0, PAGE) == data[:PAGE]  # the parent's client is connected now
+    state = pickle.dumps(src)
+    assert b"Connection" not in state and len(state) < 400
+    clone = pickle.loads(state)
+    digest = hashlib.sha256(data).hexdigest()
+    assert _fork_read(src) == digest
+    changed = b"child!" + bytes(PAGE - 6) + data[PAGE:]
+    assert _fork_read(clone) == hashlib.sha256(changed).hexdigest()
+    assert read(src, 0, 6) == b"child!"  # the child's write-back is visible; parent still works
+
+
+@pytest.fixture(scope="module")
+def cluster_data(redis_cluster: RedisCluster) -> tuple[RedisSource, bytes]:
+    data = make_data(seed=5, size=2 * 1024 * 1024 + 77)
+    src = upload(data, redis_cluster.url, new_prefix(), cluster=True)
+    return src, data
+
+
+def test_cluster_spreads_pages_over_all_masters(redis_cluster: RedisCluster,
+                                                cluster_data: tuple[RedisSource, bytes]) -> None:
+    for host, port in redis_cluster.startup_nodes:
+        node = redis.Redis(host=host, port=port)
+        assert node.dbsize() > 50, f"node {port} holds too few pages"
+        node.close()
+
+
+def test_cluster_read_many_and_random_reads(cluster_data: tuple[RedisSource, bytes]) -> None:
+    src, data = cluster_data
+    size = len(data)
+    buf = bytearray(size)
+    mv = memoryview(buf)
+    src.read_many([(o, mv[o: o + (1 << 20)]) for o in range(0, size, 1 << 20)])
+    assert buf == data
+    rng = random.Random(11)
+    for _ in range(40):
+        off, n = rng.randrange(size), rng.randrange(1, 50_000)
+        assert read(src, off, n) == expected(data, off, n)
+
+
+def test_cluster_write_and_fork(redis_cluster: RedisCluster,
+                                cluster_data: tuple[RedisSource, bytes]) -> None:
+    src, data = cluster_data
+    reader = RedisSource(redis_cluster.url, prefix=src.prefix, cluster=True)
+    assert reader.size == len(data)
+    payload = random.Random(2).randbytes(5 * PAGE + 123)
+    reader.write_from(100 * PAGE + 7, memoryview(payload))
+    assert read(src, 100 * PAGE + 7, len(payload)) == payload
+    before = bytearray(data)
+    before[100 * PAGE + 7: 100 * PAGE + 7 + len(payload)] = payload
+    # The child reads everything (sees the write), then writes page 0 back.
+    assert _fork_read(pickle.loads(pickle.dumps(reader))) == hashlib.sha256(before).hexdigest()
+    before[:PAGE] = b"child!" + bytes(PAGE - 6)
+    assert read(src, 0, len(data)) == bytes(before)
+
+
+def test_cluster_node_down_raises() -> None:
+    data = make_data(seed=8, size=64 * PAGE)
+    with RedisCluster() as cluster:  # a private cluster: this test kills one of its masters
+        src = upload(data, cluster.url, "down:", cluster=True, timeout=2.0)
+        assert read(src, 0, len(data)) == data
+        cluster.nodes[1].kill()
+        with pytest.raises(SourceError, match=r"read \[0, 262144\)"):
+            read(src, 0, len(data))
