@@ -311,15 +311,17 @@ static void update_readahead(engine_t *e, area_t *a, uint64_t off, uint64_t end)
     int ai = (int)(a - e->areas);
     int sequential = ai == e->ra_area && off >= e->last_end - (e->last_end > e->chunk ? e->chunk : e->last_end)
                      && off <= e->ra_end + e->chunk;
-    e->ra_window = sequential ? (e->ra_window * 2 > e->ra_max ? e->ra_max : e->ra_window * 2) : e->ra_min;
-    if (sequential || !e->ra_window) {
+    if (sequential) {
+        uint64_t grown = e->ra_window * 2;
+        e->ra_window = grown < e->ra_min ? e->ra_min : grown > e->ra_max ? e->ra_max : grown;
         e->ra_area = ai;
-        if (e->ra_next < end || !sequential)
+        if (e->ra_next < end)
             e->ra_next = end;
         e->ra_end = end + e->ra_window > a->len ? a->len : end + e->ra_window;
     } else {
+        e->ra_window = 0; /* a random fault resets readahead */
         e->ra_area = ai;
-        e->ra_next = e->ra_end = end; /* a random fault resets readahead */
+        e->ra_next = e->ra_end = end;
     }
     e->last_end = end;
     pthread_mutex_unlock(&e->lock);

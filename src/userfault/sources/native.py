@@ -1,0 +1,183 @@
+"""Sources the native engine serves without Python: zero, a pattern, a buffer, a file.
+
+Each also implements :class:`~userfault.sources.base.PageSource`, so the same object works
+with a pager process or any code that reads pages in Python.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from typing import Any
+
+from ..errors import SourceError
+
+__all__ = ["BufferSource", "CyclingSource", "FileSource", "NativeSource", "PatternSource",
+           "ZeroSource"]
+
+# Engine source kinds (engine.c: SRC_*).
+KIND_ZERO, KIND_PATTERN, KIND_MEMORY, KIND_CYCLE = 0, 1, 2, 3
+
+
+class NativeSource:
+    """Base of the sources the C engine serves directly."""
+
+    kind: int = KIND_ZERO
+
+    def __init__(self, size: int) -> None:
+        if size <= 0:
+            raise ValueError(f"a source needs a positive size, not {size}")
+        self._size = size
+
+    @property
+    def size(self) -> int:
+        """Size in bytes."""
+        return self._size
+
+    def engine_args(self) -> dict[str, Any]:
+        """Keyword arguments for ``_native.Engine`` describing this source."""
+        return {}
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with the bytes at ``offset`` (zeros past the end)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the source holds (files, mappings)."""
+
+    def _check(self, offset: int, buf: memoryview) -> int:
+        if offset < 0:
+            raise ValueError(f"offset must be non-negative, not {offset}")
+        return len(buf)
+
+
+class ZeroSource(NativeSource):
+    """All zeros (installed with ZEROPAGE where the memory allows it)."""
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        n = self._check(offset, buf)
+        buf[:n] = bytes(n)
+
+
+class PatternSource(NativeSource):
+    """``pattern`` repeated: byte ``i`` of the source is ``pattern[i % len(pattern)]``."""
+
+    kind = KIND_PATTERN
+
+    def __init__(self, pattern: bytes, size: int) -> None:
+        super().__init__(size)
+        if not pattern:
+            raise ValueError("the pattern must not be empty")
+        self.pattern = bytes(pattern)
+
+    def engine_args(self) -> dict[str, Any]:
+        return {"pattern": self.pattern}
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        n = self._check(offset, buf)
+        p = len(self.pattern)
+        start = offset % p
+        reps = (start + n) // p + 1
+        buf[:n] = (self.pattern * reps)[start:start + n]
+
+
+class CyclingSource(NativeSource):
+    """Each served fault fills its pages with the next byte of ``alphabet``, in turn.
+
+    This is the man-page demo's handler: it shows that every fault is served separately.
+    """
+
+    kind = KIND_CYCLE
+
+    def __init__(self, size: int, alphabet: bytes = b"ABCDEFGHIJKLMNOPQRST") -> None:
+        super().__init__(size)
+        if not alphabet:
+            raise ValueError("the alphabet must not be empty")
+        self.alphabet = bytes(alphabet)
+        self._next = 0
+
+    def engine_args(self) -> dict[str, Any]:
+        return {"cycle": self.alphabet}
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        n = self._check(offset, buf)
+        buf[:n] = bytes([self.alphabet[self._next % len(self.alphabet)]]) * n
+        self._next += 1
+
+
+class BufferSource(NativeSource):
+    """Any Python buffer (bytes, bytearray, mmap, numpy array...), read in place.
+
+    The buffer is held (and so pinned) for the source's lifetime.
+    """
+
+    kind = KIND_MEMORY
+
+    def __init__(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        super().__init__(view.nbytes)
+        self._view = view
+
+    def engine_args(self) -> dict[str, Any]:
+        return {"data": self._view}
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        n = self._check(offset, buf)
+        avail = max(0, min(n, self._size - offset))
+        buf[:avail] = self._view[offset:offset + avail]
+        buf[avail:n] = bytes(n - avail)
+
+    def close(self) -> None:
+        self._view.release()
+
+
+class FileSource(NativeSource):
+    """A file, mapped read-only; the engine copies straight from the page cache.
+
+    Files larger than RAM work: only touched pages are read. A file that shrinks while served
+    yields errors (poisoned pages), never zeros in place of data.
+    """
+
+    kind = KIND_MEMORY
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as err:
+            raise SourceError(f"cannot open {self.path!r}: {err.strerror}",
+                              source=self.path) from err
+        try:
+            size = os.fstat(self._fd).st_size
+            if size == 0:
+                raise SourceError(f"{self.path!r} is empty: nothing to page in", source=self.path)
+            super().__init__(size)
+            self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def engine_args(self) -> dict[str, Any]:
+        return {"data": self._map, "src_fd": self._fd}
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        n = self._check(offset, buf)
+        got = os.preadv(self._fd, [buf[:n]], offset) if offset < self._size else 0
+        want = max(0, min(n, self._size - offset))
+        if got < want:
+            raise SourceError(f"{self.path!r} ended at byte {offset + got}, before "
+                              f"{offset + want}: was it truncated?", source=self.path,
+                              offset=offset, length=n)
+        buf[got:n] = bytes(n - got)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self._map.close()
+            os.close(self._fd)
+            self._fd = -1
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"])  # type: ignore[misc]
