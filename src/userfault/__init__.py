@@ -1,1 +1,73 @@
-"""userfault: on-demand paging from userland on Linux."""
+"""userfault: on-demand paging from userland on Linux.
+
+A complete typed binding of userfaultfd(2) (:class:`Uffd`, :class:`Region`), a GIL-free
+fault engine (:class:`Pager`, :func:`map`) and page sources that serve memory lazily from
+files, buffers, compressed snapshots, HTTP and Redis.
+
+Quick start::
+
+    import userfault
+    with userfault.map("big.bin") as mem:      # nothing is read yet
+        view = memoryview(mem)
+        print(view[123456789])                 # one page (plus readahead) is read now
+        view.release()
+"""
+
+from __future__ import annotations
+
+from ._events import Event, Fork, Pagefault, Remap, Remove, Unmap, parse_messages
+from ._flags import (
+    ContinueMode,
+    CopyMode,
+    FaultFlag,
+    Feature,
+    Ioctl,
+    MoveMode,
+    PageCategory,
+    PoisonMode,
+    RegisterMode,
+    ScanFlag,
+    WriteProtectMode,
+    ZeropageMode,
+)
+from .errors import (
+    AlreadyMappedError,
+    BadArgumentError,
+    ClosedError,
+    FeatureUnavailableError,
+    MappingChangedError,
+    PagerError,
+    PermissionDeniedError,
+    ProcessGoneError,
+    RangeNotRegisteredError,
+    SnapshotError,
+    SourceError,
+    UffdError,
+)
+from .pager import FaultRecord, Pager, PagerStats, map
+from .region import HUGE_PAGE_SIZE, Region, align_down, align_up, hugepages_free
+from .sources.base import BatchedPageSource, PageSource, WritablePageSource
+from .sources.native import (
+    BufferSource,
+    CyclingSource,
+    FileSource,
+    PatternSource,
+    ZeroSource,
+)
+from .uffd import DEFAULT_FEATURES, PAGE_SIZE, Uffd, offered_features, recv_uffd, send_uffd
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_FEATURES", "HUGE_PAGE_SIZE", "PAGE_SIZE",
+    "AlreadyMappedError", "BadArgumentError", "BatchedPageSource", "BufferSource",
+    "ClosedError", "ContinueMode", "CopyMode", "CyclingSource", "Event", "FaultFlag",
+    "FaultRecord", "Feature", "FeatureUnavailableError", "FileSource", "Fork", "Ioctl",
+    "MappingChangedError", "MoveMode", "PageCategory", "PageSource", "Pagefault", "Pager",
+    "PagerError", "PagerStats", "PatternSource", "PermissionDeniedError", "PoisonMode",
+    "ProcessGoneError", "RangeNotRegisteredError", "Region", "RegisterMode", "Remap", "Remove",
+    "ScanFlag", "SnapshotError", "SourceError", "Uffd", "UffdError", "Unmap",
+    "WritablePageSource", "WriteProtectMode", "ZeroSource", "ZeropageMode", "__version__",
+    "align_down", "align_up", "hugepages_free", "map", "offered_features", "parse_messages",
+    "recv_uffd", "send_uffd",
+]
