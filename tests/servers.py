@@ -107,7 +107,8 @@ class NginxServer:
 
     Locations:
       * ``/<name>``          the file, with byte ranges (``Accept-Ranges: bytes``);
-      * ``/norange/<name>``  the same file with ``max_ranges 0`` (Range ignored: 200 + full body).
+      * ``/norange/<name>``  the same file with ``max_ranges 0`` (Range ignored: 200 + full body);
+      * ``/slow/<name>``     sent at 512 KB/s per connection after a 1 s burst (``limit_rate``).
 
     The access log (``access_log``) has one line per request:
     ``<$connection> <$connection_requests> <$status> <$request_uri> <$http_range>``.
@@ -194,6 +195,10 @@ http {{
         location /norange/ {{
             alias {self.directory}/;
             max_ranges 0;
+        }}
+        location /slow/ {{
+            alias {self.directory}/;
+            limit_rate 512k;
         }}
     }}{tls}
 }}

@@ -7,6 +7,9 @@ import multiprocessing
 import os
 import pickle
 import random
+import socket
+import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -214,6 +217,47 @@ def test_server_stopped_mid_run_raises_not_zeros() -> None:
             src.read_many([(i * 3 * PAGE, memoryview(b)) for i, b in enumerate(bufs)])
         with pytest.raises(SourceError, match="connection refused"):
             HTTPSource(server.url("f.bin"))
+
+
+def test_server_killed_during_a_transfer() -> None:
+    data = os.urandom(8 << 20)
+    with NginxServer() as server:
+        (server.directory / "f.bin").write_bytes(data)
+        src = HTTPSource(server.url("slow/f.bin"), timeout=5.0)  # 512 KB/s: 2 MiB take 3 s
+        errors: list[BaseException] = []
+        bufs = [bytearray(b"\xaa" * (1 << 20)) for _ in range(8)]
+
+        def reader() -> None:
+            try:
+                src.read_many([(i << 20, memoryview(b)) for i, b in enumerate(bufs)])
+            except BaseException as err:
+                errors.append(err)
+
+        t = threading.Thread(target=reader)
+        t.start()
+        deadline = time.monotonic() + 5
+        while not server.log_entries(0) and time.monotonic() < deadline:
+            time.sleep(0.02)  # the probe is logged: transfers are under way
+        time.sleep(0.3)
+        server.stop()
+        t.join(20)
+        assert not t.is_alive()
+        assert len(errors) == 1 and isinstance(errors[0], SourceError), errors
+        assert "failed:" in str(errors[0]) and "/slow/f.bin" in str(errors[0])
+
+
+def test_unresponsive_server_times_out() -> None:
+    with socket.socket() as listener:  # a real TCP listener that never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/f.bin"
+        t0 = time.monotonic()
+        with pytest.raises(SourceError, match=r"size probe GET \[0, 1\).*timed out"):
+            HTTPSource(url, timeout=0.5)
+        src = HTTPSource(url, size=10 * PAGE, timeout=0.5)
+        with pytest.raises(SourceError, match=r"GET \[4096, 8192\).*timed out"):
+            src.read_into(PAGE, memoryview(bytearray(PAGE)))
+        assert time.monotonic() - t0 < 5
 
 
 def _child_read(src: HTTPSource, q: multiprocessing.Queue[object]) -> None:

@@ -90,7 +90,8 @@ class HTTPSource:
             raise ValueError(f"size must be >= 0, not {size}")
         self._url = url
         self._args_size = size
-        self._headers = dict(headers or {})
+        self._headers = {k: v for k, v in (headers or {}).items()
+                         if k.lower() not in ("range", "host", "connection")}
         self._timeout = float(timeout)
         self._connections = int(connections)
         self._verify = verify
@@ -248,7 +249,8 @@ class HTTPSource:
                                                context=self._ssl_context())
         else:
             conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
-        self.connections_opened += 1
+        with self._lock:
+            self.connections_opened += 1  # a statistic: TCP connections this process opened
         return _Conn(conn)
 
     def _acquire(self) -> _Conn:
