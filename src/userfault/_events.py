@@ -106,7 +106,7 @@ class Unmap:
     end: int
 
 
-Event = Union[Pagefault, Fork, Remap, Remove, Unmap]
+Event = Union[Pagefault, Fork, Remap, Remove, Unmap]  # noqa: UP007 (runtime alias on 3.9 syntax)
 
 
 def parse_messages(data: bytes | bytearray | memoryview) -> list[Event]:

@@ -9,8 +9,18 @@ from __future__ import annotations
 import enum
 
 __all__ = [
-    "CopyMode", "ContinueMode", "Feature", "FaultFlag", "Ioctl", "MoveMode", "PageCategory",
-    "PoisonMode", "RegisterMode", "ScanFlag", "WriteProtectMode", "ZeropageMode",
+    "ContinueMode",
+    "CopyMode",
+    "FaultFlag",
+    "Feature",
+    "Ioctl",
+    "MoveMode",
+    "PageCategory",
+    "PoisonMode",
+    "RegisterMode",
+    "ScanFlag",
+    "WriteProtectMode",
+    "ZeropageMode",
 ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+from typing import TypedDict
 
 __all__ = [
     "AlreadyMappedError",
@@ -113,10 +114,13 @@ class FeatureUnavailableError(UffdError):
         self.missing = missing
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (FeatureUnavailableError, (self.strerror, self.missing), {"operation": self.operation})
+        return (_rebuild_feature, (type(self), str(self.strerror), list(self.missing),
+                                   self.operation))
 
-    def __setstate__(self, state: dict[str, object]) -> None:
-        self.__dict__.update(state)
+
+def _rebuild_feature(cls: type[FeatureUnavailableError], msg: str, missing: list[str],
+                     op: str) -> FeatureUnavailableError:
+    return cls(msg, missing, operation=op)
 
 
 class PagerError(RuntimeError):
@@ -160,6 +164,13 @@ _EPERM_HINT = (
 )
 
 
+class _ErrorFields(TypedDict):
+    operation: str
+    address: int | None
+    length: int | None
+    done: int
+
+
 def _describe(addr: int | None, length: int | None) -> str:
     if addr is None:
         return ""
@@ -183,7 +194,8 @@ def error_from_errno(
     """
     where = _describe(address, length)
     base = f"{operation} failed{where}: {os.strerror(err)} (errno {err})"
-    kw = dict(operation=operation, address=address, length=length, done=done)
+    kw: _ErrorFields = {"operation": operation, "address": address, "length": length,
+                        "done": done}
     if err == _errno.EEXIST:
         return AlreadyMappedError(
             err, f"{base}; a page is already present after {done} bytes "

@@ -123,14 +123,14 @@ class Uffd:
             uffd.register(region.address, region.size)
     """
 
-    __slots__ = ("_fd", "features", "ioctls", "method", "offered", "user_mode_only",
-                 "__weakref__")
+    __slots__ = ("__weakref__", "_fd", "features", "ioctls", "method", "offered",
+                 "user_mode_only")
 
     def __init__(
         self,
         features: Feature | None = None,
         *,
-        required: Feature = Feature(0),
+        required: Feature = Feature(0),  # noqa: B008
         nonblocking: bool = True,
         cloexec: bool = True,
         user_mode_only: bool | None = None,
@@ -160,7 +160,7 @@ class Uffd:
                     f"this kernel does not offer the required userfaultfd feature(s) "
                     f"{', '.join(names)} (offered: {offered!r}); upgrade the kernel or stop "
                     "requiring them", names)
-            feats, ioctls, err = _native.api(self._fd, int(wanted & offered))
+            _, ioctls, err = _native.api(self._fd, int(wanted & offered))
             if err:
                 raise error_from_errno(err, "UFFDIO_API", hint="the feature set was refused")
         except BaseException:
@@ -174,7 +174,7 @@ class Uffd:
     # -- lifetime ---------------------------------------------------------------------------
 
     @classmethod
-    def from_fd(cls, fd: int, *, features: Feature = Feature(0), handshake: bool = False,
+    def from_fd(cls, fd: int, *, features: Feature = Feature(0), handshake: bool = False,  # noqa: B008
                 nonblocking: bool | None = None) -> Uffd:
         """Adopt an existing userfaultfd (received from another process, or a fork event).
 
@@ -301,7 +301,7 @@ class Uffd:
             raise self._fail(err, "UFFDIO_WAKE", address, length)
 
     def copy(self, dst: int, src: int | bytes | bytearray | memoryview, length: int | None = None,
-             mode: CopyMode = CopyMode(0)) -> int:
+             mode: CopyMode = CopyMode(0)) -> int:  # noqa: B008
         """UFFDIO_COPY: install ``length`` bytes from ``src`` (an address or a buffer) at ``dst``.
 
         Returns the bytes copied. On failure the error's ``done`` holds the bytes copied
@@ -320,7 +320,7 @@ class Uffd:
                              "dst must lie in a registered range and src must be readable")
         return int(done)
 
-    def zeropage(self, address: int, length: int, mode: ZeropageMode = ZeropageMode(0)) -> int:
+    def zeropage(self, address: int, length: int, mode: ZeropageMode = ZeropageMode(0)) -> int:  # noqa: B008
         """UFFDIO_ZEROPAGE: map zero pages (not on hugetlb). Returns bytes done."""
         fd = self._check("UFFDIO_ZEROPAGE", address, length)
         done, err = _native.zeropage(fd, address, length, int(mode))
@@ -343,7 +343,7 @@ class Uffd:
             raise self._fail(err, "UFFDIO_WRITEPROTECT", address, length,
                              hint="the range must be registered with RegisterMode.WP")
 
-    def continue_(self, address: int, length: int, mode: ContinueMode = ContinueMode(0)) -> int:
+    def continue_(self, address: int, length: int, mode: ContinueMode = ContinueMode(0)) -> int:  # noqa: B008
         """UFFDIO_CONTINUE: map pages already in the page cache (MINOR faults). Bytes done."""
         fd = self._check("UFFDIO_CONTINUE", address, length)
         done, err = _native.continue_(fd, address, length, int(mode))
@@ -355,7 +355,7 @@ class Uffd:
             raise self._fail(err, "UFFDIO_CONTINUE", address, length, done, hint)
         return int(done)
 
-    def poison(self, address: int, length: int, mode: PoisonMode = PoisonMode(0)) -> int:
+    def poison(self, address: int, length: int, mode: PoisonMode = PoisonMode(0)) -> int:  # noqa: B008
         """UFFDIO_POISON: make accesses to the range raise SIGBUS. Bytes done."""
         fd = self._check("UFFDIO_POISON", address, length)
         done, err = _native.poison(fd, address, length, int(mode))
@@ -364,7 +364,7 @@ class Uffd:
                              "POISON needs the POISON feature and a registered range")
         return int(done)
 
-    def move(self, dst: int, src: int, length: int, mode: MoveMode = MoveMode(0)) -> int:
+    def move(self, dst: int, src: int, length: int, mode: MoveMode = MoveMode(0)) -> int:  # noqa: B008
         """UFFDIO_MOVE: move pages from ``src`` (private anonymous) to registered ``dst``.
 
         Returns bytes moved; ``src`` is left empty.
@@ -418,13 +418,13 @@ def send_uffd(sock: socket.socket, uffd: Uffd | int, data: bytes = b"\0") -> Non
 
 
 def recv_uffd(sock: socket.socket, bufsize: int = 65536, *,
-              features: Feature = Feature(0)) -> tuple[Uffd, bytes]:
+              features: Feature = Feature(0)) -> tuple[Uffd, bytes]:  # noqa: B008
     """Receive a userfaultfd sent with :func:`send_uffd` (or by Firecracker).
 
     Returns the descriptor as a :class:`Uffd` (handshake already done by the sender) and the
     payload. Extra descriptors are closed; a message without one raises :class:`UffdError`.
     """
-    data, fds, flags, _ = socket.recv_fds(sock, bufsize, 4)
+    data, fds, _flags, _ = socket.recv_fds(sock, bufsize, 4)
     if not fds:
         raise UffdError(errno.EBADMSG, "the message carried no file descriptor "
                         "(the peer must send the userfaultfd with SCM_RIGHTS)",
