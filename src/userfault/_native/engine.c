@@ -159,37 +159,38 @@ static const char *source_ptr(engine_t *e, worker_t *w, uint64_t off, uint64_t n
 }
 
 /* Fill the memfd page cache for the pages of [off, off+n) that are not resident yet, so that
- * UFFDIO_CONTINUE can map them. Resident pages are never written: they may hold user data. */
+ * UFFDIO_CONTINUE can map them. Resident pages are never written: they may hold user data.
+ * mincore() works in windows of PIECE bytes: a chunk may be larger than one window. */
 static int fill_page_cache(engine_t *e, worker_t *w, area_t *a, uint64_t off, uint64_t n, int zero)
 {
-    uint64_t pages = n / 4096;
-    unsigned char vec[PIECE / 4096 + 1];
-    if (pages > sizeof(vec))
-        return EINVAL;
-    if (mincore((void *)(uintptr_t)(a->base + off), n, vec) < 0)
-        return errno;
-    for (uint64_t i = 0; i < pages;) {
-        if (vec[i] & 1) {
-            i++;
-            continue;
-        }
-        uint64_t j = i;
-        while (j < pages && !(vec[j] & 1))
-            j++;
-        uint64_t roff = off + i * 4096, rlen = (j - i) * 4096;
-        int err = 0;
-        const char *p = zero ? e->zero : source_ptr(e, w, a->src_off + roff, rlen, &err);
-        if (err)
-            return err;
-        for (uint64_t done = 0; done < rlen;) {
-            ssize_t r = pwrite(e->memfd, p + done, rlen - done, (off_t)(roff + done));
-            if (r < 0 && errno == EINTR)
+    unsigned char vec[PIECE / 4096];
+    for (uint64_t win = 0; win < n; win += PIECE) {
+        uint64_t wlen = n - win < PIECE ? n - win : PIECE, pages = wlen / 4096, woff = off + win;
+        if (mincore((void *)(uintptr_t)(a->base + woff), wlen, vec) < 0)
+            return errno;
+        for (uint64_t i = 0; i < pages;) {
+            if (vec[i] & 1) {
+                i++;
                 continue;
-            if (r <= 0)
-                return r < 0 ? errno : EIO;
-            done += (uint64_t)r;
+            }
+            uint64_t j = i;
+            while (j < pages && !(vec[j] & 1))
+                j++;
+            uint64_t roff = woff + i * 4096, rlen = (j - i) * 4096;
+            int err = 0;
+            const char *p = zero ? e->zero : source_ptr(e, w, a->src_off + roff, rlen, &err);
+            if (err)
+                return err;
+            for (uint64_t done = 0; done < rlen;) {
+                ssize_t r = pwrite(e->memfd, p + done, rlen - done, (off_t)(roff + done));
+                if (r < 0 && errno == EINTR)
+                    continue;
+                if (r <= 0)
+                    return r < 0 ? errno : EIO;
+                done += (uint64_t)r;
+            }
+            i = j;
         }
-        i = j;
     }
     return 0;
 }
