@@ -111,7 +111,7 @@ def main() -> None:
     only = set(args.only.split(","))
 
     work = Path(tempfile.mkdtemp(prefix="uf-bench-"))
-    data = random.Random(1).randbytes(size)
+    data = os.urandom(size)
     digest = hashlib.sha256(data).digest()
     rows: list[tuple[str, str, str]] = []
     print(f"size {size // MiB} MiB, {args.runs} runs (medians), {args.reads} random 4 KiB reads, "

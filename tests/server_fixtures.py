@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -26,7 +27,7 @@ if _here not in sys.path:
 
 import servers  # noqa: E402
 
-__all__ = ["nginx_server", "redis_cluster", "redis_server", "require_servers"]
+__all__ = ["fresh_servers", "nginx_server", "redis_cluster", "redis_server", "require_servers"]
 
 T = TypeVar("T")
 
@@ -80,6 +81,44 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.
     cluster = require_servers(lambda: servers.RedisCluster(work).start())
     yield cluster
     cluster.stop()
+
+
+class FreshServers:
+    """Private servers for one test (tests that stop, kill or restart them); closed after it."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self._tmp = tmp_path
+        self._started: list[servers.NginxServer | servers.RedisServer | servers.RedisCluster] = []
+
+    def nginx(self, **kwargs: Any) -> servers.NginxServer:
+        d = self._tmp / f"nginx{len(self._started)}"
+        srv = require_servers(lambda: servers.NginxServer(workdir=d, **kwargs).start())
+        self._started.append(srv)
+        return srv
+
+    def redis(self) -> servers.RedisServer:
+        d = self._tmp / f"redis{len(self._started)}"
+        srv = require_servers(lambda: servers.RedisServer(d).start())
+        self._started.append(srv)
+        return srv
+
+    def cluster(self) -> servers.RedisCluster:
+        d = self._tmp / f"cluster{len(self._started)}"
+        srv = require_servers(lambda: servers.RedisCluster(d).start())
+        self._started.append(srv)
+        return srv
+
+    def close(self) -> None:
+        for srv in reversed(self._started):
+            srv.stop()
+
+
+@pytest.fixture
+def fresh_servers(tmp_path: Path) -> Iterator[FreshServers]:
+    """A factory of private servers: ``fresh_servers.nginx()``, ``.redis()``, ``.cluster()``."""
+    factory = FreshServers(tmp_path)
+    yield factory
+    factory.close()
 
 
 def pytest_report_header(config: Any) -> str:

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from server_fixtures import FreshServers
 from servers import NginxServer
 from userfault.errors import SourceError
 from userfault.sources.base import BatchedPageSource, PageSource
@@ -190,60 +191,60 @@ def test_https_with_ca_file_and_verification(nginx_server: NginxServer,
         HTTPSource(url)
 
 
-def test_dropped_keepalive_connection_is_retried_once(tmp_path: object) -> None:
+def test_dropped_keepalive_connection_is_retried_once(fresh_servers: FreshServers) -> None:
     data = os.urandom(8 * PAGE)
-    with NginxServer() as server:
-        (server.directory / "f.bin").write_bytes(data)
-        src = HTTPSource(server.url("f.bin"))
-        assert read(src, 0, PAGE) == data[:PAGE]
-        server.stop()  # the pooled connection dies with the server
-        server.start()
-        assert read(src, PAGE, PAGE) == data[PAGE: 2 * PAGE]
-        assert src.connections_opened == 2
+    server = fresh_servers.nginx()
+    (server.directory / "f.bin").write_bytes(data)
+    src = HTTPSource(server.url("f.bin"))
+    assert read(src, 0, PAGE) == data[:PAGE]
+    server.stop()  # the pooled connection dies with the server
+    server.start()
+    assert read(src, PAGE, PAGE) == data[PAGE: 2 * PAGE]
+    assert src.connections_opened == 2
 
 
-def test_server_stopped_mid_run_raises_not_zeros() -> None:
+def test_server_stopped_mid_run_raises_not_zeros(fresh_servers: FreshServers) -> None:
     data = os.urandom(64 * PAGE)
-    with NginxServer() as server:
-        (server.directory / "f.bin").write_bytes(data)
-        src = HTTPSource(server.url("f.bin"), timeout=2.0)
-        assert read(src, 0, PAGE) == data[:PAGE]
-        server.stop()
-        buf = bytearray(PAGE)
-        with pytest.raises(SourceError, match=r"\[4096, 8192\).*connection refused"):
-            src.read_into(PAGE, memoryview(buf))
-        bufs = [bytearray(PAGE) for _ in range(8)]
-        with pytest.raises(SourceError, match="connection refused"):
-            src.read_many([(i * 3 * PAGE, memoryview(b)) for i, b in enumerate(bufs)])
-        with pytest.raises(SourceError, match="connection refused"):
-            HTTPSource(server.url("f.bin"))
+    server = fresh_servers.nginx()
+    (server.directory / "f.bin").write_bytes(data)
+    src = HTTPSource(server.url("f.bin"), timeout=2.0)
+    assert read(src, 0, PAGE) == data[:PAGE]
+    server.stop()
+    buf = bytearray(PAGE)
+    with pytest.raises(SourceError, match=r"\[4096, 8192\).*connection refused"):
+        src.read_into(PAGE, memoryview(buf))
+    bufs = [bytearray(PAGE) for _ in range(8)]
+    with pytest.raises(SourceError, match="connection refused"):
+        src.read_many([(i * 3 * PAGE, memoryview(b)) for i, b in enumerate(bufs)])
+    with pytest.raises(SourceError, match="connection refused"):
+        HTTPSource(server.url("f.bin"))
 
 
-def test_server_killed_during_a_transfer() -> None:
+def test_server_killed_during_a_transfer(fresh_servers: FreshServers) -> None:
     data = os.urandom(8 << 20)
-    with NginxServer() as server:
-        (server.directory / "f.bin").write_bytes(data)
-        src = HTTPSource(server.url("slow/f.bin"), timeout=5.0)  # 512 KB/s: 2 MiB take 3 s
-        errors: list[BaseException] = []
-        bufs = [bytearray(b"\xaa" * (1 << 20)) for _ in range(8)]
+    server = fresh_servers.nginx()
+    (server.directory / "f.bin").write_bytes(data)
+    src = HTTPSource(server.url("slow/f.bin"), timeout=5.0)  # 512 KB/s: 2 MiB take 3 s
+    errors: list[BaseException] = []
+    bufs = [bytearray(b"\xaa" * (1 << 20)) for _ in range(8)]
 
-        def reader() -> None:
-            try:
-                src.read_many([(i << 20, memoryview(b)) for i, b in enumerate(bufs)])
-            except BaseException as err:
-                errors.append(err)
+    def reader() -> None:
+        try:
+            src.read_many([(i << 20, memoryview(b)) for i, b in enumerate(bufs)])
+        except BaseException as err:
+            errors.append(err)
 
-        t = threading.Thread(target=reader)
-        t.start()
-        deadline = time.monotonic() + 5
-        while not server.log_entries(0) and time.monotonic() < deadline:
-            time.sleep(0.02)  # the probe is logged: transfers are under way
-        time.sleep(0.3)
-        server.stop()
-        t.join(20)
-        assert not t.is_alive()
-        assert len(errors) == 1 and isinstance(errors[0], SourceError), errors
-        assert "failed:" in str(errors[0]) and "/slow/f.bin" in str(errors[0])
+    t = threading.Thread(target=reader)
+    t.start()
+    deadline = time.monotonic() + 5
+    while not server.log_entries(0) and time.monotonic() < deadline:
+        time.sleep(0.02)  # the probe is logged: transfers are under way
+    time.sleep(0.3)
+    server.stop()
+    t.join(20)
+    assert not t.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], SourceError), errors
+    assert "failed:" in str(errors[0]) and "/slow/f.bin" in str(errors[0])
 
 
 def test_unresponsive_server_times_out() -> None:

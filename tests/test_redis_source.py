@@ -15,6 +15,7 @@ import redis.cluster
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from server_fixtures import FreshServers
 from servers import RedisCluster, RedisServer
 from userfault.errors import SourceError
 from userfault.sources.base import BatchedPageSource, WritablePageSource
@@ -176,20 +177,20 @@ def test_write_from_whole_and_partial_pages(redis_server: RedisServer) -> None:
     r.close()
 
 
-def test_redis_killed_raises_source_error() -> None:
+def test_redis_killed_raises_source_error(fresh_servers: FreshServers) -> None:
     data = make_data()
-    with RedisServer() as server:
-        src = upload(data, server.url, "k:", timeout=2.0)
-        assert read(src, 0, PAGE) == data[:PAGE]
-        server.kill()
-        buf = bytearray(b"\xaa" * PAGE)
-        with pytest.raises(SourceError, match=r"RedisSource redis://127\.0\.0\.1:\d+/0 prefix "
-                                              r"'k:': read \[4096, 8192\).*Connection"):
-            src.read_into(PAGE, memoryview(buf))
-        with pytest.raises(SourceError, match="write"):
-            src.write_from(0, memoryview(bytes(PAGE)))
-        with pytest.raises(SourceError, match="upload to Redis"):
-            upload(data, server.url, "k2:", timeout=2.0)
+    server = fresh_servers.redis()
+    src = upload(data, server.url, "k:", timeout=2.0)
+    assert read(src, 0, PAGE) == data[:PAGE]
+    server.kill()
+    buf = bytearray(b"\xaa" * PAGE)
+    with pytest.raises(SourceError, match=r"RedisSource redis://127\.0\.0\.1:\d+/0 prefix "
+                                          r"'k:': read \[4096, 8192\).*Connection"):
+        src.read_into(PAGE, memoryview(buf))
+    with pytest.raises(SourceError, match="write"):
+        src.write_from(0, memoryview(bytes(PAGE)))
+    with pytest.raises(SourceError, match="upload to Redis"):
+        upload(data, server.url, "k2:", timeout=2.0)
 
 
 def _child_read(src: RedisSource, q: multiprocessing.Queue[object]) -> None:
@@ -271,11 +272,11 @@ def test_cluster_write_and_fork(redis_cluster: RedisCluster,
     assert read(src, 0, len(data)) == bytes(before)
 
 
-def test_cluster_node_down_raises() -> None:
+def test_cluster_node_down_raises(fresh_servers: FreshServers) -> None:
     data = make_data(seed=8, size=64 * PAGE)
-    with RedisCluster() as cluster:  # a private cluster: this test kills one of its masters
-        src = upload(data, cluster.url, "down:", cluster=True, timeout=2.0)
-        assert read(src, 0, len(data)) == data
-        cluster.nodes[1].kill()
-        with pytest.raises(SourceError, match=r"read \[0, 262144\)"):
-            read(src, 0, len(data))
+    cluster = fresh_servers.cluster()  # a private cluster: this test kills one of its masters
+    src = upload(data, cluster.url, "down:", cluster=True, timeout=2.0)
+    assert read(src, 0, len(data)) == data
+    cluster.nodes[1].kill()
+    with pytest.raises(SourceError, match=r"read \[0, 262144\)"):
+        read(src, 0, len(data))
