@@ -300,3 +300,19 @@ def test_pickle_then_read_in_forked_child(nginx_server: NginxServer,
     since = nginx_server.log_size()
     assert read(src, 7 * PAGE, PAGE) == data[7 * PAGE: 8 * PAGE]
     assert {c for c, _, _ in entries_for(nginx_server, since, "/http_blob.bin", 1)} == parent_conns
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, SIZE // PAGE), st.integers(1, 40)), min_size=1,
+                max_size=40))
+def test_read_many_random_batches(blob: tuple[str, bytes],
+                                  batch: list[tuple[int, int]]) -> None:
+    """Random page runs (often adjacent or overlapping): merged and parallel GETs agree with
+    the file byte for byte."""
+    url, data = blob
+    src = _shared_source(url)
+    reqs = [(page * PAGE, bytearray(n * PAGE)) for page, n in batch]
+    src.read_many([(off, memoryview(b)) for off, b in reqs])
+    for off, b in reqs:
+        assert bytes(b) == expected(data, off, len(b))

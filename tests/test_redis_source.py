@@ -280,3 +280,16 @@ def test_cluster_node_down_raises(fresh_servers: FreshServers) -> None:
     cluster.nodes[1].kill()
     with pytest.raises(SourceError, match=r"read \[0, 262144\)"):
         read(src, 0, len(data))
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, SIZE - 1), st.integers(1, 5 * PAGE)), min_size=1,
+                max_size=30))
+def test_read_many_random_batches(stored: tuple[RedisSource, bytes],
+                                  batch: list[tuple[int, int]]) -> None:
+    src, data = stored
+    reqs = [(off, bytearray(n)) for off, n in batch]
+    src.read_many([(off, memoryview(b)) for off, b in reqs])
+    for off, b in reqs:
+        assert bytes(b) == expected(data, off, len(b))
