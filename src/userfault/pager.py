@@ -167,10 +167,14 @@ class NativeRuntime:
         """Packed fault records (see ``_RECORD``)."""
         return bytes(self.engine.drain_log())
 
-    def error(self) -> tuple[int, str, int] | None:
+    def error(self) -> str | None:
         """The first serving error, if any."""
         err = self.engine.error()
-        return None if err is None else (int(err[0]), str(err[1]), int(err[2]))
+        if err is None:
+            return None
+        code, op, addr = err
+        return (f"{op} at {addr:#x} failed: {os.strerror(code)} (errno {code}); affected pages "
+                "were poisoned (SIGBUS), never zero-filled")
 
 
 class Pager(_native.Mapping):
@@ -376,12 +380,10 @@ class Pager(_native.Mapping):
 
     def check(self) -> None:
         """Raise :class:`PagerError` if serving has failed (the first error is kept)."""
+        self._check_open()
         err = self._runtime.error()
         if err is not None:
-            code, op, addr = err
-            raise PagerError(f"the pager failed while {op} at {addr:#x}: {os.strerror(code)} "
-                             f"(errno {code}); affected pages were poisoned (SIGBUS), "
-                             "never zero-filled") from error_from_errno(code, op, address=addr)
+            raise PagerError(f"the pager failed: {err}")
 
     def _check_open(self) -> None:
         if self._closed:
