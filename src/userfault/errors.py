@@ -205,9 +205,10 @@ def error_from_errno(
             err, f"{base}; the mapping changed under the call after {done} bytes: "
             "read pending events (REMOVE, REMAP) then retry the remainder", **kw)
     if err == _errno.ENOENT:
+        detail = f"; {hint}" if hint else ""
         return RangeNotRegisteredError(
-            err, f"{base}; the range is not registered with this userfaultfd "
-            "(it was unregistered, unmapped or remapped)", **kw)
+            err, f"{base}; the range is not registered with this userfaultfd in the needed "
+            f"mode (it was unregistered, unmapped or remapped){detail}", **kw)
     if err == _errno.ESRCH:
         return ProcessGoneError(err, f"{base}; the process owning the memory has exited", **kw)
     if err in (_errno.EPERM, _errno.EACCES):

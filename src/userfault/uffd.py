@@ -11,7 +11,7 @@ import errno
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, final
 
 from . import _native
@@ -258,6 +258,22 @@ class Uffd:
         return fd
 
     @staticmethod
+    def _until_error(call: Callable[[int], tuple[int, int]], length: int) -> tuple[int, int]:
+        """Run a partial-progress ioctl over the whole range: ``call(offset)`` does the rest.
+
+        The kernel reports any partial result as EAGAIN with the bytes done, whatever stopped
+        it (a present page, a pending event...). Retrying the remainder while progress is made
+        yields the real cause: EEXIST at a present page, or EAGAIN with nothing done while the
+        mapping is changing. Returns ``(bytes done in total, errno or 0)``.
+        """
+        done = 0
+        while True:
+            n, err = call(done)
+            done += max(0, int(n))
+            if err != errno.EAGAIN or n <= 0 or done >= length:
+                return done, err
+
+    @staticmethod
     def _fail(err: int, op: str, address: int, length: int, done: int = 0,
               hint: str = "") -> UffdError:
         return error_from_errno(err, op, address=address, length=length, done=done, hint=hint)
@@ -314,7 +330,21 @@ class Uffd:
                                        operation="UFFDIO_COPY", address=dst)
             length = memoryview(src).nbytes
         fd = self._check("UFFDIO_COPY", dst, length, name="dst")
-        done, err = _native.copy(fd, dst, src, length, int(mode))
+        if isinstance(src, int):
+            addr = src
+
+            def call(off: int) -> tuple[int, int]:
+                return _native.copy(fd, dst + off, addr + off, length - off, int(mode))
+        else:
+            buf = memoryview(src).cast("B")
+            if buf.nbytes < length:
+                raise BadArgumentError(
+                    errno.EINVAL, f"UFFDIO_COPY: src holds {buf.nbytes} bytes, fewer than the "
+                    f"{length} to copy", operation="UFFDIO_COPY", address=dst, length=length)
+
+            def call(off: int) -> tuple[int, int]:
+                return _native.copy(fd, dst + off, buf[off:], length - off, int(mode))
+        done, err = self._until_error(call, length)
         if err:
             raise self._fail(err, "UFFDIO_COPY", dst, length, done,
                              "dst must lie in a registered range and src must be readable")
@@ -323,7 +353,8 @@ class Uffd:
     def zeropage(self, address: int, length: int, mode: ZeropageMode = ZeropageMode(0)) -> int:  # noqa: B008
         """UFFDIO_ZEROPAGE: map zero pages (not on hugetlb). Returns bytes done."""
         fd = self._check("UFFDIO_ZEROPAGE", address, length)
-        done, err = _native.zeropage(fd, address, length, int(mode))
+        done, err = self._until_error(
+            lambda off: _native.zeropage(fd, address + off, length - off, int(mode)), length)
         if err:
             raise self._fail(err, "UFFDIO_ZEROPAGE", address, length, done,
                              "ZEROPAGE is not available on hugetlb memory; use copy() instead")
@@ -346,7 +377,8 @@ class Uffd:
     def continue_(self, address: int, length: int, mode: ContinueMode = ContinueMode(0)) -> int:  # noqa: B008
         """UFFDIO_CONTINUE: map pages already in the page cache (MINOR faults). Bytes done."""
         fd = self._check("UFFDIO_CONTINUE", address, length)
-        done, err = _native.continue_(fd, address, length, int(mode))
+        done, err = self._until_error(
+            lambda off: _native.continue_(fd, address + off, length - off, int(mode)), length)
         if err:
             hint = ("the range must be registered with RegisterMode.MINOR"
                     if err == errno.EINVAL else "")
@@ -358,7 +390,8 @@ class Uffd:
     def poison(self, address: int, length: int, mode: PoisonMode = PoisonMode(0)) -> int:  # noqa: B008
         """UFFDIO_POISON: make accesses to the range raise SIGBUS. Bytes done."""
         fd = self._check("UFFDIO_POISON", address, length)
-        done, err = _native.poison(fd, address, length, int(mode))
+        done, err = self._until_error(
+            lambda off: _native.poison(fd, address + off, length - off, int(mode)), length)
         if err:
             raise self._fail(err, "UFFDIO_POISON", address, length, done,
                              "POISON needs the POISON feature and a registered range")
@@ -371,7 +404,8 @@ class Uffd:
         """
         fd = self._check("UFFDIO_MOVE", dst, length, name="dst")
         self._check("UFFDIO_MOVE", src, length, name="src")
-        done, err = _native.move(fd, dst, src, length, int(mode))
+        done, err = self._until_error(
+            lambda off: _native.move(fd, dst + off, src + off, length - off, int(mode)), length)
         if err:
             raise self._fail(err, "UFFDIO_MOVE", dst, length, done,
                              "both ranges must be private anonymous memory of one process, "
@@ -384,12 +418,19 @@ class Uffd:
         """Read up to ``max_events`` pending events.
 
         ``timeout`` is seconds to wait for the first event (``None`` waits forever, 0 does
-        not wait). No event within the timeout returns ``[]``: EAGAIN is not an error.
+        not wait). No event within the timeout returns ``[]``: EAGAIN is not an error. A
+        blocking descriptor (``nonblocking=False``) takes ``timeout=None`` only: the kernel
+        cannot poll it.
         Fork events carry the child's descriptor wrapped as a :class:`Uffd`.
         """
         if not 1 <= max_events <= 4096:
             raise ValueError(f"max_events must be between 1 and 4096, not {max_events}")
         fd = self.fileno()
+        if timeout is not None and os.get_blocking(fd):
+            raise BadArgumentError(
+                errno.EINVAL, "read_events: a timeout needs a non-blocking userfaultfd (the "
+                "kernel cannot poll a blocking one); create it with nonblocking=True (the "
+                "default) or pass timeout=None", operation="read")
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if deadline is None:
@@ -400,7 +441,8 @@ class Uffd:
             if err == errno.EINTR:
                 continue  # signal handlers ran on return to Python; wait the rest
             if err:
-                raise error_from_errno(err, "read")
+                raise error_from_errno(err, "read", hint="the userfaultfd has had no UFFDIO_API "
+                                       "handshake (use Uffd.from_fd(fd, handshake=True))")
             events = parse_messages(data)
             return [Fork(e.fd, Uffd.from_fd(e.fd, features=self.features))
                     if isinstance(e, Fork) else e for e in events]

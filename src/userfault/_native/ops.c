@@ -196,8 +196,10 @@ static PyObject *move(PyObject *self, PyObject *args)
     return Py_BuildValue("Li", err ? progress(m.move) : (long long)m.move, err);
 }
 
-/* Wait up to timeout_ms (-1: forever) for the fd to be readable, then read up to max_msgs
- * messages. Returns (bytes, errno); EAGAIN and a timeout give (b"", 0), a signal (b"", EINTR). */
+/* Wait up to timeout_ms (-1: forever, 0: not at all) for the fd to be readable, then read up
+ * to max_msgs messages. Returns (bytes, errno); EAGAIN and a timeout give (b"", 0), a signal
+ * (b"", EINTR). The kernel's poll reports POLLERR on a blocking uffd (and before the API
+ * handshake), so a blocking uffd is only read with timeout -1, by a plain blocking read(). */
 static PyObject *read_msgs(PyObject *self, PyObject *args)
 {
     int fd, max_msgs, timeout_ms, err = 0;
@@ -214,7 +216,12 @@ static PyObject *read_msgs(PyObject *self, PyObject *args)
     char *p = PyBytes_AS_STRING(buf);
     Py_BEGIN_ALLOW_THREADS
     for (;;) {
-        if (timeout_ms != 0) {
+        int fl = fcntl(fd, F_GETFL);
+        if (fl < 0) {
+            err = errno;
+            break;
+        }
+        if (fl & O_NONBLOCK) {
             struct pollfd pfd = {.fd = fd, .events = POLLIN};
             int r = poll(&pfd, 1, timeout_ms);
             if (r < 0) { /* EINTR too: the caller runs signal handlers, then calls again */
@@ -224,9 +231,12 @@ static PyObject *read_msgs(PyObject *self, PyObject *args)
             if (r == 0)
                 break;
             if (pfd.revents & (POLLERR | POLLNVAL)) {
-                err = EBADF;
+                err = (pfd.revents & POLLNVAL) ? EBADF : EINVAL;
                 break;
             }
+        } else if (timeout_ms >= 0) {
+            err = EWOULDBLOCK; /* Python refuses this before the call; never block here */
+            break;
         }
         n = read(fd, p, (size_t)max_msgs * sizeof(struct uffd_msg));
         if (n < 0) {
