@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .snapshot import add_snapshot_commands
 
     add_snapshot_commands(sub)
+    from .firecracker.cli import add_firecracker_commands
+    add_firecracker_commands(sub)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Firecracker snapshot support: the UFFD handshake protocol (and, later, the pager).
+"""Firecracker snapshot support: the UFFD handshake protocol and a turnkey pager.
 
 Firecracker restores a snapshot with guest memory served by an external page-fault handler:
 the VMM connects to a Unix socket, sends the userfaultfd and a JSON list of guest regions,
@@ -17,6 +17,16 @@ from .protocol import (
     parse_mappings,
     receive_handshake,
 )
+from .serve import (
+    WORKING_SET_MAGIC,
+    FirecrackerPager,
+    VMReport,
+    coalesce,
+    open_memory_source,
+    read_working_set,
+    serve,
+    write_working_set,
+)
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -27,4 +37,12 @@ __all__ = [
     "PeerCred",
     "parse_mappings",
     "receive_handshake",
+    "WORKING_SET_MAGIC",
+    "FirecrackerPager",
+    "VMReport",
+    "coalesce",
+    "open_memory_source",
+    "read_working_set",
+    "serve",
+    "write_working_set",
 ]

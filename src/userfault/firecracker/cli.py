@@ -1,0 +1,101 @@
+"""``userfault firecracker serve``: the command line of :mod:`userfault.firecracker.serve`."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from typing import Any
+
+__all__ = ["add_firecracker_commands"]
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = units.get(t[-1:], 1)
+    num = t[:-1] if t[-1:] in units else t
+    try:
+        value = int(num) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4K, 2M)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return value
+
+
+def _readahead(text: str) -> tuple[int, int] | bool:
+    if text.lower() in ("off", "no", "0", "none"):
+        return False
+    lo, sep, hi = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"readahead is MIN:MAX (e.g. 64K:4M) or off: {text!r}")
+    return _size(lo), _size(hi)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .serve import FirecrackerPager
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    pager = FirecrackerPager(
+        args.socket, args.mem_file, record=args.record, prefetch=args.prefetch,
+        populate=args.populate, threads=args.threads, max_vms=args.max_vms, once=args.once,
+        chunk=args.chunk, readahead=args.readahead,
+        json_out=sys.stdout if args.json else None, redis_prefix=args.redis_prefix,
+        handshake_timeout=args.handshake_timeout)
+    with pager:
+        reports = pager.serve_forever(stop)
+    failed = [r for r in reports if r.error and r.end_reason != "refused"]
+    return 1 if failed and args.once else 0
+
+
+def add_firecracker_commands(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``firecracker serve`` to an argparse ``subparsers`` object; return its parser."""
+    fc = subparsers.add_parser(
+        "firecracker", help="serve Firecracker snapshot memory over userfaultfd",
+        description="A page-fault handler for Firecracker's Uffd snapshot memory backend.")
+    sub = fc.add_subparsers(dest="firecracker_command", metavar="{serve}")
+    sub.required = True
+    serve = sub.add_parser(
+        "serve", help="listen on a Unix socket and serve restored VMs' memory",
+        description="Listen on SOCKET (the snapshot load's mem_backend.backend_path) and serve "
+        "each connecting VM's guest memory from MEM_FILE. Logs and one summary line per VM go "
+        "to stderr; --json prints one JSON object per VM to stdout when it ends.")
+    serve.add_argument("--socket", required=True, metavar="PATH",
+                       help="Unix socket to create (a stale socket there is replaced)")
+    serve.add_argument("--mem-file", required=True, metavar="FILE|URL",
+                       help="snapshot memory: a file, a .ufs compressed snapshot, an "
+                       "http(s):// URL, or redis://host:port/db#prefix")
+    serve.add_argument("--record", metavar="FILE",
+                       help="write the faulted memory-file offsets (the working set) here when "
+                       "a VM ends; turns readahead off unless --readahead is given")
+    serve.add_argument("--prefetch", metavar="FILE",
+                       help="install this recorded working set in one batch at the handshake")
+    serve.add_argument("--populate", action="store_true",
+                       help="fill all guest memory in the background while faults go first")
+    serve.add_argument("--json", action="store_true",
+                       help="print one JSON object per VM to stdout when it ends")
+    serve.add_argument("--threads", type=int, default=1, metavar="N",
+                       help="fault-serving threads per VM (default 1)")
+    serve.add_argument("--max-vms", type=int, default=None, metavar="N",
+                       help="most VMs served at once; more connections are refused "
+                       "(default: no limit)")
+    serve.add_argument("--once", action="store_true",
+                       help="serve one VM, exit when it ends")
+    serve.add_argument("--chunk", type=_size, default=None, metavar="SIZE",
+                       help="bytes installed per fault (default: one guest page)")
+    serve.add_argument("--readahead", type=_readahead, default=None, metavar="MIN:MAX|off",
+                       help="sequential readahead window (default 64K:4M; off with --record)")
+    serve.add_argument("--redis-prefix", default=None, metavar="PREFIX",
+                       help="key prefix for a redis:// memory file without a #prefix")
+    serve.add_argument("--handshake-timeout", type=float, default=5.0, metavar="SECONDS",
+                       help="time a connection has to send its handshake (default 5)")
+    serve.set_defaults(func=_serve)
+    return fc

@@ -1,0 +1,719 @@
+"""A turnkey Firecracker snapshot pager: ``userfault firecracker serve``.
+
+:class:`FirecrackerPager` listens on a Unix socket for Firecracker's UFFD snapshot backend
+(``"mem_backend": {"backend_type": "Uffd", "backend_path": SOCKET}``). Every connection is one
+restored VM: its own userfaultfd, its own fault engine and a lifecycle thread that
+
+1. receives the handshake (:func:`~userfault.firecracker.protocol.receive_handshake`) and
+   validates the regions against the memory file
+   (:func:`~userfault.firecracker.protocol.parse_mappings`); a malformed or hostile message is
+   logged and that connection closed, the server keeps serving;
+2. serves guest memory from the memory file: a plain file with the C engine (no Python on the
+   fault path); compressed snapshots (``*.ufs``), ``http(s)://`` and ``redis://`` through
+   :class:`userfault.pager_process.FaultServer` threads of this process (the faulting process
+   is the VMM, so Python here cannot deadlock it);
+3. optionally installs a recorded working set in one batch (``prefetch``), fills everything in
+   the background (``populate``) and records the faulted offsets (``record``);
+4. notices the VMM exiting (its pidfd becomes readable, the connection closes, or the engine
+   sees ``ESRCH``), stops the engine and reports the VM's metrics.
+
+Working-set files (``--record`` / ``--prefetch``) are little-endian binary::
+
+    offset 0   8 bytes  magic b"UFFCWS1\\0"
+    offset 8   u64      page size in bytes (4096 or 2097152)
+    offset 16  u64      count N
+    offset 24  N x u64  memory-file offsets of the faulted pages, page aligned, unique,
+                        in first-fault order
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import select
+import socket
+import struct
+import sys
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from .. import _native
+from ..pager import PagerStats
+from ..sources.native import KIND_MEMORY, FileSource, NativeSource
+from .protocol import (
+    FirecrackerProtocolError,
+    GuestRegion,
+    PeerCred,
+    parse_mappings,
+    receive_handshake,
+)
+
+__all__ = [
+    "WORKING_SET_MAGIC",
+    "FirecrackerPager",
+    "VMReport",
+    "coalesce",
+    "open_memory_source",
+    "read_working_set",
+    "serve",
+    "write_working_set",
+]
+
+WORKING_SET_MAGIC = b"UFFCWS1\0"
+_WS_HEADER = struct.Struct("<8sQQ")
+_RECORD = struct.Struct("<6Q")  # the engine's fault log: addr, src_off, flags, tid, t_ns, ns
+_LOG_CAPACITY = 1 << 17
+_POLL_S = 0.05
+_INSTALL_COPY = 0
+
+
+# -- working-set files ----------------------------------------------------------------------
+
+
+def write_working_set(path: str | os.PathLike[str], offsets: Iterable[int],
+                      page_size: int) -> int:
+    """Write a working-set file atomically; return the number of offsets written."""
+    offs = list(offsets)
+    data = _WS_HEADER.pack(WORKING_SET_MAGIC, page_size, len(offs)) + struct.pack(
+        f"<{len(offs)}Q", *offs)
+    path = os.fspath(path)
+    tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+    return len(offs)
+
+
+def read_working_set(path: str | os.PathLike[str]) -> tuple[int, list[int]]:
+    """Read a working-set file: ``(page_size, offsets)``.
+
+    Raises:
+        ValueError: not a working-set file, or truncated.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < _WS_HEADER.size:
+        raise ValueError(f"{os.fspath(path)!r} is too short to be a working-set file")
+    magic, page, count = _WS_HEADER.unpack_from(data)
+    if magic != WORKING_SET_MAGIC:
+        raise ValueError(f"{os.fspath(path)!r} is not a working-set file (bad magic)")
+    if page < 4096 or page & (page - 1):
+        raise ValueError(f"{os.fspath(path)!r}: page size {page} is not a power of two >= 4096")
+    if len(data) != _WS_HEADER.size + 8 * count:
+        raise ValueError(f"{os.fspath(path)!r}: header says {count} offsets, the file holds "
+                         f"{(len(data) - _WS_HEADER.size) / 8:g}")
+    return page, list(struct.unpack_from(f"<{count}Q", data, _WS_HEADER.size))
+
+
+def coalesce(offsets: Iterable[int], page_size: int) -> list[tuple[int, int]]:
+    """Merge page offsets into sorted ``(offset, length)`` ranges of adjacent pages."""
+    ranges: list[list[int]] = []
+    for off in sorted(set(offsets)):
+        if ranges and ranges[-1][0] + ranges[-1][1] >= off:
+            ranges[-1][1] = max(ranges[-1][1], off + page_size - ranges[-1][0])
+        else:
+            ranges.append([off, page_size])
+    return [(o, n) for o, n in ranges]
+
+
+# -- memory sources -------------------------------------------------------------------------
+
+
+def open_memory_source(spec: str, *, redis_prefix: str | None = None,
+                       page_size: int = 4096) -> Any:
+    """Open the memory file named by ``spec``.
+
+    * ``http://`` / ``https://``: :class:`~userfault.sources.http.HTTPSource`;
+    * ``redis://`` / ``rediss://``: :class:`~userfault.sources.redis.RedisSource`, the key
+      prefix from the URL fragment (``redis://host:6379/0#vm1:``) or ``redis_prefix``;
+    * a path ending in ``.ufs`` (or starting with the snapshot magic):
+      :class:`~userfault.snapshot.SnapshotSource`;
+    * any other path: :class:`~userfault.sources.native.FileSource` (served by the C engine).
+    """
+    scheme = urllib.parse.urlsplit(spec).scheme.lower()
+    if scheme in ("http", "https"):
+        from ..sources.http import HTTPSource
+
+        return HTTPSource(spec)
+    if scheme in ("redis", "rediss"):
+        from ..sources.redis import RedisSource
+
+        url, _, fragment = spec.partition("#")
+        prefix = urllib.parse.unquote(fragment) if fragment else redis_prefix
+        return RedisSource(url, **({"prefix": prefix} if prefix is not None else {}))
+    if scheme == "file":
+        spec = urllib.parse.unquote(urllib.parse.urlsplit(spec).path)
+    if spec.endswith(".ufs") or _looks_like_snapshot(spec):
+        from ..snapshot import SnapshotSource
+
+        src = SnapshotSource(spec, page_size=page_size)
+        _ = src.size  # open now: a bad file fails at startup, not at the first fault
+        return src
+    return FileSource(spec)
+
+
+def _looks_like_snapshot(path: str) -> bool:
+    try:
+        from ..snapshot import MAGIC  # type: ignore[attr-defined]
+    except ImportError:
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+# -- per-VM results -------------------------------------------------------------------------
+
+
+@dataclass
+class VMReport:
+    """What one VM did, reported when it ends."""
+
+    vm: int
+    peer: PeerCred | None = None
+    regions: list[GuestRegion] = field(default_factory=list)
+    page_size: int = 0
+    started: float = field(default_factory=time.monotonic)
+    ended: float | None = None
+    end_reason: str = ""
+    error: str | None = None
+    stats: PagerStats = field(default_factory=PagerStats)
+    prefetch_bytes: int = 0
+    prefetch_s: float = 0.0
+    recorded_pages: int = 0
+    log_dropped: int = 0
+    first_fault_s: float | None = None
+
+    @property
+    def duration_s(self) -> float:
+        return (self.ended or time.monotonic()) - self.started
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON object ``--json`` prints."""
+        st = self.stats
+        return {
+            "vm": self.vm,
+            "pid": self.peer.pid if self.peer else None,
+            "uid": self.peer.uid if self.peer else None,
+            "regions": [{"base_host_virt_addr": r.base_host_virt_addr, "size": r.size,
+                         "offset": r.offset, "page_size": r.page_size} for r in self.regions],
+            "guest_bytes": sum(r.size for r in self.regions),
+            "page_size": self.page_size,
+            "duration_s": round(self.duration_s, 6),
+            "end_reason": self.end_reason,
+            "error": self.error,
+            "faults": st.faults,
+            "write_faults": st.write_faults,
+            "bytes_installed": st.bytes_installed,
+            "fault_bytes": st.fault_bytes,
+            "readahead_bytes": st.readahead_bytes,
+            "prefetch_bytes": st.prefetch_bytes,
+            "populate_bytes": st.populate_bytes,
+            "prefetch_s": round(self.prefetch_s, 6),
+            "eexist": st.eexist,
+            "eagain": st.eagain,
+            "remove_events": st.remove_events,
+            "poisoned": st.poisoned,
+            "latency_ns": {"p50": st.latency_percentile(50), "p90": st.latency_percentile(90),
+                           "p99": st.latency_percentile(99), "max": st.service_max_ns},
+            "latency_histogram_log2_ns": list(st.latency_histogram),
+            "vcpu_blocked_ns": st.blocked_ns,
+            "vcpu_blocked_is_lower_bound": True,
+            "first_fault_s": self.first_fault_s,
+            "recorded_pages": self.recorded_pages,
+            "log_dropped": self.log_dropped,
+        }
+
+    def summary(self) -> str:
+        """The one line printed to stderr when the VM ends."""
+        st = self.stats
+        pid = self.peer.pid if self.peer else "?"
+        guest = sum(r.size for r in self.regions)
+        line = (f"vm {self.vm} (pid {pid}) ended ({self.end_reason}) after "
+                f"{self.duration_s:.2f} s: {len(self.regions)} region(s), "
+                f"{guest / 2**20:.0f} MiB, {self.page_size // 1024} KiB pages; "
+                f"{st.faults} faults, {st.bytes_installed / 2**20:.1f} MiB installed "
+                f"({st.fault_bytes / 2**20:.1f} by faults, "
+                f"{st.readahead_bytes / 2**20:.1f} readahead, "
+                f"{st.prefetch_bytes / 2**20:.1f} prefetch, "
+                f"{st.populate_bytes / 2**20:.1f} populate); service p50 "
+                f"{st.latency_percentile(50) / 1000:.1f} us p99 "
+                f"{st.latency_percentile(99) / 1000:.1f} us max {st.service_max_ns / 1000:.0f} us;"
+                f" vCPUs blocked >= {st.blocked_ns / 1e6:.1f} ms (lower bound); "
+                f"eexist {st.eexist} eagain {st.eagain} remove {st.remove_events}")
+        if self.recorded_pages:
+            line += f"; recorded {self.recorded_pages} pages"
+        if self.log_dropped:
+            line += f" ({self.log_dropped} fault records DROPPED: the record is incomplete)"
+        if self.error:
+            line += f"; error: {self.error}"
+        return line
+
+
+# -- runtimes: the C engine, or FaultServer for Python sources ------------------------------
+
+
+class _EngineRuntime:
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def start(self) -> None:
+        self.engine.start()
+
+    def stop(self) -> None:
+        self.engine.stop()
+
+    def prefetch(self, ranges: list[tuple[int, int]]) -> int:
+        done, err, addr = self.engine.prefetch(ranges)
+        if err:
+            raise OSError(err, f"prefetch stopped at {addr:#x} after {done} bytes: "
+                               f"{os.strerror(err)}")
+        return int(done)
+
+    def counters(self) -> dict[str, Any]:
+        return dict(self.engine.stats())
+
+    def drain_log(self) -> bytes:
+        return bytes(self.engine.drain_log())
+
+    def log_dropped(self) -> int:
+        return int(self.engine.log_dropped)
+
+    def error(self) -> tuple[int, str] | None:
+        err = self.engine.error()
+        return None if err is None else (int(err[0]), f"{err[1]} at {int(err[2]):#x}")
+
+
+class _FaultServerRuntime:
+    def __init__(self, server: Any) -> None:
+        self.server = server
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fc-faultserver", daemon=True)
+        self._exc: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            self.server.serve_forever(self._stop)
+        except BaseException as exc:  # reported as the VM's error
+            self._exc = exc
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def prefetch(self, ranges: list[tuple[int, int]]) -> int:
+        return int(self.server.prefetch(ranges))
+
+    def counters(self) -> dict[str, Any]:
+        return dict(self.server.counters())
+
+    def drain_log(self) -> bytes:
+        return bytes(self.server.drain_log())
+
+    def log_dropped(self) -> int:
+        return int(getattr(self.server, "log_dropped", 0) or 0)
+
+    def error(self) -> tuple[int, str] | None:
+        if self._exc is not None:
+            return (getattr(self._exc, "errno", None) or errno.EIO, repr(self._exc))
+        return None
+
+
+# -- the server -----------------------------------------------------------------------------
+
+
+class FirecrackerPager:
+    """Serve the guest memory of Firecracker VMs restored with the ``Uffd`` memory backend.
+
+    Args:
+        socket_path: the Unix socket to create and listen on (``backend_path``).
+        mem_file: the snapshot memory file: a path, ``*.ufs``, ``http(s)://``, ``redis://``.
+        record: write the faulted memory-file offsets of each VM here when it ends. Unless
+            ``readahead`` is given explicitly, recording disables readahead so the record holds
+            exactly the pages the guest touched.
+        prefetch: a working-set file to install in one batch right after the handshake.
+        populate: fill all of guest memory in the background while faults go first.
+        threads: fault-serving threads per VM.
+        max_vms: most VMs served at once (further connections are refused); ``None``: no limit.
+        once: stop after the first VM ends.
+        chunk: bytes installed per fault (default: one guest page).
+        readahead: ``(min, max)`` window for sequential faults, ``False`` to disable,
+            ``None`` for the default (64 KiB..4 MiB, or off when recording).
+        json_out: a stream to print one JSON object per VM to when it ends (``--json``).
+        log: where log lines and summaries go (default ``sys.stderr``).
+        redis_prefix: key prefix for ``redis://`` memory files without a ``#prefix``.
+        handshake_timeout: seconds a connection may take to send its handshake.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str],
+        mem_file: str | os.PathLike[str],
+        *,
+        record: str | os.PathLike[str] | None = None,
+        prefetch: str | os.PathLike[str] | None = None,
+        populate: bool = False,
+        threads: int = 1,
+        max_vms: int | None = None,
+        once: bool = False,
+        chunk: int | None = None,
+        readahead: tuple[int, int] | bool | None = None,
+        json_out: IO[str] | None = None,
+        log: IO[str] | None = None,
+        redis_prefix: str | None = None,
+        handshake_timeout: float = 5.0,
+        on_report: Callable[[VMReport], None] | None = None,
+    ) -> None:
+        if threads < 1 or threads > 64:
+            raise ValueError(f"threads must be between 1 and 64, not {threads}")
+        if max_vms is not None and max_vms < 1:
+            raise ValueError(f"max_vms must be at least 1, not {max_vms}")
+        self.socket_path = os.fspath(socket_path)
+        self.mem_spec = os.fspath(mem_file)
+        self.record = None if record is None else os.fspath(record)
+        self.populate = populate
+        self.threads = threads
+        self.max_vms = max_vms
+        self.once = once
+        self.chunk = chunk
+        if readahead is None:
+            readahead = False if record is not None else (64 << 10, 4 << 20)
+        elif readahead is True:
+            readahead = (64 << 10, 4 << 20)
+        self.readahead: tuple[int, int] | None = readahead or None
+        self.json_out = json_out
+        self.log_stream = log if log is not None else sys.stderr
+        self.redis_prefix = redis_prefix
+        self.handshake_timeout = handshake_timeout
+        self.on_report = on_report
+        self.prefetch_ranges: list[tuple[int, int]] = []
+        self.prefetch_pages = 0
+        if prefetch is not None:
+            page, offsets = read_working_set(prefetch)
+            self.prefetch_ranges = coalesce(offsets, page)
+            self.prefetch_pages = len(offsets)
+        self.source = open_memory_source(self.mem_spec, redis_prefix=redis_prefix)
+        self.native = isinstance(self.source, NativeSource) and self.source.kind == KIND_MEMORY
+        self.mem_size = int(self.source.size)
+        self.reports: list[VMReport] = []
+        self._lock = threading.Lock()
+        self._out_lock = threading.Lock()
+        self._active: dict[int, threading.Thread] = {}
+        self._next_vm = 1
+        self._stop = threading.Event()
+        self._listener: socket.socket | None = None
+        self._bind()
+
+    # -- logging ----------------------------------------------------------------------------
+
+    def log(self, msg: str) -> None:
+        """Write one log line (thread safe)."""
+        with self._out_lock:
+            try:
+                print(f"userfault firecracker: {msg}", file=self.log_stream, flush=True)
+            except (OSError, ValueError):
+                pass
+
+    # -- socket -----------------------------------------------------------------------------
+
+    def _bind(self) -> None:
+        path = self.socket_path
+        with contextlib.suppress(FileNotFoundError):
+            st = os.lstat(path)
+            import stat
+
+            if not stat.S_ISSOCK(st.st_mode):
+                raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket", path)
+            os.unlink(path)  # a stale socket of an earlier run
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(path)
+            sock.listen(64)
+            sock.settimeout(0.1)
+        except BaseException:
+            sock.close()
+            raise
+        self._listener = sock
+
+    def stop(self) -> None:
+        """Ask :meth:`serve_forever` to return (every VM's engine is stopped and reported)."""
+        self._stop.set()
+
+    def close(self) -> None:
+        """Stop, close the listening socket and remove it."""
+        self._stop.set()
+        with self._lock:
+            threads = list(self._active.values())
+        for t in threads:
+            t.join(15)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
+        close = getattr(self.source, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                close()
+
+    def __enter__(self) -> FirecrackerPager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def serve_forever(self, stop: threading.Event | None = None) -> list[VMReport]:
+        """Accept VMs until :meth:`stop` (or ``stop`` is set, or ``once`` and a VM ended).
+
+        Returns the reports of every VM served.
+        """
+        assert self._listener is not None
+        self.log(f"listening on {self.socket_path}, memory {self.mem_spec} "
+                 f"({self.mem_size} bytes, {'native engine' if self.native else 'FaultServer'})"
+                 + (f", prefetch {self.prefetch_pages} pages in {len(self.prefetch_ranges)} "
+                    f"ranges" if self.prefetch_ranges else ""))
+        accepted = 0
+        try:
+            while not self._stop.is_set() and not (stop is not None and stop.is_set()):
+                if self.once and accepted and not self._active:
+                    break
+                try:
+                    conn, _ = self._listener.accept()
+                except TimeoutError:
+                    continue
+                except OSError as err:
+                    if self._stop.is_set():
+                        break
+                    self.log(f"accept failed: {err}")
+                    time.sleep(0.05)
+                    continue
+                with self._lock:
+                    busy = len(self._active)
+                    vm = self._next_vm
+                    self._next_vm += 1
+                if (self.max_vms is not None and busy >= self.max_vms) or (
+                        self.once and accepted):
+                    self.log(f"vm {vm}: refused: already serving {busy} VM(s) "
+                             f"(--max-vms {self.max_vms if self.max_vms else 1})")
+                    conn.close()
+                    continue
+                accepted += 1
+                t = threading.Thread(target=self._session, args=(vm, conn),
+                                     name=f"fc-vm-{vm}", daemon=True)
+                with self._lock:
+                    self._active[vm] = t
+                t.start()
+        finally:
+            self._stop.set()
+            with self._lock:
+                threads = list(self._active.values())
+            for t in threads:
+                t.join(15)
+        return list(self.reports)
+
+    # -- one VM -----------------------------------------------------------------------------
+
+    def _session(self, vm: int, conn: socket.socket) -> None:
+        report = VMReport(vm)
+        runtime: Any = None
+        uffd = -1
+        pidfd = -1
+        try:
+            try:
+                uffd, payload, peer = receive_handshake(conn, timeout=self.handshake_timeout)
+                report.peer = peer
+                self.log(f"vm {vm}: connection from pid {peer.pid} (uid {peer.uid}, "
+                         f"gid {peer.gid})")
+                regions = parse_mappings(payload, mem_file_size=self.mem_size)
+                sizes = {r.page_size for r in regions}
+                if len(sizes) != 1:
+                    raise FirecrackerProtocolError(
+                        f"regions use different page sizes {sorted(sizes)}: one VM's regions "
+                        "must share a page size")
+                _check_is_uffd(uffd)
+            except (FirecrackerProtocolError, OSError) as err:
+                pid = report.peer.pid if report.peer else "?"
+                report.error = f"handshake refused: {err}"
+                report.end_reason = "refused"
+                self.log(f"vm {vm} (pid {pid}): handshake refused, closing the connection: "
+                         f"{err}")
+                return
+            report.regions = regions
+            report.page_size = page = regions[0].page_size
+            self.log(f"vm {vm}: {len(regions)} region(s), "
+                     f"{sum(r.size for r in regions) / 2**20:.0f} MiB of {page // 1024} KiB "
+                     "pages: " + ", ".join(
+                         f"[{r.base_host_virt_addr:#x}+{r.size:#x} @ file {r.offset:#x}]"
+                         for r in regions))
+            try:
+                runtime = self._make_runtime(uffd, regions, page)
+                runtime.start()
+            except Exception as err:  # noqa: BLE001 - any setup failure ends this VM only
+                report.error = f"cannot serve: {err}"
+                report.end_reason = "setup failed"
+                self.log(f"vm {vm}: cannot serve this VM: {err}")
+                return
+            if report.peer and report.peer.pid > 0:
+                try:
+                    pidfd = os.pidfd_open(report.peer.pid)
+                except OSError:
+                    pidfd = -1
+            recorded: dict[int, None] = {}
+            if self.prefetch_ranges:
+                t0 = time.monotonic()
+                try:
+                    report.prefetch_bytes = runtime.prefetch(self.prefetch_ranges)
+                except Exception as err:  # noqa: BLE001
+                    self.log(f"vm {vm}: prefetch failed (faults are still served): {err}")
+                report.prefetch_s = time.monotonic() - t0
+            report.end_reason = self._watch(vm, conn, pidfd, runtime, report, recorded)
+        except Exception as err:  # noqa: BLE001 - never let one VM take the server down
+            report.error = f"internal error: {err!r}"
+            report.end_reason = report.end_reason or "internal error"
+            self.log(f"vm {vm}: internal error: {err!r}")
+        finally:
+            if runtime is not None:
+                with contextlib.suppress(Exception):
+                    runtime.stop()
+                with contextlib.suppress(Exception):
+                    self._drain(runtime, report, recorded)
+                    report.stats = PagerStats.from_counters(runtime.counters())
+                    report.log_dropped = runtime.log_dropped()
+                    err = runtime.error()
+                    if err is not None and err[0] != errno.ESRCH and report.error is None:
+                        report.error = f"{os.strerror(err[0])} ({err[1]})"
+            if pidfd >= 0:
+                os.close(pidfd)
+            if uffd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(uffd)
+            with contextlib.suppress(OSError):
+                conn.close()
+            report.ended = time.monotonic()
+            if runtime is not None:
+                if self.record is not None:
+                    try:
+                        report.recorded_pages = write_working_set(
+                            self.record, recorded, report.page_size)
+                    except OSError as err:
+                        self.log(f"vm {vm}: cannot write the record {self.record}: {err}")
+                self._finish(report)
+            with self._lock:
+                self.reports.append(report)
+                self._active.pop(vm, None)
+
+    def _make_runtime(self, uffd: int, regions: list[GuestRegion], page: int) -> Any:
+        areas = [(r.base_host_virt_addr, r.size, r.offset) for r in regions]
+        chunk = max(page, _align_up(self.chunk or page, page))
+        ra = (0, 0) if self.readahead is None else (
+            _align_up(self.readahead[0], page), _align_up(self.readahead[1], page))
+        os.set_blocking(uffd, False)
+        log_cap = _LOG_CAPACITY if self.record is not None else 0
+        if self.native:
+            return _EngineRuntime(_native.Engine(
+                uffd, areas, page, KIND_MEMORY, _INSTALL_COPY, chunk=chunk,
+                readahead_min=ra[0], readahead_max=ra[1], populate=self.populate,
+                threads=self.threads, log_capacity=log_cap, poison_on_error=True,
+                **self.source.engine_args()))
+        from ..pager_process import FaultServer  # lazily: only Python sources need it
+        from ..uffd import Uffd
+
+        server = FaultServer(
+            Uffd.from_fd(os.dup(uffd), nonblocking=True), areas, self.source, page_size=page,
+            chunk=chunk, readahead=ra if ra[1] else None, log_faults=log_cap,
+            **({"populate": True} if self.populate else {}))
+        return _FaultServerRuntime(server)
+
+    def _drain(self, runtime: Any, report: VMReport, recorded: dict[int, None]) -> None:
+        data = runtime.drain_log()
+        if not data:
+            return
+        for rec in _RECORD.iter_unpack(data):
+            if report.first_fault_s is None:
+                report.first_fault_s = time.monotonic() - report.started
+            off = rec[1] - rec[1] % report.page_size
+            if off not in recorded:
+                recorded[off] = None
+
+    def _watch(self, vm: int, conn: socket.socket, pidfd: int, runtime: Any,
+               report: VMReport, recorded: dict[int, None]) -> str:
+        """Wait until the VMM exits or the server stops; return why."""
+        poller = select.poll()
+        conn_fd = conn.fileno()
+        poller.register(conn_fd, select.POLLIN | select.POLLHUP | select.POLLRDHUP)
+        if pidfd >= 0:
+            poller.register(pidfd, select.POLLIN)
+        while True:
+            if self._stop.is_set():
+                return "server stopped"
+            for fd, ev in poller.poll(_POLL_S * 1000):
+                if fd == pidfd:
+                    return "VMM exited"
+                if fd == conn_fd:
+                    closed = bool(ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL))
+                    if not closed and ev & select.POLLIN:
+                        try:
+                            extra = conn.recv(4096, socket.MSG_DONTWAIT)
+                        except BlockingIOError:
+                            extra = b"?"
+                        except OSError:
+                            extra = b""
+                        closed = not extra
+                        if extra and extra != b"?":
+                            self.log(f"vm {vm}: ignoring {len(extra)} unexpected bytes from "
+                                     "the VMM")
+                    if closed:
+                        poller.unregister(conn_fd)
+                        if pidfd < 0:
+                            return "VMM closed the connection"
+                        # Firecracker keeps the socket open for the VM's life; if it ever
+                        # closes it early, keep serving until the process itself is gone.
+            err = runtime.error()
+            if err is not None and err[0] == errno.ESRCH:
+                return "VMM exited (ESRCH)"
+            self._drain(runtime, report, recorded)
+
+    def _finish(self, report: VMReport) -> None:
+        self.log(report.summary())
+        if self.json_out is not None:
+            with self._out_lock:
+                try:
+                    print(json.dumps(report.as_dict()), file=self.json_out, flush=True)
+                except (OSError, ValueError):
+                    pass
+        if self.on_report is not None:
+            with contextlib.suppress(Exception):
+                self.on_report(report)
+
+
+def _align_up(value: int, align: int) -> int:
+    return (value + align - 1) // align * align
+
+
+def _check_is_uffd(fd: int) -> None:
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return  # no /proc: trust the peer, the engine's ioctls will fail loudly otherwise
+    if target != "anon_inode:[userfaultfd]":
+        raise FirecrackerProtocolError(
+            f"the descriptor sent is not a userfaultfd (it is {target!r})")
+
+
+def serve(socket_path: str | os.PathLike[str], mem_file: str | os.PathLike[str],
+          *, stop: threading.Event | None = None, **options: Any) -> list[VMReport]:
+    """Run a :class:`FirecrackerPager` until ``stop`` is set (or ``once=True`` and the VM
+    ended); return the per-VM reports. ``options`` are those of :class:`FirecrackerPager`."""
+    with FirecrackerPager(socket_path, mem_file, **options) as pager:
+        return pager.serve_forever(stop)
