@@ -10,7 +10,7 @@ restored VM: its own userfaultfd, its own fault engine and a lifecycle thread th
    logged and that connection closed, the server keeps serving;
 2. serves guest memory from the memory file: a plain file with the C engine (no Python on the
    fault path); compressed snapshots (``*.ufs``), ``http(s)://`` and ``redis://`` through
-   :class:`userfault.pager_process.FaultServer` threads of this process (the faulting process
+   :class:`userfault.fault_server.FaultServer` threads of this process (the faulting process
    is the VMM, so Python here cannot deadlock it);
 3. optionally installs a recorded working set in one batch (``prefetch``), fills everything in
    the background (``populate``) and records the faulted offsets (``record``);
@@ -293,10 +293,14 @@ class _EngineRuntime:
 
 
 class _FaultServerRuntime:
-    def __init__(self, server: Any) -> None:
+    """:class:`~userfault.fault_server.FaultServer` on ``threads`` Python threads."""
+
+    def __init__(self, server: Any, uffd: Any, threads: int) -> None:
         self.server = server
+        self.uffd = uffd
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fc-faultserver", daemon=True)
+        self._threads = [threading.Thread(target=self._run, name=f"fc-faultserver-{i}",
+                                          daemon=True) for i in range(threads)]
         self._exc: BaseException | None = None
 
     def _run(self) -> None:
@@ -306,11 +310,15 @@ class _FaultServerRuntime:
             self._exc = exc
 
     def start(self) -> None:
-        self._thread.start()
+        for t in self._threads:
+            t.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(10)
+        self.server.stop()
+        for t in self._threads:
+            t.join(10)
+        self.uffd.close()
 
     def prefetch(self, ranges: list[tuple[int, int]]) -> int:
         return int(self.server.prefetch(ranges))
@@ -322,12 +330,13 @@ class _FaultServerRuntime:
         return bytes(self.server.drain_log())
 
     def log_dropped(self) -> int:
-        return int(getattr(self.server, "log_dropped", 0) or 0)
+        return int(self.server.counters().get("log_dropped", 0) or 0)
 
     def error(self) -> tuple[int, str] | None:
         if self._exc is not None:
             return (getattr(self._exc, "errno", None) or errno.EIO, repr(self._exc))
-        return None
+        err = self.server.state.error() if hasattr(self.server, "state") else None
+        return None if err is None else (errno.EIO, str(err))
 
 
 # -- the server -----------------------------------------------------------------------------
@@ -626,14 +635,20 @@ class FirecrackerPager:
                 readahead_min=ra[0], readahead_max=ra[1], populate=self.populate,
                 threads=self.threads, log_capacity=log_cap, poison_on_error=True,
                 **self.source.engine_args()))
-        from ..pager_process import FaultServer  # lazily: only Python sources need it
+        try:
+            from ..fault_server import FaultServer  # lazily: only Python sources need it
+        except ImportError:  # pragma: no cover - older layout
+            from ..pager_process import FaultServer  # type: ignore[attr-defined,no-redef]
         from ..uffd import Uffd
 
-        server = FaultServer(
-            Uffd.from_fd(os.dup(uffd), nonblocking=True), areas, self.source, page_size=page,
-            chunk=chunk, readahead=ra if ra[1] else None, log_faults=log_cap,
-            **({"populate": True} if self.populate else {}))
-        return _FaultServerRuntime(server)
+        owned = Uffd.from_fd(os.dup(uffd), nonblocking=True)
+        try:
+            server = FaultServer(owned, areas, self.source, page_size=page, chunk=chunk,
+                                 readahead=ra, populate=self.populate, log_faults=log_cap)
+        except BaseException:
+            owned.close()
+            raise
+        return _FaultServerRuntime(server, owned, self.threads)
 
     def _drain(self, runtime: Any, report: VMReport, recorded: dict[int, None]) -> None:
         data = runtime.drain_log()
