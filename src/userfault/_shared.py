@@ -117,6 +117,8 @@ class SharedState:
         return bytes(out)
 
     def close(self) -> None:
-        """Unmap and close the descriptor."""
-        self.buf.close()
-        os.close(self.fd)
+        """Unmap and close the descriptor; idempotent."""
+        if self.fd >= 0:
+            self.buf.close()
+            os.close(self.fd)
+            self.fd = -1

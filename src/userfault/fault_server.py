@@ -189,11 +189,11 @@ class FaultServer:
         if self.on_error == "zero":
             log.warning("serving zeros for %#x..+%d as on_error='zero' asks", addr, length)
             return self._copy(area, off, memoryview(bytearray(length)), False)
+        # Log first: the faulting process may die of the SIGBUS, and this process with it.
+        log.error("poisoned %#x..+%d: accesses get SIGBUS instead of wrong data", addr, length)
         try:
             self.uffd.poison(addr, length)
             self.state.add("poisoned", length // self.page)
-            log.error("poisoned %#x..+%d: accesses get SIGBUS instead of wrong data",
-                      addr, length)
         except UffdError as err:
             log.error("could not poison %#x..+%d: %s", addr, length, err)
         return 0

@@ -371,10 +371,12 @@ class Pager(_native.Mapping):
 
     def stats(self) -> PagerStats:
         """Current counters (cheap: no locks on the serving path)."""
+        self._check_open()
         return PagerStats.from_counters(self._runtime.counters())
 
     def faults(self) -> list[FaultRecord]:
         """Take the fault records logged since the last call (needs ``log_faults > 0``)."""
+        self._check_open()
         data = self._runtime.drain_log()
         return [FaultRecord(*r) for r in _RECORD.iter_unpack(data)]
 

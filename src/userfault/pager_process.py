@@ -164,6 +164,7 @@ class ProcessRuntime:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        self.state.close()
 
 
 # -- the supervisor and its worker ---------------------------------------------------------
