@@ -6,6 +6,7 @@ so ``server_fixtures`` (nginx, redis) registers as a plugin by module name.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -87,10 +88,8 @@ def run_in_child(body: Callable[[int], None], timeout: float = 20.0) -> tuple[in
             body(wfd)
             code = 0
         except BaseException as err:  # report, never return into pytest
-            try:
+            with contextlib.suppress(OSError):
                 os.write(wfd, f"child error: {err!r}".encode())
-            except OSError:
-                pass
         finally:
             os._exit(code)
     os.close(wfd)

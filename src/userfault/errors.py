@@ -221,4 +221,4 @@ def error_from_errno(
         return BadArgumentError(err, f"{base}; {detail}", **kw)
     if err == _errno.EBADF:
         return ClosedError(err, f"{base}; the file descriptor is closed", **kw)
-    return UffdError(err, base, **kw)
+    return UffdError(err, f"{base}; {hint}" if hint else base, **kw)

@@ -136,11 +136,11 @@ class Uffd:
         user_mode_only: bool | None = None,
         order: Sequence[CreationMethod] = ("dev", "syscall"),
     ) -> None:
+        self._fd = -1  # first: __del__ runs even when the constructor raises
         if not order or any(m not in ("dev", "syscall") for m in order):
             raise ValueError(f"order must list 'dev' and/or 'syscall', not {order!r}")
         wanted = (DEFAULT_FEATURES if features is None else Feature(features)) | required
         flags = (_O_CLOEXEC if cloexec else 0) | (_O_NONBLOCK if nonblocking else 0)
-        self._fd = -1
         if user_mode_only is None:
             try:
                 self._fd, self.method = _open(order, flags)
@@ -287,7 +287,7 @@ class Uffd:
         Returns the ioctls usable on the range (they depend on the memory type and mode).
         """
         fd = self._check("UFFDIO_REGISTER", address, length)
-        if not mode or mode & ~(RegisterMode.MISSING | RegisterMode.WP | RegisterMode.MINOR):
+        if not mode or int(mode) & ~7:  # int(): ~ on an IntFlag drops unknown bits (8)
             raise BadArgumentError(errno.EINVAL, f"UFFDIO_REGISTER: bad mode {mode!r}",
                                    operation="UFFDIO_REGISTER", address=address, length=length)
         ioctls, err = _native.register(fd, address, length, int(mode))
@@ -380,8 +380,8 @@ class Uffd:
         done, err = self._until_error(
             lambda off: _native.continue_(fd, address + off, length - off, int(mode)), length)
         if err:
-            hint = ("the range must be registered with RegisterMode.MINOR"
-                    if err == errno.EINVAL else "")
+            hint = ("CONTINUE needs shmem or hugetlbfs memory (register it with "
+                    "RegisterMode.MINOR to receive minor faults)" if err == errno.EINVAL else "")
             if err == errno.EFAULT:
                 hint = "a page of the range is not in the page cache: write it there first"
             raise self._fail(err, "UFFDIO_CONTINUE", address, length, done, hint)
