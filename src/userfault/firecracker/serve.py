@@ -67,6 +67,7 @@ __all__ = [
 
 WORKING_SET_MAGIC = b"UFFCWS1\0"
 _WS_HEADER = struct.Struct("<8sQQ")
+_UCRED = struct.Struct("iII")  # struct ucred
 _RECORD = struct.Struct("<6Q")  # the engine's fault log: addr, src_off, flags, tid, t_ns, ns
 _LOG_CAPACITY = 1 << 17
 _POLL_S = 0.05
@@ -445,13 +446,21 @@ class FirecrackerPager:
             if not stat.S_ISSOCK(st.st_mode):
                 raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket", path)
             os.unlink(path)  # a stale socket of an earlier run
+        # Bind to a temporary name, listen, then rename: whoever sees the path can connect.
+        tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                           f".{os.path.basename(path)}.{os.getpid()}.tmp")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            sock.bind(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            sock.bind(tmp)
             sock.listen(64)
             sock.settimeout(0.1)
+            os.rename(tmp, path)
         except BaseException:
             sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             raise
         self._listener = sock
 
@@ -540,10 +549,10 @@ class FirecrackerPager:
         pidfd = -1
         try:
             try:
-                uffd, payload, peer = receive_handshake(conn, timeout=self.handshake_timeout)
-                report.peer = peer
+                report.peer = peer = _peer_cred(conn)
                 self.log(f"vm {vm}: connection from pid {peer.pid} (uid {peer.uid}, "
                          f"gid {peer.gid})")
+                uffd, payload, _ = receive_handshake(conn, timeout=self.handshake_timeout)
                 regions = parse_mappings(payload, mem_file_size=self.mem_size)
                 sizes = {r.page_size for r in regions}
                 if len(sizes) != 1:
@@ -714,6 +723,11 @@ class FirecrackerPager:
 
 def _align_up(value: int, align: int) -> int:
     return (value + align - 1) // align * align
+
+
+def _peer_cred(conn: socket.socket) -> PeerCred:
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    return PeerCred(*_UCRED.unpack(raw))
 
 
 def _check_is_uffd(fd: int) -> None:
