@@ -64,19 +64,22 @@ class SharedState:
         with self._lock:
             _U64.pack_into(self.buf, at, _U64.unpack_from(self.buf, at)[0] + value)
 
-    def observe(self, service_ns: int, record: tuple[int, int, int, int, int, int] | None
-                ) -> None:
-        """Account one served fault: latency sum, max, histogram and the log record."""
+    def fault_served(self, write: bool, nbytes: int, service_ns: int,
+                     record: tuple[int, int, int, int, int, int]) -> None:
+        """Account one served fault under one lock: counts, latency, histogram, log record."""
         bucket = min(max(service_ns, 1).bit_length() - 1, HIST_BUCKETS - 1)
         with self._lock:
             buf = self.buf
+            for name, v in (("faults", 1), ("write_faults", int(write)), ("fault_bytes", nbytes)):
+                at = _INDEX[name]
+                _U64.pack_into(buf, at, _U64.unpack_from(buf, at)[0] + v)
             at = _INDEX["service_ns"]
             _U64.pack_into(buf, at, _U64.unpack_from(buf, at)[0] + service_ns)
             if service_ns > _U64.unpack_from(buf, _INDEX["service_max_ns"])[0]:
                 _U64.pack_into(buf, _INDEX["service_max_ns"], service_ns)
             at = (len(COUNTER_NAMES) + bucket) * 8
             _U64.pack_into(buf, at, _U64.unpack_from(buf, at)[0] + 1)
-            if record is not None and self.log_capacity:
+            if self.log_capacity:
                 cap, written, read = _LOG_HEAD.unpack_from(buf, self._log_at)
                 if written - read < cap:
                     RECORD.pack_into(buf, self._log_at + _LOG_HEAD.size

@@ -2,8 +2,10 @@
 
 It must run where the faulting threads' GIL is not needed: in a pager process
 (:mod:`userfault.pager_process`) or in a process that serves another one (Firecracker).
-Policy mirrors the native engine: a chunk per fault, a readahead window that doubles on
-sequential faults and resets on random ones, background populate, batched prefetch.
+Policy follows the native engine: a chunk per fault, a readahead window that doubles on
+sequential faults and resets on random ones, background populate, batched prefetch. One
+difference: readahead is installed right after each sequential fault's wake, as one batched
+read, because a Python source pays a round trip per read.
 
 Failure semantics: a failed read is retried ``retries`` times with exponential backoff; then
 ``on_error`` decides: ``"poison"`` (UFFDIO_POISON, the access gets SIGBUS), ``"zero"``
@@ -96,8 +98,10 @@ class FaultServer:
         self._populate = [(a, 0) for a in self.areas] if populate else []
         self._installed = {id(a): bytearray(a.length // page_size) for a in self.areas}
         self._removed = {id(a): bytearray(a.length // page_size) for a in self.areas}
+        self._removed_count = 0
+        self._local = threading.local()
+        self._unit = max(self.chunk, _PIECE, readahead[1])
         self._lock = threading.Lock()
-        self._ra: tuple[Area, int, int] | None = None  # area, next offset, end offset
         self._ra_window = 0
         self._last: tuple[int, int] = (-1, -1)  # id(area), end of the last fault's chunk
         self._stopped = False
@@ -130,35 +134,59 @@ class FaultServer:
 
     # -- installing -------------------------------------------------------------------------
 
-    def _install(self, area: Area, off: int, length: int, *, skip_installed: bool,
-                 dontwake: bool = False) -> int:
-        """Install ``[off, off+length)`` of ``area``; returns bytes installed."""
-        installed = self._installed[id(area)]
-        removed = self._removed[id(area)]
+    def _buffer(self, size: int) -> memoryview:
+        """A per-thread scratch buffer of at least ``size`` bytes (reused across faults)."""
+        buf: bytearray | None = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < size:
+            buf = self._local.buf = bytearray(max(size, self._unit))
+        return memoryview(buf)[:size]
+
+    def _runs(self, area: Area, off: int, length: int, skip_installed: bool
+              ) -> list[tuple[int, int]]:
+        """Page runs of ``[off, off+length)`` to install (all of it, or the missing pages)."""
         page = self.page
+        if not skip_installed:
+            return [(off // page, (off + length) // page)]
+        installed = self._installed[id(area)]
         runs: list[tuple[int, int]] = []
         start = None
         for p in range(off // page, (off + length) // page):
-            want = not (skip_installed and installed[p])
-            if want and start is None:
+            if not installed[p] and start is None:
                 start = p
-            elif not want and start is not None:
+            elif installed[p] and start is not None:
                 runs.append((start, p))
                 start = None
         if start is not None:
             runs.append((start, (off + length) // page))
-        total = 0
+        return runs
+
+    def _install(self, area: Area, off: int, length: int, *, skip_installed: bool,
+                 dontwake: bool = False) -> int:
+        """Install ``[off, off+length)`` of ``area``; returns bytes installed.
+
+        The missing runs are read from the source in one batch (``read_many``: pipelined or
+        parallel where the source supports it), then copied in.
+        """
+        page = self.page
+        runs = self._runs(area, off, length, skip_installed)
+        if not runs:
+            return 0
+        total_len = sum(e - f for f, e in runs) * page
+        scratch = self._buffer(total_len)
+        views, pos = [], 0
         for first, end in runs:
-            buf = memoryview(bytearray((end - first) * page))
-            zero_pages = [p for p in range(first, end) if removed[p]]
-            if len(zero_pages) < end - first:
-                ok = self._read([(area.source_offset + first * page, buf)])
-                if not ok:
-                    total += self._fail(area, first * page, (end - first) * page)
-                    continue
-            for p in zero_pages:  # like anonymous memory, a removed page reads as zeros
-                buf[(p - first) * page:(p - first + 1) * page] = bytes(page)
-            total += self._copy(area, first * page, buf, dontwake)
+            views.append(scratch[pos:pos + (end - first) * page])
+            pos += (end - first) * page
+        if not self._read([(area.source_offset + f * page, v) for (f, _), v in zip(runs, views)]):
+            return sum(self._fail(area, f * page, (e - f) * page) for f, e in runs)
+        total = 0
+        for (first, end), view in zip(runs, views):
+            if self._removed_count:  # like anonymous memory, a removed page reads as zeros
+                removed = self._removed[id(area)]
+                for p in range(first, end):
+                    if removed[p]:
+                        view[(p - first) * page:(p - first + 1) * page] = bytes(page)
+            total += self._copy(area, first * page, view, dontwake)
         return total
 
     def _copy(self, area: Area, off: int, buf: memoryview, dontwake: bool) -> int:
@@ -207,53 +235,48 @@ class FaultServer:
         return None
 
     def _serve_fault(self, ev: Pagefault, t0: int) -> None:
-        st = self.state
-        st.add("faults")
-        if ev.write:
-            st.add("write_faults")
         area = self._area(ev.address)
         if area is None:
-            st.set_error(f"fault at {ev.address:#x} outside every served area")
+            self.state.set_error(f"fault at {ev.address:#x} outside every served area")
             self.uffd.wake(ev.address & ~(self.page - 1), self.page)
             return
         page_off = (ev.address - area.address) & ~(self.page - 1)
         off = page_off - page_off % self.chunk
         n = min(self.chunk, area.length - off)
         got = self._install(area, off, n, skip_installed=False)
-        st.add("fault_bytes", got)
         try:
             self.uffd.wake(area.address + page_off, self.page)
         except UffdError:
             pass  # the range went away: nobody waits on it
-        self._update_readahead(area, off, off + n)
         t1 = time.monotonic_ns()
-        st.observe(t1 - t0, (ev.address, area.source_offset + page_off, int(ev.flags),
-                             ev.thread_id, t0, t1 - t0))
+        self.state.fault_served(bool(ev.write), got, t1 - t0,
+                                (ev.address, area.source_offset + page_off, int(ev.flags),
+                                 ev.thread_id, t0, t1 - t0))
+        # Readahead right after the wake, in one batched read: Python sources pay a round trip
+        # per read, so a sequential reader is best served a growing window at once.
+        window = self._next_window(area, off, off + n)
+        if window:
+            end = off + n
+            ra = self._install(area, end, min(window, area.length - end), skip_installed=True)
+            self.state.add("readahead_bytes", ra)
 
-    def _update_readahead(self, area: Area, off: int, end: int) -> None:
+    def _next_window(self, area: Area, off: int, end: int) -> int:
+        """The readahead window after a fault on ``[off, end)``: doubles while sequential."""
         lo, hi = self.readahead
         if not hi:
-            return
+            return 0
         with self._lock:
             last_area, last_end = self._last
-            sequential = last_area == id(area) and last_end - self.chunk <= off <= last_end
-            if sequential:
-                self._ra_window = min(max(self._ra_window * 2, lo), hi)
-                nxt = max(end, self._ra[1] if self._ra and self._ra[0] is area else end)
-                self._ra = (area, nxt, min(area.length, end + self._ra_window))
-            else:
-                self._ra_window = 0
-                self._ra = None
+            # sequential: this fault starts where the last one's chunk or window ended
+            sequential = last_area == id(area) and last_end - self.chunk <= off <= (
+                last_end + self._ra_window)
+            self._ra_window = min(max(self._ra_window * 2, lo), hi) if sequential else 0
             self._last = (id(area), end)
+            return self._ra_window
 
-    def _claim(self) -> tuple[Area, int, int, str] | None:
+    def _claim(self) -> tuple[Area, int, int] | None:
+        """The next piece of background populate work, if any."""
         with self._lock:
-            if self._ra is not None:
-                area, nxt, end = self._ra
-                if nxt < end:
-                    n = min(_PIECE, end - nxt)
-                    self._ra = (area, nxt + n, end)
-                    return area, nxt, n, "readahead_bytes"
             while self._populate:
                 area, nxt = self._populate[0]
                 if nxt >= area.length:
@@ -261,7 +284,7 @@ class FaultServer:
                     continue
                 n = min(_PIECE, area.length - nxt)
                 self._populate[0] = (area, nxt + n)
-                return area, nxt, n, "populate_bytes"
+                return area, nxt, n
         return None
 
     def _clear(self, start: int, end: int, removed: bool) -> None:
@@ -269,8 +292,9 @@ class FaultServer:
             lo, hi = max(start, a.address), min(end, a.address + a.length)
             for p in range((lo - a.address) // self.page, (hi - a.address) // self.page):
                 self._installed[id(a)][p] = 0
-                if removed:
+                if removed and not self._removed[id(a)][p]:
                     self._removed[id(a)][p] = 1
+                    self._removed_count += 1
 
     def _handle(self, ev: object, t0: int) -> None:
         if isinstance(ev, Pagefault):
@@ -307,9 +331,9 @@ class FaultServer:
                 if not events:
                     work = self._claim()
                     if work is not None:
-                        area, off, n, counter = work
-                        self.state.add(counter, self._install(area, off, n,
-                                                              skip_installed=True))
+                        area, off, n = work
+                        self.state.add("populate_bytes",
+                                       self._install(area, off, n, skip_installed=True))
             except ProcessGoneError:
                 log.info("the process owning the memory exited; fault server stops")
                 return
@@ -318,8 +342,7 @@ class FaultServer:
 
     def _has_work(self) -> bool:
         with self._lock:
-            ra = self._ra is not None and self._ra[1] < self._ra[2]
-            return ra or bool(self._populate)
+            return bool(self._populate)
 
     def stop(self) -> None:
         """Ask :meth:`serve_forever` to return (within its 0.2 s poll)."""
