@@ -7,8 +7,11 @@ neither, so it is skipped there. Timings are printed (``pytest -s``) for the rec
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -140,3 +143,87 @@ def test_restore_with_handler_command(snap: Snapshot, tmp_path: Path,
         ticks = vm.wait_ticks(2, 30)
     assert proc.returncode == 0
     assert ticks[0][0] > snap.last_tick and all(ok for _, ok in ticks), ticks
+
+
+def _serve_argv(*extra: str) -> list[str]:
+    return [sys.executable, "-m", "userfault", "firecracker", "serve", "--socket", "{socket}",
+            "--mem-file", "{mem_file}", "--json", *extra]
+
+
+def test_restore_with_serve_via_command_handler(snap: Snapshot, tmp_path: Path) -> None:
+    # `userfault firecracker serve` plugged in through the harness's command_handler.
+    handler: Any = functools.partial(command_handler, _serve_argv("--once"))
+    with restore_with_handler(FIRECRACKER_BIN, snap, tmp_path, handler) as (vm, proc):
+        ticks = vm.wait_ticks(3, 30)
+    assert ticks[0][0] > snap.last_tick and all(ok for _, ok in ticks), ticks
+    # --once: the server exits by itself once the killed VMM is gone
+    assert proc.wait(10) == 0
+
+
+def test_restore_with_userfault_firecracker_serve(snap: Snapshot, tmp_path: Path) -> None:
+    # The real pager, as a command: lazy service, then record the working set and restore
+    # again with it prefetched, and once with --populate.
+    record = tmp_path / "ws.bin"
+    results: dict[str, Any] = {}
+    for mode, extra in (("lazy", ("--readahead", "off")),
+                        ("record", ("--record", str(record))),
+                        ("prefetch", ("--prefetch", str(record), "--readahead", "off")),
+                        ("populate", ("--populate",))):
+        log = tmp_path / f"{mode}.log"
+        out = tmp_path / f"{mode}.json"
+        workdir = tmp_path / mode
+        workdir.mkdir()
+        with open(out, "wb") as o, open(log, "wb") as e:
+            handler: Any = functools.partial(
+                _command_with_output, _serve_argv(*extra), stdout=o, stderr=e)
+            t0 = time.monotonic()
+            with restore_with_handler(FIRECRACKER_BIN, snap, workdir, handler) as (vm, proc):
+                first = vm.wait_ticks(1, 30)
+                t_first = time.monotonic()
+                ticks = vm.wait_ticks(3, 30)
+                vm_pid = vm.proc.pid
+            # the VM was killed: the server notices the exit and reports it before SIGTERM
+            deadline = time.monotonic() + 10
+            while b"ended (VMM exited" not in log.read_bytes() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        text = log.read_text()
+        assert f"connection from pid {vm_pid}" in text, text
+        assert "ended (VMM exited" in text, text
+        assert first[0][0] > snap.last_tick and all(ok for _, ok in ticks), ticks
+        (rep,) = [json.loads(line) for line in out.read_text().splitlines() if line]
+        assert rep["pid"] == vm_pid and rep["guest_bytes"] == 128 << 20
+        results[mode] = (t_first - t0, rep)
+    for mode, (dt, rep) in results.items():
+        print(f"\n{mode:9s} restore to first tick {dt * 1e3:6.0f} ms, faults {rep['faults']:6d}, "
+              f"prefetch {rep['prefetch_bytes'] >> 20} MiB, populate "
+              f"{rep['populate_bytes'] >> 20} MiB, blocked >= {rep['vcpu_blocked_ns'] / 1e6:.1f} ms",
+              end="")
+    assert results["lazy"][1]["faults"] >= TOUCH_PAGES
+    assert results["record"][1]["recorded_pages"] >= TOUCH_PAGES
+    assert results["prefetch"][1]["prefetch_bytes"] >= TOUCH_PAGES * 4096 // 2
+    assert results["prefetch"][1]["faults"] < results["lazy"][1]["faults"] / 4
+    assert results["populate"][1]["populate_bytes"] > 0
+
+
+@contextlib.contextmanager
+def _command_with_output(argv: list[str], sock_path: Path, mem_file: Path, *, stdout: Any,
+                         stderr: Any) -> Iterator[Any]:
+    """Like :func:`command_handler`, with the handler's stdout and stderr captured."""
+    args = [a.replace("{socket}", str(sock_path)).replace("{mem_file}", str(mem_file))
+            for a in argv]
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 15
+        while not sock_path.exists():
+            assert proc.poll() is None, f"handler exited with {proc.returncode}"
+            assert time.monotonic() < deadline, "handler did not create its socket"
+            time.sleep(0.005)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
