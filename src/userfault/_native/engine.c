@@ -46,7 +46,7 @@ typedef struct {
 
 struct engine {
     int uffd, stopfd, memfd, src_fd;
-    int kind, install, poison_on_error, nthreads, started;
+    int kind, install, poison_on_error, nthreads, started, released;
     uint64_t page, chunk, ra_min, ra_max, unit_max;
     area_t *areas;
     int nareas;
@@ -266,11 +266,17 @@ static int install_range(engine_t *e, worker_t *w, area_t *a, uint64_t off, uint
             bit_set(e->installed, p + i);
         *installed += done;
         off += done;
-        if (err == EEXIST) {
+        if (err == EAGAIN && done) {
+            /* The kernel reports a short install as EAGAIN with the bytes done, whatever
+             * stopped it (mostly EEXIST: another thread installed the next page). Go on
+             * from there: the next ioctl returns the real error with nothing done. */
+            continue;
+        } else if (err == EEXIST) {
             ADD(e->eexist, 1);
             bit_set(e->installed, a->first_page + off / e->page);
             off += e->page;
         } else if (err) {
+            ADD(e->bytes, *installed);
             return err;
         }
     }
@@ -532,6 +538,7 @@ typedef struct {
     engine_t *e;
     Py_buffer src_view; /* keeps a buffer source alive and pinned */
     int has_view;
+    int prefetching; /* prefetch calls in flight (changed with the GIL held) */
 } EngineObject;
 
 /* Staging buffers are used at their 2 MiB-aligned start. */
@@ -732,6 +739,10 @@ static PyObject *Engine_start(EngineObject *self, PyObject *unused)
         PyErr_SetString(PyExc_RuntimeError, "the engine is already running");
         return NULL;
     }
+    if (e->released) {
+        PyErr_SetString(PyExc_RuntimeError, "the engine was stopped and let go of its source");
+        return NULL;
+    }
     for (int i = 0; i < e->nthreads; i++) {
         worker_t *w = &e->workers[i];
         int r = pthread_create(&w->thread, NULL, worker_main, w);
@@ -746,11 +757,30 @@ static PyObject *Engine_start(EngineObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+/* stop() joins the threads and lets go of a buffer source at once: a stopped engine may stay
+ * referenced for long (a traceback through prefetch keeps it alive) and must not keep the
+ * source's buffer exported, or closing the source (mmap.close) fails. Counters and the log
+ * stay readable; start and prefetch refuse afterwards. */
+static void release_source(EngineObject *self)
+{
+    /* A prefetch running on another Python thread (GIL released) still reads the buffer: the
+     * last one to finish lets go instead. */
+    if (!self->has_view || self->prefetching)
+        return;
+    self->e->src = NULL;
+    self->e->src_len = 0;
+    PyBuffer_Release(&self->src_view);
+    self->has_view = 0;
+}
+
 static PyObject *Engine_stop(EngineObject *self, PyObject *unused)
 {
     Py_BEGIN_ALLOW_THREADS
     stop_threads(self->e);
     Py_END_ALLOW_THREADS
+    if (self->has_view)
+        self->e->released = 1;
+    release_source(self);
     Py_RETURN_NONE;
 }
 
@@ -759,6 +789,10 @@ static PyObject *Engine_stop(EngineObject *self, PyObject *unused)
 static PyObject *Engine_prefetch(EngineObject *self, PyObject *ranges)
 {
     engine_t *e = self->e;
+    if (e->released) {
+        PyErr_SetString(PyExc_RuntimeError, "the engine was stopped and let go of its source");
+        return NULL;
+    }
     PyObject *seq = PySequence_Fast(ranges, "ranges must be a sequence of (source_offset, length)");
     if (!seq)
         return NULL;
@@ -773,6 +807,7 @@ static PyObject *Engine_prefetch(EngineObject *self, PyObject *ranges)
         }
     }
     Py_DECREF(seq);
+    self->prefetching++;
     uint64_t total = 0;
     int err = 0;
     uint64_t err_addr = 0;
@@ -815,6 +850,9 @@ static PyObject *Engine_prefetch(EngineObject *self, PyObject *ranges)
     if (staging_map)
         munmap(staging_map, e->unit_max + (2u << 20));
     Py_END_ALLOW_THREADS
+    self->prefetching--;
+    if (e->released)
+        release_source(self);
     PyMem_Free(rs);
     ADD(e->prefetch_bytes, total);
     return Py_BuildValue("KiK", (unsigned long long)total, err, (unsigned long long)err_addr);
