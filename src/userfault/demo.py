@@ -29,21 +29,21 @@ def run_demo(pages: int = 2, *, delay: float = 0.1, out: TextIO = sys.stdout) ->
     with Pager(CyclingSource(size), chunk=PAGE_SIZE, readahead=False,
                log_faults=pages + 16) as pager:
         print(f"Address returned by mmap() = {pager.address:#x}", file=out)
-        view = memoryview(pager)
-        offset = 0xF
-        while offset < size:
-            value = view[offset]  # may fault: the engine serves it while we hold the GIL
-            for fault in pager.faults():
-                print(f"    UFFD_EVENT_PAGEFAULT event: flags = {fault.flags:x}; "
-                      f"address = {fault.address:x}", file=out)
-                print(f"        (uffdio_copy.copy returned {PAGE_SIZE})", file=out)
-            letter = chr(value)
-            read.append(letter)
-            print(f"Read address {pager.address + offset:#x} in main(): {letter}", file=out)
-            offset += 1024
-            if delay:
-                time.sleep(delay)
-        view.release()
+        # released even on an error, else closing the pager fails with BufferError
+        with memoryview(pager) as view:
+            offset = 0xF
+            while offset < size:
+                value = view[offset]  # may fault: the engine serves it while we hold the GIL
+                for fault in pager.faults():
+                    print(f"    UFFD_EVENT_PAGEFAULT event: flags = {fault.flags:x}; "
+                          f"address = {fault.address:x}", file=out)
+                    print(f"        (uffdio_copy.copy returned {PAGE_SIZE})", file=out)
+                letter = chr(value)
+                read.append(letter)
+                print(f"Read address {pager.address + offset:#x} in main(): {letter}", file=out)
+                offset += 1024
+                if delay:
+                    time.sleep(delay)
         stats = pager.stats()
     print(f"{stats.faults} faults served by the native engine; "
           f"service p50 {stats.latency_percentile(50) / 1000:.1f} us", file=out)
