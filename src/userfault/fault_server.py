@@ -15,18 +15,22 @@ A page that could not be read never silently reads as zeros unless ``"zero"`` wa
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import os
+import struct
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ._events import Fork, Pagefault, Remap, Remove, Unmap
-from ._flags import CopyMode
-from ._shared import SharedState
+from . import _native
+from ._events import EVENT_PAGEFAULT, MSG_SIZE, Fork, Remap, Remove, Unmap, parse_messages
+from ._flags import CopyMode, FaultFlag
+from ._shared import INDEX, CounterSlot, SharedState
 from .errors import (
     AlreadyMappedError,
-    ClosedError,
     MappingChangedError,
     ProcessGoneError,
     RangeNotRegisteredError,
@@ -40,6 +44,10 @@ __all__ = ["Area", "FaultServer"]
 log = logging.getLogger("userfault.pager")
 
 _PIECE = 256 << 10  # background install unit, as in the native engine
+_PAGEFAULT = struct.Struct("<B7xQQI4x")  # struct uffd_msg of a page fault: event, flags, addr, tid
+_FLUSH_NS = 1_000_000  # counters reach shared memory at most this late while busy
+_F_FAULTS, _F_WRITES, _F_BYTES = INDEX["faults"], INDEX["write_faults"], INDEX["fault_bytes"]
+_F_INSTALLED = INDEX["bytes_installed"]
 ON_ERROR = ("poison", "retry", "zero")
 
 
@@ -65,6 +73,8 @@ class FaultServer:
         populate: fill everything in the background while faults go first.
         on_error, retries: see the module docstring.
         state: shared counters and fault log (a private one by default).
+        slot_base: first counter slot of this server's threads in ``state`` (default: the
+            next free ones); a restarted worker passes its predecessor's to carry on.
     """
 
     def __init__(
@@ -81,6 +91,7 @@ class FaultServer:
         retries: int = 3,
         log_faults: int = 0,
         state: SharedState | None = None,
+        slot_base: int | None = None,
     ) -> None:
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, not {on_error!r}")
@@ -95,10 +106,13 @@ class FaultServer:
         self.on_error = on_error
         self.retries = retries
         self.state = state or SharedState(log_faults)
+        self._slot_base = slot_base
         self._populate = [(a, 0) for a in self.areas] if populate else []
         self._installed = {id(a): bytearray(a.length // page_size) for a in self.areas}
         self._removed = {id(a): bytearray(a.length // page_size) for a in self.areas}
         self._removed_count = 0
+        self._fd = uffd.fileno()
+        self._read_into = source.read_into
         self._local = threading.local()
         self._unit = max(self.chunk, _PIECE, readahead[1])
         self._lock = threading.Lock()
@@ -124,15 +138,31 @@ class FaultServer:
                            f"after {attempt} attempts: {err}")
                     log.error("%s; applying on_error=%r", msg, self.on_error)
                     self.state.set_error(msg)
-                    self.state.add("errors")
+                    self._c.add("errors")
                     return False
-                self.state.add("retries")
+                self._c.add("retries")
                 delay = min(0.005 * 2 ** (attempt - 1), 1.0)
                 log.warning("page source read at %#x failed (%s); retry %d in %.3fs",
                             first, err, attempt, delay)
                 time.sleep(delay)
 
     # -- installing -------------------------------------------------------------------------
+
+    @property
+    def _c(self) -> CounterSlot:
+        """This thread's counter slot."""
+        slot: CounterSlot | None = getattr(self._local, "slot", None)
+        if slot is None:
+            with self._lock:
+                index = None
+                if self._slot_base is not None:
+                    index, self._slot_base = self._slot_base, self._slot_base + 1
+            slot = self._local.slot = self.state.slot(index)
+        return slot
+
+    def flush(self) -> None:
+        """Publish this thread's counters now."""
+        self._c.flush()
 
     def _buffer(self, size: int) -> memoryview:
         """A per-thread scratch buffer of at least ``size`` bytes (reused across faults)."""
@@ -177,10 +207,12 @@ class FaultServer:
         for first, end in runs:
             views.append(scratch[pos:pos + (end - first) * page])
             pos += (end - first) * page
-        if not self._read([(area.source_offset + f * page, v) for (f, _), v in zip(runs, views)]):
+        requests = [(area.source_offset + f * page, v)
+                    for (f, _), v in zip(runs, views, strict=True)]
+        if not self._read(requests):
             return sum(self._fail(area, f * page, (e - f) * page) for f, e in runs)
         total = 0
-        for (first, end), view in zip(runs, views):
+        for (first, end), view in zip(runs, views, strict=True):
             if self._removed_count:  # like anonymous memory, a removed page reads as zeros
                 removed = self._removed[id(area)]
                 for p in range(first, end):
@@ -198,18 +230,18 @@ class FaultServer:
                 done = self.uffd.copy(area.address + off + pos, buf[pos:], len(buf) - pos, mode)
             except AlreadyMappedError as err:
                 done = err.done
-                self.state.add("eexist")
+                self._c.add("eexist")
                 installed[(off + pos + done) // page] = 1
                 pos += page  # skip the page that is already there
             except MappingChangedError as err:
                 done = err.done
-                self.state.add("eagain")
+                self._c.add("eagain")
                 pos = len(buf)  # the mapping changes: faults come again after the event
             for p in range((off + pos) // page, (off + pos + done) // page):
                 installed[p] = 1
             pos += done
             done_total += done
-        self.state.add("bytes_installed", done_total)
+        self._c.add("bytes_installed", done_total)
         return done_total
 
     def _fail(self, area: Area, off: int, length: int) -> int:
@@ -221,7 +253,7 @@ class FaultServer:
         log.error("poisoned %#x..+%d: accesses get SIGBUS instead of wrong data", addr, length)
         try:
             self.uffd.poison(addr, length)
-            self.state.add("poisoned", length // self.page)
+            self._c.add("poisoned", length // self.page)
         except UffdError as err:
             log.error("could not poison %#x..+%d: %s", addr, length, err)
         return 0
@@ -229,36 +261,67 @@ class FaultServer:
     # -- faults and events ------------------------------------------------------------------
 
     def _area(self, address: int) -> Area | None:
+        a = self.areas[0]
+        if a.address <= address < a.address + a.length:
+            return a
         for a in self.areas:
             if a.address <= address < a.address + a.length:
                 return a
         return None
 
-    def _serve_fault(self, ev: Pagefault, t0: int) -> None:
-        area = self._area(ev.address)
+    def _serve_fault(self, c: CounterSlot, address: int, flags: int, tid: int, t0: int) -> None:
+        """Serve one page fault: its chunk, a wake, then readahead when sequential.
+
+        The common case (source read succeeds, the copy installs everything) costs one
+        ``read_into`` and one UFFDIO_COPY, which also wakes the faulting thread.
+        """
+        area = self._area(address)
+        page = self.page
         if area is None:
-            self.state.set_error(f"fault at {ev.address:#x} outside every served area")
-            self.uffd.wake(ev.address & ~(self.page - 1), self.page)
+            self.state.set_error(f"fault at {address:#x} outside every served area")
+            _native.wake(self._fd, address & ~(page - 1), page)
             return
-        page_off = (ev.address - area.address) & ~(self.page - 1)
+        page_off = (address - area.address) & ~(page - 1)
         off = page_off - page_off % self.chunk
         n = min(self.chunk, area.length - off)
-        got = self._install(area, off, n, skip_installed=False)
-        try:
-            self.uffd.wake(area.address + page_off, self.page)
-        except UffdError:
-            pass  # the range went away: nobody waits on it
+        got, woken, tried = 0, False, False
+        if not self._removed_count:
+            buf = self._buffer(n)
+            try:
+                self._read_into(area.source_offset + off, buf)
+            except Exception:  # the slow path below retries and applies on_error
+                pass
+            else:
+                tried = True
+                got, err = _native.copy(self._fd, area.address + off, buf, n, 0)
+                woken = not err  # a successful copy woke the range, faulting page included
+                self._installed[id(area)][off // page:(off + got) // page] = b"\1" * (got // page)
+                if err:
+                    got += self._copy(area, off + got, buf[got:], False)
+                c.values[_F_INSTALLED] += got if woken else 0
+        if not woken:
+            if not tried:
+                got = self._install(area, off, n, skip_installed=False)
+            try:
+                self.uffd.wake(area.address + page_off, page)
+            except UffdError:
+                pass  # the range went away: nobody waits on it
+        v = c.values
+        v[_F_FAULTS] += 1
+        v[_F_BYTES] += got
+        if flags & FaultFlag.WRITE:
+            v[_F_WRITES] += 1
         t1 = time.monotonic_ns()
-        self.state.fault_served(bool(ev.write), got, t1 - t0,
-                                (ev.address, area.source_offset + page_off, int(ev.flags),
-                                 ev.thread_id, t0, t1 - t0))
+        c.observe(t1 - t0)
+        if self.state.log_capacity:
+            self.state.log((address, area.source_offset + page_off, flags, tid, t0, t1 - t0))
         # Readahead right after the wake, in one batched read: Python sources pay a round trip
         # per read, so a sequential reader is best served a growing window at once.
         window = self._next_window(area, off, off + n)
         if window:
             end = off + n
             ra = self._install(area, end, min(window, area.length - end), skip_installed=True)
-            self.state.add("readahead_bytes", ra)
+            c.add("readahead_bytes", ra)
 
     def _next_window(self, area: Area, off: int, end: int) -> int:
         """The readahead window after a fault on ``[off, end)``: doubles while sequential."""
@@ -296,44 +359,60 @@ class FaultServer:
                     self._removed[id(a)][p] = 1
                     self._removed_count += 1
 
-    def _handle(self, ev: object, t0: int) -> None:
-        if isinstance(ev, Pagefault):
-            self._serve_fault(ev, t0)
-        elif isinstance(ev, Remove):
-            self.state.add("remove_events")
+    def _handle(self, ev: object) -> None:
+        if isinstance(ev, Remove):
+            self._c.add("remove_events")
             self._clear(ev.start, ev.end, True)
         elif isinstance(ev, Unmap):
-            self.state.add("unmap_events")
+            self._c.add("unmap_events")
             self._clear(ev.start, ev.end, False)
         elif isinstance(ev, Remap):
-            self.state.add("remap_events")
+            self._c.add("remap_events")
             for a in self.areas:
                 if a.address == ev.old_address and a.length == ev.length:
                     a.address = ev.new_address
         elif isinstance(ev, Fork):
-            self.state.add("fork_events")
-            if ev.uffd is not None:
-                ev.uffd.close()
+            self._c.add("fork_events")
+            os.close(ev.fd)  # children are not served: their uffd is closed
 
     def serve_forever(self, stop: threading.Event | None = None) -> None:
         """Serve until ``stop`` is set, the uffd is closed, or the target process exits."""
+        c = self._c
+        try:
+            self._serve(c, stop)
+        finally:
+            c.flush()
+
+    def _serve(self, c: CounterSlot, stop: threading.Event | None) -> None:
+        read_msgs, unpack = _native.read_msgs, _PAGEFAULT.unpack_from
         while not self._stopped and not (stop is not None and stop.is_set()):
-            try:
-                events = self.uffd.read_events(64, timeout=0 if self._has_work() else 0.2)
-            except (ClosedError, OSError) as err:
-                if not isinstance(err, ClosedError):
-                    log.info("fault server stops: %s", err)
+            # Busy: poll without waiting. Idle: wait, but publish counters within 1 ms.
+            timeout = 0 if self._has_work() else (1 if c.dirty else 200)
+            data, err = read_msgs(self._fd, 64, timeout)
+            if err == errno.EINTR:
+                continue
+            if err:
+                log.info("fault server stops: %s", os.strerror(err))
                 return
             t0 = time.monotonic_ns()
             try:
-                for ev in events:
-                    self._handle(ev, t0)
-                if not events:
-                    work = self._claim()
-                    if work is not None:
-                        area, off, n = work
-                        self.state.add("populate_bytes",
-                                       self._install(area, off, n, skip_installed=True))
+                for pos in range(0, len(data), MSG_SIZE):
+                    event, flags, address, tid = unpack(data, pos)
+                    if event == EVENT_PAGEFAULT:
+                        self._serve_fault(c, address, flags, tid, t0)
+                    else:
+                        self._handle(parse_messages(data[pos:pos + MSG_SIZE])[0])
+                if data:
+                    c.dirty = True
+                    if t0 - c.last_flush > _FLUSH_NS:
+                        c.flush()
+                    continue
+                if c.dirty:
+                    c.flush()
+                work = self._claim()
+                if work is not None:
+                    area, off, n = work
+                    c.add("populate_bytes", self._install(area, off, n, skip_installed=True))
             except ProcessGoneError:
                 log.info("the process owning the memory exited; fault server stops")
                 return
@@ -364,11 +443,10 @@ class FaultServer:
                     total += self._install(a, off, n, skip_installed=True, dontwake=True)
                     off += n
         for a in self.areas:
-            try:
+            with contextlib.suppress(UffdError):
                 self.uffd.wake(a.address, a.length)
-            except UffdError:
-                pass
-        self.state.add("prefetch_bytes", total)
+        self._c.add("prefetch_bytes", total)
+        self._c.flush()
         return total
 
     def counters(self) -> dict[str, object]:

@@ -431,7 +431,7 @@ class Pager(_native.Mapping):
                 f"runtime={self.runtime} install={self.install}>")
 
 
-def map(source: Any, **options: Any) -> Pager:  # noqa: A001 - the package's verb
+def map(source: Any, **options: Any) -> Pager:
     """Map ``source`` lazily: ``userfault.map("file.bin")`` returns a started :class:`Pager`.
 
     Options are those of :class:`Pager`.

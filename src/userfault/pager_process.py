@@ -44,6 +44,7 @@ log = logging.getLogger("userfault.pager")
 _FRAME = struct.Struct("<I")
 _PR_SET_PDEATHSIG = 1
 START_TIMEOUT = 30.0
+_WORKER_SLOTS = 2  # counter slots: 0 prefetch, 1 the supervisor, 2.. the worker's threads
 
 
 def _send(sock: socket.socket, obj: object) -> None:
@@ -175,16 +176,17 @@ def _die_with_parent() -> None:
 
 
 def _make_server(uffd: Uffd, config: dict[str, Any], source: PageSource,
-                 state: SharedState) -> FaultServer:
+                 state: SharedState, slot_base: int) -> FaultServer:
     return FaultServer(
         uffd, config["areas"], source, page_size=config["page_size"], chunk=config["chunk"],
         readahead=config["readahead"], populate=config["populate"],
-        on_error=config["on_error"], retries=config["retries"], state=state)
+        on_error=config["on_error"], retries=config["retries"], state=state,
+        slot_base=slot_base)
 
 
 def _worker(uffd: Uffd, config: dict[str, Any], source: PageSource, state: SharedState) -> None:
     _die_with_parent()
-    server = _make_server(uffd, config, source, state)
+    server = _make_server(uffd, config, source, state, _WORKER_SLOTS)
     threads = [threading.Thread(target=server.serve_forever, daemon=True)
                for _ in range(config["threads"] - 1)]
     for t in threads:
@@ -225,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     pid = _spawn_worker(uffd, config, source, state)
     pidfd = os.pidfd_open(pid)
-    helper = _make_server(uffd, config, source, state)  # serves prefetch requests
+    helper = _make_server(uffd, config, source, state, 0)  # serves prefetch requests
+    supervisor = state.slot(1)
     _send(sock, {"ok": True})
     try:
         while True:
@@ -233,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             if pidfd in ready:
                 os.waitpid(pid, 0)
                 os.close(pidfd)
-                state.add("restarts")
+                supervisor.add("restarts")
+                supervisor.flush()
                 log.warning("pager worker %d died; waking blocked threads and restarting", pid)
                 for address, length, _ in config["areas"]:
                     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-__all__ = ["PageSource", "BatchedPageSource", "WritablePageSource", "read_many_fallback"]
+__all__ = ["BatchedPageSource", "PageSource", "WritablePageSource", "read_many_fallback"]
 
 
 @runtime_checkable
