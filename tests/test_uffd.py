@@ -99,7 +99,8 @@ def test_required_feature_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     # This kernel offers every bit and no unprivileged setting hides one from the handshake's
     # answer, so the offer is narrowed here: the only simulated part of the suite.
     feats, ioctls = offered_features()
-    monkeypatch.setitem(uffd_module._offered_cache, False, (feats & ~Feature.MOVE, ioctls))
+    monkeypatch.setitem(uffd_module._offered_cache, (False, os.geteuid()),
+                        (feats & ~Feature.MOVE, ioctls))
     before = open_fds()
     with pytest.raises(FeatureUnavailableError) as info:
         Uffd(required=Feature.MOVE | Feature.THREAD_ID, user_mode_only=False)

@@ -8,7 +8,7 @@ from typing import Any
 
 from . import _native
 from ._flags import Feature, Ioctl, RegisterMode
-from .errors import UffdError
+from .errors import PermissionDeniedError, UffdError
 from .region import HUGE_PAGE_SIZE, Region, hugepages_free
 from .uffd import PAGE_SIZE, Uffd, offered_features
 
@@ -77,7 +77,12 @@ def probe() -> dict[str, Any]:
     report["unprivileged_userfaultfd"] = None if unpriv is None else int(unpriv)
     report["euid"] = os.geteuid()
     try:
-        feats, ioctls = offered_features()
+        try:
+            feats, ioctls = offered_features()
+            report["handshake"] = "full"
+        except PermissionDeniedError:
+            feats, ioctls = offered_features(user_mode_only=True)
+            report["handshake"] = "user-mode-only"
         report["features"] = _names(feats, Feature)
         report["missing_features"] = [str(f.name) for f in Feature if not f & feats]
         report["api_ioctls"] = _names(ioctls, Ioctl)
@@ -123,6 +128,7 @@ def format_report(report: dict[str, Any]) -> str:
     if "error" in report:
         lines.append(f"handshake failed: {report['error']}")
     else:
+        lines.append(f"handshake: {report['handshake']}")
         lines.append(f"features offered ({len(report['features'])}): "
                      + " ".join(report["features"]))
         if report["missing_features"]:

@@ -80,7 +80,8 @@ def _open(order: Sequence[CreationMethod], flags: int) -> tuple[int, CreationMet
                     operation="userfaultfd creation")
 
 
-_offered_cache: dict[bool, tuple[Feature, Ioctl]] = {}
+# Keyed by effective uid too: a forked child that drops privileges must probe again.
+_offered_cache: dict[tuple[bool, int], tuple[Feature, Ioctl]] = {}
 
 
 def offered_features(*, user_mode_only: bool = False) -> tuple[Feature, Ioctl]:
@@ -88,7 +89,8 @@ def offered_features(*, user_mode_only: bool = False) -> tuple[Feature, Ioctl]:
 
     A userfaultfd accepts one UFFDIO_API call only, so the probe uses its own descriptor.
     """
-    if user_mode_only not in _offered_cache:
+    key = (user_mode_only, os.geteuid())
+    if key not in _offered_cache:
         flags = _O_CLOEXEC | (_USER_MODE_ONLY if user_mode_only else 0)
         fd, _ = _open(("dev", "syscall"), flags)
         try:
@@ -97,8 +99,8 @@ def offered_features(*, user_mode_only: bool = False) -> tuple[Feature, Ioctl]:
             os.close(fd)
         if err:
             raise error_from_errno(err, "UFFDIO_API")
-        _offered_cache[user_mode_only] = (Feature(feats), Ioctl(ioctls))
-    return _offered_cache[user_mode_only]
+        _offered_cache[key] = (Feature(feats), Ioctl(ioctls))
+    return _offered_cache[key]
 
 
 @final
