@@ -16,7 +16,11 @@ benchmarks/ref_handler.c via ctypes, GIL released). Handlers:
                 the same workload: the working set is installed in one batch at the handshake;
 * ``populate``  serve --populate --readahead off: background fill of everything, faults first.
 
-Reported per size (medians of ``--repeat`` runs): resume-to-working-set (handshake sent ->
+Two working sets, both ``--fraction`` of the pages touched in a fixed random order:
+``random`` single pages (the worst case for a batch: one UFFDIO_COPY per page either way) and
+``clustered`` 64 KiB runs (closer to how a guest's memory is laid out).
+
+Reported per size and working set (medians of ``--repeat`` runs): resume-to-working-set (handshake sent ->
 last page of the working set touched), total fault-service time (the handler's sum of
 per-fault service times: a lower bound of the vCPU blocked time), faults served, and the
 ratio of each mode's resume time to the C reference's.
@@ -148,25 +152,38 @@ def one_run(mode: str, size: int, order: Any, n: int, lib: ctypes.CDLL, workdir:
     return {"resume_ms": (t1 - t0) * 1e3, "service_ms": blocked / 1e6, "faults": float(faults)}
 
 
-def bench_size(size: int, repeat: int, fraction: float, lib: ctypes.CDLL, ref_exe: Path,
-               workdir: Path) -> dict[str, dict[str, float]]:
+def working_set(workload: str, total: int, fraction: float, lib: ctypes.CDLL) -> Any:
+    """The touch order: ``random`` pages, or ``clustered`` 64 KiB runs (both fixed seeds)."""
+    n = int(total * fraction)
+    if workload == "random":
+        order = (ctypes.c_uint32 * n)()
+        if lib.ref_shuffle(total, 42, order, n) != 0:
+            raise MemoryError("ref_shuffle")
+        return order
+    cluster = 16  # pages: 64 KiB runs, like a guest's allocations
+    rng = random.Random(42)
+    runs = rng.sample(range(total // cluster), n // cluster)
+    pages = [r * cluster + i for r in runs for i in range(cluster)]
+    rng.shuffle(pages)  # the runs' pages are still touched in a random order
+    return (ctypes.c_uint32 * len(pages))(*pages)
+
+
+def bench_size(size: int, workload: str, repeat: int, fraction: float, lib: ctypes.CDLL,
+               ref_exe: Path, workdir: Path) -> dict[str, dict[str, float]]:
     mem = workdir / f"mem-{size >> 20}M.bin"
     progress(f"{size >> 20} MiB: writing the memory file")
     make_mem_file(mem, size)
-    total = size // PAGE
-    n = int(total * fraction)
-    order = (ctypes.c_uint32 * n)()
-    if lib.ref_shuffle(total, 42, order, n) != 0:
-        raise MemoryError("ref_shuffle")
-    ws = workdir / f"ws-{size >> 20}M.bin"
-    progress(f"{size >> 20} MiB: recording the working set ({n} pages)")
+    order = working_set(workload, size // PAGE, fraction, lib)
+    n = len(order)
+    ws = workdir / f"ws-{size >> 20}M-{workload}.bin"
+    progress(f"{size >> 20} MiB {workload}: recording the working set ({n} pages)")
     one_run("record", size, order, n, lib, workdir, mem, ref_exe, ws, record=ws)
     results: dict[str, dict[str, float]] = {}
     for mode in MODES:
         runs = []
         for i in range(repeat):
             runs.append(one_run(mode, size, order, n, lib, workdir, mem, ref_exe, ws))
-            progress(f"{size >> 20} MiB {mode} run {i + 1}: "
+            progress(f"{size >> 20} MiB {workload} {mode} run {i + 1}: "
                      f"resume {runs[-1]['resume_ms']:.1f} ms, faults {runs[-1]['faults']:.0f}")
         results[mode] = {k: median([r[k] for r in runs]) for k in runs[0]}
     return results
@@ -207,13 +224,13 @@ def bench_tiny_guest(binary: str, ref_exe: Path, workdir: Path,
             d = workdir / f"restore-{mode}-{i}"
             d.mkdir()
             h: Any = functools.partial(command_handler, argvs[mode])
-            t0 = time.monotonic()
             with restore_with_handler(binary, snap, d, h) as (rvm, _):
+                t0 = time.monotonic()  # snapshot/load returned: the VM runs (resume_vm)
                 rvm.wait_ticks(1, 30)
                 runs.append((time.monotonic() - t0) * 1e3)
         if mode != "record":
             results[mode] = {"first_tick_ms": median(runs)}
-            progress(f"tiny guest {mode}: restore to first tick {median(runs):.0f} ms")
+            progress(f"tiny guest {mode}: resume to first tick {median(runs):.0f} ms")
     return results
 
 
@@ -222,6 +239,8 @@ def main() -> int:
     ap.add_argument("--sizes", default="256M,1G", help="guest memory sizes (default 256M,1G)")
     ap.add_argument("--repeat", type=int, default=5, help="runs per mode (default 5)")
     ap.add_argument("--fraction", type=float, default=0.25, help="working set (default 0.25)")
+    ap.add_argument("--workloads", default="random,clustered",
+                    help="random (single pages) and/or clustered (64 KiB runs)")
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
     ap.add_argument("--markdown", action="store_true", help="print Markdown tables")
     args = ap.parse_args()
@@ -233,29 +252,32 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-fc-", dir="/var/tmp") as tmp:
         work = Path(tmp)
         for size in [parse_size(s) for s in args.sizes.split(",")]:
-            out["sizes"][size] = bench_size(size, args.repeat, args.fraction, lib, ref_exe, work)
+            for wl in args.workloads.split(","):
+                out["sizes"][f"{size}:{wl}"] = bench_size(size, wl, args.repeat, args.fraction,
+                                                          lib, ref_exe, work)
         fc = os.environ.get("FIRECRACKER_BIN")
         if fc:
             gdir = work / "guest"
             gdir.mkdir()
             out["tiny_guest"] = bench_tiny_guest(fc, ref_exe, gdir, max(1, args.repeat // 2))
     rows = []
-    for size, res in out["sizes"].items():
-        ref = res["ref"]["resume_ms"]
+    for key, res in out["sizes"].items():
+        size, wl = int(key.split(":")[0]), key.split(":")[1]
+        ref, lazy = res["ref"]["resume_ms"], res["lazy"]["resume_ms"]
         for mode in MODES:
             r = res[mode]
-            rows.append([f"{size / GiB:g} GiB" if size >= GiB else f"{size >> 20} MiB", mode,
+            rows.append([f"{size / GiB:g} GiB" if size >= GiB else f"{size >> 20} MiB", wl, mode,
                          fmt(r["resume_ms"]), fmt(r["service_ms"]), int(r["faults"]),
-                         fmt(ref / r["resume_ms"]) + "x"])
+                         fmt(ref / r["resume_ms"]) + "x", fmt(lazy / r["resume_ms"]) + "x"])
     print(f"working set {args.fraction:.0%} of pages, random order; medians of "
           f"{args.repeat} runs; {out['machine'].get('cpus', '?')} CPUs, "
           f"kernel {out['machine'].get('kernel', '?')}")
-    print(table(["guest memory", "handler", "resume->working set ms", "fault service ms",
-                 "faults", "speed-up vs ref"], rows, markdown=args.markdown))
+    print(table(["guest memory", "working set", "handler", "resume->working set ms", "fault service ms",
+                 "faults", "speed-up vs ref", "vs lazy"], rows, markdown=args.markdown))
     if "tiny_guest" in out:
         ref = out["tiny_guest"]["ref"]["first_tick_ms"]
         print()
-        print(table(["tiny guest (128 MiB)", "restore->first tick ms", "vs ref"],
+        print(table(["tiny guest (128 MiB)", "resume->first tick ms", "vs ref"],
                     [[m, fmt(v["first_tick_ms"]), fmt(ref / v["first_tick_ms"]) + "x"]
                      for m, v in out["tiny_guest"].items()], markdown=args.markdown))
     if args.json:
