@@ -20,8 +20,8 @@ Two working sets, both ``--fraction`` of the pages touched in a fixed random ord
 ``random`` single pages (the worst case for a batch: one UFFDIO_COPY per page either way) and
 ``clustered`` 64 KiB runs (closer to how a guest's memory is laid out).
 
-Reported per size and working set (medians of ``--repeat`` runs): resume-to-working-set (handshake sent ->
-last page of the working set touched), total fault-service time (the handler's sum of
+Reported per size and working set (medians of ``--repeat`` runs): resume-to-working-set
+(handshake sent -> last page of the working set touched), total fault-service time (the handler's sum of
 per-fault service times: a lower bound of the vCPU blocked time), faults served, and the
 ratio of each mode's resume time to the C reference's.
 
@@ -42,7 +42,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,10 +49,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
+from _common import (
+    PAGE,
     GiB,
     MiB,
-    PAGE,
     build_reference,
     fmt,
     load_reference_lib,
@@ -64,8 +63,8 @@ from _common import (  # noqa: E402
     table,
 )
 
-from userfault import Region, Uffd  # noqa: E402
-from userfault._flags import Feature  # noqa: E402
+from userfault import Region, Uffd
+from userfault._flags import Feature
 
 MODES = ("ref", "lazy", "prefetch", "populate")
 
@@ -272,7 +271,8 @@ def main() -> int:
     print(f"working set {args.fraction:.0%} of pages, random order; medians of "
           f"{args.repeat} runs; {out['machine'].get('cpus', '?')} CPUs, "
           f"kernel {out['machine'].get('kernel', '?')}")
-    print(table(["guest memory", "working set", "handler", "resume->working set ms", "fault service ms",
+    print(table(["guest memory", "working set", "handler", "resume->working set ms",
+                 "fault service ms",
                  "faults", "speed-up vs ref", "vs lazy"], rows, markdown=args.markdown))
     if "tiny_guest" in out:
         ref = out["tiny_guest"]["ref"]["first_tick_ms"]

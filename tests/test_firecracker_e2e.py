@@ -177,7 +177,7 @@ def test_restore_with_userfault_firecracker_serve(snap: Snapshot, tmp_path: Path
             handler: Any = functools.partial(
                 _command_with_output, _serve_argv(*extra), stdout=o, stderr=e)
             t0 = time.monotonic()
-            with restore_with_handler(FIRECRACKER_BIN, snap, workdir, handler) as (vm, proc):
+            with restore_with_handler(FIRECRACKER_BIN, snap, workdir, handler) as (vm, _):
                 first = vm.wait_ticks(1, 30)
                 t_first = time.monotonic()
                 ticks = vm.wait_ticks(3, 30)
@@ -196,7 +196,8 @@ def test_restore_with_userfault_firecracker_serve(snap: Snapshot, tmp_path: Path
     for mode, (dt, rep) in results.items():
         print(f"\n{mode:9s} restore to first tick {dt * 1e3:6.0f} ms, faults {rep['faults']:6d}, "
               f"prefetch {rep['prefetch_bytes'] >> 20} MiB, populate "
-              f"{rep['populate_bytes'] >> 20} MiB, blocked >= {rep['vcpu_blocked_ns'] / 1e6:.1f} ms",
+              f"{rep['populate_bytes'] >> 20} MiB, "
+              f"blocked >= {rep['vcpu_blocked_ns'] / 1e6:.1f} ms",
               end="")
     assert results["lazy"][1]["faults"] >= TOUCH_PAGES
     assert results["record"][1]["recorded_pages"] >= TOUCH_PAGES

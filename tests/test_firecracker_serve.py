@@ -143,7 +143,8 @@ class Server:
     def __init__(self, tmp: Path, mem_file: str | Path, *extra: str, name: str = "srv") -> None:
         self.socket = tmp / f"{name}.sock"
         self.out_path, self.err_path = tmp / f"{name}.out", tmp / f"{name}.err"
-        self._out, self._err = open(self.out_path, "wb"), open(self.err_path, "wb")
+        self._out = open(self.out_path, "wb")  # noqa: SIM115 - closed in kill()
+        self._err = open(self.err_path, "wb")  # noqa: SIM115 - closed in kill()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "userfault", "firecracker", "serve", "--socket",
              str(self.socket), "--mem-file", str(mem_file), "--json", *extra],
@@ -599,7 +600,7 @@ def test_python_api_in_process(tmp_path: Path, mem_file: Path, child: Any) -> No
     data = mem_file.read_bytes()
     reports: list[Any] = []
     pager = FirecrackerPager(tmp_path / "api.sock", mem_file, once=True,
-                             on_report=reports.append, log=open(os.devnull, "w"))
+                             on_report=reports.append, log=sys.stderr)
     t = threading.Thread(target=pager.serve_forever, daemon=True)
     t.start()
     try:

@@ -58,7 +58,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def add_firecracker_commands(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``firecracker serve`` to an argparse ``subparsers`` object; return its parser."""
-    fc = subparsers.add_parser(
+    fc: argparse.ArgumentParser = subparsers.add_parser(
         "firecracker", help="serve Firecracker snapshot memory over userfaultfd",
         description="A page-fault handler for Firecracker's Uffd snapshot memory backend.")
     sub = fc.add_subparsers(dest="firecracker_command", metavar="{serve}")

@@ -147,7 +147,7 @@ def open_memory_source(spec: str, *, redis_prefix: str | None = None,
 
         url, _, fragment = spec.partition("#")
         prefix = urllib.parse.unquote(fragment) if fragment else redis_prefix
-        return RedisSource(url, **({"prefix": prefix} if prefix is not None else {}))
+        return RedisSource(url) if prefix is None else RedisSource(url, prefix=prefix)
     if scheme == "file":
         spec = urllib.parse.unquote(urllib.parse.urlsplit(spec).path)
     if spec.endswith(".ufs") or _looks_like_snapshot(spec):
@@ -397,11 +397,13 @@ class FirecrackerPager:
         self.max_vms = max_vms
         self.once = once
         self.chunk = chunk
+        self.readahead: tuple[int, int] | None
         if readahead is None:
-            readahead = False if record is not None else (64 << 10, 4 << 20)
+            self.readahead = None if record is not None else (64 << 10, 4 << 20)
         elif readahead is True:
-            readahead = (64 << 10, 4 << 20)
-        self.readahead: tuple[int, int] | None = readahead or None
+            self.readahead = (64 << 10, 4 << 20)
+        else:
+            self.readahead = readahead or None
         self.json_out = json_out
         self.log_stream = log if log is not None else sys.stderr
         self.redis_prefix = redis_prefix
@@ -544,6 +546,7 @@ class FirecrackerPager:
 
     def _session(self, vm: int, conn: socket.socket) -> None:
         report = VMReport(vm)
+        recorded: dict[int, None] = {}  # faulted offsets in first-fault order
         runtime: Any = None
         uffd = -1
         pidfd = -1
@@ -577,7 +580,7 @@ class FirecrackerPager:
             try:
                 runtime = self._make_runtime(uffd, regions, page)
                 runtime.start()
-            except Exception as err:  # noqa: BLE001 - any setup failure ends this VM only
+            except Exception as err:
                 report.error = f"cannot serve: {err}"
                 report.end_reason = "setup failed"
                 self.log(f"vm {vm}: cannot serve this VM: {err}")
@@ -587,16 +590,15 @@ class FirecrackerPager:
                     pidfd = os.pidfd_open(report.peer.pid)
                 except OSError:
                     pidfd = -1
-            recorded: dict[int, None] = {}
             if self.prefetch_ranges:
                 t0 = time.monotonic()
                 try:
                     report.prefetch_bytes = runtime.prefetch(self.prefetch_ranges)
-                except Exception as err:  # noqa: BLE001
+                except Exception as err:
                     self.log(f"vm {vm}: prefetch failed (faults are still served): {err}")
                 report.prefetch_s = time.monotonic() - t0
             report.end_reason = self._watch(vm, conn, pidfd, runtime, report, recorded)
-        except Exception as err:  # noqa: BLE001 - never let one VM take the server down
+        except Exception as err:
             report.error = f"internal error: {err!r}"
             report.end_reason = report.end_reason or "internal error"
             self.log(f"vm {vm}: internal error: {err!r}")
@@ -608,9 +610,9 @@ class FirecrackerPager:
                     self._drain(runtime, report, recorded)
                     report.stats = PagerStats.from_counters(runtime.counters())
                     report.log_dropped = runtime.log_dropped()
-                    err = runtime.error()
-                    if err is not None and err[0] != errno.ESRCH and report.error is None:
-                        report.error = f"{os.strerror(err[0])} ({err[1]})"
+                    failure = runtime.error()
+                    if failure is not None and failure[0] != errno.ESRCH and not report.error:
+                        report.error = f"{os.strerror(failure[0])} ({failure[1]})"
             if pidfd >= 0:
                 os.close(pidfd)
             if uffd >= 0:
