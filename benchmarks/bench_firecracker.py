@@ -21,9 +21,9 @@ Two working sets, both ``--fraction`` of the pages touched in a fixed random ord
 ``clustered`` 64 KiB runs (closer to how a guest's memory is laid out).
 
 Reported per size and working set (medians of ``--repeat`` runs): resume-to-working-set
-(handshake sent -> last page of the working set touched), total fault-service time (the handler's sum of
-per-fault service times: a lower bound of the vCPU blocked time), faults served, and the
-ratio of each mode's resume time to the C reference's.
+(handshake sent -> last page of the working set touched), total fault-service time (the
+handler's sum of per-fault service times: a lower bound of the vCPU blocked time), faults
+served, and the ratio of each mode's resume time to the C reference's and to lazy's.
 
 With FIRECRACKER_BIN set, the tiny guest of tests/firecracker_guest is also restored with
 each handler (restore -> first tick after resume, faults).
