@@ -635,3 +635,19 @@ def test_working_set_file_format(tmp_path: Path) -> None:
     path.write_bytes(b"garbage" * 10)
     with pytest.raises(ValueError, match="bad magic"):
         read_working_set(path)
+
+
+def test_redis_memory_file(tmp_path: Path, mem_file: Path, redis_server: Any) -> None:
+    pytest.importorskip("redis")
+    from userfault.sources.redis import upload
+
+    data = mem_file.read_bytes()[:8 << 20]
+    upload(data, redis_server.url, prefix="fcvm:")
+    with server(tmp_path, f"{redis_server.url}#fcvm:") as srv, vmm([(4 << 20, 4 << 20)]) as v:
+        v.connect(srv.socket)
+        (r, _), = v.regions
+        touch(r.address, r.size, 7 * PAGE)
+        assert kernel_write_out(r, 0, r.size) == data[4 << 20:8 << 20]
+        (rep,) = srv.stop()
+    assert rep["bytes_installed"] >= 4 << 20
+    assert "FaultServer" in srv.stderr()
