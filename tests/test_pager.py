@@ -314,7 +314,8 @@ def test_many_faulting_threads(threads: int) -> None:
         assert_same(p, body)
 
 
-def test_threads_racing_on_the_same_pages() -> None:
+@pytest.mark.parametrize(("install", "region"), INSTALLS[:3])
+def test_threads_racing_on_the_same_pages(install: str, region: str) -> None:
     """Several threads fault the same pages at once: EEXIST is absorbed, data stays right."""
     size = 16 * MiB
     body = random_bytes(size, seed=9)
@@ -328,7 +329,8 @@ def test_threads_racing_on_the_same_pages() -> None:
             if _native.touch(p.address + i * PAGE, PAGE, 256, 0, 0, seed >= 6) != sums[i]:
                 bad.append(i)
 
-    with userfault.map(body, threads=4, chunk=16 * PAGE, readahead=False) as p:
+    with userfault.map(body, threads=4, chunk=16 * PAGE, readahead=False, install=install,
+                       region=region) as p:
         ts = [threading.Thread(target=toucher, args=(s,)) for s in range(8)]
         for t in ts:
             t.start()
@@ -341,7 +343,8 @@ def test_threads_racing_on_the_same_pages() -> None:
         assert_same(p, body)
 
 
-def test_prefetch_racing_with_faults() -> None:
+@pytest.mark.parametrize(("install", "region"), INSTALLS[:3])
+def test_prefetch_racing_with_faults(install: str, region: str) -> None:
     size = 64 * MiB
     body = page_numbered(size)
     stop = threading.Event()
@@ -355,7 +358,7 @@ def test_prefetch_racing_with_faults() -> None:
                     body[i * PAGE:i * PAGE + 8]):
                 bad.append(i)
 
-    with userfault.map(body, readahead=False, threads=2) as p:
+    with userfault.map(body, readahead=False, threads=2, install=install, region=region) as p:
         ts = [threading.Thread(target=toucher, args=(s,)) for s in range(3)]
         for t in ts:
             t.start()
@@ -377,10 +380,13 @@ def test_prefetch_racing_with_faults() -> None:
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_populate_in_background_while_faults_go_first(threads: int) -> None:
+@pytest.mark.parametrize(("install", "region"), INSTALLS[:3])
+def test_populate_in_background_while_faults_go_first(threads: int, install: str,
+                                                      region: str) -> None:
     size = 64 * MiB
     body = page_numbered(size)
-    with userfault.map(body, populate=True, threads=threads, readahead=False) as p:
+    with userfault.map(body, populate=True, threads=threads, readahead=False, install=install,
+                       region=region) as p:
         for off in range(size - PAGE, 0, -size // 16):  # from the end, where populate is last
             assert _native.touch(p.address + off, 8, 1, 0, 0, True) == sum(body[off:off + 8])
         assert wait_until(lambda: p.stats().bytes_installed == size)
@@ -819,3 +825,26 @@ def test_dontneed_on_anonymous_region_refaults_from_source(data8: bytes) -> None
         with memoryview(p) as v:
             assert v[:MiB] == data8[:MiB]
         assert p.stats().faults == 3 * faults
+
+
+@pytest.mark.parametrize("install", ["copy", "continue"])
+def test_dontneed_on_memfd_region_keeps_page_cache(install: str, data8: bytes) -> None:
+    """On memfd, MADV_DONTNEED only drops the page table entries: the page cache keeps the
+    bytes, written ones included. MISSING-only registration (copy) maps them back without a
+    uffd fault; with MINOR registration (continue) they come back as minor faults, served
+    by CONTINUE of what the cache holds."""
+    with userfault.map(data8, region="memfd", install=install, readahead=False) as p:
+        with memoryview(p) as v:
+            assert v[:MiB] == data8[:MiB]
+            v[:PAGE] = b"W" * PAGE
+        s0 = p.stats()
+        p.region.madvise(mmap.MADV_DONTNEED, 0, MiB)
+        with memoryview(p) as v:
+            assert v[:PAGE] == b"W" * PAGE
+            assert v[PAGE:MiB] == data8[PAGE:MiB]
+        s = settled(p)
+        assert s.remove_events == 0
+        if install == "copy":
+            assert s.faults == s0.faults
+        else:
+            assert s.faults == 2 * s0.faults and s.minor_faults == s0.faults
