@@ -142,6 +142,27 @@ class Bench:
         out["checksum"] = runs[0].get("checksum", 0)
         return out
 
+    def interleave(self, cases: list[tuple[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Run each case once per repetition, round-robin, so slow drifts of the machine (other
+        processes, the host backing guest memory) hit every case alike; medians per case."""
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in cases}
+        for rep in range(self.repeat):
+            for name, fn in cases:
+                progress(f"  rep {rep + 1}/{self.repeat}: {name}")
+                runs[name].append(fn())
+        out = {}
+        for name, rs in runs.items():
+            ok = [r for r in rs if "error" not in r]
+            if not ok:
+                out[name] = {"error": rs[0]["error"]}
+                continue
+            keys = [k for k, v in ok[0].items() if isinstance(v, (int, float)) and k != "checksum"]
+            med: dict[str, Any] = {k: median([r[k] for r in ok]) for k in keys}
+            med["checksum"] = ok[0].get("checksum", 0)
+            med["runs_seconds"] = [round(r["seconds"], 6) for r in ok]
+            out[name] = med
+        return out
+
     def add_table(self, name: str, title: str, headers: list[str], rows: list[list[Any]]) -> None:
         self.tables.append((name, title, headers, rows))
         print(f"\n## {title}\n")
@@ -175,11 +196,13 @@ class Bench:
             idx, n = self.order(size, order == "random")
             for placement in ("any", "same", "cross"):
                 progress(f"latency {order} {placement}")
-                eng = self.medians(lambda: self.engine_run(
-                    lambda: PatternSource(b"R", size), size, idx, n, latency=True,
-                    placement=placement, chunk=PAGE, readahead=False, install="copy"))
-                ref = self.medians(lambda: self.ref_run(
-                    "uffd", size, order=order, latency=True, placement=placement))
+                got = self.interleave([
+                    ("engine", lambda: self.engine_run(
+                        lambda: PatternSource(b"R", size), size, idx, n, latency=True,
+                        placement=placement, chunk=PAGE, readahead=False, install="copy")),
+                    ("ref", lambda: self.ref_run(
+                        "uffd", size, order=order, latency=True, placement=placement))])
+                eng, ref = got["engine"], got["ref"]
                 check(eng, ref, f"latency {order} {placement}")
                 ratio = eng["per_fault_us"] / ref["per_fault_us"]
                 res[f"{order}/{placement}"] = {"engine": eng, "ref": ref, "ratio": ratio}
@@ -212,11 +235,11 @@ class Bench:
                     "kernel", size, order=order, pages=pages)),
                 ("read() into buffer", lambda: self.ref_run(
                     "read", size, order=order, pages=pages)),
+                ("anonymous demand-zero (floor)", lambda: self.ref_run(
+                    "anon", size, order=order, pages=pages)),
             ]
-            got = {}
-            for name, fn in cases:
-                progress(f"file {order}: {name}")
-                got[name] = self.medians(fn)
+            progress(f"file {order}")
+            got = self.interleave(cases)
             eng = got["engine (defaults)"]
             for name in ("C ref uffd 4K/fault", "C ref uffd 256K/fault", "kernel MAP_PRIVATE write"):
                 check(eng, got[name], f"file {order} {name}")
@@ -242,33 +265,28 @@ class Bench:
             ("continue (memfd)", {"region": "memfd", "install": "continue"}),
             ("copy (memfd)", {"region": "memfd", "install": "copy"}),
         ]
-        rows, res = [], {}
+        res: dict[str, dict[str, Any]] = {}
         with hugepages(size // (2 * MiB) + 8) as huge_ok:
             if huge_ok:
                 paths.append(("copy (hugetlb 2 MiB)", {"region": "hugetlb", "install": "copy"}))
-            for name, opts in paths:
-                row: list[Any] = [name]
+            for name, _ in paths:
                 res[name] = {}
-                for chunk in [*chunks, "prefetch"]:
+            for chunk in [*chunks, "prefetch"]:
+                cases = []
+                for name, opts in paths:
                     if opts.get("region") == "hugetlb" and chunk != "prefetch" and chunk < 2 * MiB:
-                        row.append(None)
                         continue
-                    progress(f"install {name} {chunk}")
-                    try:
-                        if chunk == "prefetch":
-                            r = self.medians(lambda: self.prefetch_run(data, size, opts))
-                        else:
-                            r = self.medians(lambda: self.engine_run(
-                                lambda: BufferSource(data), size, idx, n, chunk=chunk,
-                                readahead=False, **opts))
-                    except Exception as err:  # noqa: BLE001 - report, keep going
-                        progress(f"  failed: {type(err).__name__}: {err}")
-                        res[name][str(chunk)] = {"error": f"{type(err).__name__}: {err}"}
-                        row.append("error")
-                        continue
+                    if chunk == "prefetch":
+                        fn = lambda o=opts: self.prefetch_run(data, size, o)  # noqa: E731
+                    else:
+                        fn = lambda o=opts, c=chunk: self.engine_run(  # noqa: E731
+                            lambda: BufferSource(data), size, idx, n, chunk=c, readahead=False, **o)
+                    cases.append((name, guarded(fn)))
+                progress(f"install, chunk {chunk}")
+                for name, r in self.interleave(cases).items():
                     res[name][str(chunk)] = r
-                    row.append(r["gbps"])
-                rows.append(row)
+        rows = [[name, *(res[name][str(c)].get("gbps", "error") if str(c) in res[name] else None
+                         for c in [*chunks, "prefetch"])] for name, _ in paths]
         self.results["install"] = res
         self.add_table("install", f"Installation paths, GB/s ({size // MiB} MiB from a resident "
                        "buffer; sequential touches with readahead off, one fault per chunk; "
@@ -340,12 +358,13 @@ class Bench:
             random = order == "random"
             idx, n = self.order(size, random, self.rand_pages if random else None)
             base = None
-            for name, opts, placement in variants:
-                if random and name.startswith(("ra ", "chunk 2M, ra off")):
-                    continue
-                progress(f"tune {order}: {name}")
-                r = self.medians(lambda: self.engine_run(
-                    lambda: FileSource(path), size, idx, n, placement=placement, **opts))
+            cases = [(name, lambda o=opts, pl=placement: self.engine_run(
+                         lambda: FileSource(path), size, idx, n, placement=pl, **o))
+                     for name, opts, placement in variants
+                     if not (random and name.startswith(("ra ", "chunk 2M, ra off")))]
+            progress(f"tune {order}")
+            got = self.interleave(cases)
+            for name, r in got.items():
                 base = base or r
                 res[f"{order}/{name}"] = r
                 rows.append([order, name, r["gbps"], r["seconds"] * 1e3, r["faults"],
@@ -355,6 +374,17 @@ class Bench:
                        f"(random: {self.rand_pages} pages)",
                        ["order", "variant", "GB/s", "ms", "faults", "readahead MiB",
                         "vs defaults"], rows)
+
+
+def guarded(fn: Any) -> Any:
+    """fn, but an exception becomes a result without numbers (reported, the run goes on)."""
+    def run() -> dict[str, Any]:
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001
+            progress(f"  failed: {type(err).__name__}: {err}")
+            return {"error": f"{type(err).__name__}: {err}"}
+    return run
 
 
 def check(eng: dict[str, Any], ref: dict[str, Any], what: str) -> None:
@@ -449,8 +479,14 @@ def main() -> None:
                    help="comma-separated: latency,file,install,memory,tune")
     p.add_argument("--json", type=Path, help="write all results to this file")
     p.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                   help="first wait up to SECONDS for the 1-minute load average to drop below 0.5")
     args = p.parse_args()
     args.repeat = args.repeat or (1 if args.quick else 5)
+    deadline = time.monotonic() + args.wait_quiet
+    while os.getloadavg()[0] >= 0.5 and time.monotonic() < deadline:
+        progress(f"waiting for a quiet machine (load {os.getloadavg()[0]:.2f})")
+        time.sleep(10)
     bench = Bench(args)
     m = bench.results["machine"]
     print(f"# bench_pager: {m['kernel']}, {m['nproc']} CPUs, {m['cpu']}, {m['memory']}, "
