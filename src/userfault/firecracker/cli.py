@@ -46,10 +46,10 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(sig, on_signal)
     pager = FirecrackerPager(
         args.socket, args.mem_file, record=args.record, prefetch=args.prefetch,
-        populate=args.populate, threads=args.threads, max_vms=args.max_vms, once=args.once,
-        chunk=args.chunk, readahead=args.readahead,
-        json_out=sys.stdout if args.json else None, redis_prefix=args.redis_prefix,
-        handshake_timeout=args.handshake_timeout)
+        prefetch_concurrent=args.prefetch_concurrent, populate=args.populate,
+        threads=args.threads, max_vms=args.max_vms, once=args.once, chunk=args.chunk,
+        readahead=args.readahead, json_out=sys.stdout if args.json else None,
+        redis_prefix=args.redis_prefix, handshake_timeout=args.handshake_timeout)
     with pager:
         reports = pager.serve_forever(stop)
     failed = [r for r in reports if r.error and r.end_reason != "refused"]
@@ -78,6 +78,9 @@ def add_firecracker_commands(subparsers: Any) -> argparse.ArgumentParser:
                        "a VM ends; turns readahead off unless --readahead is given")
     serve.add_argument("--prefetch", metavar="FILE",
                        help="install this recorded working set in one batch at the handshake")
+    serve.add_argument("--prefetch-concurrent", action="store_true",
+                       help="serve faults while the --prefetch batch is installed (default: "
+                       "the batch goes first, faults wait for it)")
     serve.add_argument("--populate", action="store_true",
                        help="fill all guest memory in the background while faults go first")
     serve.add_argument("--json", action="store_true",

@@ -250,6 +250,9 @@ class VMReport:
                 f"{st.latency_percentile(99) / 1000:.1f} us max {st.service_max_ns / 1000:.0f} us;"
                 f" vCPUs blocked >= {st.blocked_ns / 1e6:.1f} ms (lower bound); "
                 f"eexist {st.eexist} eagain {st.eagain} remove {st.remove_events}")
+        if self.prefetch_bytes or self.prefetch_s:
+            line += (f"; prefetched {self.prefetch_bytes / 2**20:.1f} MiB in "
+                     f"{self.prefetch_s * 1e3:.1f} ms before serving faults")
         if self.recorded_pages:
             line += f"; recorded {self.recorded_pages} pages"
         if self.log_dropped:
@@ -352,7 +355,9 @@ class FirecrackerPager:
         record: write the faulted memory-file offsets of each VM here when it ends. Unless
             ``readahead`` is given explicitly, recording disables readahead so the record holds
             exactly the pages the guest touched.
-        prefetch: a working-set file to install in one batch right after the handshake.
+        prefetch: a working-set file to install in one batch right after the handshake,
+            before faults are served (they wait in the kernel meanwhile, then are answered).
+        prefetch_concurrent: serve faults while the batch is installed instead.
         populate: fill all of guest memory in the background while faults go first.
         threads: fault-serving threads per VM.
         max_vms: most VMs served at once (further connections are refused); ``None``: no limit.
@@ -373,6 +378,7 @@ class FirecrackerPager:
         *,
         record: str | os.PathLike[str] | None = None,
         prefetch: str | os.PathLike[str] | None = None,
+        prefetch_concurrent: bool = False,
         populate: bool = False,
         threads: int = 1,
         max_vms: int | None = None,
@@ -409,6 +415,7 @@ class FirecrackerPager:
         self.redis_prefix = redis_prefix
         self.handshake_timeout = handshake_timeout
         self.on_report = on_report
+        self.prefetch_concurrent = prefetch_concurrent
         self.prefetch_ranges: list[tuple[int, int]] = []
         self.prefetch_pages = 0
         if prefetch is not None:
@@ -579,6 +586,11 @@ class FirecrackerPager:
                          for r in regions))
             try:
                 runtime = self._make_runtime(uffd, regions, page)
+                if self.prefetch_ranges and not self.prefetch_concurrent:
+                    # REAP: install the working set first, in one batch (COPY + DONTWAKE, then
+                    # one WAKE per region); faults taken meanwhile wait in the kernel and are
+                    # answered (EEXIST -> wake, or served) once the engine starts.
+                    self._prefetch(vm, runtime, report)
                 runtime.start()
             except Exception as err:
                 report.error = f"cannot serve: {err}"
@@ -590,13 +602,8 @@ class FirecrackerPager:
                     pidfd = os.pidfd_open(report.peer.pid)
                 except OSError:
                     pidfd = -1
-            if self.prefetch_ranges:
-                t0 = time.monotonic()
-                try:
-                    report.prefetch_bytes = runtime.prefetch(self.prefetch_ranges)
-                except Exception as err:
-                    self.log(f"vm {vm}: prefetch failed (faults are still served): {err}")
-                report.prefetch_s = time.monotonic() - t0
+            if self.prefetch_ranges and self.prefetch_concurrent:
+                self._prefetch(vm, runtime, report)
             report.end_reason = self._watch(vm, conn, pidfd, runtime, report, recorded)
         except Exception as err:
             report.error = f"internal error: {err!r}"
@@ -632,6 +639,14 @@ class FirecrackerPager:
             with self._lock:
                 self.reports.append(report)
                 self._active.pop(vm, None)
+
+    def _prefetch(self, vm: int, runtime: Any, report: VMReport) -> None:
+        t0 = time.monotonic()
+        try:
+            report.prefetch_bytes = runtime.prefetch(self.prefetch_ranges)
+        except Exception as err:  # faults are served regardless
+            self.log(f"vm {vm}: prefetch failed (faults are still served): {err}")
+        report.prefetch_s = time.monotonic() - t0
 
     def _make_runtime(self, uffd: int, regions: list[GuestRegion], page: int) -> Any:
         areas = [(r.base_host_virt_addr, r.size, r.offset) for r in regions]
