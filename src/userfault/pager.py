@@ -131,8 +131,10 @@ def _as_source(source: Any) -> PageSource:
         pass
     else:
         return BufferSource(source)
-    if isinstance(source, PageSource):
-        return source
+    # Not isinstance(source, PageSource): on Python < 3.12 that reads .size, which may open
+    # a file or a connection just to look.
+    if hasattr(type(source), "size") and callable(getattr(source, "read_into", None)):
+        return source  # type: ignore[no-any-return]
     raise TypeError(
         f"cannot page from {type(source).__name__}: give a path, a buffer, a native source "
         "(ZeroSource, PatternSource...) or an object with .size and .read_into(offset, buf)")
@@ -198,6 +200,9 @@ class Pager(_native.Mapping):
             (SIGBUS on access; the default), ``"retry"`` (keep retrying) or ``"zero"``.
         retries: attempts per failed read before ``on_error`` applies (process runtime).
 
+    A source object you pass stays yours to close; one made here from a path or a buffer is
+    closed with the pager.
+
     Example::
 
         with userfault.map("/data/big.bin") as mem:
@@ -221,7 +226,56 @@ class Pager(_native.Mapping):
         retries: int = 3,
     ) -> None:
         self._closed = True
+        self._runtime: Any = None
+        self.uffd: Uffd | None = None
+        self.region: Region | None = None  # type: ignore[assignment]
         src = _as_source(source)
+        self.source = src
+        self._owns_source = src is not source  # made here from a path or buffer: ours to close
+        try:
+            runtime = self._check_options(src, runtime, on_error, threads)
+            self.runtime: Runtime = runtime
+            self.region_kind = region
+            self.install = self._pick_install(install, src, region)
+            want = src.size if size is None else size
+            if want <= 0:
+                raise ValueError(f"size must be positive, not {want}")
+            self.region = self._make_region(region, want)
+            page = self.region.page_size
+            self.chunk = align_up(chunk or page, page)
+            if readahead is True:
+                readahead = (64 << 10, 4 << 20)
+            self.readahead: tuple[int, int] = (0, 0) if readahead is False else (
+                align_up(readahead[0], page), align_up(readahead[1], page))
+            mode = RegisterMode.MISSING | (
+                RegisterMode.MINOR if self.install == "continue" else RegisterMode(0))
+            features = Feature.THREAD_ID | Feature.POISON | (
+                Feature.MOVE if self.install == "move" else Feature(0)) | (
+                Feature.MINOR_SHMEM if self.install == "continue" else Feature(0))
+            self.uffd = Uffd(features | Feature.MISSING_SHMEM | Feature.MISSING_HUGETLBFS,
+                             required=Feature.POISON if on_error == "poison" else Feature(0))
+            self.uffd.register(self.region.address, self.region.size, mode)
+            if runtime == "native":
+                assert isinstance(src, NativeSource)
+                self._runtime = self._native_engine(src, populate, threads, log_faults)
+            else:
+                from .pager_process import ProcessRuntime
+
+                self._runtime = ProcessRuntime(
+                    self, src, populate=populate, threads=threads, log_faults=log_faults,
+                    on_error=on_error, retries=retries)
+            self._runtime.start()
+        except BaseException:
+            self._teardown()
+            raise
+        self._closed = False
+        self._attach(self.region.address, self.region.size, False)
+        _open_pagers.add(self)
+
+    @staticmethod
+    def _check_options(src: PageSource, runtime: Runtime, on_error: str, threads: int
+                       ) -> Runtime:
+        """Validate the runtime options before anything is mapped; return the runtime."""
         native = isinstance(src, NativeSource)
         if runtime == "auto":
             runtime = "native" if native else "process"
@@ -238,58 +292,18 @@ class Pager(_native.Mapping):
                              "those pages are always poisoned: on_error must be 'poison'")
         if threads < 1 or threads > 64:
             raise ValueError(f"threads must be between 1 and 64, not {threads}")
-        self.source = src
-        self.runtime: Runtime = runtime
-        self.region_kind = region
-        want = src.size if size is None else size
-        if want <= 0:
-            raise ValueError(f"size must be positive, not {want}")
-        self.region = self._make_region(region, want)
-        page = self.region.page_size
-        self.install = self._pick_install(install, src)
-        self.chunk = align_up(chunk or page, page)
-        if readahead is True:
-            readahead = (64 << 10, 4 << 20)
-        self.readahead: tuple[int, int] = (0, 0) if readahead is False else (
-            align_up(readahead[0], page), align_up(readahead[1], page))
-        mode = RegisterMode.MISSING | (
-            RegisterMode.MINOR if self.install == "continue" else RegisterMode(0))
-        features = Feature.THREAD_ID | Feature.POISON | (
-            Feature.MOVE if self.install == "move" else Feature(0)) | (
-            Feature.MINOR_SHMEM if self.install == "continue" else Feature(0))
-        try:
-            self.uffd = Uffd(features | Feature.MISSING_SHMEM | Feature.MISSING_HUGETLBFS,
-                             required=Feature.POISON if on_error == "poison" else Feature(0))
-            self.uffd.register(self.region.address, self.region.size, mode)
-            if runtime == "native":
-                assert isinstance(src, NativeSource)
-                self._runtime: Any = self._native_engine(src, populate, threads, log_faults)
-            else:
-                from .pager_process import ProcessRuntime
-
-                self._runtime = ProcessRuntime(
-                    self, src, populate=populate, threads=threads, log_faults=log_faults,
-                    on_error=on_error, retries=retries)
-            self._runtime.start()
-        except BaseException:
-            self._teardown()
-            raise
-        self._closed = False
-        self._attach(self.region.address, self.region.size, False)
-        _open_pagers.add(self)
+        return runtime
 
     @staticmethod
     def _make_region(kind: RegionKind, size: int) -> Region:
-        if kind == "anonymous":
-            return Region.anonymous(size)
-        if kind == "memfd":
-            return Region.shared_memfd(size)
-        if kind == "hugetlb":
-            return Region.hugetlb(size)
-        raise ValueError(f"region must be 'anonymous', 'memfd' or 'hugetlb', not {kind!r}")
+        makers = {"anonymous": Region.anonymous, "memfd": Region.shared_memfd,
+                  "hugetlb": Region.hugetlb}
+        return makers[kind](size)
 
-    def _pick_install(self, install: Install, src: PageSource) -> str:
-        kind = self.region.kind
+    @staticmethod
+    def _pick_install(install: Install, src: PageSource, kind: RegionKind) -> str:
+        if kind not in ("anonymous", "memfd", "hugetlb"):
+            raise ValueError(f"region must be 'anonymous', 'memfd' or 'hugetlb', not {kind!r}")
         if install == "auto":
             if isinstance(src, NativeSource) and src.kind == KIND_ZERO and kind != "hugetlb":
                 return "zeropage"
@@ -394,17 +408,15 @@ class Pager(_native.Mapping):
     # -- lifetime ---------------------------------------------------------------------------
 
     def _teardown(self) -> None:
-        if getattr(self, "_runtime", None) is not None:
+        if self._runtime is not None:
             self._runtime.stop()
             self._runtime = None  # the engine pins the source's buffer until it is freed
-        uffd = getattr(self, "uffd", None)
-        if uffd is not None:
-            uffd.close()  # closing unregisters every range of this userfaultfd
-        region = getattr(self, "region", None)
-        if region is not None:
-            region.close()
+        if self.uffd is not None:
+            self.uffd.close()  # closing unregisters every range of this userfaultfd
+        if self.region is not None:
+            self.region.close()
         close_source = getattr(self.source, "close", None)
-        if close_source is not None:
+        if self._owns_source and close_source is not None:
             close_source()
 
     def close(self) -> None:
@@ -440,10 +452,13 @@ def map(source: Any, **options: Any) -> Pager:
 
 
 @atexit.register
-def _close_all() -> None:
+def _stop_all_at_exit() -> None:
+    """Stop serving at interpreter exit, but leave the memory registered and mapped.
+
+    Daemon threads may still be touching it: unmapping would crash them (SIGSEGV) and
+    unregistering would let them read zeros. Blocked in a fault, they end with the process,
+    and the kernel unregisters and unmaps everything then.
+    """
     for pager in list(_open_pagers):
-        try:
-            pager.close()
-        except BufferError:
-            if pager._runtime is not None:  # views outlive us: at least stop the threads
-                pager._runtime.stop()
+        if pager._runtime is not None:
+            pager._runtime.stop()

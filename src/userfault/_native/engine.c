@@ -69,7 +69,7 @@ struct engine {
     int populate;
 
     fault_rec_t *log;
-    uint64_t log_cap, log_head, log_count, log_dropped;
+    uint64_t log_cap, log_written, log_read, log_dropped; /* absolute sequence numbers */
 
     int err, err_addr_set;
     const char *err_op;
@@ -238,11 +238,16 @@ static uint64_t install_once(engine_t *e, worker_t *w, area_t *a, uint64_t off, 
     return done > 0 ? (uint64_t)done : 0;
 }
 
+#define NO_WAKE UINT64_MAX
+
 /* Install [off, off+n) of area a, page by page skipping what is present. With skip_installed,
- * pages already marked installed are left alone (readahead, populate, prefetch). Returns 0 or
- * the first error other than EEXIST; *installed gets bytes installed by this call. */
+ * pages already marked installed are left alone (readahead, populate, prefetch). The page at
+ * wake_off is woken if it was found present (EEXIST): the COPY that installs a page wakes it,
+ * a skipped one must be woken by hand. Returns 0 or the first error other than EEXIST;
+ * *installed gets bytes installed by this call. */
+
 static int install_range(engine_t *e, worker_t *w, area_t *a, uint64_t off, uint64_t n,
-                         int skip_installed, int dontwake, uint64_t *installed)
+                         int skip_installed, int dontwake, uint64_t wake_off, uint64_t *installed)
 {
     uint64_t end = off + n;
     *installed = 0;
@@ -274,6 +279,10 @@ static int install_range(engine_t *e, worker_t *w, area_t *a, uint64_t off, uint
         } else if (err == EEXIST) {
             ADD(e->eexist, 1);
             bit_set(e->installed, a->first_page + off / e->page);
+            if (off == wake_off) { /* present already, but its faulting thread still waits */
+                struct uffdio_range r = {a->base + off, e->page};
+                uf_ioctl(e->uffd, UFFDIO_WAKE, &r);
+            }
             off += e->page;
         } else if (err) {
             ADD(e->bytes, *installed);
@@ -284,17 +293,31 @@ static int install_range(engine_t *e, worker_t *w, area_t *a, uint64_t off, uint
     return 0;
 }
 
-static void log_fault(engine_t *e, fault_rec_t *r)
+/* The fault log: a record is written before the fault is served, so the woken thread can
+ * already read it; its service time is filled in afterwards if it was not drained yet. */
+static uint64_t log_begin(engine_t *e, fault_rec_t *r)
 {
+    uint64_t seq = UINT64_MAX;
     if (!e->log_cap)
-        return;
+        return seq;
     pthread_mutex_lock(&e->lock);
-    if (e->log_count == e->log_cap) {
+    if (e->log_written - e->log_read == e->log_cap) {
         e->log_dropped++;
     } else {
-        e->log[(e->log_head + e->log_count) % e->log_cap] = *r;
-        e->log_count++;
+        seq = e->log_written++;
+        e->log[seq % e->log_cap] = *r;
     }
+    pthread_mutex_unlock(&e->lock);
+    return seq;
+}
+
+static void log_end(engine_t *e, uint64_t seq, uint64_t service_ns)
+{
+    if (seq == UINT64_MAX)
+        return;
+    pthread_mutex_lock(&e->lock);
+    if (seq >= e->log_read)
+        e->log[seq % e->log_cap].service_ns = service_ns;
     pthread_mutex_unlock(&e->lock);
 }
 
@@ -352,14 +375,16 @@ static void serve_fault(engine_t *e, worker_t *w, struct uffd_msg *m, uint64_t t
     uint64_t page_off = (addr - a->base) & ~(e->page - 1);
     int err = 0;
     uint64_t got = 0;
+    fault_rec_t rec = {addr, a->src_off + page_off, flags, m->arg.pagefault.feat.ptid, t0, 0};
+    uint64_t seq = log_begin(e, &rec);
     if (flags & UFFD_PAGEFAULT_FLAG_MINOR) {
         /* Page cache already holds the page: just map it. */
         ADD(e->minor_faults, 1);
         struct uffdio_continue c = {.range = {a->base + page_off, e->page}};
         err = uf_ioctl(e->uffd, UFFDIO_CONTINUE, &c);
-        if (err == EEXIST) {
+        if (err == EEXIST) { /* mapped by another thread meanwhile: ours still waits */
             ADD(e->eexist, 1);
-            err = 0;
+            err = uf_ioctl(e->uffd, UFFDIO_WAKE, &c.range);
         }
         if (!err) {
             bit_set(e->installed, a->first_page + page_off / e->page);
@@ -369,11 +394,9 @@ static void serve_fault(engine_t *e, worker_t *w, struct uffd_msg *m, uint64_t t
         uint64_t off = page_off - page_off % e->chunk, n = e->chunk;
         if (off + n > a->len)
             n = a->len - off;
-        err = install_range(e, w, a, off, n, 0, 0, &got);
-        /* The faulting page may have been installed by someone else (EEXIST): wake it. */
-        struct uffdio_range r = {a->base + page_off, e->page};
-        if (!err)
-            uf_ioctl(e->uffd, UFFDIO_WAKE, &r);
+        /* A successful COPY wakes what it installed; install_range wakes the faulting page
+         * itself if someone else had installed it (EEXIST). */
+        err = install_range(e, w, a, off, n, 0, 0, page_off, &got);
         if (!err)
             update_readahead(e, a, off, off + n);
     }
@@ -397,8 +420,7 @@ static void serve_fault(engine_t *e, worker_t *w, struct uffd_msg *m, uint64_t t
     ADD(e->fault_bytes, got);
     uint64_t t1 = uf_now_ns();
     observe_latency(e, t1 - t0);
-    fault_rec_t rec = {addr, a->src_off + page_off, flags, m->arg.pagefault.feat.ptid, t0, t1 - t0};
-    log_fault(e, &rec);
+    log_end(e, seq, t1 - t0);
 }
 
 static void clear_range(engine_t *e, uint64_t start, uint64_t end, int removed)
@@ -446,8 +468,8 @@ static void handle_event(engine_t *e, worker_t *w, struct uffd_msg *m, uint64_t 
     }
 }
 
-/* Claim the next piece of background work: readahead first, then populate. */
-static int claim_piece(engine_t *e, area_t **a, uint64_t *off, uint64_t *n, int *is_ra)
+/* Claim the next piece of background work: readahead first, then (unless ra_only) populate. */
+static int claim_piece(engine_t *e, area_t **a, uint64_t *off, uint64_t *n, int *is_ra, int ra_only)
 {
     int found = 0;
     pthread_mutex_lock(&e->lock);
@@ -458,7 +480,7 @@ static int claim_piece(engine_t *e, area_t **a, uint64_t *off, uint64_t *n, int 
         e->ra_next += *n;
         *is_ra = 1;
         found = 1;
-    } else {
+    } else if (!ra_only) {
         while (e->populate && e->pop_area < e->nareas) {
             area_t *pa = &e->areas[e->pop_area];
             if (e->pop_next >= pa->len) {
@@ -501,20 +523,25 @@ static void *worker_main(void *arg)
         for (;;) {
             ssize_t got = read(e->uffd, msgs, sizeof(msgs));
             uint64_t t0 = uf_now_ns();
-            if (got > 0) {
+            int busy = got > 0;
+            if (busy) {
                 for (size_t i = 0; i < (size_t)got / sizeof(msgs[0]); i++)
                     handle_event(e, w, &msgs[i], t0);
-                continue;
-            }
-            if (got < 0 && errno != EAGAIN && errno != EINTR) {
+            } else if (got < 0 && errno != EAGAIN && errno != EINTR) {
                 record_error(e, errno, "read", 0);
                 goto out;
             }
-            /* No fault pending: do one piece of background work, then look again. */
-            if (!claim_piece(e, &a, &off, &n, &is_ra))
+            /* One piece of background work, then look again. A sequential reader faults again
+             * as soon as it is woken, so the queue is rarely empty exactly when readahead is
+             * useful: readahead gets a piece after every batch of faults, not only when idle
+             * (it starved otherwise: one fault per page). Populate waits for idle moments. */
+            if (!claim_piece(e, &a, &off, &n, &is_ra, busy)) {
+                if (busy)
+                    continue;
                 break;
+            }
             uint64_t done;
-            int err = install_range(e, w, a, off, n, 1, 0, &done);
+            int err = install_range(e, w, a, off, n, 1, 0, NO_WAKE, &done);
             ADD(*(is_ra ? &e->readahead_bytes : &e->populate_bytes), done);
             if (err == EAGAIN) {
                 ADD(e->eagain, 1);
@@ -835,7 +862,7 @@ static PyObject *Engine_prefetch(EngineObject *self, PyObject *ranges)
             hi = ((hi - a->src_off) + e->page - 1) & ~(e->page - 1);
             for (uint64_t off = lo; !err && off < hi; off += e->unit_max) {
                 uint64_t len = hi - off < e->unit_max ? hi - off : e->unit_max, done;
-                err = install_range(e, &w, a, off, len, 1, 1, &done);
+                err = install_range(e, &w, a, off, len, 1, 1, NO_WAKE, &done);
                 total += done;
                 if (err)
                     err_addr = a->base + off;
@@ -882,13 +909,13 @@ static PyObject *Engine_drain_log(EngineObject *self, PyObject *unused)
 {
     engine_t *e = self->e;
     pthread_mutex_lock(&e->lock);
-    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(e->log_count * sizeof(fault_rec_t)));
+    uint64_t n = e->log_written - e->log_read;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n * sizeof(fault_rec_t)));
     if (out) {
         fault_rec_t *dst = (fault_rec_t *)PyBytes_AS_STRING(out);
-        for (uint64_t i = 0; i < e->log_count; i++)
-            dst[i] = e->log[(e->log_head + i) % e->log_cap];
-        e->log_head = (e->log_head + e->log_count) % (e->log_cap ? e->log_cap : 1);
-        e->log_count = 0;
+        for (uint64_t i = 0; i < n; i++)
+            dst[i] = e->log[(e->log_read + i) % e->log_cap];
+        e->log_read = e->log_written;
     }
     pthread_mutex_unlock(&e->lock);
     return out;
