@@ -1,0 +1,28 @@
+"""The README's runnable example prints exactly what the README says it prints."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(60)
+def test_quickstart_output_matches_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    shown = re.search(r"Its exact output:\n\n```text\n(.*?)```", readme, re.S)
+    assert shown, "the README lost its 'Its exact output' block"
+    code = re.search(r"\[`examples/quickstart.py`\]\(examples/quickstart.py\):\n\n```python\n"
+                     r"(.*?)```", readme, re.S)
+    assert code, "the README lost the quickstart listing"
+    script = (ROOT / "examples" / "quickstart.py").read_text()
+    assert code.group(1) in script, "the README's listing differs from examples/quickstart.py"
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")],
+                         capture_output=True, text=True, timeout=50)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == shown.group(1)
