@@ -130,7 +130,8 @@ def test_read_many_parallel_random_pages(nginx_server: NginxServer,
 class TimedNginx(NginxServer):
     """nginx that also logs when each request ended ($msec) and how long it took
     ($request_time, from its first request byte), per connection: enough to prove that
-    requests were served at the same time without timing anything in the test."""
+    requests were served at the same time without timing anything in the test. It also
+    serves ``/noka/<name>`` with keep-alive off (every response says ``Connection: close``)."""
 
     @property
     def timing_log(self) -> Path:
@@ -141,6 +142,9 @@ class TimedNginx(NginxServer):
         extra = ("    log_format ufms '$connection $msec $request_time $request_uri "
                  "\"$http_range\"';\n"
                  f"    access_log {self.timing_log} ufms;\n")
+        noka = (f"        location /noka/ {{ alias {self.directory}/; keepalive_timeout 0; }}\n"
+                "        location /slow/ {")
+        conf = conf.replace("        location /slow/ {", noka, 1)
         return conf.replace("    access_log ", extra + "    access_log ", 1)
 
     def intervals(self, uri: str, expect: int) -> list[tuple[int, float, float, str]]:
@@ -330,6 +334,122 @@ def test_server_killed_during_a_transfer(fresh_servers: FreshServers) -> None:
     assert not t.is_alive()
     assert len(errors) == 1 and isinstance(errors[0], SourceError), errors
     assert "failed:" in str(errors[0]) and "/slow/f.bin" in str(errors[0])
+
+
+def test_connection_close_responses_are_read_then_dropped(timed_nginx: TimedNginx) -> None:
+    """nginx with keep-alive off answers every GET with ``Connection: close``: each body is
+    read whole, and the next GET opens a new connection instead of reusing a closed one."""
+    data = os.urandom(16 * PAGE)
+    (timed_nginx.directory / "noka.bin").write_bytes(data)
+    with HTTPSource(timed_nginx.url("noka/noka.bin")) as src:  # the probe closes too
+        for i in range(4):
+            assert read(src, i * 3 * PAGE, 2 * PAGE) == data[i * 3 * PAGE: (i * 3 + 2) * PAGE]
+        assert src.connections_opened == 5
+    got = timed_nginx.intervals("/noka/noka.bin", 5)
+    assert len({c for c, _, _, _ in got}) == 5
+
+
+class ScriptedHTTP:
+    """A real TCP listener that answers every request on every connection with ``reply``
+    (HTTP the way a broken or unusual server speaks it), recording the requests."""
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+        self.requests: list[bytes] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/f.bin"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while True:
+                    while b"\r\n\r\n" not in data:
+                        part = conn.recv(65536)
+                        if not part:
+                            break
+                        data += part
+                    if b"\r\n\r\n" not in data:
+                        break
+                    req, _, data = data.partition(b"\r\n\r\n")
+                    self.requests.append(req)
+                    conn.sendall(self.reply)
+                    if b"Connection: close" in self.reply:
+                        break
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+BODY = bytes(range(256)) * 16  # one page
+
+
+@pytest.mark.parametrize(("reply", "message"), [
+    (b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-4095/40960\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n1000\r\n" + BODY + b"\r\n0\r\n\r\n",
+     r"Transfer-Encoding: chunked; only bodies with a Content-Length are supported"),
+    (b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-4095/40960\r\n"
+     b"Connection: close\r\n\r\n" + BODY,
+     r"no Content-Length \(a body delimited by closing the connection is not supported\)"),
+    (b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-4095/40960\r\n"
+     b"Content-Length: 4096\r\nContent-Encoding: gzip\r\n\r\n" + BODY,
+     r"the 206 body is encoded \(gzip\)"),
+    (b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-4095/40960\r\n"
+     b"Content-Length: 4096\r\n\r\n" + BODY + b"junk",
+     r"the server sent 4 bytes past the body"),
+    (b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-4095/40960\r\n"
+     b"Content-Length: 4096\r\nConnection: close\r\n\r\n" + BODY[:1000],
+     r"closed before the whole body arrived \(3096 bytes missing\)"),
+    (b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-4095/40960\r\n"
+     b"Content-Length: 2048\r\n\r\n" + BODY[:2048],
+     r"Content-Length 2048 does not match the range"),
+    (b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 4096-8191/40960\r\n"
+     b"Content-Length: 4096\r\n\r\n" + BODY,
+     r"the server sent bytes 4096-8191, not 0-4095"),
+    (b"ICY 200 OK\r\n\r\n", r"not an HTTP/1.x status line: b'ICY 200 OK'"),
+    (b"HTTP/1.1 302 Found\r\nLocation: http://elsewhere/f.bin\r\nContent-Length: 0\r\n\r\n",
+     r"HTTP 302 Found to 'http://elsewhere/f.bin' \(redirects are not followed\)"),
+], ids=["chunked", "close-delimited", "gzip", "junk-after-body", "truncated", "length",
+        "wrong-range", "not-http", "redirect"])
+def test_unusable_responses_are_refused_clearly(reply: bytes, message: str) -> None:
+    server = ScriptedHTTP(reply)
+    try:
+        src = HTTPSource(server.url, size=10 * PAGE, timeout=5.0)
+        buf = bytearray(b"\xaa" * PAGE)
+        prefix = r"GET \[0, 4096\) \(4096 bytes\) failed: .*"
+        with pytest.raises(SourceError, match=prefix + message):
+            src.read_into(0, memoryview(buf))
+        src.close()
+    finally:
+        server.close()
+    assert server.requests and server.requests[0].startswith(b"GET /f.bin HTTP/1.1\r\n")
+    assert b"\r\nRange: bytes=0-4095" in server.requests[0]
+
+
+def test_request_headers_are_sent_and_validated() -> None:
+    server = ScriptedHTTP(b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-4095/40960"
+                          b"\r\nContent-Length: 4096\r\n\r\n" + BODY)
+    try:
+        with HTTPSource(server.url, size=10 * PAGE, headers={"Authorization": "Bearer x"}) as src:
+            assert read(src, 0, PAGE) == BODY
+            assert read(src, 0, PAGE) == BODY
+            assert src.connections_opened == 1  # keep-alive (HTTP/1.1 default)
+    finally:
+        server.close()
+    req = server.requests[0].split(b"\r\n")
+    assert req[0] == b"GET /f.bin HTTP/1.1"
+    assert f"Host: 127.0.0.1:{server.url.split(':')[2].split('/')[0]}".encode() in req
+    assert b"Authorization: Bearer x" in req and b"Accept-Encoding: identity" in req
+    with pytest.raises(ValueError, match="invalid HTTP header"):
+        HTTPSource(server.url, size=PAGE, headers={"X-Evil": "a\r\nRange: bytes=0-"})
+    with pytest.raises(ValueError, match="invalid HTTP header"):
+        HTTPSource(server.url, size=PAGE, headers={"Bad Name": "x"})
 
 
 def test_unresponsive_server_times_out() -> None:

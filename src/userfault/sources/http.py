@@ -8,6 +8,14 @@ small objects, some proxies) is refused with a clear :class:`~userfault.errors.S
 instead of serving wrong bytes. Every ``206`` is checked: its ``Content-Range`` and length must be
 exactly the range asked for.
 
+The client is a lean HTTP/1.1 speaker of its own, because a page fault waits on it: one socket
+per connection (``TCP_NODELAY``; TLS through an ``ssl``-wrapped socket), a request preformatted
+up to the range numbers, the status line and headers parsed with bytes operations, and the body
+received straight into the caller's buffer (``recv_into``). It accepts what a range server
+sends: ``206`` bodies delimited by ``Content-Length``, identity-coded; chunked, compressed or
+close-delimited bodies are refused clearly. ``Connection: close`` (or an HTTP/1.0 reply without
+keep-alive) is honoured: the body is read, the connection dropped.
+
 ``read_into`` reads the body straight into the caller's buffer. ``read_many`` merges adjacent
 requests into one GET (the body streams into the successive buffers) and runs the remaining
 GETs in parallel, one per pooled connection.
@@ -20,10 +28,9 @@ fork-safe: connections and threads are created lazily in the process that uses t
 
 from __future__ import annotations
 
-import http.client
 import os
-import queue
 import re
+import socket
 import ssl
 import threading
 import urllib.parse
@@ -35,20 +42,69 @@ from userfault.errors import SourceError
 
 __all__ = ["HTTPSource"]
 
-_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(?:(\d+)-(\d+)|\*)\s*/\s*(\d+|\*)\s*$", re.IGNORECASE)
-_RETRYABLE = (http.client.RemoteDisconnected, http.client.BadStatusLine,
-              ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+_CONTENT_RANGE = re.compile(rb"^\s*bytes\s+(?:(\d+)-(\d+)|\*)\s*/\s*(\d+|\*)\s*$", re.IGNORECASE)
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an HTTP header name
 _MIN_MERGE = 1 << 20  # merged GETs are capped at max(1 MiB, batch / connections)
+_HEAD_BUF = 16 << 10  # per-connection buffer for the status line and headers (and body start)
+_REASONS = {200: "OK", 206: "Partial Content", 301: "Moved Permanently", 302: "Found",
+            303: "See Other", 307: "Temporary Redirect", 308: "Permanent Redirect",
+            404: "Not Found", 416: "Range Not Satisfiable"}
+
+
+class _Closed(ConnectionError):
+    """The server closed the connection before sending a byte of the answer."""
+
+
+class _Incomplete(ConnectionError):
+    """The connection closed in the middle of a response."""
+
+    def __init__(self, missing: int, where: str = "body") -> None:
+        super().__init__(f"{missing} bytes of the {where} missing")
+        self.missing = missing
+        self.where = where
+
+
+# A reused keep-alive connection failing like this was most likely closed by the server while
+# idle (keep-alive timeout, restart): reconnect once.
+_RETRYABLE = (_Closed, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 
 
 class _Conn:
-    """A pooled connection and whether it has served a request (then it may be stale)."""
+    """A pooled HTTP/1.1 connection: its socket (``None`` until connected), a buffer for the
+    response head, and whether it has served a request (then it may be stale)."""
 
-    __slots__ = ("conn", "used")
+    __slots__ = ("head", "head_view", "sock", "used")
 
-    def __init__(self, conn: http.client.HTTPConnection) -> None:
-        self.conn = conn
+    def __init__(self) -> None:
+        self.sock: socket.socket | None = None
         self.used = False
+        self.head = bytearray(_HEAD_BUF)
+        self.head_view = memoryview(self.head)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            finally:
+                self.sock = None
+
+
+class _Response:
+    """Status and headers of one response, and the body bytes that arrived with them."""
+
+    __slots__ = ("extra", "headers", "keep_alive", "reason", "status")
+
+    def __init__(self, status: int, reason: str, headers: dict[bytes, bytes], keep_alive: bool,
+                 extra: memoryview) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.extra = extra
+
+    def header(self, name: bytes, default: str | None = None) -> str | None:
+        value = self.headers.get(name)
+        return default if value is None else value.decode("latin-1")
 
 
 class HTTPSource:
@@ -92,6 +148,9 @@ class HTTPSource:
         self._args_size = size
         self._headers = {k: v for k, v in (headers or {}).items()
                          if k.lower() not in ("range", "host", "connection")}
+        for k, v in self._headers.items():
+            if not _TOKEN.fullmatch(k) or any(ch in v for ch in "\r\n\0"):
+                raise ValueError(f"invalid HTTP header {k!r}: {v!r}")
         self._timeout = float(timeout)
         self._connections = int(connections)
         self._verify = verify
@@ -121,16 +180,28 @@ class HTTPSource:
         self._host = parts.hostname or ""
         self._port = parts.port or (443 if self._https else 80)
         self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in self._target):
+            raise ValueError(f"HTTPSource URL {self._url!r}: the path has spaces or control "
+                             "characters (percent-encode them)")
         netloc = self._host if ":" not in self._host else f"[{self._host}]"
         self._desc = f"{parts.scheme}://{netloc}:{self._port}{parts.path}"  # no credentials
+        # The request, preformatted up to the range numbers: b"%d-%d\r\n\r\n" completes it.
+        host = netloc if self._port == (443 if self._https else 80) else f"{netloc}:{self._port}"
+        lines = [f"GET {self._target} HTTP/1.1", f"Host: {host}"]
+        if not any(k.lower() == "accept-encoding" for k in self._headers):
+            lines.append("Accept-Encoding: identity")
+        lines += [f"{k}: {v}" for k, v in self._headers.items()]
+        lines.append("Range: bytes=")
+        self._request_head = "\r\n".join(lines).encode("latin-1")
         self._reset_process_state()
 
     def _reset_process_state(self) -> None:
         """Fresh pool, locks and threads for this process (at setup, and after a fork)."""
         self._pid = os.getpid()
         self._lock = threading.Lock()
-        self._idle: queue.LifoQueue[_Conn] = queue.LifoQueue()
-        self._slots = threading.BoundedSemaphore(self._connections)
+        self._freed = threading.Condition(self._lock)
+        self._idle: list[_Conn] = []
+        self._busy = 0  # connections handed out (at most self._connections)
         self._executor: ThreadPoolExecutor | None = None
         self._ssl: ssl.SSLContext | None = None
         self.connections_opened = 0
@@ -203,11 +274,10 @@ class HTTPSource:
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True)
-        while True:
-            try:
-                self._idle.get_nowait().conn.close()
-            except queue.Empty:
-                break
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for c in idle:
+            c.close()
 
     def __enter__(self) -> HTTPSource:
         return self
@@ -243,34 +313,78 @@ class HTTPSource:
         return self._ssl
 
     def _new_conn(self) -> _Conn:
-        conn: http.client.HTTPConnection
-        if self._https:
-            conn = http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout,
-                                               context=self._ssl_context())
-        else:
-            conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+        return _Conn()  # connected by _exchange, inside its error handling
+
+    def _connect(self, c: _Conn) -> socket.socket:
+        raw = socket.create_connection((self._host, self._port), timeout=self._timeout)
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = raw
+            if self._https:
+                sock = self._ssl_context().wrap_socket(raw, server_hostname=self._host)
+        except BaseException:
+            raw.close()
+            raise
+        c.sock = sock
         with self._lock:
             self.connections_opened += 1  # a statistic: TCP connections this process opened
-        return _Conn(conn)
+        return sock
 
     def _acquire(self) -> _Conn:
-        if not self._slots.acquire(timeout=max(self._timeout, 1.0) * 4):
-            raise TimeoutError("no pooled connection became free")
-        try:
-            return self._idle.get_nowait()
-        except queue.Empty:
-            return self._new_conn()
+        with self._freed:
+            if self._busy >= self._connections and not self._freed.wait_for(
+                    lambda: self._busy < self._connections, max(self._timeout, 1.0) * 4):
+                raise TimeoutError("no pooled connection became free")
+            self._busy += 1
+            if self._idle:
+                return self._idle.pop()  # the most recently used: the least likely stale
+        return self._new_conn()
 
     def _release(self, c: _Conn | None) -> None:
-        if c is not None:
-            self._idle.put(c)
-        self._slots.release()
+        with self._freed:
+            if c is not None:
+                self._idle.append(c)
+            self._busy -= 1
+            self._freed.notify()
 
-    def _request(self, c: _Conn, start: int, end: int) -> http.client.HTTPResponse:
-        hdrs = dict(self._headers)
-        hdrs["Range"] = f"bytes={start}-{end}"
-        c.conn.request("GET", self._target, headers=hdrs)
-        return c.conn.getresponse()
+    def _exchange(self, c: _Conn, start: int, last: int) -> _Response:
+        """Send ``GET`` for bytes ``start..last`` and read the status line and headers.
+
+        The response's body bytes that arrived with the head are in ``extra``.
+        """
+        sock = c.sock or self._connect(c)
+        sock.sendall(b"%s%d-%d\r\n\r\n" % (self._request_head, start, last))
+        head, view = c.head, c.head_view
+        got = 0
+        while True:
+            n = sock.recv_into(view[got:])
+            if not n:
+                if got == 0:
+                    raise _Closed("the server closed the connection without answering")
+                raise _Incomplete(0, "response head")
+            got += n
+            end = head.find(b"\r\n\r\n", max(0, got - n - 3), got)
+            if end >= 0:
+                break
+            if got == len(head):
+                raise _ProtocolError(f"a response head larger than {len(head)} bytes")
+        eol = head.find(b"\r\n", 0, end + 2)
+        status_line = bytes(view[:eol])
+        version, _, rest = status_line.partition(b" ")
+        code, _, reason = rest.partition(b" ")
+        if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit():
+            raise _ProtocolError(f"not an HTTP/1.x status line: {status_line[:80]!r}")
+        headers: dict[bytes, bytes] = {}
+        for line in bytes(view[eol + 2:end]).split(b"\r\n"):
+            name, colon, value = line.partition(b":")
+            if not colon:
+                raise _ProtocolError(f"a malformed header line {line[:80]!r}")
+            headers[name.strip().lower()] = value.strip()
+        connection = headers.get(b"connection", b"").lower()
+        keep_alive = (b"close" not in connection if version == b"HTTP/1.1"
+                      else b"keep-alive" in connection)
+        return _Response(int(code), reason.decode("latin-1"), headers, keep_alive,
+                         view[end + 4:got])
 
     def _probe(self) -> int:
         """Learn the size from ``Content-Range`` of a ``Range: bytes=0-0`` GET."""
@@ -279,39 +393,41 @@ class HTTPSource:
         try:
             for attempt in (0, 1):
                 try:
-                    resp = self._request(c, 0, 0)
-                    try:
-                        if resp.status == 416:  # empty file: "bytes */0"
-                            total = self._parse_total(resp, 0, 1)
-                        else:
-                            self._check_status(resp, "size probe GET", 0, 1)
-                            first, last, total = self._parse_range(resp, 0, 1)
-                            if (first, last) != (0, 0):
-                                raise self._error("size probe GET", 0, 1,
-                                                  f"Content-Range {first}-{last} is not 0-0")
-                        resp.read()
-                    finally:
-                        resp.close()
-                    if not resp.will_close:
+                    resp = self._exchange(c, 0, 0)
+                    if resp.status == 416:  # empty file: "bytes */0"
+                        total = self._parse_total(resp, 0, 1)
+                        c.close()  # its body (if any) is not worth reading
+                        return total
+                    self._check_status(resp, "size probe GET", 0, 1)
+                    first, last, total = self._parse_range(resp, 0, 1, "size probe GET")
+                    if (first, last) != (0, 0):
+                        raise self._error("size probe GET", 0, 1,
+                                          f"Content-Range {first}-{last} is not 0-0")
+                    self._check_body(resp, "size probe GET", 0, 1)
+                    self._read_body(c, resp, [memoryview(bytearray(1))], 1)
+                    if resp.keep_alive:
+                        c.used = True
                         keep = c
+                    else:
+                        c.close()
                     return total
                 except SourceError:
-                    c.conn.close()
+                    c.close()
                     raise
-                except (OSError, http.client.HTTPException) as err:
-                    c.conn.close()
+                except _ProtocolError as err:
+                    c.close()
+                    raise self._error("size probe GET", 0, 1, str(err)) from err
+                except OSError as err:
+                    c.close()
                     if attempt == 0 and c.used and isinstance(err, _RETRYABLE):
                         c = self._new_conn()
                         continue
                     raise self._error("size probe GET", 0, 1, _cause(err)) from err
             raise AssertionError("unreachable")
         finally:
-            if keep is not None:
-                keep.used = True
             self._release(keep)
 
-    def _check_status(self, resp: http.client.HTTPResponse, what: str, offset: int,
-                      length: int) -> None:
+    def _check_status(self, resp: _Response, what: str, offset: int, length: int) -> None:
         if resp.status == 206:
             return
         if resp.status == 200:
@@ -319,36 +435,61 @@ class HTTPSource:
                 what, offset, length,
                 "the server answered 200 OK with the whole body instead of 206 Partial Content: "
                 "it ignores Range requests (Accept-Ranges: "
-                f"{resp.getheader('Accept-Ranges', 'absent')}), so pages cannot be fetched on "
+                f"{resp.header(b'accept-ranges', 'absent')}), so pages cannot be fetched on "
                 "demand; enable byte ranges on the server (nginx: remove 'max_ranges 0')")
-        detail = f"HTTP {resp.status} {resp.reason}"
+        detail = f"HTTP {resp.status} {resp.reason or _REASONS.get(resp.status, '')}".rstrip()
         if resp.status in (301, 302, 303, 307, 308):
-            detail += f" to {resp.getheader('Location')!r} (redirects are not followed)"
+            detail += f" to {resp.header(b'location')!r} (redirects are not followed)"
         elif resp.status == 404:
             detail += " (no such file on the server)"
         elif resp.status == 416:
-            detail += f" (range not satisfiable; Content-Range {resp.getheader('Content-Range')})"
+            detail += (f" (range not satisfiable; Content-Range "
+                       f"{resp.header(b'content-range')})")
         raise self._error(what, offset, length, detail)
 
-    def _parse_range(self, resp: http.client.HTTPResponse, offset: int,
-                     length: int) -> tuple[int, int, int]:
-        value = resp.getheader("Content-Range")
-        m = _CONTENT_RANGE.match(value or "")
+    def _check_body(self, resp: _Response, what: str, offset: int, want: int) -> None:
+        """The body must be exactly ``want`` identity-coded bytes delimited by Content-Length:
+        chunked or close-delimited bodies, and compressed ones, are refused."""
+        h = resp.headers
+        te = h.get(b"transfer-encoding")
+        if te is not None and te.lower() != b"identity":
+            raise self._error(what, offset, want,
+                              f"the 206 body is sent with Transfer-Encoding: {te.decode('latin-1')}"
+                              "; only bodies with a Content-Length are supported")
+        ce = h.get(b"content-encoding")
+        if ce is not None and ce.lower() != b"identity":
+            raise self._error(what, offset, want,
+                              f"the 206 body is encoded ({ce.decode('latin-1')}); the source "
+                              "asks for identity and cannot use encoded bytes")
+        clen = h.get(b"content-length")
+        if clen is None:
+            raise self._error(what, offset, want,
+                              "the 206 response has no Content-Length (a body delimited by "
+                              "closing the connection is not supported)")
+        if not clen.isdigit() or int(clen) != want:
+            raise self._error(what, offset, want,
+                              f"Content-Length {clen.decode('latin-1')} does not match the range")
+
+    def _parse_range(self, resp: _Response, offset: int, length: int,
+                     what: str = "GET") -> tuple[int, int, int]:
+        value = resp.headers.get(b"content-range", b"")
+        m = _CONTENT_RANGE.match(value)
         if not m or m.group(1) is None:
-            raise self._error("GET", offset, length,
-                              f"206 response with an unusable Content-Range {value!r}")
-        if m.group(3) == "*":
-            raise self._error("size probe GET", offset, length,
-                              f"the server does not say the total size (Content-Range {value!r});"
-                              " pass size=")
+            raise self._error(what, offset, length,
+                              f"206 response with an unusable Content-Range "
+                              f"{resp.header(b'content-range')!r}")
+        if m.group(3) == b"*":
+            raise self._error(what, offset, length,
+                              "the server does not say the total size (Content-Range "
+                              f"{resp.header(b'content-range')!r}); pass size=")
         return int(m.group(1)), int(m.group(2)), int(m.group(3))
 
-    def _parse_total(self, resp: http.client.HTTPResponse, offset: int, length: int) -> int:
-        value = resp.getheader("Content-Range") or ""
-        m = _CONTENT_RANGE.match(value)
-        if not m or m.group(3) == "*":
+    def _parse_total(self, resp: _Response, offset: int, length: int) -> int:
+        m = _CONTENT_RANGE.match(resp.headers.get(b"content-range", b""))
+        if not m or m.group(3) == b"*":
             raise self._error("size probe GET", offset, length,
-                              f"HTTP 416 without a usable Content-Range ({value!r})")
+                              "HTTP 416 without a usable Content-Range "
+                              f"({resp.header(b'content-range', '')!r})")
         return int(m.group(3))
 
     def _read_group(self, offset: int, bufs: list[memoryview]) -> None:
@@ -360,18 +501,19 @@ class HTTPSource:
             raise self._error("read", offset, total,
                               f"the range starts outside the source (size {self._size})")
         end = min(offset + total, self._size)  # bytes past the size are the final page's tail
-        # Buffers (or their parts) past the end are zero-filled; the rest comes from the GET.
-        targets: list[memoryview] = []
-        pos = offset
-        for b in bufs:
-            n = max(0, min(len(b), end - pos))
-            if n:
-                targets.append(b[:n])
-            if n < len(b):
-                b[n:] = bytes(len(b) - n)
-            pos += len(b)
+        if end - offset == total:
+            targets = bufs
+        else:  # buffers (or their parts) past the end are zero-filled; the rest is fetched
+            targets = []
+            pos = offset
+            for b in bufs:
+                n = max(0, min(len(b), end - pos))
+                if n:
+                    targets.append(b[:n])
+                if n < len(b):
+                    b[n:] = bytes(len(b) - n)
+                pos += len(b)
         want = end - offset
-        c: _Conn | None = None
         try:
             c = self._acquire()
         except TimeoutError as err:
@@ -383,10 +525,13 @@ class HTTPSource:
                     keep = self._get_into(c, offset, want, targets)
                     return
                 except SourceError:
-                    c.conn.close()
+                    c.close()
                     raise
-                except (OSError, http.client.HTTPException) as err:
-                    c.conn.close()
+                except _ProtocolError as err:
+                    c.close()
+                    raise self._error("GET", offset, want, str(err)) from err
+                except OSError as err:
+                    c.close()
                     # A reused keep-alive connection may have been closed by the server while
                     # idle: reconnect once. A fresh connection failing is a real error.
                     if attempt == 0 and c.used and isinstance(err, _RETRYABLE):
@@ -399,9 +544,11 @@ class HTTPSource:
     def _get_into(self, c: _Conn, offset: int, want: int,
                   targets: list[memoryview]) -> _Conn | None:
         last = offset + want - 1
-        resp = self._request(c, offset, last)
-        try:
+        resp = self._exchange(c, offset, last)
+        if resp.status != 206:
             self._check_status(resp, "GET", offset, want)
+        value = resp.headers.get(b"content-range")
+        if value != b"bytes %d-%d/%d" % (offset, last, self._size):  # else: say what is wrong
             first, got_last, total = self._parse_range(resp, offset, want)
             if (first, got_last) != (offset, last):
                 raise self._error("GET", offset, want,
@@ -409,27 +556,45 @@ class HTTPSource:
             if total != self._size:
                 raise self._error("GET", offset, want,
                                   f"the file changed size on the server ({self._size} -> {total})")
-            clen = resp.getheader("Content-Length")
-            if clen is not None and int(clen) != want:
-                raise self._error("GET", offset, want,
-                                  f"Content-Length {clen} does not match the range")
-            done = 0
-            for t in targets:
-                got = 0
-                while got < len(t):
-                    n = resp.readinto(t[got:])
-                    if not n:
-                        raise http.client.IncompleteRead(b"", want - done - got)
-                    got += n
-                done += got
-            reusable = not resp.will_close
-        finally:
-            resp.close()
-        if reusable:
+        h = resp.headers
+        if (h.get(b"content-length") != b"%d" % want or b"transfer-encoding" in h
+                or b"content-encoding" in h):
+            self._check_body(resp, "GET", offset, want)
+        self._read_body(c, resp, targets, want)
+        if resp.keep_alive:
             c.used = True
             return c
-        c.conn.close()
+        c.close()
         return None
+
+    @staticmethod
+    def _read_body(c: _Conn, resp: _Response, targets: list[memoryview], want: int) -> None:
+        """Receive the ``want`` body bytes into ``targets``, in order (straight into them, after
+        the body bytes that came with the head)."""
+        extra = resp.extra
+        if len(extra) > want:
+            raise _ProtocolError(f"the server sent {len(extra) - want} bytes past the body")
+        sock = c.sock
+        assert sock is not None
+        pos = 0  # in extra
+        done = 0
+        for t in targets:
+            got = 0
+            size = len(t)
+            if pos < len(extra):
+                got = min(size, len(extra) - pos)
+                t[:got] = extra[pos:pos + got]
+                pos += got
+            while got < size:
+                n = sock.recv_into(t[got:])
+                if not n:
+                    raise _Incomplete(want - done - got)
+                got += n
+            done += size
+
+
+class _ProtocolError(Exception):
+    """The server's response is not HTTP/1.1 as this client speaks it."""
 
 
 def _bytes_view(buf: memoryview) -> memoryview:
@@ -442,10 +607,12 @@ def _bytes_view(buf: memoryview) -> memoryview:
 
 
 def _cause(err: BaseException) -> str:
-    if isinstance(err, http.client.IncompleteRead):
-        return (f"the connection closed before the whole body arrived ({err.expected} bytes "
-                "missing)")
-    if isinstance(err, http.client.RemoteDisconnected):
+    if isinstance(err, _Incomplete):
+        if err.where == "body":
+            return (f"the connection closed before the whole body arrived ({err.missing} bytes "
+                    "missing)")
+        return "the connection closed in the middle of the response head"
+    if isinstance(err, _Closed):
         return "the server closed the connection without answering"
     if isinstance(err, ConnectionRefusedError):
         return "connection refused (is the server running?)"
