@@ -382,14 +382,16 @@ static void serve_fault(engine_t *e, worker_t *w, struct uffd_msg *m, uint64_t t
         ADD(e->minor_faults, 1);
         struct uffdio_continue c = {.range = {a->base + page_off, e->page}};
         err = uf_ioctl(e->uffd, UFFDIO_CONTINUE, &c);
-        if (err == EEXIST) { /* mapped by another thread meanwhile: ours still waits */
+        if (!err) {
+            /* ours: counted like any install (a page another thread cached, not mapped yet) */
+            got = e->page;
+            ADD(e->bytes, got);
+        } else if (err == EEXIST) { /* mapped by another thread meanwhile: ours still waits */
             ADD(e->eexist, 1);
             err = uf_ioctl(e->uffd, UFFDIO_WAKE, &c.range);
         }
-        if (!err) {
+        if (!err)
             bit_set(e->installed, a->first_page + page_off / e->page);
-            got = e->page;
-        }
     } else {
         uint64_t off = page_off - page_off % e->chunk, n = e->chunk;
         if (off + n > a->len)
