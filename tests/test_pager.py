@@ -273,7 +273,7 @@ def test_gib_file_streaming_checksum(tmp_path: Path) -> None:
             assert h.digest() == file_hash.digest()
             s = settled(p, lambda s: s.bytes_installed == p.size)
             assert s.bytes_installed == size
-            assert s.faults < size // PAGE // 8  # readahead did most of the work
+            assert s.faults < size // PAGE // 20  # readahead did most of the work
             assert p.check() is None
     finally:
         path.unlink()
@@ -424,10 +424,10 @@ def test_readahead_grows_on_sequential_faults() -> None:
     with userfault.map(ZeroSource(size), install="copy") as p:
         _native.touch(p.address, size, PAGE, 0, 0, False)
         s = settled(p, lambda s: s.bytes_installed == size)
-        # the window grows, but readahead only runs while no fault is pending, so a scan
-        # that faults at full speed on one handler thread still takes a share of faults
-        assert s.faults < size // PAGE // 2
-        assert s.readahead_bytes > size // 4
+        # a scan faulting at full speed never leaves the handler idle: readahead must still
+        # run (it once starved: a third of the pages faulted)
+        assert s.faults < size // PAGE // 20
+        assert s.readahead_bytes > size * 3 // 4
         assert s.bytes_installed == size
 
 
@@ -642,10 +642,9 @@ def test_interpreter_exit_with_open_pagers() -> None:
     assert time.monotonic() - t0 < 15
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pager.py bug: the atexit hook closes pagers, munmapping regions while daemon threads "
-    "still touch them (SIGSEGV at exit); see the report"))
 def test_interpreter_exit_while_a_thread_is_mid_touch() -> None:
+    """Daemon threads are not joined before atexit: the exit hook must not unmap memory
+    under a thread that is touching it (it used to: SIGSEGV at exit)."""
     r = run_script("""
         import threading, time, userfault
         from userfault import _native
@@ -734,12 +733,11 @@ def maps_count() -> int:
         return sum(1 for _ in f)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pager.py bug: Pager.__init__ opens the FileSource and makes the region before validating "
-    "the options, outside the try that tears down: fds and mappings leak; see the report"))
 @pytest.mark.parametrize("kwargs", [{"install": "move", "region": "memfd"}, {"threads": 0},
                                     {"install": "bogus"}])
 def test_bad_options_leak_nothing(kwargs: dict, tmp_path: Path) -> None:
+    """Options are checked before anything is opened or mapped, or torn down on failure
+    (the file's fd, the memfd and the mapping used to leak)."""
     path = tmp_path / "f.bin"
     path.write_bytes(b"x" * 100000)
     gc.collect()  # what earlier tests left for the collector goes first
