@@ -68,9 +68,9 @@ def test_snapshot_served_while_the_faulting_thread_holds_the_gil(
         assert bytes(view[:len(data)]) == data  # one GIL-holding memcpy over every page
         assert bytes(view[len(data):]) == bytes(pager.size - len(data))  # tail page padding
         view.release()
+        assert _settle(pager, "bytes_installed", pager.size) == pager.size
         stats = pager.stats()
         assert stats.faults > 0
-        assert stats.bytes_installed >= len(data) // PAGE * PAGE
         assert stats.readahead_bytes > 0  # sequential: the window grew
         assert sum(stats.latency_histogram) == stats.faults
         records = pager.faults()
