@@ -54,20 +54,21 @@ from .sources.native import (
     PatternSource,
     ZeroSource,
 )
+from .tracking import PageRange, WriteTracker, pagemap_scan
 from .uffd import DEFAULT_FEATURES, PAGE_SIZE, Uffd, offered_features, recv_uffd, send_uffd
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_FEATURES", "HUGE_PAGE_SIZE", "PAGE_SIZE",
-    "AlreadyMappedError", "BadArgumentError", "BatchedPageSource", "BufferSource",
-    "ClosedError", "ContinueMode", "CopyMode", "CyclingSource", "Event", "FaultFlag",
-    "FaultRecord", "Feature", "FeatureUnavailableError", "FileSource", "Fork", "Ioctl",
-    "MappingChangedError", "MoveMode", "PageCategory", "PageSource", "Pagefault", "Pager",
-    "PagerError", "PagerStats", "PatternSource", "PermissionDeniedError", "PoisonMode",
-    "ProcessGoneError", "RangeNotRegisteredError", "Region", "RegisterMode", "Remap", "Remove",
-    "ScanFlag", "SnapshotError", "SourceError", "Uffd", "UffdError", "Unmap",
-    "WritablePageSource", "WriteProtectMode", "ZeroSource", "ZeropageMode", "__version__",
-    "align_down", "align_up", "hugepages_free", "map", "offered_features", "parse_messages",
-    "recv_uffd", "send_uffd",
+    "DEFAULT_FEATURES", "HUGE_PAGE_SIZE", "PAGE_SIZE", "AlreadyMappedError", "BadArgumentError",
+    "BatchedPageSource", "BufferSource", "ClosedError", "ContinueMode", "CopyMode",
+    "CyclingSource", "Event", "FaultFlag", "FaultRecord", "Feature", "FeatureUnavailableError",
+    "FileSource", "Fork", "Ioctl", "MappingChangedError", "MoveMode", "PageCategory",
+    "PageRange", "PageSource", "Pagefault", "Pager", "PagerError", "PagerStats",
+    "PatternSource", "PermissionDeniedError", "PoisonMode", "ProcessGoneError",
+    "RangeNotRegisteredError", "Region", "RegisterMode", "Remap", "Remove", "ScanFlag",
+    "SnapshotError", "SourceError", "Uffd", "UffdError", "Unmap", "WritablePageSource",
+    "WriteProtectMode", "WriteTracker", "ZeroSource", "ZeropageMode", "__version__",
+    "align_down", "align_up", "hugepages_free", "map", "offered_features", "pagemap_scan",
+    "parse_messages", "recv_uffd", "send_uffd",
 ]

@@ -132,7 +132,7 @@ class Uffd:
         self,
         features: Feature | None = None,
         *,
-        required: Feature = Feature(0),  # noqa: B008
+        required: Feature = Feature(0),
         nonblocking: bool = True,
         cloexec: bool = True,
         user_mode_only: bool | None = None,
@@ -176,7 +176,7 @@ class Uffd:
     # -- lifetime ---------------------------------------------------------------------------
 
     @classmethod
-    def from_fd(cls, fd: int, *, features: Feature = Feature(0), handshake: bool = False,  # noqa: B008
+    def from_fd(cls, fd: int, *, features: Feature = Feature(0), handshake: bool = False,
                 nonblocking: bool | None = None) -> Uffd:
         """Adopt an existing userfaultfd (received from another process, or a fork event).
 
@@ -319,7 +319,7 @@ class Uffd:
             raise self._fail(err, "UFFDIO_WAKE", address, length)
 
     def copy(self, dst: int, src: int | bytes | bytearray | memoryview, length: int | None = None,
-             mode: CopyMode = CopyMode(0)) -> int:  # noqa: B008
+             mode: CopyMode = CopyMode(0)) -> int:
         """UFFDIO_COPY: install ``length`` bytes from ``src`` (an address or a buffer) at ``dst``.
 
         Returns the bytes copied. On failure the error's ``done`` holds the bytes copied
@@ -352,7 +352,7 @@ class Uffd:
                              "dst must lie in a registered range and src must be readable")
         return int(done)
 
-    def zeropage(self, address: int, length: int, mode: ZeropageMode = ZeropageMode(0)) -> int:  # noqa: B008
+    def zeropage(self, address: int, length: int, mode: ZeropageMode = ZeropageMode(0)) -> int:
         """UFFDIO_ZEROPAGE: map zero pages (not on hugetlb). Returns bytes done."""
         fd = self._check("UFFDIO_ZEROPAGE", address, length)
         done, err = self._until_error(
@@ -376,7 +376,7 @@ class Uffd:
             raise self._fail(err, "UFFDIO_WRITEPROTECT", address, length,
                              hint="the range must be registered with RegisterMode.WP")
 
-    def continue_(self, address: int, length: int, mode: ContinueMode = ContinueMode(0)) -> int:  # noqa: B008
+    def continue_(self, address: int, length: int, mode: ContinueMode = ContinueMode(0)) -> int:
         """UFFDIO_CONTINUE: map pages already in the page cache (MINOR faults). Bytes done."""
         fd = self._check("UFFDIO_CONTINUE", address, length)
         done, err = self._until_error(
@@ -389,7 +389,7 @@ class Uffd:
             raise self._fail(err, "UFFDIO_CONTINUE", address, length, done, hint)
         return int(done)
 
-    def poison(self, address: int, length: int, mode: PoisonMode = PoisonMode(0)) -> int:  # noqa: B008
+    def poison(self, address: int, length: int, mode: PoisonMode = PoisonMode(0)) -> int:
         """UFFDIO_POISON: make accesses to the range raise SIGBUS. Bytes done."""
         fd = self._check("UFFDIO_POISON", address, length)
         done, err = self._until_error(
@@ -399,7 +399,7 @@ class Uffd:
                              "POISON needs the POISON feature and a registered range")
         return int(done)
 
-    def move(self, dst: int, src: int, length: int, mode: MoveMode = MoveMode(0)) -> int:  # noqa: B008
+    def move(self, dst: int, src: int, length: int, mode: MoveMode = MoveMode(0)) -> int:
         """UFFDIO_MOVE: move pages from ``src`` (private anonymous) to registered ``dst``.
 
         Returns bytes moved; ``src`` is left empty.
@@ -462,7 +462,7 @@ def send_uffd(sock: socket.socket, uffd: Uffd | int, data: bytes = b"\0") -> Non
 
 
 def recv_uffd(sock: socket.socket, bufsize: int = 65536, *,
-              features: Feature = Feature(0)) -> tuple[Uffd, bytes]:  # noqa: B008
+              features: Feature = Feature(0)) -> tuple[Uffd, bytes]:
     """Receive a userfaultfd sent with :func:`send_uffd` (or by Firecracker).
 
     Returns the descriptor as a :class:`Uffd` (handshake already done by the sender) and the
