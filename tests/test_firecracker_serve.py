@@ -651,3 +651,18 @@ def test_redis_memory_file(tmp_path: Path, mem_file: Path, redis_server: Any) ->
         (rep,) = srv.stop()
     assert rep["bytes_installed"] >= 4 << 20
     assert "FaultServer" in srv.stderr()
+
+
+def test_max_vms_refuses_extra_connections(tmp_path: Path, mem_file: Path) -> None:
+    data = mem_file.read_bytes()
+    with server(tmp_path, mem_file, "--max-vms", "1") as srv, vmm([(4 << 20, 0)]) as a, \
+            vmm([(4 << 20, 4 << 20)]) as b:
+        a.connect(srv.socket)
+        srv.wait_stderr("vm 1: 1 region(s)")
+        b.connect(srv.socket)
+        assert b.sock is not None and _closed_by_peer(b.sock)
+        assert "vm 2: refused: already serving 1 VM(s)" in srv.wait_stderr("refused")
+        touch(a.regions[0][0].address, 4 << 20)
+        check_all(a, data)
+        (rep,) = srv.stop()
+    assert rep["vm"] == 1
