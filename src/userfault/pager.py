@@ -227,8 +227,8 @@ class Pager(_native.Mapping):
     ) -> None:
         self._closed = True
         self._runtime: Any = None
-        self.uffd: Uffd | None = None
-        self.region: Region | None = None  # type: ignore[assignment]
+        self.uffd: Uffd
+        self.region: Region
         src = _as_source(source)
         self.source = src
         self._owns_source = src is not source  # made here from a path or buffer: ours to close
@@ -365,7 +365,7 @@ class Pager(_native.Mapping):
             raise ImportError("Pager.array needs numpy: pip install userfault[numpy]") from err
         dt = np.dtype(dtype)
         count = self.source.size // dt.itemsize if shape is None else -1
-        arr = np.frombuffer(self, dtype=dt, count=count)
+        arr: np.ndarray[Any, Any] = np.frombuffer(memoryview(self), dtype=dt, count=count)
         return arr if shape is None else arr.reshape(shape)
 
     # -- policy and observation ---------------------------------------------------------------
@@ -411,10 +411,13 @@ class Pager(_native.Mapping):
         if self._runtime is not None:
             self._runtime.stop()
             self._runtime = None  # the engine pins the source's buffer until it is freed
-        if self.uffd is not None:
-            self.uffd.close()  # closing unregisters every range of this userfaultfd
-        if self.region is not None:
-            self.region.close()
+        # Either may be missing when construction failed part-way.
+        uffd: Uffd | None = getattr(self, "uffd", None)
+        if uffd is not None:
+            uffd.close()  # closing unregisters every range of this userfaultfd
+        region: Region | None = getattr(self, "region", None)
+        if region is not None:
+            region.close()
         close_source = getattr(self.source, "close", None)
         if self._owns_source and close_source is not None:
             close_source()

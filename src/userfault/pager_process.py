@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     _send(sock, {"ok": True})
     try:
         while True:
-            ready, _, _ = select.select([sock, pidfd], [], [])
+            ready, _, _ = select.select([sock.fileno(), pidfd], [], [])
             if pidfd in ready:
                 os.waitpid(pid, 0)
                 os.close(pidfd)
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                         return 0  # the memory is gone: nothing left to serve
                 pid = _spawn_worker(uffd, config, source, state)
                 pidfd = os.pidfd_open(pid)
-            if sock in ready:
+            if sock.fileno() in ready:
                 request = _recv(sock)
                 if request is None or request["op"] == "stop":
                     return 0
