@@ -106,10 +106,8 @@ def data8() -> bytes:
 @pytest.fixture
 def hugepages() -> Iterator[int]:
     """Reserve 16 huge pages for the test; restore the pool size afterwards."""
-    path = Path("/proc/sys/vm/nr_hugepages")
     try:
-        old = int(path.read_text())
-        path.write_text(str(old + 16))
+        _grow_pool(16)
     except OSError as err:
         pytest.skip(f"cannot reserve hugetlb pages: {err}")
     try:
@@ -117,7 +115,14 @@ def hugepages() -> Iterator[int]:
             pytest.skip(f"reserved hugetlb pages but only {userfault.hugepages_free()} are free")
         yield userfault.hugepages_free()
     finally:
-        path.write_text(str(old))
+        _grow_pool(-16)
+
+
+def _grow_pool(delta: int) -> None:
+    """Grow or shrink the hugetlb pool by ``delta`` pages relative to what it is now, so that
+    other users of the pool changing it meanwhile keep their share."""
+    path = Path("/proc/sys/vm/nr_hugepages")
+    path.write_text(str(max(0, int(path.read_text()) + delta)))
 
 
 # -- every native source ---------------------------------------------------------------------
@@ -759,13 +764,11 @@ def hugepages_if_needed(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 def _reserve(n: int) -> Iterator[None]:
-    path = Path("/proc/sys/vm/nr_hugepages")
-    old = int(path.read_text())
+    _grow_pool(n)
     try:
-        path.write_text(str(old + n))
         yield
     finally:
-        path.write_text(str(old))
+        _grow_pool(-n)
 
 
 class PySource:
