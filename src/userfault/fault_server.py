@@ -23,7 +23,7 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import _native
 from ._events import EVENT_PAGEFAULT, MSG_SIZE, Fork, Remap, Remove, Unmap, parse_messages
@@ -48,16 +48,24 @@ _PAGEFAULT = struct.Struct("<B7xQQI4x")  # struct uffd_msg of a page fault: even
 _FLUSH_NS = 1_000_000  # counters reach shared memory at most this late while busy
 _F_FAULTS, _F_WRITES, _F_BYTES = INDEX["faults"], INDEX["write_faults"], INDEX["fault_bytes"]
 _F_INSTALLED = INDEX["bytes_installed"]
+_WRITE = int(FaultFlag.WRITE)
 ON_ERROR = ("poison", "retry", "zero")
 
 
-@dataclass
+@dataclass(eq=False)
 class Area:
-    """A registered range served from ``source_offset`` onwards."""
+    """A registered range served from ``source_offset`` onwards, with its page states."""
 
     address: int
     length: int
     source_offset: int
+    page_size: int = PAGE_SIZE
+    installed: bytearray = field(init=False, repr=False)
+    removed: bytearray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.installed = bytearray(self.length // self.page_size)
+        self.removed = bytearray(self.length // self.page_size)
 
 
 class FaultServer:
@@ -98,7 +106,7 @@ class FaultServer:
         if not areas:
             raise ValueError("a fault server needs at least one area")
         self.uffd = uffd
-        self.areas = [Area(*a) for a in areas]
+        self.areas = [Area(*a, page_size) for a in areas]
         self.source = source
         self.page = page_size
         self.chunk = max(chunk or page_size, page_size)
@@ -108,12 +116,11 @@ class FaultServer:
         self.state = state or SharedState(log_faults)
         self._slot_base = slot_base
         self._populate = [(a, 0) for a in self.areas] if populate else []
-        self._installed = {id(a): bytearray(a.length // page_size) for a in self.areas}
-        self._removed = {id(a): bytearray(a.length // page_size) for a in self.areas}
         self._removed_count = 0
         self._fd = uffd.fileno()
         self._read_into = source.read_into
         self._local = threading.local()
+        self._logging = self.state.log_capacity > 0
         self._unit = max(self.chunk, _PIECE, readahead[1])
         self._lock = threading.Lock()
         self._ra_window = 0
@@ -177,7 +184,7 @@ class FaultServer:
         page = self.page
         if not skip_installed:
             return [(off // page, (off + length) // page)]
-        installed = self._installed[id(area)]
+        installed = area.installed
         runs: list[tuple[int, int]] = []
         start = None
         for p in range(off // page, (off + length) // page):
@@ -214,7 +221,7 @@ class FaultServer:
         total = 0
         for (first, end), view in zip(runs, views, strict=True):
             if self._removed_count:  # like anonymous memory, a removed page reads as zeros
-                removed = self._removed[id(area)]
+                removed = area.removed
                 for p in range(first, end):
                     if removed[p]:
                         view[(p - first) * page:(p - first + 1) * page] = bytes(page)
@@ -222,7 +229,7 @@ class FaultServer:
         return total
 
     def _copy(self, area: Area, off: int, buf: memoryview, dontwake: bool) -> int:
-        installed = self._installed[id(area)]
+        installed = area.installed
         page, pos, done_total = self.page, 0, 0
         mode = CopyMode.DONTWAKE if dontwake else CopyMode(0)
         while pos < len(buf):
@@ -269,7 +276,8 @@ class FaultServer:
                 return a
         return None
 
-    def _serve_fault(self, c: CounterSlot, address: int, flags: int, tid: int, t0: int) -> None:
+    def _serve_fault(self, c: CounterSlot, chunk_buf: memoryview, address: int, flags: int,
+                     tid: int, t0: int) -> None:
         """Serve one page fault: its chunk, a wake, then readahead when sequential.
 
         The common case (source read succeeds, the copy installs everything) costs one
@@ -286,7 +294,7 @@ class FaultServer:
         n = min(self.chunk, area.length - off)
         got, woken, tried = 0, False, False
         if not self._removed_count:
-            buf = self._buffer(n)
+            buf = chunk_buf if n == self.chunk else self._buffer(n)
             try:
                 self._read_into(area.source_offset + off, buf)
             except Exception:  # the slow path below retries and applies on_error
@@ -295,7 +303,7 @@ class FaultServer:
                 tried = True
                 got, err = _native.copy(self._fd, area.address + off, buf, n, 0)
                 woken = not err  # a successful copy woke the range, faulting page included
-                self._installed[id(area)][off // page:(off + got) // page] = b"\1" * (got // page)
+                area.installed[off // page:(off + got) // page] = b"\1" * (got // page)
                 if err:
                     got += self._copy(area, off + got, buf[got:], False)
                 c.values[_F_INSTALLED] += got if woken else 0
@@ -309,12 +317,14 @@ class FaultServer:
         v = c.values
         v[_F_FAULTS] += 1
         v[_F_BYTES] += got
-        if flags & FaultFlag.WRITE:
+        if flags & _WRITE:
             v[_F_WRITES] += 1
         t1 = time.monotonic_ns()
         c.observe(t1 - t0)
-        if self.state.log_capacity:
+        if self._logging:
             self.state.log((address, area.source_offset + page_off, flags, tid, t0, t1 - t0))
+        if not self.readahead[1]:
+            return
         # Readahead right after the wake, in one batched read: Python sources pay a round trip
         # per read, so a sequential reader is best served a growing window at once.
         window = self._next_window(area, off, off + n)
@@ -354,9 +364,9 @@ class FaultServer:
         for a in self.areas:
             lo, hi = max(start, a.address), min(end, a.address + a.length)
             for p in range((lo - a.address) // self.page, (hi - a.address) // self.page):
-                self._installed[id(a)][p] = 0
-                if removed and not self._removed[id(a)][p]:
-                    self._removed[id(a)][p] = 1
+                a.installed[p] = 0
+                if removed and not a.removed[p]:
+                    a.removed[p] = 1
                     self._removed_count += 1
 
     def _handle(self, ev: object) -> None:
@@ -385,6 +395,7 @@ class FaultServer:
 
     def _serve(self, c: CounterSlot, stop: threading.Event | None) -> None:
         read_msgs, unpack = _native.read_msgs, _PAGEFAULT.unpack_from
+        chunk_buf = memoryview(bytearray(self.chunk))  # this thread's fault buffer
         while not self._stopped and not (stop is not None and stop.is_set()):
             # Busy: poll without waiting. Idle: wait, but publish counters within 1 ms.
             timeout = 0 if self._has_work() else (1 if c.dirty else 200)
@@ -399,7 +410,7 @@ class FaultServer:
                 for pos in range(0, len(data), MSG_SIZE):
                     event, flags, address, tid = unpack(data, pos)
                     if event == EVENT_PAGEFAULT:
-                        self._serve_fault(c, address, flags, tid, t0)
+                        self._serve_fault(c, chunk_buf, address, flags, tid, t0)
                     else:
                         self._handle(parse_messages(data[pos:pos + MSG_SIZE])[0])
                 if data:
@@ -420,8 +431,7 @@ class FaultServer:
                 continue  # unregistered under us: its waiters were woken by the kernel
 
     def _has_work(self) -> bool:
-        with self._lock:
-            return bool(self._populate)
+        return bool(self._populate)  # a hint: _claim() decides under the lock
 
     def stop(self) -> None:
         """Ask :meth:`serve_forever` to return (within its 0.2 s poll)."""
