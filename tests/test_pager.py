@@ -248,6 +248,19 @@ def test_hugetlb_copy(hugepages: int, chunk: int | None) -> None:
     assert userfault.hugepages_free() >= 7  # the pages went back to the pool
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_hugetlb_populate_and_readahead(hugepages: int, threads: int) -> None:
+    body = page_numbered(14 * MiB)
+    with userfault.map(body, region="hugetlb", populate=True, threads=threads) as p:
+        _native.touch(p.address + 10 * MiB, 1, 1, 0, 0, True)
+        _native.touch(p.address, 6 * MiB, PAGE, 0, 0, False)
+        s = settled(p, lambda s: s.bytes_installed == p.size)
+        assert s.bytes_installed == p.size
+        assert (s.fault_bytes + s.readahead_bytes + s.populate_bytes == p.size)
+        assert p.check() is None
+        assert_same(p, body)
+
+
 def test_hugetlb_zero_source_uses_copy(hugepages: int) -> None:
     with userfault.map(ZeroSource(4 * MiB), region="hugetlb") as p:
         assert p.install == "copy"

@@ -473,12 +473,15 @@ static void handle_event(engine_t *e, worker_t *w, struct uffd_msg *m, uint64_t 
 /* Claim the next piece of background work: readahead first, then (unless ra_only) populate. */
 static int claim_piece(engine_t *e, area_t **a, uint64_t *off, uint64_t *n, int *is_ra, int ra_only)
 {
+    /* At least a page: pieces of a 2 MiB hugetlb page would start mid-page, and an install
+     * there (when the page is not marked installed yet) is EINVAL. */
+    uint64_t piece = e->page > PIECE ? e->page : PIECE;
     int found = 0;
     pthread_mutex_lock(&e->lock);
     if (e->ra_next < e->ra_end) {
         *a = &e->areas[e->ra_area];
         *off = e->ra_next;
-        *n = e->ra_end - e->ra_next < PIECE ? e->ra_end - e->ra_next : PIECE;
+        *n = e->ra_end - e->ra_next < piece ? e->ra_end - e->ra_next : piece;
         e->ra_next += *n;
         *is_ra = 1;
         found = 1;
@@ -492,7 +495,7 @@ static int claim_piece(engine_t *e, area_t **a, uint64_t *off, uint64_t *n, int 
             }
             *a = pa;
             *off = e->pop_next;
-            *n = pa->len - e->pop_next < PIECE ? pa->len - e->pop_next : PIECE;
+            *n = pa->len - e->pop_next < piece ? pa->len - e->pop_next : piece;
             e->pop_next += *n;
             *is_ra = 0;
             found = 1;
