@@ -807,6 +807,14 @@ def test_bad_sources() -> None:
         FileSource("/nonexistent/file")
 
 
+def test_non_contiguous_buffer_is_refused_clearly() -> None:
+    strided = np.arange(1 << 16, dtype=np.uint32).reshape(256, 256)[:, ::2]
+    with pytest.raises(TypeError, match=r"C-contiguous.*ascontiguousarray"):
+        userfault.map(strided)
+    with userfault.map(np.ascontiguousarray(strided)) as p:
+        assert np.array_equal(p.array("uint32", strided.shape), strided)
+
+
 def test_empty_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "empty").write_bytes(b"")
     with pytest.raises(userfault.SourceError, match="empty"):

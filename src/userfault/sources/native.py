@@ -114,7 +114,13 @@ class BufferSource(NativeSource):
     kind = KIND_MEMORY
 
     def __init__(self, data: Any) -> None:
-        view = memoryview(data).cast("B")
+        view = memoryview(data)
+        if not view.c_contiguous:
+            view.release()
+            raise TypeError("a buffer source must be C-contiguous (the engine copies pages "
+                            "straight out of it): pass a copy, e.g. "
+                            "numpy.ascontiguousarray(data)")
+        view = view.cast("B")
         super().__init__(view.nbytes)
         self._view = view
 
