@@ -169,14 +169,23 @@ class NativeRuntime:
         """Packed fault records (see ``_RECORD``)."""
         return bytes(self.engine.drain_log())
 
-    def error(self) -> str | None:
-        """The first serving error, if any."""
+    def log_dropped(self) -> int:
+        """Fault records dropped because the log was full."""
+        return int(self.engine.log_dropped)
+
+    def error_info(self) -> tuple[int, str] | None:
+        """The first serving error as ``(errno, what failed where)``, if any."""
         err = self.engine.error()
-        if err is None:
+        return None if err is None else (int(err[0]), f"{err[1]} at {int(err[2]):#x}")
+
+    def error(self) -> str | None:
+        """The first serving error, if any, as a sentence."""
+        info = self.error_info()
+        if info is None:
             return None
-        code, op, addr = err
-        return (f"{op} at {addr:#x} failed: {os.strerror(code)} (errno {code}); affected pages "
-                "were poisoned (SIGBUS), never zero-filled")
+        code, what = info
+        return (f"{what} failed: {os.strerror(code)} (errno {code}); affected pages were "
+                "poisoned (SIGBUS), never zero-filled")
 
 
 class Pager(_native.Mapping):

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from .. import _native
-from ..pager import PagerStats
+from ..pager import NativeRuntime, PagerStats
 from ..sources.native import KIND_MEMORY, FileSource, NativeSource
 from .protocol import (
     FirecrackerProtocolError,
@@ -265,37 +265,6 @@ class VMReport:
 # -- runtimes: the C engine, or FaultServer for Python sources ------------------------------
 
 
-class _EngineRuntime:
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
-
-    def start(self) -> None:
-        self.engine.start()
-
-    def stop(self) -> None:
-        self.engine.stop()
-
-    def prefetch(self, ranges: list[tuple[int, int]]) -> int:
-        done, err, addr = self.engine.prefetch(ranges)
-        if err:
-            raise OSError(err, f"prefetch stopped at {addr:#x} after {done} bytes: "
-                               f"{os.strerror(err)}")
-        return int(done)
-
-    def counters(self) -> dict[str, Any]:
-        return dict(self.engine.stats())
-
-    def drain_log(self) -> bytes:
-        return bytes(self.engine.drain_log())
-
-    def log_dropped(self) -> int:
-        return int(self.engine.log_dropped)
-
-    def error(self) -> tuple[int, str] | None:
-        err = self.engine.error()
-        return None if err is None else (int(err[0]), f"{err[1]} at {int(err[2]):#x}")
-
-
 class _FaultServerRuntime:
     """:class:`~userfault.fault_server.FaultServer` on ``threads`` Python threads."""
 
@@ -336,7 +305,7 @@ class _FaultServerRuntime:
     def log_dropped(self) -> int:
         return int(self.server.counters().get("log_dropped", 0) or 0)
 
-    def error(self) -> tuple[int, str] | None:
+    def error_info(self) -> tuple[int, str] | None:
         if self._exc is not None:
             return (getattr(self._exc, "errno", None) or errno.EIO, repr(self._exc))
         err = self.server.state.error() if hasattr(self.server, "state") else None
@@ -617,7 +586,7 @@ class FirecrackerPager:
                     self._drain(runtime, report, recorded)
                     report.stats = PagerStats.from_counters(runtime.counters())
                     report.log_dropped = runtime.log_dropped()
-                    failure = runtime.error()
+                    failure = runtime.error_info()
                     if failure is not None and failure[0] != errno.ESRCH and not report.error:
                         report.error = f"{os.strerror(failure[0])} ({failure[1]})"
             if pidfd >= 0:
@@ -656,15 +625,12 @@ class FirecrackerPager:
         os.set_blocking(uffd, False)
         log_cap = _LOG_CAPACITY if self.record is not None else 0
         if self.native:
-            return _EngineRuntime(_native.Engine(
+            return NativeRuntime(_native.Engine(
                 uffd, areas, page, KIND_MEMORY, _INSTALL_COPY, chunk=chunk,
                 readahead_min=ra[0], readahead_max=ra[1], populate=self.populate,
                 threads=self.threads, log_capacity=log_cap, poison_on_error=True,
                 **self.source.engine_args()))
-        try:
-            from ..fault_server import FaultServer  # lazily: only Python sources need it
-        except ImportError:  # pragma: no cover - older layout
-            from ..pager_process import FaultServer  # type: ignore[attr-defined,no-redef]
+        from ..fault_server import FaultServer  # lazily: only Python sources need it
         from ..uffd import Uffd
 
         owned = Uffd.from_fd(os.dup(uffd), nonblocking=True)
@@ -720,7 +686,7 @@ class FirecrackerPager:
                             return "VMM closed the connection"
                         # Firecracker keeps the socket open for the VM's life; if it ever
                         # closes it early, keep serving until the process itself is gone.
-            err = runtime.error()
+            err = runtime.error_info()
             if err is not None and err[0] == errno.ESRCH:
                 return "VMM exited (ESRCH)"
             self._drain(runtime, report, recorded)
