@@ -683,9 +683,6 @@ def test_interpreter_exit_while_a_thread_is_mid_touch() -> None:
     assert r.returncode == 0, (r.returncode, r.stderr)
 
 
-@pytest.mark.xfail(strict=True, raises=subprocess.TimeoutExpired, reason=(
-    "pager.py: the exit hook stops the native engine while the memory stays registered, so an "
-    "atexit handler that runs after it and reads an unserved page blocks forever"))
 def test_atexit_handler_can_still_read_the_memory() -> None:
     r = run_script("""
         import atexit

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -313,6 +314,21 @@ def test_pager_process_exits_with_its_parent(snapshot_file: tuple[Path, bytes]) 
         # an exited child of the dead parent is reaped by init; a live one still answers
         time.sleep(0.05)
     pytest.fail(f"pager process {pid} outlived its parent")
+
+
+def test_a_pager_outlives_the_thread_that_created_it(snapshot_file: tuple[Path, bytes]) -> None:
+    # PR_SET_PDEATHSIG would kill the pager process when this thread ends; it must not.
+    path, data = snapshot_file
+    made: list[userfault.Pager] = []
+    t = threading.Thread(target=lambda: made.append(userfault.Pager(SnapshotSource(path))))
+    t.start()
+    t.join()
+    with made[0] as pager:
+        time.sleep(0.2)  # give a wrongly killed supervisor time to die
+        assert pager._runtime.error() is None
+        view = memoryview(pager)
+        assert bytes(view[3 << 20:(3 << 20) + 4096]) == data[3 << 20:(3 << 20) + 4096]
+        view.release()
 
 
 def test_no_process_fd_or_thread_leak(snapshot_file: tuple[Path, bytes]) -> None:

@@ -10,10 +10,8 @@ A ``Pager`` is itself a buffer: ``memoryview(pager)``, ``numpy.frombuffer(pager)
 
 from __future__ import annotations
 
-import atexit
 import os
 import struct
-import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -42,7 +40,6 @@ _INSTALL_CODES = {"copy": 0, "zeropage": 1, "move": 2, "continue": 3}
 _RECORD = struct.Struct("<6Q")
 _ON_ERROR = ("poison", "retry", "zero")
 
-_open_pagers: weakref.WeakSet[Pager] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -279,7 +276,6 @@ class Pager(_native.Mapping):
             raise
         self._closed = False
         self._attach(self.region.address, self.region.size, False)
-        _open_pagers.add(self)
 
     @staticmethod
     def _check_options(src: PageSource, runtime: Runtime, on_error: str, threads: int
@@ -432,12 +428,16 @@ class Pager(_native.Mapping):
             close_source()
 
     def close(self) -> None:
-        """Stop serving, unregister and unmap; idempotent. Views must be released first."""
+        """Stop serving, unregister and unmap; idempotent. Views must be released first.
+
+        A pager left open at interpreter exit keeps serving until the process ends (other
+        atexit handlers and daemon threads may still touch its memory); the kernel then
+        unregisters and unmaps everything.
+        """
         if self._closed:
             return
         self._detach()
         self._closed = True
-        _open_pagers.discard(self)
         self._teardown()
 
     def __enter__(self) -> Pager:
@@ -461,16 +461,3 @@ def map(source: Any, **options: Any) -> Pager:
     Options are those of :class:`Pager`.
     """
     return Pager(source, **options)
-
-
-@atexit.register
-def _stop_all_at_exit() -> None:
-    """Stop serving at interpreter exit, but leave the memory registered and mapped.
-
-    Daemon threads may still be touching it: unmapping would crash them (SIGSEGV) and
-    unregistering would let them read zeros. Blocked in a fault, they end with the process,
-    and the kernel unregisters and unmaps everything then.
-    """
-    for pager in list(_open_pagers):
-        if pager._runtime is not None:
-            pager._runtime.stop()

@@ -9,7 +9,9 @@ source is served by a *pager process*. Layout::
 
 The supervisor is single-threaded and only watches: when the worker dies (killed, crashed),
 it wakes every thread blocked on the areas (UFFDIO_WAKE) so they fault again, and forks a new
-worker, which serves the new faults. Both die with your process (PR_SET_PDEATHSIG).
+worker, which serves the new faults. The supervisor exits with your process (it watches it
+through a pidfd and the socket); the worker dies with the supervisor (PR_SET_PDEATHSIG, safe
+there: the supervisor is single-threaded).
 ``python -m userfault.pager_process SOCK_FD STATE_FD`` is the supervisor's entry point.
 """
 
@@ -213,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     """Supervisor entry point: ``SOCK_FD STATE_FD``."""
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="userfault pager: %(message)s")
-    _die_with_parent()
+    # Not PR_SET_PDEATHSIG here: it fires when the *thread* that started us exits, and a pager
+    # may be created by a short-lived thread. Watch the parent process itself instead.
+    parent = os.pidfd_open(os.getppid())
     sock = socket.socket(fileno=int(args[0]))
     state = SharedState.attach(int(args[1]))
     uffd, _ = recv_uffd(sock)
@@ -232,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     _send(sock, {"ok": True})
     try:
         while True:
-            ready, _, _ = select.select([sock.fileno(), pidfd], [], [])
+            ready, _, _ = select.select([sock.fileno(), pidfd, parent], [], [])
+            if parent in ready:
+                return 0  # the faulting process is gone: nothing left to serve
             if pidfd in ready:
                 os.waitpid(pid, 0)
                 os.close(pidfd)
