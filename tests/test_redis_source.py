@@ -8,6 +8,7 @@ import json
 import multiprocessing
 import pickle
 import random
+from pathlib import Path
 
 import pytest
 import redis
@@ -15,7 +16,7 @@ import redis.cluster
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server_fixtures import FreshServers
+from server_fixtures import FreshServers, require_servers
 from servers import RedisCluster, RedisServer
 from userfault.errors import SourceError
 from userfault.sources.base import BatchedPageSource, WritablePageSource
@@ -293,3 +294,41 @@ def test_read_many_random_batches(stored: tuple[RedisSource, bytes],
     src.read_many([(off, memoryview(b)) for off, b in reqs])
     for off, b in reqs:
         assert bytes(b) == expected(data, off, len(b))
+
+
+def test_lean_reads_with_password_and_database(tmp_path: Path) -> None:
+    """Reads on a plain redis:// URL go through the source's own RESP client: it must AUTH
+    and SELECT as redis-py would, and report a refused password clearly."""
+    server = require_servers(lambda: RedisServer(tmp_path / "auth"))
+    server.start()
+    try:
+        admin = redis.Redis.from_url(server.url)
+        admin.config_set("requirepass", "s3cret")  # after start: servers.py pings without AUTH
+        admin.close()
+        url = f"redis://:s3cret@127.0.0.1:{server.port}/3"
+        data = make_data(5)
+        src = upload(data, url, prefix="a:")
+        assert src._lean is not None  # the lean path is the one under test
+        fresh = RedisSource(url, prefix="a:")
+        assert read(fresh, 0, SIZE) == data
+        assert read(fresh, 7 * PAGE + 5, 3 * PAGE) == expected(data, 7 * PAGE + 5, 3 * PAGE)
+        r = redis.Redis.from_url(url)
+        assert r.dbsize() > 300 and redis.Redis.from_url(url.replace("/3", "/0")).dbsize() == 0
+        r.close()
+        wrong = RedisSource(f"redis://:nope@127.0.0.1:{server.port}/3", prefix="a:", size=SIZE,
+                            page_size=PAGE)
+        with pytest.raises(SourceError, match=r"read \[0, 4096\).*WRONGPASS"):
+            wrong.read_into(0, memoryview(bytearray(PAGE)))
+    finally:
+        server.stop()
+
+
+def test_lean_connection_killed_while_idle_is_retried_once(redis_server: RedisServer) -> None:
+    data = make_data(6)
+    src = upload(data, redis_server.url, prefix=new_prefix())
+    assert read(src, 0, PAGE) == data[:PAGE]  # a pooled lean connection now exists
+    r = redis.Redis.from_url(redis_server.url)
+    killed = r.client_kill_filter(_type="normal", skipme=True)
+    assert killed >= 1
+    assert read(src, 5 * PAGE, PAGE) == data[5 * PAGE: 6 * PAGE]
+    r.close()

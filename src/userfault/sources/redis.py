@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -147,6 +149,10 @@ class RedisSource:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._client_obj: Any = None
+        # Reads on a standalone redis:// server use a lean RESP client of our own (a page fault
+        # waits on them; redis-py costs ~50 us per call here); everything else uses redis-py.
+        self._lean = None if self._cluster else _lean_target(self._url)
+        self._lean_idle: list[_RespConn] = []
 
     def _client(self) -> Any:
         if self._pid != os.getpid():
@@ -286,7 +292,14 @@ class RedisSource:
 
     def close(self) -> None:
         """Close the client's connections (the source stays usable)."""
-        if self._pid == os.getpid() and self._client_obj is not None:
+        if self._pid != os.getpid():
+            self._reset_process_state()
+            return
+        with self._lock:
+            idle, self._lean_idle = self._lean_idle, []
+        for c in idle:
+            c.close()
+        if self._client_obj is not None:
             client, self._client_obj = self._client_obj, None
             client.close()
 
@@ -309,6 +322,8 @@ class RedisSource:
     def _mget(self, order: list[int], views: list[tuple[int, memoryview]]) -> list[bytes | None]:
         keys = [self.key(i) for i in order]
         try:
+            if self._lean is not None:
+                return self._mget_lean(keys)
             client = self._client()
             if self._cluster:
                 return list(client.mget_nonatomic(keys))
@@ -325,6 +340,46 @@ class RedisSource:
             off = views[0][0] if views else 0
             length = max((o + len(b) for o, b in views), default=0) - off
             raise self._redis_error("read", off, length, err) from err
+
+    def _mget_lean(self, keys: list[str]) -> list[bytes | None]:
+        """MGET over a pooled raw connection, batches pipelined; a reused connection that the
+        server closed while idle is retried once on a fresh one."""
+        if self._pid != os.getpid():
+            self._reset_process_state()
+        cmds = []
+        for s in range(0, len(keys), _MGET_BATCH):
+            part = [k.encode() for k in keys[s: s + _MGET_BATCH]]
+            cmds.append(b"*%d\r\n$4\r\nMGET\r\n" % (len(part) + 1) + b"".join(
+                b"$%d\r\n%s\r\n" % (len(k), k) for k in part))
+        request = b"".join(cmds)
+        with self._lock:
+            c = self._lean_idle.pop() if self._lean_idle else None
+        for attempt in (0, 1):
+            fresh = c is None
+            try:
+                if c is None:
+                    assert self._lean is not None
+                    c = _RespConn(*self._lean, self._timeout)
+                c.sock.sendall(request)
+                out: list[bytes | None] = []
+                for _ in cmds:
+                    out.extend(c.read_array())
+            except (_RespClosed, ConnectionResetError, BrokenPipeError,
+                    ConnectionAbortedError) as err:
+                if c is not None:
+                    c.close()
+                c = None
+                if attempt == 0 and not fresh:
+                    continue
+                raise ConnectionError(str(err) or type(err).__name__) from err
+            except BaseException:
+                if c is not None:
+                    c.close()  # its stream may be mid-reply
+                raise
+            with self._lock:
+                self._lean_idle.append(c)
+            return out
+        raise AssertionError("unreachable")
 
     def _read_meta(self, *, required: bool) -> dict[str, int] | None:
         key = f"{self._prefix}meta"
@@ -445,3 +500,102 @@ def upload(
                           length=total - done) from err
     return RedisSource(url, prefix=prefix, page_size=page_size, size=total, cluster=cluster,
                        missing="zero" if skip_zero == "omit" else "error", timeout=timeout)
+
+
+def _lean_target(url: str) -> tuple[str, int, int, str | None, str | None] | None:
+    """(host, port, db, username, password) of a plain ``redis://host[:port][/db]`` URL, or
+    ``None`` when redis-py should handle it (TLS, Unix sockets, query options)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "redis" or parts.query or not parts.hostname:
+            return None
+        path = parts.path.strip("/")
+        db = int(path) if path else 0
+        user = urllib.parse.unquote(parts.username) if parts.username else None
+        password = urllib.parse.unquote(parts.password) if parts.password else None
+        return parts.hostname, parts.port or 6379, db, user, password
+    except ValueError:
+        return None
+
+
+class _RespClosed(ConnectionError):
+    """The server closed the connection (before or in the middle of a reply)."""
+
+
+class RedisErrorReply(Exception):
+    """An error reply (``-ERR ...``) from the server."""
+
+
+class _RespConn:
+    """One raw RESP2 connection (TCP_NODELAY), authenticated and on the right database."""
+
+    __slots__ = ("buf", "pos", "sock")
+
+    def __init__(self, host: str, port: int, db: int, user: str | None, password: str | None,
+                 timeout: float) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.buf = bytearray()
+        self.pos = 0
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            setup = []
+            if password is not None:
+                setup.append([b"AUTH", *([user.encode()] if user else []), password.encode()])
+            if db:
+                setup.append([b"SELECT", b"%d" % db])
+            if setup:
+                self.sock.sendall(b"".join(
+                    b"*%d\r\n" % len(cmd) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in cmd)
+                    for cmd in setup))
+                for _ in setup:
+                    self.line()  # +OK, or an error reply raised
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _fill(self) -> None:
+        if self.pos == len(self.buf):
+            self.buf.clear()
+            self.pos = 0
+        elif self.pos > 1 << 20:
+            del self.buf[: self.pos]
+            self.pos = 0
+        chunk = self.sock.recv(1 << 18)
+        if not chunk:
+            raise _RespClosed("the server closed the connection")
+        self.buf += chunk
+
+    def line(self) -> bytes:
+        """The next reply line (an error reply is raised)."""
+        while True:
+            end = self.buf.find(b"\r\n", self.pos)
+            if end >= 0:
+                out = bytes(self.buf[self.pos: end])
+                self.pos = end + 2
+                if out[:1] == b"-":
+                    raise RedisErrorReply(out[1:].decode("utf-8", "replace"))
+                return out
+            self._fill()
+
+    def read_array(self) -> list[bytes | None]:
+        """An array of bulk strings (an MGET reply)."""
+        head = self.line()
+        if head[:1] != b"*":
+            raise RedisErrorReply(f"unexpected reply {head[:80]!r} to MGET")
+        out: list[bytes | None] = []
+        for _ in range(int(head[1:])):
+            item = self.line()
+            if item[:1] != b"$":
+                raise RedisErrorReply(f"unexpected element {item[:80]!r} in an MGET reply")
+            n = int(item[1:])
+            if n < 0:
+                out.append(None)
+                continue
+            while len(self.buf) - self.pos < n + 2:
+                self._fill()
+            out.append(bytes(self.buf[self.pos: self.pos + n]))
+            self.pos += n + 2
+        return out
