@@ -629,6 +629,8 @@ def test_working_set_file_format(tmp_path: Path) -> None:
     assert raw[:8] == b"UFFCWS1\0" and struct.unpack_from("<QQ", raw, 8) == (4096, 4)
     assert read_working_set(path) == (4096, [8192, 0, 4096, 65536])
     assert coalesce([8192, 0, 4096, 65536], 4096) == [(0, 12288), (65536, 4096)]
+    assert coalesce([0, 8192, 65536], 4096, max_gap=4096) == [(0, 12288), (65536, 4096)]
+    assert coalesce([0, 12288], 4096, max_gap=4096) == [(0, 4096), (12288, 4096)]
     path.write_bytes(raw[:-1])
     with pytest.raises(ValueError, match="header says 4 offsets"):
         read_working_set(path)

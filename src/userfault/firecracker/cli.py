@@ -8,21 +8,23 @@ import sys
 import threading
 from typing import Any
 
+from ..snapshot import parse_size
+
 __all__ = ["add_firecracker_commands"]
 
 
-def _size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    mult = units.get(t[-1:], 1)
-    num = t[:-1] if t[-1:] in units else t
+def _size(text: str, *, allow_zero: bool = False) -> int:
     try:
-        value = int(num) * mult
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4K, 2M)") from None
-    if value <= 0:
+        value = parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if value < 0 or (value == 0 and not allow_zero):
         raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
     return value
+
+
+def _size_or_zero(text: str) -> int:
+    return _size(text, allow_zero=True)
 
 
 def _readahead(text: str) -> tuple[int, int] | bool:
@@ -46,7 +48,8 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(sig, on_signal)
     pager = FirecrackerPager(
         args.socket, args.mem_file, record=args.record, prefetch=args.prefetch,
-        prefetch_concurrent=args.prefetch_concurrent, populate=args.populate,
+        prefetch_concurrent=args.prefetch_concurrent, prefetch_gap=args.prefetch_gap,
+        populate=args.populate,
         threads=args.threads, max_vms=args.max_vms, once=args.once, chunk=args.chunk,
         readahead=args.readahead, json_out=sys.stdout if args.json else None,
         redis_prefix=args.redis_prefix, handshake_timeout=args.handshake_timeout)
@@ -81,6 +84,10 @@ def add_firecracker_commands(subparsers: Any) -> argparse.ArgumentParser:
     serve.add_argument("--prefetch-concurrent", action="store_true",
                        help="serve faults while the --prefetch batch is installed (default: "
                        "the batch goes first, faults wait for it)")
+    serve.add_argument("--prefetch-gap", type=_size_or_zero, default=0, metavar="SIZE",
+                       help="bridge gaps up to SIZE between working-set pages so the batch "
+                       "needs fewer install calls, installing the bridged pages too "
+                       "(default 0: exactly the recorded set)")
     serve.add_argument("--populate", action="store_true",
                        help="fill all guest memory in the background while faults go first")
     serve.add_argument("--json", action="store_true",

@@ -112,11 +112,17 @@ def read_working_set(path: str | os.PathLike[str]) -> tuple[int, list[int]]:
     return page, list(struct.unpack_from(f"<{count}Q", data, _WS_HEADER.size))
 
 
-def coalesce(offsets: Iterable[int], page_size: int) -> list[tuple[int, int]]:
-    """Merge page offsets into sorted ``(offset, length)`` ranges of adjacent pages."""
+def coalesce(offsets: Iterable[int], page_size: int, max_gap: int = 0
+             ) -> list[tuple[int, int]]:
+    """Merge page offsets into sorted ``(offset, length)`` ranges.
+
+    Pages closer than ``max_gap`` bytes are merged with the gap between them: one install
+    ioctl costs about as much as copying a few pages, so bridging small gaps makes a batch of
+    scattered pages faster, at the price of installing the bridged pages too.
+    """
     ranges: list[list[int]] = []
     for off in sorted(set(offsets)):
-        if ranges and ranges[-1][0] + ranges[-1][1] >= off:
+        if ranges and ranges[-1][0] + ranges[-1][1] + max_gap >= off:
             ranges[-1][1] = max(ranges[-1][1], off + page_size - ranges[-1][0])
         else:
             ranges.append([off, page_size])
@@ -327,6 +333,10 @@ class FirecrackerPager:
         prefetch: a working-set file to install in one batch right after the handshake,
             before faults are served (they wait in the kernel meanwhile, then are answered).
         prefetch_concurrent: serve faults while the batch is installed instead.
+        prefetch_gap: bridge gaps of at most this many bytes between working-set pages, so
+            the batch needs fewer install calls. Off by default: measured here, copying a
+            bridged page costs about what the saved ioctl does, and a sparse working set
+            bridges into most of memory (25% random pages of 256 MiB: 30 ms -> 53 ms).
         populate: fill all of guest memory in the background while faults go first.
         threads: fault-serving threads per VM.
         max_vms: most VMs served at once (further connections are refused); ``None``: no limit.
@@ -348,6 +358,7 @@ class FirecrackerPager:
         record: str | os.PathLike[str] | None = None,
         prefetch: str | os.PathLike[str] | None = None,
         prefetch_concurrent: bool = False,
+        prefetch_gap: int = 0,
         populate: bool = False,
         threads: int = 1,
         max_vms: int | None = None,
@@ -389,7 +400,7 @@ class FirecrackerPager:
         self.prefetch_pages = 0
         if prefetch is not None:
             page, offsets = read_working_set(prefetch)
-            self.prefetch_ranges = coalesce(offsets, page)
+            self.prefetch_ranges = coalesce(offsets, page, prefetch_gap)
             self.prefetch_pages = len(offsets)
         self.source = open_memory_source(self.mem_spec, redis_prefix=redis_prefix)
         self.native = isinstance(self.source, NativeSource) and self.source.kind == KIND_MEMORY
