@@ -23,6 +23,7 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from . import _native
@@ -121,6 +122,7 @@ class FaultServer:
         self._read_into = source.read_into
         self._local = threading.local()
         self._logging = self.state.log_capacity > 0
+        self._readahead = _Readahead(self)
         self._unit = max(self.chunk, _PIECE, readahead[1])
         self._lock = threading.Lock()
         self._ra_window = 0
@@ -325,13 +327,10 @@ class FaultServer:
             self.state.log((address, area.source_offset + page_off, flags, tid, t0, t1 - t0))
         if not self.readahead[1]:
             return
-        # Readahead right after the wake, in one batched read: Python sources pay a round trip
-        # per read, so a sequential reader is best served a growing window at once.
         window = self._next_window(area, off, off + n)
         if window:
             end = off + n
-            ra = self._install(area, end, min(window, area.length - end), skip_installed=True)
-            c.add("readahead_bytes", ra)
+            self._readahead.install(c, area, end, min(end + window, area.length))
 
     def _next_window(self, area: Area, off: int, end: int) -> int:
         """The readahead window after a fault on ``[off, end)``: doubles while sequential."""
@@ -392,6 +391,7 @@ class FaultServer:
             self._serve(c, stop)
         finally:
             c.flush()
+            self._readahead.close()
 
     def _serve(self, c: CounterSlot, stop: threading.Event | None) -> None:
         read_msgs, unpack = _native.read_msgs, _PAGEFAULT.unpack_from
@@ -466,3 +466,71 @@ class FaultServer:
     def drain_log(self) -> bytes:
         """Packed fault records since the last call."""
         return self.state.drain_log()
+
+
+
+class _Readahead:
+    """Installs a readahead window in pieces, fetching the next piece (on a fetch thread)
+    while the current one is copied in: a sequential reader gets about the slower of the
+    source's and the copy's bandwidth, not their harmonic mean. The faulting thread does not
+    wait for the window: each COPY wakes whoever is blocked on the pages it installs.
+    Readahead is speculative: a piece the source fails to deliver is skipped, never poisoned;
+    faults on it are then served (and retried, and reported) normally.
+    """
+
+    PIECE = 1 << 20
+
+    def __init__(self, server: FaultServer) -> None:
+        self.server = server
+        self._fetcher: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def install(self, c: CounterSlot, area: Area, start: int, end: int) -> None:
+        """Install ``[start, end)`` of ``area`` (present pages are skipped)."""
+        with self._lock:
+            if self._fetcher is None:
+                self._fetcher = ThreadPoolExecutor(1, thread_name_prefix="userfault-fetch")
+            fetcher = self._fetcher
+        piece = max(self.server.page, min(self.PIECE, (end - start) // 4))
+        pending: Future[_Fetched] | None = None
+        for off in range(start, end, piece):
+            nxt = fetcher.submit(self._fetch, area, off, min(piece, end - off))
+            self._copy(c, pending)
+            pending = nxt
+        self._copy(c, pending)
+
+    def close(self) -> None:
+        """Stop the fetch thread."""
+        with self._lock:
+            fetcher, self._fetcher = self._fetcher, None
+        if fetcher is not None:
+            fetcher.shutdown(wait=True)
+
+    def _fetch(self, area: Area, off: int, n: int) -> _Fetched:
+        server, page = self.server, self.server.page
+        runs = server._runs(area, off, n, skip_installed=True)
+        if not runs:
+            return None
+        requests = [(first * page, memoryview(bytearray((end - first) * page)))
+                    for first, end in runs]
+        try:
+            read_many_fallback(server.source, [(area.source_offset + o, b) for o, b in requests])
+        except Exception as err:  # speculative: the faults will retry and report it
+            log.info("readahead at %#x skipped: %s", area.source_offset + off, err)
+            return None
+        return area, requests
+
+    def _copy(self, c: CounterSlot, pending: Future[_Fetched] | None) -> None:
+        fetched = None if pending is None else pending.result()
+        if fetched is None:
+            return
+        area, requests = fetched
+        page = self.server.page
+        for off, buf in requests:
+            if self.server._removed_count and any(area.removed[off // page:
+                                                              (off + len(buf)) // page]):
+                continue  # removed meanwhile: those pages must read as zeros; faults decide
+            c.add("readahead_bytes", self.server._copy(area, off, buf, False))
+
+
+_Fetched = tuple[Area, list[tuple[int, memoryview]]] | None
