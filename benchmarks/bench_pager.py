@@ -333,12 +333,12 @@ class Bench:
             r = {k: median([x[k] for x in runs]) for k in runs[0]}
             per_gib = GiB / self.mem_size
             res[name] = r
-            rows.append([name, r["rss_delta"] / KiB * per_gib, r["engine_bytes"] / KiB * per_gib,
+            rows.append([name, r["rss_delta"] / KiB, r["rss_delta"] / KiB * per_gib, r["engine_bytes"] / KiB * per_gib,
                          r["region_rss"] / KiB])
         self.results["memory"] = res
         self.add_table("memory", f"Engine memory per GiB mapped (Pager over {self.mem_size // MiB} "
                        "MiB, started, nothing touched; KiB)",
-                       ["case", "RSS delta / GiB", "engine.memory_bytes / GiB",
+                       ["case", "RSS delta", "RSS delta / GiB", "engine.memory_bytes / GiB",
                         "region RSS"], rows)
 
     # -- 5. tuning experiments --------------------------------------------------------------------
