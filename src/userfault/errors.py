@@ -142,6 +142,13 @@ class SourceError(OSError):
         self.offset = offset
         self.length = length
 
+    @classmethod
+    def for_range(cls, kind: str, source: str, what: str, offset: int, length: int,
+                  cause: str) -> SourceError:
+        """``"<kind> <source>: <what> [a, b) (n bytes) failed: <cause>"``, fields set."""
+        return cls(f"{kind} {source}: {what} [{offset}, {offset + length}) ({length} bytes) "
+                   f"failed: {cause}", source=source, offset=offset, length=length)
+
     def __reduce__(self) -> tuple[object, ...]:
         return (_rebuild_source, (type(self), str(self.args[0]) if self.args else "", self.source,
                                   self.offset, self.length))

@@ -101,9 +101,7 @@ class FsspecSource:
         return f"FsspecSource({self._url!r}, size={self._size})"
 
     def _error(self, what: str, offset: int, length: int, cause: str) -> SourceError:
-        return SourceError(
-            f"FsspecSource {self._url}: {what} [{offset}, {offset + length}) ({length} bytes) "
-            f"failed: {cause}", source=self._url, offset=offset, length=length)
+        return SourceError.for_range("FsspecSource", self._url, what, offset, length, cause)
 
     def _span(self, offset: int, buf: memoryview) -> int:
         """Bytes of ``buf`` that come from the file (the rest is the final page's tail)."""

@@ -288,9 +288,7 @@ class HTTPSource:
     # -- internals -----------------------------------------------------------------------------
 
     def _error(self, what: str, offset: int, length: int, cause: str) -> SourceError:
-        return SourceError(
-            f"HTTPSource {self._desc}: {what} [{offset}, {offset + length}) ({length} bytes) "
-            f"failed: {cause}", source=self._desc, offset=offset, length=length)
+        return SourceError.for_range("HTTPSource", self._desc, what, offset, length, cause)
 
     def _get_executor(self) -> ThreadPoolExecutor:
         with self._lock:

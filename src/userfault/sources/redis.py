@@ -312,9 +312,7 @@ class RedisSource:
     # -- internals -------------------------------------------------------------------------------
 
     def _error(self, what: str, offset: int, length: int, cause: str) -> SourceError:
-        return SourceError(
-            f"RedisSource {self._desc}: {what} [{offset}, {offset + length}) ({length} bytes) "
-            f"failed: {cause}", source=self._desc, offset=offset, length=length)
+        return SourceError.for_range("RedisSource", self._desc, what, offset, length, cause)
 
     def _redis_error(self, what: str, offset: int, length: int, err: BaseException) -> SourceError:
         return self._error(what, offset, length, f"{type(err).__name__}: {err}")
