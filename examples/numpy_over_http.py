@@ -75,7 +75,7 @@ def main() -> int:
         t1 = time.perf_counter()
         values = [arr[i] for i in idx]  # each first touch is one page fault, served remotely
         elapsed = time.perf_counter() - t1
-        wrong = sum(v != float(i) for v, i in zip(values, idx))
+        wrong = sum(v != float(i) for v, i in zip(values, idx, strict=True))
         stats = mem.stats()
         print(f"read {args.touches} random elements in {elapsed:.3f} s "
               f"({elapsed / args.touches * 1e6:.0f} us each); wrong values: {wrong}")
