@@ -5,7 +5,8 @@
  *   uffd    an anonymous region registered MISSING with userfaultfd; a handler thread
  *           (poll + read + UFFDIO_COPY) serves each fault with `--chunk` bytes (4096: one page
  *           per fault) aligned to the chunk, from a constant buffer (`--source const`) or from
- *           a file mapped read-only (`--source file --file PATH`).
+ *           a file mapped read-only (`--source file --file PATH`). `--handlers N` runs N such
+ *           threads polling the same uffd (default 1).
  *   kernel  mmap(MAP_PRIVATE) of the file; write touches make the kernel copy each page out of
  *           the page cache (its own copy-on-write paging).
  *   read    read() (sequential) or pread() of each page (random) of the file into a freshly
@@ -23,7 +24,7 @@
  *
  * Usage: ref_handler MODE [--size BYTES] [--pages N] [--order seq|random] [--seed S]
  *                         [--chunk BYTES] [--source const|file] [--file PATH] [--latency]
- *                         [--pin-handler CPU] [--pin-faulter CPU]
+ *                         [--pin-handler CPU] [--pin-faulter CPU] [--handlers N]
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -146,9 +147,9 @@ static void serve(handler_t *h, uint64_t addr)
     uint64_t len = off + h->chunk > h->size ? h->size - off : h->chunk;
     const char *from = h->src ? h->src + off : h->constant;
     struct uffdio_copy c = {.dst = (uint64_t)h->base + off, .src = (uint64_t)from, .len = len};
-    h->faults++;
+    __atomic_add_fetch(&h->faults, 1, __ATOMIC_RELAXED);
     if (ioctl(h->uffd, UFFDIO_COPY, &c) == 0) {
-        h->bytes += len;
+        __atomic_add_fetch(&h->bytes, len, __ATOMIC_RELAXED);
         return;
     }
     if (errno != EEXIST && errno != EAGAIN)
@@ -205,7 +206,7 @@ static int open_uffd(void)
 typedef struct {
     const char *mode, *order, *source, *file;
     uint64_t size, pages, chunk, seed;
-    int latency, pin_handler, pin_faulter;
+    int latency, pin_handler, pin_faulter, handlers;
 } options_t;
 
 static int cmp_u64(const void *a, const void *b)
@@ -236,7 +237,7 @@ static const char *map_file(const char *path, uint64_t size)
 int main(int argc, char **argv)
 {
     options_t o = {.order = "seq", .source = "const", .size = 64ul << 20, .chunk = PAGE,
-                   .seed = 1, .pin_handler = -1, .pin_faulter = -1};
+                   .seed = 1, .pin_handler = -1, .pin_faulter = -1, .handlers = 1};
     if (argc < 2) {
         fprintf(stderr, "usage: ref_handler uffd|kernel|read|anon [options] (see the source)\n");
         return 2;
@@ -256,6 +257,7 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--file")) o.file = v;
         else if (!strcmp(a, "--pin-handler")) o.pin_handler = atoi(v);
         else if (!strcmp(a, "--pin-faulter")) o.pin_faulter = atoi(v);
+        else if (!strcmp(a, "--handlers")) o.handlers = atoi(v);
         else { fprintf(stderr, "ref_handler: unknown option %s\n", a); return 2; }
     }
     o.size &= ~(PAGE - 1);
@@ -281,7 +283,7 @@ int main(int argc, char **argv)
     pin_to(o.pin_faulter);
 
     handler_t h = {.uffd = -1, .pin = o.pin_handler};
-    pthread_t thread;
+    pthread_t threads[16];
     char *base = NULL;
     uint64_t sum = 0, t0 = 0, t1 = 0;
     if (!strcmp(o.mode, "uffd")) {
@@ -302,15 +304,21 @@ int main(int argc, char **argv)
         struct uffdio_register reg = {.range = {(uint64_t)base, o.size}, .mode = UFFDIO_REGISTER_MODE_MISSING};
         if (ioctl(h.uffd, UFFDIO_REGISTER, &reg) < 0)
             die("UFFDIO_REGISTER");
-        if (pthread_create(&thread, NULL, handler_main, &h))
-            die("pthread_create");
+        if (o.handlers < 1 || o.handlers > 16) {
+            fprintf(stderr, "ref_handler: --handlers must be 1..16\n");
+            return 2;
+        }
+        for (int i = 0; i < o.handlers; i++) /* all poll the same uffd */
+            if (pthread_create(&threads[i], NULL, handler_main, &h))
+                die("pthread_create");
         t0 = now_ns();
         sum = ref_touch(base, idx, n, 1, lat);
         t1 = now_ns();
         uint64_t one = 1;
         if (write(h.stopfd, &one, sizeof(one)) != sizeof(one))
             die("eventfd write");
-        pthread_join(thread, NULL);
+        for (int i = 0; i < o.handlers; i++)
+            pthread_join(threads[i], NULL);
     } else if (!strcmp(o.mode, "kernel") || !strcmp(o.mode, "anon")) {
         if (!strcmp(o.mode, "kernel")) {
             int fd = open(o.file, O_RDONLY | O_CLOEXEC);
