@@ -172,9 +172,13 @@ class ProcessRuntime:
 
 # -- the supervisor and its worker ---------------------------------------------------------
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this process when ``parent`` (a single-threaded process) exits."""
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # it died before the prctl: no signal will come
+        os._exit(0)
 
 
 def _make_server(uffd: Uffd, config: dict[str, Any], source: PageSource,
@@ -186,8 +190,9 @@ def _make_server(uffd: Uffd, config: dict[str, Any], source: PageSource,
         slot_base=slot_base)
 
 
-def _worker(uffd: Uffd, config: dict[str, Any], source: PageSource, state: SharedState) -> None:
-    _die_with_parent()
+def _worker(uffd: Uffd, config: dict[str, Any], source: PageSource, state: SharedState,
+            supervisor: int) -> None:
+    _die_with_parent(supervisor)
     server = _make_server(uffd, config, source, state, _WORKER_SLOTS)
     threads = [threading.Thread(target=server.serve_forever, daemon=True)
                for _ in range(config["threads"] - 1)]
@@ -198,11 +203,12 @@ def _worker(uffd: Uffd, config: dict[str, Any], source: PageSource, state: Share
 
 def _spawn_worker(uffd: Uffd, config: dict[str, Any], source: PageSource,
                   state: SharedState) -> int:
+    supervisor = os.getpid()
     pid = os.fork()
     if pid == 0:
         code = 0
         try:
-            _worker(uffd, config, source, state)
+            _worker(uffd, config, source, state, supervisor)
         except BaseException:
             log.exception("pager worker failed")
             code = 1
