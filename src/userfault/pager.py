@@ -196,7 +196,8 @@ class Pager(_native.Mapping):
         install: ``"auto"``, ``"copy"``, ``"zeropage"``, ``"move"`` (anonymous memory, via a
             staging buffer) or ``"continue"`` (memfd: fill the page cache, then map).
         chunk: bytes installed per fault (a multiple of the page size; default one page).
-        readahead: ``(min, max)`` window bytes for sequential faults, ``False`` to disable.
+        readahead: ``(min, max)`` window bytes for sequential faults (default 64 KiB doubling
+            up to 4 MiB), ``False`` to disable.
         populate: fill the rest of the region in the background while faults go first.
         threads: handler threads (native runtime) or serving threads (process runtime).
         log_faults: capacity of the fault log read by :meth:`faults` (0: no log).

@@ -46,7 +46,12 @@ typedef struct {
 
 struct engine {
     int uffd, stopfd, memfd, src_fd;
-    int kind, install, poison_on_error, nthreads, started, released;
+    int kind, install, poison_on_error, started, released;
+    int nthreads;   /* fault-serving threads */
+    int nworkers;   /* ... plus the background thread when readahead or populate is on */
+    int nstarted;   /* threads running */
+    int stopping;   /* under lock: the background thread exits */
+    pthread_cond_t work_cond; /* under lock: readahead or populate work was queued */
     uint64_t page, chunk, ra_min, ra_max, unit_max;
     area_t *areas;
     int nareas;
@@ -154,6 +159,10 @@ static const char *source_ptr(engine_t *e, worker_t *w, uint64_t off, uint64_t n
         return e->pattern + off % e->pat_len;
     if (e->kind == SRC_MEMORY && off + n <= e->src_len)
         return e->src + off;
+    if (!w->bounce && !(w->bounce = malloc(e->unit_max))) { /* only sources that need one */
+        *err = ENOMEM;
+        return NULL;
+    }
     *err = fill_from_source(e, w, w->bounce, off, n);
     return w->bounce;
 }
@@ -354,6 +363,8 @@ static void update_readahead(engine_t *e, area_t *a, uint64_t off, uint64_t end)
         e->ra_next = e->ra_end = end;
     }
     e->last_end = end;
+    if (e->ra_next < e->ra_end)
+        pthread_cond_signal(&e->work_cond);
     pthread_mutex_unlock(&e->lock);
 }
 
@@ -470,8 +481,8 @@ static void handle_event(engine_t *e, worker_t *w, struct uffd_msg *m, uint64_t 
     }
 }
 
-/* Claim the next piece of background work: readahead first, then (unless ra_only) populate. */
-static int claim_piece(engine_t *e, area_t **a, uint64_t *off, uint64_t *n, int *is_ra, int ra_only)
+/* Claim the next piece of background work: readahead first, then populate. */
+static int claim_piece(engine_t *e, area_t **a, uint64_t *off, uint64_t *n, int *is_ra)
 {
     /* At least a page: pieces of a 2 MiB hugetlb page would start mid-page, and an install
      * there (when the page is not marked installed yet) is EINVAL. */
@@ -485,7 +496,7 @@ static int claim_piece(engine_t *e, area_t **a, uint64_t *off, uint64_t *n, int 
         e->ra_next += *n;
         *is_ra = 1;
         found = 1;
-    } else if (!ra_only) {
+    } else {
         while (e->populate && e->pop_area < e->nareas) {
             area_t *pa = &e->areas[e->pop_area];
             if (e->pop_next >= pa->len) {
@@ -506,60 +517,76 @@ static int claim_piece(engine_t *e, area_t **a, uint64_t *off, uint64_t *n, int 
     return found;
 }
 
+/* A fault thread: serves events as they come, and nothing else, so a fault never waits
+ * behind background work. */
 static void *worker_main(void *arg)
 {
     worker_t *w = arg;
     engine_t *e = w->e;
     struct uffd_msg msgs[MSG_BATCH];
     for (;;) {
-        area_t *a;
-        uint64_t off, n;
-        int is_ra;
         struct pollfd p[2] = {{.fd = e->uffd, .events = POLLIN}, {.fd = e->stopfd, .events = POLLIN}};
         int r = poll(p, 2, -1);
         if (r < 0 && errno != EINTR) {
             record_error(e, errno, "poll", 0);
             break;
         }
-        if (p[1].revents)
-            break;
-        if (p[0].revents & (POLLERR | POLLNVAL))
+        if (p[1].revents || (p[0].revents & (POLLERR | POLLNVAL)))
             break;
         for (;;) {
             ssize_t got = read(e->uffd, msgs, sizeof(msgs));
             uint64_t t0 = uf_now_ns();
-            int busy = got > 0;
-            if (busy) {
-                for (size_t i = 0; i < (size_t)got / sizeof(msgs[0]); i++)
-                    handle_event(e, w, &msgs[i], t0);
-            } else if (got < 0 && errno != EAGAIN && errno != EINTR) {
-                record_error(e, errno, "read", 0);
-                goto out;
-            }
-            /* One piece of background work, then look again. A sequential reader faults again
-             * as soon as it is woken, so the queue is rarely empty exactly when readahead is
-             * useful: readahead gets a piece after every batch of faults, not only when idle
-             * (it starved otherwise: one fault per page). Populate waits for idle moments. */
-            if (!claim_piece(e, &a, &off, &n, &is_ra, busy)) {
-                if (busy)
-                    continue;
+            if (got <= 0) {
+                if (got < 0 && errno != EAGAIN && errno != EINTR) {
+                    record_error(e, errno, "read", 0);
+                    return NULL;
+                }
                 break;
             }
-            uint64_t done;
-            int err = install_range(e, w, a, off, n, 1, 0, NO_WAKE, &done);
-            ADD(*(is_ra ? &e->readahead_bytes : &e->populate_bytes), done);
-            if (err == EAGAIN) {
-                ADD(e->eagain, 1);
-            } else if (err && err != ENOENT) {
-                record_error(e, err, is_ra ? "readahead" : "populate", a->base + off);
-                if (err == ESRCH)
-                    goto out;
-            }
-            if (GET(e->err) == ESRCH)
-                goto out;
+            for (size_t i = 0; i < (size_t)got / sizeof(msgs[0]); i++)
+                handle_event(e, w, &msgs[i], t0);
+        }
+        if (GET(e->err) == ESRCH)
+            break;
+    }
+    return NULL;
+}
+
+static int has_background_work(engine_t *e)
+{
+    return e->ra_next < e->ra_end || (e->populate && e->pop_area < e->nareas);
+}
+
+/* The background thread: readahead first, then populate, a piece at a time. It never polls the
+ * uffd (so a fault wakes one fault thread only), and its copies run beside the fault threads':
+ * a sequential reader gets two copying threads. */
+static void *background_main(void *arg)
+{
+    worker_t *w = arg;
+    engine_t *e = w->e;
+    for (;;) {
+        area_t *a;
+        uint64_t off, n, done;
+        int is_ra;
+        pthread_mutex_lock(&e->lock);
+        while (!e->stopping && !has_background_work(e))
+            pthread_cond_wait(&e->work_cond, &e->lock);
+        int stopping = e->stopping;
+        pthread_mutex_unlock(&e->lock);
+        if (stopping)
+            break;
+        if (!claim_piece(e, &a, &off, &n, &is_ra))
+            continue;
+        int err = install_range(e, w, a, off, n, 1, 0, NO_WAKE, &done);
+        ADD(*(is_ra ? &e->readahead_bytes : &e->populate_bytes), done);
+        if (err == EAGAIN) {
+            ADD(e->eagain, 1);
+        } else if (err && err != ENOENT) {
+            record_error(e, err, is_ra ? "readahead" : "populate", a->base + off);
+            if (err == ESRCH)
+                break;
         }
     }
-out:
     return NULL;
 }
 
@@ -582,7 +609,7 @@ static void engine_free(engine_t *e)
         return;
     if (e->stopfd >= 0)
         close(e->stopfd);
-    for (int i = 0; e->workers && i < e->nthreads; i++) {
+    for (int i = 0; e->workers && i < e->nworkers; i++) {
         free(e->workers[i].bounce);
         if (e->workers[i].staging_map)
             munmap(e->workers[i].staging_map, e->unit_max + (2u << 20));
@@ -596,6 +623,7 @@ static void engine_free(engine_t *e)
     free(e->cycle);
     free(e->log);
     pthread_mutex_destroy(&e->lock);
+    pthread_cond_destroy(&e->work_cond);
     free(e);
 }
 
@@ -603,12 +631,17 @@ static void stop_threads(engine_t *e)
 {
     if (!e->started)
         return;
+    pthread_mutex_lock(&e->lock);
+    e->stopping = 1;
+    pthread_cond_broadcast(&e->work_cond);
+    pthread_mutex_unlock(&e->lock);
     uint64_t one = 1;
     if (write(e->stopfd, &one, sizeof(one)) < 0) {
         /* an eventfd write only fails on overflow, which cannot happen with one write */
     }
-    for (int i = 0; i < e->nthreads; i++)
+    for (int i = 0; i < e->nstarted; i++)
         pthread_join(e->workers[i].thread, NULL);
+    e->nstarted = 0;
     e->started = 0;
 }
 
@@ -675,6 +708,7 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
     int ok = 0;
     e->stopfd = -1;
     pthread_mutex_init(&e->lock, NULL);
+    pthread_cond_init(&e->work_cond, NULL);
     e->uffd = uffd;
     e->page = page;
     e->kind = kind;
@@ -727,11 +761,11 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
         e->log = calloc(log_cap, sizeof(fault_rec_t));
         e->log_cap = log_cap;
     }
-    e->workers = calloc((size_t)threads, sizeof(worker_t));
-    for (int i = 0; i < threads; i++) {
+    e->nworkers = threads + 2 * (ra_max > 0 || populate);
+    e->workers = calloc((size_t)e->nworkers, sizeof(worker_t));
+    for (int i = 0; i < e->nworkers; i++) {
         worker_t *w = &e->workers[i];
         w->e = e;
-        w->bounce = malloc(e->unit_max);
         if (install == INST_MOVE) {
             /* 2 MiB-aligned so whole-PMD moves of transparent huge pages are possible. */
             char *p = mmap(NULL, e->unit_max + (2u << 20), PROT_READ | PROT_WRITE,
@@ -775,15 +809,17 @@ static PyObject *Engine_start(EngineObject *self, PyObject *unused)
         PyErr_SetString(PyExc_RuntimeError, "the engine was stopped and let go of its source");
         return NULL;
     }
-    for (int i = 0; i < e->nthreads; i++) {
+    e->stopping = 0;
+    for (int i = 0; i < e->nworkers; i++) {
         worker_t *w = &e->workers[i];
-        int r = pthread_create(&w->thread, NULL, worker_main, w);
+        int r = pthread_create(&w->thread, NULL, i < e->nthreads ? worker_main : background_main, w);
         if (r) {
-            e->nthreads = i;
-            e->started = i > 0;
+            e->started = 1;
+            stop_threads(e); /* the ones already running */
             errno = r;
             return PyErr_SetFromErrno(PyExc_OSError);
         }
+        e->nstarted = i + 1;
     }
     e->started = 1;
     Py_RETURN_NONE;
@@ -844,7 +880,7 @@ static PyObject *Engine_prefetch(EngineObject *self, PyObject *ranges)
     int err = 0;
     uint64_t err_addr = 0;
     Py_BEGIN_ALLOW_THREADS
-    worker_t w = {.e = e, .bounce = malloc(e->unit_max)};
+    worker_t w = {.e = e};
     if (e->install == INST_MOVE) {
         w.staging = mmap(NULL, e->unit_max + (2u << 20), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (w.staging == MAP_FAILED)
@@ -954,8 +990,10 @@ static PyObject *Engine_memory(EngineObject *self, void *closure)
 {
     engine_t *e = self->e;
     uint64_t bytes = sizeof(*e) + e->nareas * sizeof(area_t) + 2 * (e->npages / 8 + 1) + e->unit_max
-                     + (e->kind == SRC_PATTERN ? e->unit_max + e->pat_len : 0) + e->log_cap * sizeof(fault_rec_t)
-                     + e->nthreads * (sizeof(worker_t) + e->unit_max + (e->install == INST_MOVE ? e->unit_max : 0));
+                     + (e->kind == SRC_PATTERN ? e->unit_max + e->pat_len : 0) + e->log_cap * sizeof(fault_rec_t);
+    for (int i = 0; i < e->nworkers; i++) /* bounce buffers exist once a source needed them */
+        bytes += sizeof(worker_t) + (e->workers[i].bounce ? e->unit_max : 0)
+                 + (e->install == INST_MOVE ? e->unit_max : 0);
     return PyLong_FromUnsignedLongLong(bytes);
 }
 
