@@ -101,9 +101,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], markdown: bool 
         return "\n".join(lines)
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
               for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)),
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)),
              "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    lines += ["  ".join(c.rjust(w) if i else c.ljust(w)
+                        for i, (c, w) in enumerate(zip(r, widths, strict=True)))
               for r in cells]
     return "\n".join(lines)
 

@@ -42,12 +42,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
+from _common import (
     BUILD,
+    PAGE,
     GiB,
     KiB,
     MiB,
-    PAGE,
     build_reference,
     load_reference_lib,
     machine,
@@ -58,8 +58,8 @@ from _common import (  # noqa: E402
     table,
 )
 
-import userfault  # noqa: E402
-from userfault.sources.native import BufferSource, FileSource, PatternSource  # noqa: E402
+import userfault
+from userfault.sources.native import BufferSource, FileSource, PatternSource
 
 SEED = 12345
 
@@ -209,8 +209,8 @@ class Bench:
                 res[f"{order}/{placement}"] = {"engine": eng, "ref": ref, "ratio": ratio}
                 best = eng["best_seconds"] / ref["best_seconds"]
                 res[f"{order}/{placement}"]["best_ratio"] = best
-                rows.append([order, placement, eng["per_fault_us"], ref["per_fault_us"], ratio, best,
-                             eng["p50_us"], ref["p50_us"], eng["p99_us"], ref["p99_us"],
+                rows.append([order, placement, eng["per_fault_us"], ref["per_fault_us"], ratio,
+                             best, eng["p50_us"], ref["p50_us"], eng["p99_us"], ref["p99_us"],
                              eng["service_p50_us"]])
         self.results["latency"] = res
         self.add_table("latency", f"4 KiB per-fault latency ({size // MiB} MiB, {size // PAGE} "
@@ -245,7 +245,8 @@ class Bench:
             progress(f"file {order}")
             got = self.interleave(cases)
             eng = got["engine (defaults)"]
-            for name in ("C ref uffd 4K/fault", "C ref uffd 256K/fault", "kernel MAP_PRIVATE write"):
+            for name in ("C ref uffd 4K/fault", "C ref uffd 256K/fault",
+                         "kernel MAP_PRIVATE write"):
                 check(eng, got[name], f"file {order} {name}")
             for name, r in got.items():
                 best_gbps = r["gbps"] * r["seconds"] / r["best_seconds"]
@@ -333,8 +334,8 @@ class Bench:
             r = {k: median([x[k] for x in runs]) for k in runs[0]}
             per_gib = GiB / self.mem_size
             res[name] = r
-            rows.append([name, r["rss_delta"] / KiB, r["rss_delta"] / KiB * per_gib, r["engine_bytes"] / KiB * per_gib,
-                         r["region_rss"] / KiB])
+            rows.append([name, r["rss_delta"] / KiB, r["rss_delta"] / KiB * per_gib,
+                         r["engine_bytes"] / KiB * per_gib, r["region_rss"] / KiB])
         self.results["memory"] = res
         self.add_table("memory", f"Engine memory per GiB mapped (Pager over {self.mem_size // MiB} "
                        "MiB, started, nothing touched; KiB)",
@@ -388,7 +389,7 @@ def guarded(fn: Any) -> Any:
     def run() -> dict[str, Any]:
         try:
             return fn()
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             progress(f"  failed: {type(err).__name__}: {err}")
             return {"error": f"{type(err).__name__}: {err}"}
     return run
