@@ -269,7 +269,7 @@ def main() -> int:
                          fmt(r["resume_ms"]), fmt(r["service_ms"]), int(r["faults"]),
                          fmt(ref / r["resume_ms"]) + "x", fmt(lazy / r["resume_ms"]) + "x"])
     print(f"working set {args.fraction:.0%} of pages, random order; medians of "
-          f"{args.repeat} runs; {out['machine'].get('cpus', '?')} CPUs, "
+          f"{args.repeat} runs; {out['machine'].get('nproc', '?')} CPUs, "
           f"kernel {out['machine'].get('kernel', '?')}")
     print(table(["guest memory", "working set", "handler", "resume->working set ms",
                  "fault service ms",
