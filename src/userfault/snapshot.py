@@ -487,7 +487,8 @@ class SnapshotReader:
 
     Args:
         path: the snapshot file.
-        cache_chunks: how many decompressed chunks to keep (default 16: 1 MiB at the default chunk size).
+        cache_chunks: how many decompressed chunks to keep (default 16: 1 MiB at the default
+            chunk size).
         page_size: reads may run past ``size`` up to the next multiple of ``page_size``; those
             bytes read as zeros (the tail of the last page).
     """
