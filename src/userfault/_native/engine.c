@@ -22,6 +22,7 @@
 enum { SRC_ZERO, SRC_PATTERN, SRC_MEMORY, SRC_CYCLE };
 enum { INST_COPY, INST_ZEROPAGE, INST_MOVE, INST_CONTINUE };
 #define HIST_BUCKETS 40
+#define MAX_LOG (1ull << 22) /* fault log records (48 bytes each) */
 #define MSG_BATCH 64
 #define PIECE (256u << 10) /* readahead and populate install unit */
 
@@ -52,6 +53,7 @@ struct engine {
     int nstarted;   /* threads running */
     int stopping;   /* under lock: the background thread exits */
     pthread_cond_t work_cond; /* under lock: readahead or populate work was queued */
+    pthread_mutex_t stop_lock; /* serializes stop_threads */
     uint64_t page, chunk, ra_min, ra_max, unit_max;
     area_t *areas;
     int nareas;
@@ -170,36 +172,38 @@ static const char *source_ptr(engine_t *e, worker_t *w, uint64_t off, uint64_t n
 /* Fill the memfd page cache for the pages of [off, off+n) that are not resident yet, so that
  * UFFDIO_CONTINUE can map them. Resident pages are never written: they may hold user data.
  * mincore() works in windows of PIECE bytes: a chunk may be larger than one window. */
+/* Write the source into the holes of the memfd's page cache within [off, off+n), so that
+ * UFFDIO_CONTINUE can map them. Holes are found with SEEK_HOLE/SEEK_DATA, which count pages
+ * swapped out as data: a page that exists, cached or swapped, may hold user data and is never
+ * written. (mincore would report a swapped-out page as absent.) The memfd backs the region
+ * from offset 0, so area offsets are file offsets (Pager maps one area per memfd). */
 static int fill_page_cache(engine_t *e, worker_t *w, area_t *a, uint64_t off, uint64_t n, int zero)
 {
-    unsigned char vec[PIECE / 4096];
-    for (uint64_t win = 0; win < n; win += PIECE) {
-        uint64_t wlen = n - win < PIECE ? n - win : PIECE, pages = wlen / 4096, woff = off + win;
-        if (mincore((void *)(uintptr_t)(a->base + woff), wlen, vec) < 0)
+    uint64_t end = off + n;
+    while (off < end) {
+        off_t hole = lseek(e->memfd, (off_t)off, SEEK_HOLE);
+        if (hole < 0)
+            return errno == ENXIO ? 0 : errno; /* ENXIO: past the end of the file */
+        if ((uint64_t)hole >= end)
+            return 0;
+        off_t data = lseek(e->memfd, hole, SEEK_DATA);
+        uint64_t stop = data < 0 ? end : (uint64_t)data < end ? (uint64_t)data : end;
+        if (data < 0 && errno != ENXIO)
             return errno;
-        for (uint64_t i = 0; i < pages;) {
-            if (vec[i] & 1) {
-                i++;
+        uint64_t roff = (uint64_t)hole & ~(uint64_t)4095, rlen = stop - roff;
+        int err = 0;
+        const char *p = zero ? e->zero : source_ptr(e, w, a->src_off + roff, rlen, &err);
+        if (err)
+            return err;
+        for (uint64_t done = 0; done < rlen;) {
+            ssize_t r = pwrite(e->memfd, p + done, rlen - done, (off_t)(roff + done));
+            if (r < 0 && errno == EINTR)
                 continue;
-            }
-            uint64_t j = i;
-            while (j < pages && !(vec[j] & 1))
-                j++;
-            uint64_t roff = woff + i * 4096, rlen = (j - i) * 4096;
-            int err = 0;
-            const char *p = zero ? e->zero : source_ptr(e, w, a->src_off + roff, rlen, &err);
-            if (err)
-                return err;
-            for (uint64_t done = 0; done < rlen;) {
-                ssize_t r = pwrite(e->memfd, p + done, rlen - done, (off_t)(roff + done));
-                if (r < 0 && errno == EINTR)
-                    continue;
-                if (r <= 0)
-                    return r < 0 ? errno : EIO;
-                done += (uint64_t)r;
-            }
-            i = j;
+            if (r <= 0)
+                return r < 0 ? errno : EIO;
+            done += (uint64_t)r;
         }
+        off = stop;
     }
     return 0;
 }
@@ -212,7 +216,7 @@ static uint64_t install_once(engine_t *e, worker_t *w, area_t *a, uint64_t off, 
     uint64_t dst = a->base + off, src_off = a->src_off + off;
     long long done = 0;
     *err = 0;
-    if (zero && e->install == INST_ZEROPAGE) {
+    if ((zero || e->kind == SRC_ZERO) && e->install == INST_ZEROPAGE) {
         struct uffdio_zeropage z = {.range = {dst, n}, .mode = dontwake ? UFFDIO_ZEROPAGE_MODE_DONTWAKE : 0};
         *err = uf_ioctl(e->uffd, UFFDIO_ZEROPAGE, &z);
         done = z.zeropage;
@@ -378,9 +382,12 @@ static void serve_fault(engine_t *e, worker_t *w, struct uffd_msg *m, uint64_t t
     if (flags & UFFD_PAGEFAULT_FLAG_WP)
         ADD(e->wp_faults, 1);
     if (!a) {
-        struct uffdio_range r = {addr & ~(e->page - 1), e->page};
+        /* Registered but not ours to serve. Waking would only make the thread fault again at
+         * once (a busy loop): poison it, so the access fails loudly, or leave it blocked. */
+        struct uffdio_poison p = {.range = {addr & ~(e->page - 1), e->page}};
         record_error(e, EFAULT, "fault outside every area", addr);
-        uf_ioctl(e->uffd, UFFDIO_WAKE, &r);
+        if (e->poison_on_error && !uf_ioctl(e->uffd, UFFDIO_POISON, &p))
+            ADD(e->poisoned, 1);
         return;
     }
     uint64_t page_off = (addr - a->base) & ~(e->page - 1);
@@ -543,8 +550,16 @@ static void *worker_main(void *arg)
                 }
                 break;
             }
-            for (size_t i = 0; i < (size_t)got / sizeof(msgs[0]); i++)
-                handle_event(e, w, &msgs[i], t0);
+            /* Non-fault events first: a REMOVE read here lets COPYs into its range succeed
+             * again, so its pages must be marked removed before any fault of the batch (or
+             * background install) fills them with source data. */
+            size_t count = (size_t)got / sizeof(msgs[0]);
+            for (size_t i = 0; i < count; i++)
+                if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
+                    handle_event(e, w, &msgs[i], t0);
+            for (size_t i = 0; i < count; i++)
+                if (msgs[i].event == UFFD_EVENT_PAGEFAULT)
+                    handle_event(e, w, &msgs[i], t0);
         }
         if (GET(e->err) == ESRCH)
             break;
@@ -623,14 +638,18 @@ static void engine_free(engine_t *e)
     free(e->cycle);
     free(e->log);
     pthread_mutex_destroy(&e->lock);
+    pthread_mutex_destroy(&e->stop_lock);
     pthread_cond_destroy(&e->work_cond);
     free(e);
 }
 
 static void stop_threads(engine_t *e)
 {
-    if (!e->started)
+    pthread_mutex_lock(&e->stop_lock); /* two Python threads may call stop() at once */
+    if (!e->started) {
+        pthread_mutex_unlock(&e->stop_lock);
         return;
+    }
     pthread_mutex_lock(&e->lock);
     e->stopping = 1;
     pthread_cond_broadcast(&e->work_cond);
@@ -641,8 +660,12 @@ static void stop_threads(engine_t *e)
     }
     for (int i = 0; i < e->nstarted; i++)
         pthread_join(e->workers[i].thread, NULL);
+    if (read(e->stopfd, &one, sizeof(one)) < 0) {
+        /* drained: a restarted engine must not see the old stop request */
+    }
     e->nstarted = 0;
     e->started = 0;
+    pthread_mutex_unlock(&e->stop_lock);
 }
 
 static void Engine_dealloc(EngineObject *self)
@@ -670,6 +693,11 @@ static int parse_areas(engine_t *e, PyObject *areas)
         return -1;
     }
     e->areas = calloc((size_t)n, sizeof(area_t));
+    if (!e->areas) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
     e->nareas = (int)n;
     for (Py_ssize_t i = 0; i < n; i++) {
         area_t *a = &e->areas[i];
@@ -697,17 +725,30 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
                              "pattern", "cycle", "memfd", "chunk", "readahead_min", "readahead_max",
                              "populate", "threads", "log_capacity", "poison_on_error", NULL};
     int uffd, kind, install, src_fd = -1, memfd = -1, populate = 0, threads = 1, poison = 1;
-    unsigned long long page, chunk, ra_min = 0, ra_max = 0, log_cap = 0;
+    unsigned long long page, chunk = 0, ra_min = 0, ra_max = 0, log_cap = 0;
     PyObject *areas, *data = Py_None;
     Py_buffer pat = {0}, cyc = {0};
     if (!PyArg_ParseTupleAndKeywords(args, kw, "iOKii|Oiy*y*iKKKpiKp", kwlist, &uffd, &areas, &page,
                                      &kind, &install, &data, &src_fd, &pat, &cyc, &memfd, &chunk,
                                      &ra_min, &ra_max, &populate, &threads, &log_cap, &poison))
         return -1;
+    if (self->e) {
+        PyErr_SetString(PyExc_RuntimeError, "an engine is initialised once");
+        return -1;
+    }
+    if (log_cap > MAX_LOG) {
+        PyErr_Format(PyExc_ValueError, "log_capacity is at most %llu records", (unsigned long long)MAX_LOG);
+        return -1;
+    }
     engine_t *e = calloc(1, sizeof(*e));
+    if (!e) {
+        PyErr_NoMemory();
+        return -1;
+    }
     int ok = 0;
     e->stopfd = -1;
     pthread_mutex_init(&e->lock, NULL);
+    pthread_mutex_init(&e->stop_lock, NULL);
     pthread_cond_init(&e->work_cond, NULL);
     e->uffd = uffd;
     e->page = page;
@@ -733,6 +774,10 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
     e->installed = calloc(e->npages / 8 + 1, 1);
     e->removed = calloc(e->npages / 8 + 1, 1);
     e->zero = calloc(1, e->unit_max);
+    if (!e->installed || !e->removed || !e->zero) {
+        PyErr_NoMemory();
+        goto done;
+    }
     if (kind == SRC_PATTERN) {
         if (!pat.len) {
             PyErr_SetString(PyExc_ValueError, "the pattern must not be empty");
@@ -740,6 +785,10 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
         }
         e->pat_len = (uint64_t)pat.len;
         e->pattern = malloc(e->unit_max + e->pat_len);
+        if (!e->pattern) {
+            PyErr_NoMemory();
+            goto done;
+        }
         for (uint64_t i = 0; i < e->unit_max + e->pat_len; i++)
             e->pattern[i] = ((char *)pat.buf)[i % e->pat_len];
     } else if (kind == SRC_CYCLE) {
@@ -749,6 +798,10 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
         }
         e->cycle_len = (uint64_t)cyc.len;
         e->cycle = malloc(e->cycle_len);
+        if (!e->cycle) {
+            PyErr_NoMemory();
+            goto done;
+        }
         memcpy(e->cycle, cyc.buf, e->cycle_len);
     } else if (kind == SRC_MEMORY) {
         if (PyObject_GetBuffer(data, &self->src_view, PyBUF_SIMPLE) < 0)
@@ -757,12 +810,17 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
         e->src = self->src_view.buf;
         e->src_len = (uint64_t)self->src_view.len;
     }
-    if (log_cap) {
-        e->log = calloc(log_cap, sizeof(fault_rec_t));
-        e->log_cap = log_cap;
+    if (log_cap && !(e->log = calloc(log_cap, sizeof(fault_rec_t)))) {
+        PyErr_NoMemory();
+        goto done;
     }
-    e->nworkers = threads + 2 * (ra_max > 0 || populate);
+    e->log_cap = log_cap;
+    e->nworkers = threads + 2 * (ra_max > 0 || populate); /* + two background copiers */
     e->workers = calloc((size_t)e->nworkers, sizeof(worker_t));
+    if (!e->workers) {
+        PyErr_NoMemory();
+        goto done;
+    }
     for (int i = 0; i < e->nworkers; i++) {
         worker_t *w = &e->workers[i];
         w->e = e;
@@ -798,9 +856,17 @@ done:
     return 0;
 }
 
+/* Methods on an engine whose __init__ failed (or never ran) raise instead of crashing. */
+#define ENGINE_OR_RAISE(self)                                                            \
+    engine_t *e = (self)->e;                                                             \
+    if (!e) {                                                                            \
+        PyErr_SetString(PyExc_RuntimeError, "the engine was not initialised");           \
+        return NULL;                                                                     \
+    }
+
 static PyObject *Engine_start(EngineObject *self, PyObject *unused)
 {
-    engine_t *e = self->e;
+    ENGINE_OR_RAISE(self)
     if (e->started) {
         PyErr_SetString(PyExc_RuntimeError, "the engine is already running");
         return NULL;
@@ -843,11 +909,12 @@ static void release_source(EngineObject *self)
 
 static PyObject *Engine_stop(EngineObject *self, PyObject *unused)
 {
+    ENGINE_OR_RAISE(self)
     Py_BEGIN_ALLOW_THREADS
-    stop_threads(self->e);
+    stop_threads(e);
     Py_END_ALLOW_THREADS
     if (self->has_view)
-        self->e->released = 1;
+        e->released = 1;
     release_source(self);
     Py_RETURN_NONE;
 }
@@ -856,7 +923,7 @@ static PyObject *Engine_stop(EngineObject *self, PyObject *unused)
  * ranges that is not present yet with DONTWAKE, then wakes each touched area once. */
 static PyObject *Engine_prefetch(EngineObject *self, PyObject *ranges)
 {
-    engine_t *e = self->e;
+    ENGINE_OR_RAISE(self)
     if (e->released) {
         PyErr_SetString(PyExc_RuntimeError, "the engine was stopped and let go of its source");
         return NULL;
@@ -866,6 +933,10 @@ static PyObject *Engine_prefetch(EngineObject *self, PyObject *ranges)
         return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     unsigned long long *rs = PyMem_Malloc(sizeof(*rs) * 2 * (size_t)(n ? n : 1));
+    if (!rs) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KK;range must be (source_offset, length)",
                               &rs[2 * i], &rs[2 * i + 1])) {
@@ -905,8 +976,12 @@ static PyObject *Engine_prefetch(EngineObject *self, PyObject *ranges)
                 uint64_t len = hi - off < e->unit_max ? hi - off : e->unit_max, done;
                 err = install_range(e, &w, a, off, len, 1, 1, NO_WAKE, &done);
                 total += done;
-                if (err)
+                if (err == EAGAIN) { /* a REMOVE is pending there: skip it, faults will decide */
+                    ADD(e->eagain, 1);
+                    err = 0;
+                } else if (err) {
                     err_addr = a->base + off;
+                }
             }
         }
     }
@@ -928,7 +1003,7 @@ static PyObject *Engine_prefetch(EngineObject *self, PyObject *ranges)
 
 static PyObject *Engine_stats(EngineObject *self, PyObject *unused)
 {
-    engine_t *e = self->e;
+    ENGINE_OR_RAISE(self)
     PyObject *hist = PyTuple_New(HIST_BUCKETS);
     for (int i = 0; i < HIST_BUCKETS; i++)
         PyTuple_SET_ITEM(hist, i, PyLong_FromUnsignedLongLong(GET(e->hist[i])));
@@ -948,7 +1023,7 @@ static PyObject *Engine_stats(EngineObject *self, PyObject *unused)
 /* drain_log() -> bytes of packed records (6 x u64: addr, src_off, flags, tid, t_ns, service_ns). */
 static PyObject *Engine_drain_log(EngineObject *self, PyObject *unused)
 {
-    engine_t *e = self->e;
+    ENGINE_OR_RAISE(self)
     pthread_mutex_lock(&e->lock);
     uint64_t n = e->log_written - e->log_read;
     PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n * sizeof(fault_rec_t)));
@@ -965,7 +1040,7 @@ static PyObject *Engine_drain_log(EngineObject *self, PyObject *unused)
 /* error() -> None or (errno, operation, address); also the count of dropped log records. */
 static PyObject *Engine_error(EngineObject *self, PyObject *unused)
 {
-    engine_t *e = self->e;
+    ENGINE_OR_RAISE(self)
     pthread_mutex_lock(&e->lock);
     int err = e->err;
     const char *op = e->err_op;
@@ -978,17 +1053,22 @@ static PyObject *Engine_error(EngineObject *self, PyObject *unused)
 
 static PyObject *Engine_log_dropped(EngineObject *self, void *closure)
 {
-    pthread_mutex_lock(&self->e->lock);
-    uint64_t d = self->e->log_dropped;
-    pthread_mutex_unlock(&self->e->lock);
+    ENGINE_OR_RAISE(self)
+    pthread_mutex_lock(&e->lock);
+    uint64_t d = e->log_dropped;
+    pthread_mutex_unlock(&e->lock);
     return PyLong_FromUnsignedLongLong(d);
 }
 
-static PyObject *Engine_running(EngineObject *self, void *closure) { return PyBool_FromLong(self->e->started); }
+static PyObject *Engine_running(EngineObject *self, void *closure)
+{
+    ENGINE_OR_RAISE(self)
+    return PyBool_FromLong(e->started);
+}
 
 static PyObject *Engine_memory(EngineObject *self, void *closure)
 {
-    engine_t *e = self->e;
+    ENGINE_OR_RAISE(self)
     uint64_t bytes = sizeof(*e) + e->nareas * sizeof(area_t) + 2 * (e->npages / 8 + 1) + e->unit_max
                      + (e->kind == SRC_PATTERN ? e->unit_max + e->pat_len : 0) + e->log_cap * sizeof(fault_rec_t);
     for (int i = 0; i < e->nworkers; i++) /* bounce buffers exist once a source needed them */
