@@ -235,20 +235,20 @@ class FaultServer:
         page, pos, done_total = self.page, 0, 0
         mode = CopyMode.DONTWAKE if dontwake else CopyMode(0)
         while pos < len(buf):
+            skip = 0
             try:
                 done = self.uffd.copy(area.address + off + pos, buf[pos:], len(buf) - pos, mode)
             except AlreadyMappedError as err:
-                done = err.done
+                done, skip = err.done, page  # then skip the page that is already there
                 self._c.add("eexist")
-                installed[(off + pos + done) // page] = 1
-                pos += page  # skip the page that is already there
             except MappingChangedError as err:
-                done = err.done
+                done, skip = err.done, len(buf)  # the mapping changes: faults come again
                 self._c.add("eagain")
-                pos = len(buf)  # the mapping changes: faults come again after the event
-            for p in range((off + pos) // page, (off + pos + done) // page):
-                installed[p] = 1
-            pos += done
+            first = (off + pos) // page
+            installed[first:first + done // page] = b"\1" * (done // page)
+            if skip == page:
+                installed[first + done // page] = 1
+            pos += done + skip
             done_total += done
         self._c.add("bytes_installed", done_total)
         return done_total
@@ -288,8 +288,11 @@ class FaultServer:
         area = self._area(address)
         page = self.page
         if area is None:
+            # Registered but not ours: waking would make the thread fault again at once (a
+            # busy loop). Poison it so the access fails loudly (or leave it blocked).
             self.state.set_error(f"fault at {address:#x} outside every served area")
-            _native.wake(self._fd, address & ~(page - 1), page)
+            if self.on_error == "poison":
+                _native.poison(self._fd, address & ~(page - 1), page, 0)
             return
         page_off = (address - area.address) & ~(page - 1)
         off = page_off - page_off % self.chunk
@@ -306,9 +309,9 @@ class FaultServer:
                 got, err = _native.copy(self._fd, area.address + off, buf, n, 0)
                 woken = not err  # a successful copy woke the range, faulting page included
                 area.installed[off // page:(off + got) // page] = b"\1" * (got // page)
+                c.values[_F_INSTALLED] += got  # _copy below counts its own share
                 if err:
                     got += self._copy(area, off + got, buf[got:], False)
-                c.values[_F_INSTALLED] += got if woken else 0
         if not woken:
             if not tried:
                 got = self._install(area, off, n, skip_installed=False)

@@ -11,14 +11,15 @@ A ``Pager`` is itself a buffer: ``memoryview(pager)``, ``numpy.frombuffer(pager)
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import _native
 from ._flags import Feature, RegisterMode
+from ._shared import RECORD
 from .errors import PagerError, error_from_errno
+from .fault_server import ON_ERROR
 from .region import Region, RegionKind, align_up
 from .sources.base import PageSource
 from .sources.native import (
@@ -37,8 +38,6 @@ __all__ = ["FaultRecord", "Install", "Pager", "PagerStats", "Runtime", "map"]
 Install = Literal["auto", "copy", "zeropage", "move", "continue"]
 Runtime = Literal["auto", "native", "process"]
 _INSTALL_CODES = {"copy": 0, "zeropage": 1, "move": 2, "continue": 3}
-_RECORD = struct.Struct("<6Q")
-_ON_ERROR = ("poison", "retry", "zero")
 
 
 
@@ -116,7 +115,7 @@ class PagerStats:
 
 
 def _as_source(source: Any) -> PageSource:
-    if isinstance(source, (NativeSource,)):
+    if isinstance(source, NativeSource):
         return source
     if isinstance(source, (str, os.PathLike)):
         return FileSource(source)
@@ -163,7 +162,7 @@ class NativeRuntime:
         return dict(self.engine.stats())
 
     def drain_log(self) -> bytes:
-        """Packed fault records (see ``_RECORD``)."""
+        """Packed fault records (see ``_shared.RECORD``)."""
         return bytes(self.engine.drain_log())
 
     def log_dropped(self) -> int:
@@ -291,8 +290,8 @@ class Pager(_native.Mapping):
             raise ValueError(
                 f"{type(src).__name__} is a Python source: Python cannot serve faults of a "
                 "process whose faulting thread holds the GIL, so it needs runtime='process'")
-        if on_error not in _ON_ERROR:
-            raise ValueError(f"on_error must be one of {_ON_ERROR}, not {on_error!r}")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, not {on_error!r}")
         if runtime == "native" and on_error != "poison":
             raise ValueError("native sources only fail on I/O errors of the file itself, and "
                              "those pages are always poisoned: on_error must be 'poison'")
@@ -398,7 +397,7 @@ class Pager(_native.Mapping):
         """Take the fault records logged since the last call (needs ``log_faults > 0``)."""
         self._check_open()
         data = self._runtime.drain_log()
-        return [FaultRecord(*r) for r in _RECORD.iter_unpack(data)]
+        return [FaultRecord(*r) for r in RECORD.iter_unpack(data)]
 
     def check(self) -> None:
         """Raise :class:`PagerError` if serving has failed (the first error is kept)."""

@@ -28,7 +28,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from typing import TYPE_CHECKING, Any
 
 from ._shared import SharedState
@@ -155,7 +154,8 @@ class ProcessRuntime:
         """Stop the supervisor and its worker; idempotent."""
         if self._sock is not None:
             try:
-                _send(self._sock, {"op": "stop"})
+                with self._lock:  # never between another call's request and reply
+                    _send(self._sock, {"op": "stop"})
             except OSError:
                 pass
         if self.proc is not None:
@@ -194,11 +194,19 @@ def _worker(uffd: Uffd, config: dict[str, Any], source: PageSource, state: Share
             supervisor: int) -> None:
     _die_with_parent(supervisor)
     server = _make_server(uffd, config, source, state, _WORKER_SLOTS)
-    threads = [threading.Thread(target=server.serve_forever, daemon=True)
-               for _ in range(config["threads"] - 1)]
-    for t in threads:
-        t.start()
-    server.serve_forever()
+
+    def serve() -> None:
+        # A serving thread that dies would strand the faults it had read: take the whole
+        # worker down instead, so the supervisor wakes every waiter and starts a new one.
+        try:
+            server.serve_forever()
+        except BaseException:
+            log.exception("pager worker thread failed; restarting the worker")
+            os._exit(1)
+
+    for _ in range(config["threads"] - 1):
+        threading.Thread(target=serve, daemon=True).start()
+    serve()
 
 
 def _spawn_worker(uffd: Uffd, config: dict[str, Any], source: PageSource,
@@ -215,6 +223,13 @@ def _spawn_worker(uffd: Uffd, config: dict[str, Any], source: PageSource,
         finally:
             os._exit(code)
     return pid
+
+
+def _prefetch(helper: FaultServer, sock: socket.socket, ranges: list[tuple[int, int]]) -> None:
+    try:
+        _send(sock, {"result": helper.prefetch(ranges)})
+    except Exception as err:
+        _send(sock, {"error": f"prefetch failed: {err}"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,18 +277,16 @@ def main(argv: list[str] | None = None) -> int:
                 request = _recv(sock)
                 if request is None or request["op"] == "stop":
                     return 0
-                try:
-                    result = helper.prefetch(request["ranges"])
-                    _send(sock, {"result": result})
-                except Exception as err:
-                    _send(sock, {"error": f"prefetch failed: {err}"})
+                # On a thread: a slow source must not keep this loop from watching the
+                # worker and the parent. The parent sends one request at a time.
+                threading.Thread(target=_prefetch, args=(helper, sock, request["ranges"]),
+                                 daemon=True).start()
     finally:
         os.kill(pid, signal.SIGKILL)
         try:
             os.waitpid(pid, 0)
         except ChildProcessError:
             pass
-        time.sleep(0)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,9 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from .. import _native
+from .._shared import RECORD
 from ..pager import NativeRuntime, PagerStats
+from ..region import align_up
 from ..sources.native import KIND_MEMORY, FileSource, NativeSource
 from .protocol import (
     FirecrackerProtocolError,
@@ -68,7 +70,6 @@ __all__ = [
 WORKING_SET_MAGIC = b"UFFCWS1\0"
 _WS_HEADER = struct.Struct("<8sQQ")
 _UCRED = struct.Struct("iII")  # struct ucred
-_RECORD = struct.Struct("<6Q")  # the engine's fault log: addr, src_off, flags, tid, t_ns, ns
 _LOG_CAPACITY = 1 << 17
 _POLL_S = 0.05
 _INSTALL_COPY = 0
@@ -630,9 +631,9 @@ class FirecrackerPager:
 
     def _make_runtime(self, uffd: int, regions: list[GuestRegion], page: int) -> Any:
         areas = [(r.base_host_virt_addr, r.size, r.offset) for r in regions]
-        chunk = max(page, _align_up(self.chunk or page, page))
+        chunk = max(page, align_up(self.chunk or page, page))
         ra = (0, 0) if self.readahead is None else (
-            _align_up(self.readahead[0], page), _align_up(self.readahead[1], page))
+            align_up(self.readahead[0], page), align_up(self.readahead[1], page))
         os.set_blocking(uffd, False)
         log_cap = _LOG_CAPACITY if self.record is not None else 0
         if self.native:
@@ -657,7 +658,7 @@ class FirecrackerPager:
         data = runtime.drain_log()
         if not data:
             return
-        for rec in _RECORD.iter_unpack(data):
+        for rec in RECORD.iter_unpack(data):
             if report.first_fault_s is None:
                 report.first_fault_s = time.monotonic() - report.started
             off = rec[1] - rec[1] % report.page_size
@@ -713,10 +714,6 @@ class FirecrackerPager:
         if self.on_report is not None:
             with contextlib.suppress(Exception):
                 self.on_report(report)
-
-
-def _align_up(value: int, align: int) -> int:
-    return (value + align - 1) // align * align
 
 
 def _peer_cred(conn: socket.socket) -> PeerCred:
