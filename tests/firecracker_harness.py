@@ -259,18 +259,20 @@ def restore_with_handler(
 
 @contextlib.contextmanager
 def command_handler(
-    argv: list[str], sock_path: Path, mem_file: Path, *, ready_timeout: float = 10.0
+    argv: list[str], sock_path: Path, mem_file: Path, *, ready_timeout: float = 10.0,
+    stdout: Any = None, stderr: Any = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run an external handler command, e.g. ``userfault firecracker serve``.
 
     The literal strings ``{socket}`` and ``{mem_file}`` in ``argv`` are replaced by the
     paths (plain substitution, not ``str.format``). The command must
     create and listen on the socket; it is terminated (then killed) on exit. Use it with
-    ``functools.partial(command_handler, [...])`` as ``start_handler``.
+    ``functools.partial(command_handler, [...])`` as ``start_handler``. ``stdout`` and
+    ``stderr`` go to :class:`subprocess.Popen` (to capture the handler's output).
     """
     args = [a.replace("{socket}", str(sock_path)).replace("{mem_file}", str(mem_file))
             for a in argv]
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
     try:
         deadline = time.monotonic() + ready_timeout
         while not sock_path.exists():

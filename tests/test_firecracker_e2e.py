@@ -7,11 +7,9 @@ neither, so it is skipped there. Timings are printed (``pytest -s``) for the rec
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -175,7 +173,7 @@ def test_restore_with_userfault_firecracker_serve(snap: Snapshot, tmp_path: Path
         workdir.mkdir()
         with open(out, "wb") as o, open(log, "wb") as e:
             handler: Any = functools.partial(
-                _command_with_output, _serve_argv(*extra), stdout=o, stderr=e)
+                command_handler, _serve_argv(*extra), stdout=o, stderr=e)
             t0 = time.monotonic()
             with restore_with_handler(FIRECRACKER_BIN, snap, workdir, handler) as (vm, _):
                 first = vm.wait_ticks(1, 30)
@@ -204,27 +202,3 @@ def test_restore_with_userfault_firecracker_serve(snap: Snapshot, tmp_path: Path
     assert results["prefetch"][1]["prefetch_bytes"] >= TOUCH_PAGES * 4096 // 2
     assert results["prefetch"][1]["faults"] < results["lazy"][1]["faults"] / 4
     assert results["populate"][1]["populate_bytes"] > 0
-
-
-@contextlib.contextmanager
-def _command_with_output(argv: list[str], sock_path: Path, mem_file: Path, *, stdout: Any,
-                         stderr: Any) -> Iterator[Any]:
-    """Like :func:`command_handler`, with the handler's stdout and stderr captured."""
-    args = [a.replace("{socket}", str(sock_path)).replace("{mem_file}", str(mem_file))
-            for a in argv]
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
-    try:
-        deadline = time.monotonic() + 15
-        while not sock_path.exists():
-            assert proc.poll() is None, f"handler exited with {proc.returncode}"
-            assert time.monotonic() < deadline, "handler did not create its socket"
-            time.sleep(0.005)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
