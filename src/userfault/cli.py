@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
         prog="userfault", description="On-demand paging from userland with userfaultfd.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"userfault {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="the man-page demo: a handler serves each page on touch")
