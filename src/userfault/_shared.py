@@ -97,6 +97,10 @@ class SharedState:
         probe.close()
         return cls(cap, fd)
 
+    def after_fork(self) -> None:
+        """In a forked child: a fresh lock (another thread may have held it at the fork)."""
+        self._lock = threading.Lock()
+
     def slot(self, index: int | None = None) -> CounterSlot:
         """The counters of one writer: slot ``index``, or the next unused one."""
         with self._lock:

@@ -193,6 +193,7 @@ def _make_server(uffd: Uffd, config: dict[str, Any], source: PageSource,
 def _worker(uffd: Uffd, config: dict[str, Any], source: PageSource, state: SharedState,
             supervisor: int) -> None:
     _die_with_parent(supervisor)
+    state.after_fork()  # the supervisor may fork us while its prefetch thread holds the lock
     server = _make_server(uffd, config, source, state, _WORKER_SLOTS)
 
     def serve() -> None:
