@@ -410,12 +410,15 @@ class FaultServer:
                 return
             t0 = time.monotonic_ns()
             try:
+                faults = []
                 for pos in range(0, len(data), MSG_SIZE):
                     event, flags, address, tid = unpack(data, pos)
                     if event == EVENT_PAGEFAULT:
-                        self._serve_fault(c, chunk_buf, address, flags, tid, t0)
-                    else:
+                        faults.append((address, flags, tid))
+                    else:  # events first: a REMOVE's pages must be marked before any fault
                         self._handle(parse_messages(data[pos:pos + MSG_SIZE])[0])
+                for address, flags, tid in faults:
+                    self._serve_fault(c, chunk_buf, address, flags, tid, t0)
                 if data:
                     c.dirty = True
                     if t0 - c.last_flush > _FLUSH_NS:
