@@ -332,3 +332,77 @@ def test_lean_connection_killed_while_idle_is_retried_once(redis_server: RedisSe
     assert killed >= 1
     assert read(src, 5 * PAGE, PAGE) == data[5 * PAGE: 6 * PAGE]
     r.close()
+
+
+def _source(url: str, prefix: str, lean: bool, **kw: object) -> RedisSource:
+    src = RedisSource(url, prefix=prefix, **kw)  # type: ignore[arg-type]
+    if not lean:
+        src._lean = None  # force the redis-py path: both must behave the same
+    assert (src._lean is not None) == lean
+    return src
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "redis-py"])
+@pytest.mark.parametrize("page_size", [4096, 1 << 20])
+def test_big_read_many_values_across_recv_boundaries(redis_server: RedisServer, lean: bool,
+                                                     page_size: int) -> None:
+    # 4 KiB values cross the receive buffer's end; 1 MiB values are bigger than the buffer and
+    # mostly go from the socket straight into the destination. Short last page, a zero page.
+    size = 5 * (1 << 20) + 777
+    data = bytearray(random.Random(7).randbytes(size))
+    data[page_size: 2 * page_size] = bytes(page_size)
+    prefix = new_prefix()
+    upload(bytes(data), redis_server.url, prefix, page_size)
+    src = _source(redis_server.url, prefix, lean)
+    buf = bytearray(size + 5000)  # past the end: zeros
+    buf[:] = b"\xff" * len(buf)
+    mv = memoryview(buf)
+    cuts = [0, 1 << 20, (1 << 20) + 3 * 4096, 3 << 20, len(buf)]
+    src.read_many([(a, mv[a: b]) for a, b in itertools.pairwise(cuts)])
+    assert bytes(buf) == bytes(data) + bytes(5000)
+    # Unaligned pieces, several of them in one page, and the same page twice.
+    reqs = [(100, 5000), (5100, 3), (5103, 9000), (page_size - 10, 20), (0, 4096), (size - 5, 50)]
+    bufs = [bytearray(b"\xff" * n) for _, n in reqs]
+    src.read_many([(o, memoryview(b)) for (o, _), b in zip(reqs, bufs, strict=True)])
+    for (o, n), b in zip(reqs, bufs, strict=True):
+        assert bytes(b) == expected(bytes(data), o, n)
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "redis-py"])
+def test_bad_pages_in_the_middle_of_a_batch(redis_server: RedisServer, lean: bool) -> None:
+    data = random.Random(8).randbytes(2000 * PAGE)
+    prefix = new_prefix()
+    upload(data, redis_server.url, prefix)
+    r = redis.Redis.from_url(redis_server.url)
+    r.delete(f"{prefix}1200")
+    r.set(f"{prefix}1500", b"short")  # a short value: the rest of its page reads as zeros
+    src = _source(redis_server.url, prefix, lean)
+    sparse = _source(redis_server.url, prefix, lean, missing="zero")
+    want = bytearray(data)
+    want[1500 * PAGE: 1501 * PAGE] = b"short" + bytes(PAGE - 5)
+    for s in (src, sparse):
+        buf = bytearray(1000 * PAGE)
+        s.read_many([(0, memoryview(buf))])
+        assert buf == want[: 1000 * PAGE]
+    buf = bytearray(len(data))
+    mv = memoryview(buf)
+    reqs = [(o, mv[o: o + 256 * PAGE]) for o in range(0, len(data), 256 * PAGE)]
+    with pytest.raises(SourceError, match=rf"page key '{prefix}1200' does not exist") as info:
+        src.read_many(reqs)
+    assert (info.value.offset, info.value.length) == (1024 * PAGE, 256 * PAGE)
+    sparse.read_many(reqs)
+    want[1200 * PAGE: 1201 * PAGE] = bytes(PAGE)
+    assert buf == want
+    # A value longer than a page, after the missing key: the first bad page is reported.
+    r.set(f"{prefix}1300", bytes(PAGE + 1))
+    with pytest.raises(SourceError, match=rf"'{prefix}1200' does not exist"):
+        src.read_many(reqs)
+    for s in (src, sparse):
+        with pytest.raises(SourceError, match=rf"'{prefix}1300' holds {PAGE + 1} bytes, more "
+                                              "than the page size 4096"):
+            s.read_many(reqs[5:])
+    # The connection is still in step after those errors.
+    buf2 = bytearray(PAGE)
+    src.read_many([(1999 * PAGE, memoryview(buf2))])
+    assert buf2 == data[1999 * PAGE:]
+    r.close()

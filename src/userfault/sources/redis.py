@@ -192,55 +192,87 @@ class RedisSource:
     def read_many(self, requests: Sequence[tuple[int, memoryview]]) -> None:
         """Fill every ``(offset, buf)`` with one pipelined batch of MGETs for all their keys."""
         views = [(off, _bytes_view(b)) for off, b in requests]
-        indices: dict[int, None] = {}
-        for off, b in views:
-            if not len(b):
-                continue
-            if off < 0 or off >= self._size:
-                raise self._error("read", off, len(b),
-                                  f"the range starts outside the source (size {self._size})")
-            end = min(off + len(b), self._size)
-            for i in range(off // self._page_size, (end - 1) // self._page_size + 1):
-                indices[i] = None
-        if not indices:
-            return
-        order = list(indices)
-        values = self._mget(order, views)
-        pages = dict(zip(order, values, strict=True))
         ps = self._page_size
-        for off, b in views:
+        size = self._size
+        # Page -> its first piece (offset in the page, destination, request); further pieces of
+        # the same page (another request, or a request ending and the next starting in it).
+        first: dict[int, tuple[int, memoryview, int]] = {}
+        extra: dict[int, list[tuple[int, memoryview, int]]] = {}
+        for r, (off, b) in enumerate(views):
             n = len(b)
             if not n:
                 continue
-            end = min(off + n, self._size)
+            if off < 0 or off >= size:
+                raise self._error("read", off, n,
+                                  f"the range starts outside the source (size {size})")
+            end = min(off + n, size)
+            if end < off + n:
+                b[end - off:] = bytes(off + n - end)
             pos = off
             while pos < end:
                 i = pos // ps
-                in_page = pos - i * ps
-                take = min(end, (i + 1) * ps) - pos
-                dst = b[pos - off: pos - off + take]
-                val = pages[i]
-                if val is None:
-                    if self._missing == "error":
-                        raise self._error(
-                            "read", off, n,
-                            f"page key {self.key(i)!r} does not exist (never uploaded, evicted "
-                            "or lost); pass missing='zero' only if absent pages are zeros")
-                    dst[:] = bytes(take)
-                elif len(val) > ps:
-                    raise self._error(
-                        "read", off, n,
-                        f"page key {self.key(i)!r} holds {len(val)} bytes, more than the "
-                        f"page size {ps}: wrong prefix or page_size?")
+                base = i * ps
+                if pos == base and base + ps <= end:
+                    # Whole pages: the bulk of a large request.
+                    stop = end // ps
+                    for i in range(pos // ps, stop):
+                        at = i * ps - off
+                        piece = (0, b[at: at + ps], r)
+                        if i in first:
+                            extra.setdefault(i, []).append(piece)
+                        else:
+                            first[i] = piece
+                    pos = stop * ps
+                    continue
+                take = min(end, base + ps) - pos
+                piece = (pos - base, b[pos - off: pos - off + take], r)
+                if i in first:
+                    extra.setdefault(i, []).append(piece)
                 else:
-                    have = max(0, min(len(val) - in_page, take))
-                    if have:
-                        dst[:have] = val[in_page: in_page + have]
-                    if have < take:
-                        dst[have:] = bytes(take - have)
+                    first[i] = piece
                 pos += take
-            if end < off + n:
-                b[end - off:] = bytes(off + n - end)
+        if not first:
+            return
+        order = list(first)
+        if self._lean is not None:
+            # Pages read whole into one destination go straight from the socket into it; the
+            # others come back as values and are placed below.
+            dsts = [None if p[0] or i in extra else p[1] for i, p in first.items()]
+            left = self._mget(order, views, dsts)
+        else:
+            left = list(zip(order, self._mget(order, views, None), strict=True))
+        bad: list[tuple[int, bytes | None]] = []
+        for i, val in left:
+            if val is None:
+                if self._missing == "error":
+                    bad.append((i, val))
+                    continue
+            elif len(val) > ps:
+                bad.append((i, val))
+                continue
+            for in_page, dst, _ in [first[i], *extra.get(i, ())]:
+                take = len(dst)
+                if val is None:
+                    dst[:] = bytes(take)
+                    continue
+                have = max(0, min(len(val) - in_page, take))
+                if have:
+                    dst[:have] = val[in_page: in_page + have]
+                if have < take:
+                    dst[have:] = bytes(take - have)
+        if bad:
+            # The first bad page in request order, reported against the request that asked first.
+            i, val = min(bad, key=lambda e: order.index(e[0]))
+            off, b = views[first[i][2]]
+            if val is None:
+                raise self._error(
+                    "read", off, len(b),
+                    f"page key {self.key(i)!r} does not exist (never uploaded, evicted "
+                    "or lost); pass missing='zero' only if absent pages are zeros")
+            raise self._error(
+                "read", off, len(b),
+                f"page key {self.key(i)!r} holds {len(val)} bytes, more than the "
+                f"page size {ps}: wrong prefix or page_size?")
 
     def write_from(self, offset: int, data: memoryview) -> None:
         """Store ``data`` at ``offset`` (bytes past ``size`` are dropped).
@@ -317,11 +349,15 @@ class RedisSource:
     def _redis_error(self, what: str, offset: int, length: int, err: BaseException) -> SourceError:
         return self._error(what, offset, length, f"{type(err).__name__}: {err}")
 
-    def _mget(self, order: list[int], views: list[tuple[int, memoryview]]) -> list[bytes | None]:
-        keys = [self.key(i) for i in order]
+    def _mget(self, order: list[int], views: list[tuple[int, memoryview]],
+              dsts: list[memoryview | None] | None) -> Any:
+        """The values of pages ``order``. On the lean path (``dsts`` given) values that fit
+        their ``dsts`` entry are written there (the rest zeroed) and only the other pages come
+        back, as ``[(page, value or None)]``; otherwise a list of values or ``None``."""
         try:
-            if self._lean is not None:
-                return self._mget_lean(keys)
+            if dsts is not None:
+                return self._mget_lean(order, dsts)
+            keys = [self.key(i) for i in order]
             client = self._client()
             if self._cluster:
                 return list(client.mget_nonatomic(keys))
@@ -339,17 +375,22 @@ class RedisSource:
             length = max((o + len(b) for o, b in views), default=0) - off
             raise self._redis_error("read", off, length, err) from err
 
-    def _mget_lean(self, keys: list[str]) -> list[bytes | None]:
+    def _mget_lean(self, order: list[int],
+                   dsts: list[memoryview | None]) -> list[tuple[int, bytes | None]]:
         """MGET over a pooled raw connection, batches pipelined; a reused connection that the
         server closed while idle is retried once on a fresh one."""
         if self._pid != os.getpid():
             self._reset_process_state()
+        prefix = self._prefix
+        lp = len(prefix.encode())
         cmds = []
-        for s in range(0, len(keys), _MGET_BATCH):
-            part = [k.encode() for k in keys[s: s + _MGET_BATCH]]
-            cmds.append(b"*%d\r\n$4\r\nMGET\r\n" % (len(part) + 1) + b"".join(
-                b"$%d\r\n%s\r\n" % (len(k), k) for k in part))
-        request = b"".join(cmds)
+        for s in range(0, len(order), _MGET_BATCH):
+            part = order[s: s + _MGET_BATCH]
+            cmds.append(f"*{len(part) + 1}\r\n$4\r\nMGET\r\n" + "".join([
+                f"${lp + len(i)}\r\n{prefix}{i}\r\n" for i in map(str, part)]))
+        request = "".join(cmds).encode()
+        sizes = [min(_MGET_BATCH, len(order) - s) for s in range(0, len(order), _MGET_BATCH)]
+        zero = bytes(self._page_size)
         with self._lock:
             c = self._lean_idle.pop() if self._lean_idle else None
         for attempt in (0, 1):
@@ -359,9 +400,7 @@ class RedisSource:
                     assert self._lean is not None
                     c = _RespConn(*self._lean, self._timeout)
                 c.sock.sendall(request)
-                out: list[bytes | None] = []
-                for _ in cmds:
-                    out.extend(c.read_array())
+                left = c.read_mget_into(sizes, dsts, zero)
             except (_RespClosed, ConnectionResetError, BrokenPipeError,
                     ConnectionAbortedError) as err:
                 if c is not None:
@@ -376,7 +415,7 @@ class RedisSource:
                 raise
             with self._lock:
                 self._lean_idle.append(c)
-            return out
+            return [(order[k], v) for k, v in left]
         raise AssertionError("unreachable")
 
     def _read_meta(self, *, required: bool) -> dict[str, int] | None:
@@ -525,15 +564,23 @@ class RedisErrorReply(Exception):
 
 
 class _RespConn:
-    """One raw RESP2 connection (TCP_NODELAY), authenticated and on the right database."""
+    """One raw RESP2 connection (TCP_NODELAY), authenticated and on the right database.
 
-    __slots__ = ("buf", "pos", "sock")
+    Replies are received into a fixed buffer (``buf[pos:end]`` not yet parsed); MGET values go
+    from there, or for the part not yet received straight from the socket, into the caller's
+    destination buffers."""
+
+    __slots__ = ("buf", "end", "pos", "sock", "view")
+
+    BUFSIZE = 1 << 18
 
     def __init__(self, host: str, port: int, db: int, user: str | None, password: str | None,
                  timeout: float) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.buf = bytearray()
+        self.buf = bytearray(self.BUFSIZE)
+        self.view = memoryview(self.buf)
         self.pos = 0
+        self.end = 0
         try:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             setup = []
@@ -555,45 +602,111 @@ class _RespConn:
         self.sock.close()
 
     def _fill(self) -> None:
-        if self.pos == len(self.buf):
-            self.buf.clear()
-            self.pos = 0
-        elif self.pos > 1 << 20:
-            del self.buf[: self.pos]
-            self.pos = 0
-        chunk = self.sock.recv(1 << 18)
-        if not chunk:
+        """Receive more bytes after ``buf[pos:end]`` (moved to the front when needed)."""
+        pos, end = self.pos, self.end
+        if pos == end:
+            self.pos = self.end = pos = end = 0
+        elif end == len(self.buf) or len(self.buf) - end < 4096:
+            if pos == 0:  # a reply line longer than the buffer
+                self.view.release()
+                self.buf.extend(bytes(len(self.buf)))
+                self.view = memoryview(self.buf)
+            else:
+                self.view[: end - pos] = self.view[pos: end]
+                self.pos, self.end = 0, end - pos
+                end = end - pos
+        got = self.sock.recv_into(self.view[end:])
+        if not got:
             raise _RespClosed("the server closed the connection")
-        self.buf += chunk
+        self.end = end + got
+
+    def _recv_exact(self, dst: memoryview) -> None:
+        """Fill ``dst`` from the socket (the buffer is empty)."""
+        got = 0
+        n = len(dst)
+        while got < n:
+            k = self.sock.recv_into(dst[got:])
+            if not k:
+                raise _RespClosed("the server closed the connection")
+            got += k
 
     def line(self) -> bytes:
         """The next reply line (an error reply is raised)."""
         while True:
-            end = self.buf.find(b"\r\n", self.pos)
+            end = self.buf.find(b"\r\n", self.pos, self.end)
             if end >= 0:
-                out = bytes(self.buf[self.pos: end])
+                out = bytes(self.view[self.pos: end])
                 self.pos = end + 2
                 if out[:1] == b"-":
                     raise RedisErrorReply(out[1:].decode("utf-8", "replace"))
                 return out
             self._fill()
 
-    def read_array(self) -> list[bytes | None]:
-        """An array of bulk strings (an MGET reply)."""
-        head = self.line()
-        if head[:1] != b"*":
-            raise RedisErrorReply(f"unexpected reply {head[:80]!r} to MGET")
-        out: list[bytes | None] = []
-        for _ in range(int(head[1:])):
-            item = self.line()
-            if item[:1] != b"$":
-                raise RedisErrorReply(f"unexpected element {item[:80]!r} in an MGET reply")
-            n = int(item[1:])
-            if n < 0:
-                out.append(None)
-                continue
-            while len(self.buf) - self.pos < n + 2:
-                self._fill()
-            out.append(bytes(self.buf[self.pos: self.pos + n]))
-            self.pos += n + 2
-        return out
+    def _crlf(self) -> None:
+        while self.end - self.pos < 2:
+            self._fill()
+        self.pos += 2
+
+    def _value(self, n: int, dst: memoryview) -> None:
+        """Copy the next ``n`` = ``len(dst)`` value bytes (and skip the CRLF after them)."""
+        avail = self.end - self.pos
+        if avail >= n:
+            dst[:] = self.view[self.pos: self.pos + n]
+            self.pos += n
+        else:
+            dst[:avail] = self.view[self.pos: self.end]
+            self.pos = self.end = 0
+            self._recv_exact(dst[avail:])  # the rest skips the buffer
+        self._crlf()
+
+    def read_mget_into(self, sizes: list[int], dsts: list[memoryview | None],
+                       zero: bytes) -> list[tuple[int, bytes | None]]:
+        """The replies of pipelined MGETs of ``sizes`` keys each: a value no longer than its
+        ``dsts`` entry is written there (the rest of it zeroed); the others are returned as
+        ``[(index into dsts, value or None for a missing key)]``."""
+        left: list[tuple[int, bytes | None]] = []
+        buf = self.buf
+        ps = len(zero)
+        full = b"$%d\r\n" % ps  # the header of a whole page
+        hl = len(full)
+        need = hl + ps + 2
+        base = 0
+        for count in sizes:
+            head = self.line()
+            if head[:1] != b"*" or int(head[1:]) != count:
+                raise RedisErrorReply(f"unexpected reply {head[:80]!r} to MGET")
+            view, pos, end = self.view, self.pos, self.end
+            for k in range(base, base + count):
+                dst = dsts[k]
+                # The common case inline: a whole page into a whole-page destination, already
+                # received.
+                if (dst is not None and end - pos >= need and len(dst) == ps
+                        and buf.startswith(full, pos)):
+                    dst[:] = view[pos + hl: pos + hl + ps]
+                    pos += need
+                    continue
+                self.pos = pos
+                # The bulk string header.
+                nl = buf.find(b"\r\n", pos, end)
+                if nl < 0 or buf[pos] != 36:  # b"$"
+                    item = self.line()
+                    if item[:1] != b"$":
+                        raise RedisErrorReply(f"unexpected element {item[:80]!r} in an MGET reply")
+                    n = int(item[1:])
+                else:
+                    n = int(buf[pos + 1: nl])
+                    self.pos = nl + 2
+                if n < 0:
+                    left.append((k, None))
+                elif dst is not None and n <= len(dst):
+                    if n < len(dst):
+                        dst[n:] = zero[: len(dst) - n]
+                    self._value(n, dst[:n])
+                else:
+                    val = bytearray(n)
+                    self._value(n, memoryview(val))
+                    left.append((k, bytes(val)))
+                view, pos, end = self.view, self.pos, self.end
+            self.pos = pos
+            base += count
+        return left
