@@ -447,11 +447,12 @@ def test_readahead_grows_on_sequential_faults() -> None:
         _native.touch(p.address, size, PAGE, 0, 0, False)
         s = settled(p, lambda s: s.bytes_installed == size)
         # a scan faulting at full speed never leaves the handler idle: readahead must still
-        # run (it once starved: a third of the pages faulted). Two background copiers work
-        # the window in parallel, and the scan catches up with the piece still being copied
-        # now and then (5-8% of the pages here): faster overall, not starved.
-        assert s.faults < size // PAGE // 8
+        # run (it once starved: a third of the pages faulted). Most of the region must come
+        # from readahead. How often the scan catches up with the piece two background copiers
+        # are installing depends on scheduling (5-15% of the pages here, zero pages being
+        # cheap to install), so the fault bound only rules out starvation.
         assert s.readahead_bytes > size * 3 // 4
+        assert s.faults < size // PAGE // 4
         assert s.bytes_installed == size
 
 

@@ -704,13 +704,14 @@ class FirecrackerPager:
             self._drain(runtime, report, recorded)
 
     def _finish(self, report: VMReport) -> None:
-        self.log(report.summary())
+        # The JSON report first: whoever sees the summary line can then read the report.
         if self.json_out is not None:
             with self._out_lock:
                 try:
                     print(json.dumps(report.as_dict()), file=self.json_out, flush=True)
                 except (OSError, ValueError):
                     pass
+        self.log(report.summary())
         if self.on_report is not None:
             with contextlib.suppress(Exception):
                 self.on_report(report)
