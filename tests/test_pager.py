@@ -12,9 +12,6 @@ import mmap
 import os
 import random
 import signal
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import userfault
+from pager_helpers import run_script, settled, wait_until
 from userfault import (
     BufferSource,
     FileSource,
@@ -58,31 +56,6 @@ def assert_same(pager: Pager, expected: bytes | memoryview) -> None:
         for off in range(0, view.nbytes, PAGE):
             if view[off:off + PAGE] != expected[off:off + PAGE]:
                 pytest.fail(f"page at offset {off:#x} differs from the source")
-
-
-def wait_until(cond, timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return cond()
-
-
-def settled(pager: Pager, pred=lambda s: True, timeout: float = 5.0) -> userfault.PagerStats:
-    """Counters once ``pred`` holds. The engine wakes the faulting thread inside the install
-    ioctl and updates its counters and log just after, so a thread that returns from a
-    touch may read them a few microseconds early."""
-    def done() -> bool:
-        s = pager.stats()
-        return sum(s.latency_histogram) == s.faults and pred(s)
-    wait_until(done, timeout)
-    return pager.stats()
-
-
-def run_script(code: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def proc_entries(what: str) -> set[str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import userfault
+from pager_helpers import run_script, settled
 from userfault.errors import PagerError
 from userfault.snapshot import SnapshotSource, create_snapshot
 from userfault.sources.http import HTTPSource
@@ -39,19 +40,6 @@ def _data(size: int, seed: int = 1) -> bytes:
     return bytes(out[:size])
 
 
-def _settle(pager: userfault.Pager, field: str, want: int, timeout: float = 5.0) -> int:
-    """A counter's value once it reaches ``want`` (servers count a fault just after waking it)."""
-    deadline = time.monotonic() + timeout
-    while (got := getattr(pager.stats(), field)) < want and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return int(got)
-
-
-def _run(script: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **env})
-
-
 @pytest.fixture
 def snapshot_file(tmp_path: Path) -> tuple[Path, bytes]:
     data = _data(8 << 20) + bytes(3 << 20) + _data(1 << 20, 2)[:12345]
@@ -69,7 +57,8 @@ def test_snapshot_served_while_the_faulting_thread_holds_the_gil(
         assert bytes(view[:len(data)]) == data  # one GIL-holding memcpy over every page
         assert bytes(view[len(data):]) == bytes(pager.size - len(data))  # tail page padding
         view.release()
-        assert _settle(pager, "bytes_installed", pager.size) == pager.size
+        installed = settled(pager, lambda s: s.bytes_installed >= pager.size).bytes_installed
+        assert installed == pager.size
         stats = pager.stats()
         assert stats.faults > 0
         assert stats.readahead_bytes > 0  # sequential: the window grew
@@ -91,7 +80,7 @@ def test_random_access_faults_once_per_page_without_readahead(
         for p in pages[:500]:
             assert view[p * PAGE + 100] == data[p * PAGE + 100]
         view.release()
-        assert _settle(pager, "faults", 500) == 500
+        assert settled(pager, lambda s: s.faults >= 500).faults == 500
         assert pager.stats().readahead_bytes == 0
 
 
@@ -286,7 +275,7 @@ def test_killed_pager_worker_is_replaced_and_the_workload_completes(tmp_path: Pa
             h.update(view[off:off + 4096])     # one fault per page, GIL held throughout
         print(h.hexdigest(), pager.stats().restarts, pager.stats().faults)
     """
-    result = _run(script)
+    result = run_script(script, timeout=60)
     assert result.returncode == 0, result.stderr
     got, restarts, _faults = result.stdout.split()
     assert got == digest
@@ -303,7 +292,7 @@ def test_pager_process_exits_with_its_parent(snapshot_file: tuple[Path, bytes]) 
         print(pager._runtime.proc.pid, flush=True)
         os._exit(0)                              # no close, no atexit
     """
-    result = _run(script)
+    result = run_script(script, timeout=60)
     pid = int(result.stdout.split()[0])
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
