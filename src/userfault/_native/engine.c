@@ -116,7 +116,7 @@ static area_t *find_area(engine_t *e, uint64_t addr)
 
 /* Read n bytes of the source at offset `off` into dst (bounce, staging) with zeros past the
  * end. Files are read with pread so a truncated file is an error, not a SIGBUS. */
-static int fill_from_source(engine_t *e, worker_t *w, char *dst, uint64_t off, uint64_t n)
+static int fill_from_source(engine_t *e, char *dst, uint64_t off, uint64_t n)
 {
     switch (e->kind) {
     case SRC_ZERO:
@@ -165,7 +165,7 @@ static const char *source_ptr(engine_t *e, worker_t *w, uint64_t off, uint64_t n
         *err = ENOMEM;
         return NULL;
     }
-    *err = fill_from_source(e, w, w->bounce, off, n);
+    *err = fill_from_source(e, w->bounce, off, n);
     return w->bounce;
 }
 
@@ -230,7 +230,7 @@ static uint64_t install_once(engine_t *e, worker_t *w, area_t *a, uint64_t off, 
         }
         pthread_mutex_unlock(&e->lock);
     } else if (e->install == INST_MOVE && !zero) {
-        *err = fill_from_source(e, w, w->staging, src_off, n);
+        *err = fill_from_source(e, w->staging, src_off, n);
         if (!*err) {
             struct uffdio_move m = {.dst = dst, .src = (uintptr_t)w->staging, .len = n,
                                     .mode = dontwake ? UFFDIO_MOVE_MODE_DONTWAKE : 0};
