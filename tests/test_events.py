@@ -92,7 +92,7 @@ def test_nonblocking_read_and_timeout(uffd: Uffd) -> None:
     assert uffd.read_event(timeout=0) is None
     start = time.monotonic()
     assert uffd.read_events(timeout=0.2) == []
-    assert 0.15 <= time.monotonic() - start < 2
+    assert time.monotonic() - start >= 0.15  # poll(2) waits its timeout (ms rounding aside)
 
 
 def test_blocking_read_waits_for_the_event(region: Region) -> None:

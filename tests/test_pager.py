@@ -13,7 +13,6 @@ import os
 import random
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -267,8 +266,9 @@ def test_gib_file_streaming_checksum(tmp_path: Path) -> None:
                 assert np.frombuffer(v, np.uint64, 1, size - 8)[0] == size // 8 - 1
             assert h.digest() == file_hash.digest()
             s = settled(p, lambda s: s.bytes_installed == p.size)
-            assert s.bytes_installed == size
-            assert s.faults < size // PAGE // 20  # readahead did most of the work
+            # every byte was installed exactly once, by a fault or by readahead (how the two
+            # share the work is the scheduler's choice: benchmarks/ measures it)
+            assert s.fault_bytes + s.readahead_bytes == s.bytes_installed == size
             assert p.check() is None
     finally:
         path.unlink()
@@ -415,18 +415,25 @@ def test_chunk_size(chunk: int) -> None:
 
 
 def test_readahead_grows_on_sequential_faults() -> None:
+    """A fault at the start, then each fault that continues the last window, doubles the
+    window (64 KiB up to 4 MiB), and the window is installed without faults. Every step waits
+    for the background copy to finish, so nothing here depends on how fast the copier runs
+    against the toucher."""
     size = 64 * MiB
-    with userfault.map(ZeroSource(size), install="copy") as p:
-        _native.touch(p.address, size, PAGE, 0, 0, False)
-        s = settled(p, lambda s: s.bytes_installed == size)
-        # a scan faulting at full speed never leaves the handler idle: readahead must still
-        # run (it once starved: a third of the pages faulted). Most of the region must come
-        # from readahead. How often the scan catches up with the piece two background copiers
-        # are installing depends on scheduling (5-15% of the pages here, zero pages being
-        # cheap to install), so the fault bound only rules out starvation.
-        assert s.readahead_bytes > size * 3 // 4
-        assert s.faults < size // PAGE // 4
-        assert s.bytes_installed == size
+    lo, hi = 64 << 10, 4 * MiB
+    with userfault.map(ZeroSource(size), install="copy", readahead=(lo, hi)) as p:
+        end, window, expected = 0, 0, 0
+        for faults in range(10):
+            _native.touch(p.address + end, 1, 1, 0, 0, True)  # the page after the window
+            window = min(max(lo, 2 * window), hi)
+            expected += window
+            s = settled(p, lambda s, e=expected: s.readahead_bytes == e)
+            assert (s.faults, s.readahead_bytes) == (faults + 1, expected)
+            # the window behind the fault is present: touching it faults no more
+            _native.touch(p.address + end + PAGE, window, PAGE, 0, 0, True)
+            assert p.stats().faults == faults + 1
+            end += PAGE + window
+        assert window == hi
 
 
 def test_random_faults_do_not_trigger_readahead() -> None:
@@ -624,7 +631,6 @@ def test_file_source_closed_with_pager(tmp_path: Path) -> None:
 
 
 def test_interpreter_exit_with_open_pagers() -> None:
-    t0 = time.monotonic()
     r = run_script("""
         import userfault, numpy as np
         from userfault import _native
@@ -637,7 +643,6 @@ def test_interpreter_exit_with_open_pagers() -> None:
         print("ok")
     """)
     assert (r.returncode, r.stdout.strip()) == (0, "ok"), r.stderr
-    assert time.monotonic() - t0 < 15
 
 
 def test_interpreter_exit_while_a_thread_is_mid_touch() -> None:
