@@ -144,8 +144,3 @@ def rss_bytes() -> int:
     return 0
 
 
-def parse_size(text: str) -> int:
-    """'64M', '1G', '4096' -> bytes."""
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = {"K": KiB, "M": MiB, "G": GiB}.get(text[-1:], 1)
-    return int(float(text.rstrip("KMG")) * mult)

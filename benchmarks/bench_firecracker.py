@@ -58,13 +58,13 @@ from _common import (
     load_reference_lib,
     machine,
     median,
-    parse_size,
     progress,
     table,
 )
 
 from userfault import Region, Uffd
 from userfault._flags import Feature
+from userfault._units import parse_size
 
 MODES = ("ref", "lazy", "prefetch", "populate")
 

@@ -44,7 +44,6 @@ from _common import (
     build_reference,
     machine,
     median,
-    parse_size,
     progress,
     run_json,
     table,
@@ -53,6 +52,7 @@ from _common import (
 import userfault
 from servers import NginxServer, RedisServer
 from userfault import _native
+from userfault._units import parse_size
 from userfault.sources.http import HTTPSource
 from userfault.sources.native import PatternSource
 from userfault.sources.redis import upload

@@ -16,7 +16,8 @@ import statistics
 import tempfile
 import time
 
-from userfault.snapshot import SnapshotSource, create_snapshot, parse_size
+from userfault._units import parse_size
+from userfault.sources.snapshot import SnapshotSource, create_snapshot
 
 MiB = 1 << 20
 

@@ -31,17 +31,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from servers import NginxServer, RedisServer
+from userfault._units import parse_size
 from userfault.sources.http import HTTPSource
 from userfault.sources.redis import upload
 
 PAGE = 4096
 MiB = 1 << 20
-
-
-def parse_size(text: str) -> int:
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-    return int(float(text.rstrip("KMG")) * mult)
 
 
 def latency(src: object, size: int, reads: int, seed: int) -> tuple[float, float]:

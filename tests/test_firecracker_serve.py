@@ -560,7 +560,7 @@ def test_once_exits_after_the_vm(tmp_path: Path, mem_file: Path, child: Any) -> 
 
 
 def test_compressed_snapshot_memory_file(tmp_path: Path, mem_file: Path) -> None:
-    from userfault.snapshot import create_snapshot
+    from userfault.sources.snapshot import create_snapshot
 
     data = mem_file.read_bytes()
     ufs = tmp_path / "vm.mem.ufs"

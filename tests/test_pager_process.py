@@ -22,9 +22,9 @@ import pytest
 import userfault
 from pager_helpers import run_script, settled
 from userfault.errors import PagerError
-from userfault.snapshot import SnapshotSource, create_snapshot
 from userfault.sources.http import HTTPSource
 from userfault.sources.redis import RedisSource, upload
+from userfault.sources.snapshot import SnapshotSource, create_snapshot
 
 PAGE = userfault.PAGE_SIZE
 pytestmark = pytest.mark.timeout(60)
@@ -260,7 +260,7 @@ def test_killed_pager_worker_is_replaced_and_the_workload_completes(tmp_path: Pa
     digest = hashlib.sha256(data).hexdigest()
     script = f"""
         import hashlib, subprocess, sys, userfault
-        from userfault.snapshot import SnapshotSource
+        from userfault.sources.snapshot import SnapshotSource
         pager = userfault.Pager(SnapshotSource({str(path)!r}), readahead=False)
         sup = pager._runtime.proc.pid
         worker = subprocess.run(["pgrep", "-P", str(sup)], capture_output=True,
@@ -287,7 +287,7 @@ def test_pager_process_exits_with_its_parent(snapshot_file: tuple[Path, bytes]) 
     path, _ = snapshot_file
     script = f"""
         import os, userfault
-        from userfault.snapshot import SnapshotSource
+        from userfault.sources.snapshot import SnapshotSource
         pager = userfault.Pager(SnapshotSource({str(path)!r}))
         print(pager._runtime.proc.pid, flush=True)
         os._exit(0)                              # no close, no atexit

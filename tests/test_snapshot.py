@@ -1,4 +1,4 @@
-"""Tests of the compressed snapshot format (userfault.snapshot)."""
+"""Tests of the compressed snapshot format (userfault.sources.snapshot)."""
 
 from __future__ import annotations
 
@@ -16,22 +16,24 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from userfault._units import parse_size
 from userfault.errors import SnapshotError, SourceError
-from userfault.snapshot import (
+from userfault.sources.base import BatchedPageSource, PageSource
+from userfault.sources.snapshot import (
+    SnapshotReader,
+    SnapshotSource,
+    create_snapshot,
+    inspect_snapshot,
+)
+from userfault.sources.snapshot.cli import add_snapshot_commands
+from userfault.sources.snapshot.format import (
     ENTRY,
     FOOTER,
     HEADER,
     KIND_RAW,
     KIND_ZERO,
     KIND_ZSTD,
-    SnapshotReader,
-    SnapshotSource,
-    add_snapshot_commands,
-    create_snapshot,
-    inspect_snapshot,
-    parse_size,
 )
-from userfault.sources.base import BatchedPageSource, PageSource
 
 CS = 16384  # small chunks keep the tests fast
 

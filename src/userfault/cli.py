@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     feats.add_argument("--json", action="store_true", help="machine-readable output")
     feats.set_defaults(func=_features)
 
-    from .snapshot import add_snapshot_commands
+    from .sources.snapshot.cli import add_snapshot_commands
 
     add_snapshot_commands(sub)
     from .firecracker.cli import add_firecracker_commands

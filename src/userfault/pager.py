@@ -22,12 +22,8 @@ from .errors import PagerError, error_from_errno
 from .fault_server import ON_ERROR
 from .region import Region, RegionKind, align_up
 from .sources.base import PageSource
-from .sources.native import (
-    KIND_ZERO,
-    BufferSource,
-    FileSource,
-    NativeSource,
-)
+from .sources.native import KIND_ZERO, NativeSource
+from .sources.open import open_source
 from .uffd import Uffd
 
 if TYPE_CHECKING:
@@ -114,28 +110,6 @@ class PagerStats:
                 f"{self.blocked_ns / 1e6:.1f} ms")
 
 
-def _as_source(source: Any) -> PageSource:
-    if isinstance(source, NativeSource):
-        return source
-    if isinstance(source, (str, os.PathLike)):
-        return FileSource(source)
-    if isinstance(source, (bytes, bytearray, memoryview)) or hasattr(source, "__array_interface__"):
-        return BufferSource(source)
-    try:
-        memoryview(source)
-    except TypeError:
-        pass
-    else:
-        return BufferSource(source)
-    # Not isinstance(source, PageSource): on Python < 3.12 that reads .size, which may open
-    # a file or a connection just to look.
-    if hasattr(type(source), "size") and callable(getattr(source, "read_into", None)):
-        return source  # type: ignore[no-any-return]
-    raise TypeError(
-        f"cannot page from {type(source).__name__}: give a path, a buffer, a native source "
-        "(ZeroSource, PatternSource...) or an object with .size and .read_into(offset, buf)")
-
-
 class NativeRuntime:
     """Serves faults on the C engine's threads; the interface every runtime offers."""
 
@@ -188,8 +162,9 @@ class Pager(_native.Mapping):
     """Memory of ``size`` bytes whose pages come from ``source`` on first touch.
 
     Args:
-        source: a path, a buffer, a native source (zero, pattern, file, buffer) or any
-            :class:`~userfault.sources.base.PageSource`.
+        source: a path, a URL, a buffer, a native source (zero, pattern, file, buffer) or
+            any :class:`~userfault.sources.base.PageSource` (see
+            :func:`~userfault.sources.open.open_source`).
         size: bytes to map (default: the source's size, rounded up to pages).
         region: ``"anonymous"`` (default), ``"memfd"`` or ``"hugetlb"``.
         install: ``"auto"``, ``"copy"``, ``"zeropage"``, ``"move"`` (anonymous memory, via a
@@ -235,7 +210,7 @@ class Pager(_native.Mapping):
         self._runtime: Any = None
         self.uffd: Uffd
         self.region: Region
-        src = _as_source(source)
+        src = open_source(source)
         self.source = src
         self._owns_source = src is not source  # made here from a path or buffer: ours to close
         try:

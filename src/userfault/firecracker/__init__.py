@@ -17,16 +17,9 @@ from .protocol import (
     parse_mappings,
     receive_handshake,
 )
-from .serve import (
-    WORKING_SET_MAGIC,
-    FirecrackerPager,
-    VMReport,
-    coalesce,
-    open_memory_source,
-    read_working_set,
-    serve,
-    write_working_set,
-)
+from .report import VMReport
+from .server import FirecrackerPager, serve
+from .working_set import WORKING_SET_MAGIC, coalesce, read_working_set, write_working_set
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -39,7 +32,6 @@ __all__ = [
     "PeerCred",
     "VMReport",
     "coalesce",
-    "open_memory_source",
     "parse_mappings",
     "read_working_set",
     "receive_handshake",

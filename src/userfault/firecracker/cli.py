@@ -1,4 +1,4 @@
-"""``userfault firecracker serve``: the command line of :mod:`userfault.firecracker.serve`."""
+"""``userfault firecracker serve``: the command line of :mod:`userfault.firecracker.server`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import threading
 from typing import Any
 
-from ..snapshot import parse_size
+from .._units import parse_size
 
 __all__ = ["add_firecracker_commands"]
 
@@ -37,7 +37,7 @@ def _readahead(text: str) -> tuple[int, int] | bool:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .serve import FirecrackerPager
+    from .server import FirecrackerPager
 
     stop = threading.Event()
 

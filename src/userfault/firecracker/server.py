@@ -17,13 +17,7 @@ restored VM: its own userfaultfd, its own fault engine and a lifecycle thread th
 4. notices the VMM exiting (its pidfd becomes readable, the connection closes, or the engine
    sees ``ESRCH``), stops the engine and reports the VM's metrics.
 
-Working-set files (``--record`` / ``--prefetch``) are little-endian binary::
-
-    offset 0   8 bytes  magic b"UFFCWS1\\0"
-    offset 8   u64      page size in bytes (4096 or 2097152)
-    offset 16  u64      count N
-    offset 24  N x u64  memory-file offsets of the faulted pages, page aligned, unique,
-                        in first-fault order
+Working sets are read and written by :mod:`userfault.firecracker.working_set`.
 """
 
 from __future__ import annotations
@@ -38,16 +32,15 @@ import struct
 import sys
 import threading
 import time
-import urllib.parse
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import IO, Any
 
 from .. import _native
 from .._shared import RECORD
 from ..pager import NativeRuntime, PagerStats
 from ..region import align_up
-from ..sources.native import KIND_MEMORY, FileSource, NativeSource
+from ..sources.native import KIND_MEMORY, NativeSource
+from ..sources.open import open_source
 from .protocol import (
     FirecrackerProtocolError,
     GuestRegion,
@@ -55,218 +48,15 @@ from .protocol import (
     parse_mappings,
     receive_handshake,
 )
+from .report import VMReport
+from .working_set import coalesce, read_working_set, write_working_set
 
-__all__ = [
-    "WORKING_SET_MAGIC",
-    "FirecrackerPager",
-    "VMReport",
-    "coalesce",
-    "open_memory_source",
-    "read_working_set",
-    "serve",
-    "write_working_set",
-]
+__all__ = ["FirecrackerPager", "serve"]
 
-WORKING_SET_MAGIC = b"UFFCWS1\0"
-_WS_HEADER = struct.Struct("<8sQQ")
 _UCRED = struct.Struct("iII")  # struct ucred
 _LOG_CAPACITY = 1 << 17
 _POLL_S = 0.05
 _INSTALL_COPY = 0
-
-
-# -- working-set files ----------------------------------------------------------------------
-
-
-def write_working_set(path: str | os.PathLike[str], offsets: Iterable[int],
-                      page_size: int) -> int:
-    """Write a working-set file atomically; return the number of offsets written."""
-    offs = list(offsets)
-    data = _WS_HEADER.pack(WORKING_SET_MAGIC, page_size, len(offs)) + struct.pack(
-        f"<{len(offs)}Q", *offs)
-    path = os.fspath(path)
-    tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-    return len(offs)
-
-
-def read_working_set(path: str | os.PathLike[str]) -> tuple[int, list[int]]:
-    """Read a working-set file: ``(page_size, offsets)``.
-
-    Raises:
-        ValueError: not a working-set file, or truncated.
-    """
-    with open(path, "rb") as f:
-        data = f.read()
-    if len(data) < _WS_HEADER.size:
-        raise ValueError(f"{os.fspath(path)!r} is too short to be a working-set file")
-    magic, page, count = _WS_HEADER.unpack_from(data)
-    if magic != WORKING_SET_MAGIC:
-        raise ValueError(f"{os.fspath(path)!r} is not a working-set file (bad magic)")
-    if page < 4096 or page & (page - 1):
-        raise ValueError(f"{os.fspath(path)!r}: page size {page} is not a power of two >= 4096")
-    if len(data) != _WS_HEADER.size + 8 * count:
-        raise ValueError(f"{os.fspath(path)!r}: header says {count} offsets, the file holds "
-                         f"{(len(data) - _WS_HEADER.size) / 8:g}")
-    return page, list(struct.unpack_from(f"<{count}Q", data, _WS_HEADER.size))
-
-
-def coalesce(offsets: Iterable[int], page_size: int, max_gap: int = 0
-             ) -> list[tuple[int, int]]:
-    """Merge page offsets into sorted ``(offset, length)`` ranges.
-
-    Pages closer than ``max_gap`` bytes are merged with the gap between them: one install
-    ioctl costs about as much as copying a few pages, so bridging small gaps makes a batch of
-    scattered pages faster, at the price of installing the bridged pages too.
-    """
-    ranges: list[list[int]] = []
-    for off in sorted(set(offsets)):
-        if ranges and ranges[-1][0] + ranges[-1][1] + max_gap >= off:
-            ranges[-1][1] = max(ranges[-1][1], off + page_size - ranges[-1][0])
-        else:
-            ranges.append([off, page_size])
-    return [(o, n) for o, n in ranges]
-
-
-# -- memory sources -------------------------------------------------------------------------
-
-
-def open_memory_source(spec: str, *, redis_prefix: str | None = None,
-                       page_size: int = 4096) -> Any:
-    """Open the memory file named by ``spec``.
-
-    * ``http://`` / ``https://``: :class:`~userfault.sources.http.HTTPSource`;
-    * ``redis://`` / ``rediss://``: :class:`~userfault.sources.redis.RedisSource`, the key
-      prefix from the URL fragment (``redis://host:6379/0#vm1:``) or ``redis_prefix``;
-    * a path ending in ``.ufs`` (or starting with the snapshot magic):
-      :class:`~userfault.snapshot.SnapshotSource`;
-    * any other path: :class:`~userfault.sources.native.FileSource` (served by the C engine).
-    """
-    scheme = urllib.parse.urlsplit(spec).scheme.lower()
-    if scheme in ("http", "https"):
-        from ..sources.http import HTTPSource
-
-        return HTTPSource(spec)
-    if scheme in ("redis", "rediss"):
-        from ..sources.redis import RedisSource
-
-        url, _, fragment = spec.partition("#")
-        prefix = urllib.parse.unquote(fragment) if fragment else redis_prefix
-        return RedisSource(url) if prefix is None else RedisSource(url, prefix=prefix)
-    if scheme == "file":
-        spec = urllib.parse.unquote(urllib.parse.urlsplit(spec).path)
-    if spec.endswith(".ufs") or _looks_like_snapshot(spec):
-        from ..snapshot import SnapshotSource
-
-        src = SnapshotSource(spec, page_size=page_size)
-        _ = src.size  # open now: a bad file fails at startup, not at the first fault
-        return src
-    return FileSource(spec)
-
-
-def _looks_like_snapshot(path: str) -> bool:
-    try:
-        from ..snapshot import MAGIC  # type: ignore[attr-defined]
-    except ImportError:
-        return False
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(MAGIC)) == MAGIC
-    except OSError:
-        return False
-
-
-# -- per-VM results -------------------------------------------------------------------------
-
-
-@dataclass
-class VMReport:
-    """What one VM did, reported when it ends."""
-
-    vm: int
-    peer: PeerCred | None = None
-    regions: list[GuestRegion] = field(default_factory=list)
-    page_size: int = 0
-    started: float = field(default_factory=time.monotonic)
-    ended: float | None = None
-    end_reason: str = ""
-    error: str | None = None
-    stats: PagerStats = field(default_factory=PagerStats)
-    prefetch_bytes: int = 0
-    prefetch_s: float = 0.0
-    recorded_pages: int = 0
-    log_dropped: int = 0
-    first_fault_s: float | None = None
-
-    @property
-    def duration_s(self) -> float:
-        return (self.ended or time.monotonic()) - self.started
-
-    def as_dict(self) -> dict[str, Any]:
-        """The JSON object ``--json`` prints."""
-        st = self.stats
-        return {
-            "vm": self.vm,
-            "pid": self.peer.pid if self.peer else None,
-            "uid": self.peer.uid if self.peer else None,
-            "regions": [{"base_host_virt_addr": r.base_host_virt_addr, "size": r.size,
-                         "offset": r.offset, "page_size": r.page_size} for r in self.regions],
-            "guest_bytes": sum(r.size for r in self.regions),
-            "page_size": self.page_size,
-            "duration_s": round(self.duration_s, 6),
-            "end_reason": self.end_reason,
-            "error": self.error,
-            "faults": st.faults,
-            "write_faults": st.write_faults,
-            "bytes_installed": st.bytes_installed,
-            "fault_bytes": st.fault_bytes,
-            "readahead_bytes": st.readahead_bytes,
-            "prefetch_bytes": st.prefetch_bytes,
-            "populate_bytes": st.populate_bytes,
-            "prefetch_s": round(self.prefetch_s, 6),
-            "eexist": st.eexist,
-            "eagain": st.eagain,
-            "remove_events": st.remove_events,
-            "poisoned": st.poisoned,
-            "latency_ns": {"p50": st.latency_percentile(50), "p90": st.latency_percentile(90),
-                           "p99": st.latency_percentile(99), "max": st.service_max_ns},
-            "latency_histogram_log2_ns": list(st.latency_histogram),
-            "vcpu_blocked_ns": st.blocked_ns,
-            "vcpu_blocked_is_lower_bound": True,
-            "first_fault_s": self.first_fault_s,
-            "recorded_pages": self.recorded_pages,
-            "log_dropped": self.log_dropped,
-        }
-
-    def summary(self) -> str:
-        """The one line printed to stderr when the VM ends."""
-        st = self.stats
-        pid = self.peer.pid if self.peer else "?"
-        guest = sum(r.size for r in self.regions)
-        line = (f"vm {self.vm} (pid {pid}) ended ({self.end_reason}) after "
-                f"{self.duration_s:.2f} s: {len(self.regions)} region(s), "
-                f"{guest / 2**20:.0f} MiB, {self.page_size // 1024} KiB pages; "
-                f"{st.faults} faults, {st.bytes_installed / 2**20:.1f} MiB installed "
-                f"({st.fault_bytes / 2**20:.1f} by faults, "
-                f"{st.readahead_bytes / 2**20:.1f} readahead, "
-                f"{st.prefetch_bytes / 2**20:.1f} prefetch, "
-                f"{st.populate_bytes / 2**20:.1f} populate); service p50 "
-                f"{st.latency_percentile(50) / 1000:.1f} us p99 "
-                f"{st.latency_percentile(99) / 1000:.1f} us max {st.service_max_ns / 1000:.0f} us;"
-                f" vCPUs blocked >= {st.blocked_ns / 1e6:.1f} ms (lower bound); "
-                f"eexist {st.eexist} eagain {st.eagain} remove {st.remove_events}")
-        if self.prefetch_bytes or self.prefetch_s:
-            line += (f"; prefetched {self.prefetch_bytes / 2**20:.1f} MiB in "
-                     f"{self.prefetch_s * 1e3:.1f} ms before serving faults")
-        if self.recorded_pages:
-            line += f"; recorded {self.recorded_pages} pages"
-        if self.log_dropped:
-            line += f" ({self.log_dropped} fault records DROPPED: the record is incomplete)"
-        if self.error:
-            line += f"; error: {self.error}"
-        return line
 
 
 # -- runtimes: the C engine, or FaultServer for Python sources ------------------------------
@@ -403,7 +193,7 @@ class FirecrackerPager:
             page, offsets = read_working_set(prefetch)
             self.prefetch_ranges = coalesce(offsets, page, prefetch_gap)
             self.prefetch_pages = len(offsets)
-        self.source = open_memory_source(self.mem_spec, redis_prefix=redis_prefix)
+        self.source = open_source(self.mem_spec, redis_prefix=redis_prefix)
         self.native = isinstance(self.source, NativeSource) and self.source.kind == KIND_MEMORY
         self.mem_size = int(self.source.size)
         self.reports: list[VMReport] = []
@@ -637,6 +427,7 @@ class FirecrackerPager:
         os.set_blocking(uffd, False)
         log_cap = _LOG_CAPACITY if self.record is not None else 0
         if self.native:
+            assert isinstance(self.source, NativeSource)
             return NativeRuntime(_native.Engine(
                 uffd, areas, page, KIND_MEMORY, _INSTALL_COPY, chunk=chunk,
                 readahead_min=ra[0], readahead_max=ra[1], populate=self.populate,

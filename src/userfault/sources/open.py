@@ -1,0 +1,89 @@
+"""From what the user names to a page source: :func:`open_source`.
+
+``userfault.map(x)``, ``Pager(x)`` and ``userfault firecracker serve --mem-file x`` all take
+``x`` through here, so a path, a buffer or a URL means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+from typing import Any
+
+from .base import PageSource
+from .native import BufferSource, FileSource, NativeSource
+
+__all__ = ["open_source"]
+
+
+def open_source(spec: Any, *, redis_prefix: str | None = None, page_size: int = 4096
+                ) -> PageSource:
+    """The page source ``spec`` names.
+
+    * a :class:`~userfault.sources.base.PageSource` (an object with ``size`` and
+      ``read_into``): itself;
+    * a buffer (``bytes``, ``bytearray``, ``mmap``, a numpy array...):
+      :class:`~userfault.sources.native.BufferSource`;
+    * ``http://`` / ``https://``: :class:`~userfault.sources.http.HTTPSource`;
+    * ``redis://`` / ``rediss://``: :class:`~userfault.sources.redis.RedisSource`, the key
+      prefix from the URL fragment (``redis://host:6379/0#vm1:``) or ``redis_prefix``;
+    * a path (or ``file://`` URL) ending in ``.ufs`` or starting with the snapshot magic:
+      :class:`~userfault.sources.snapshot.SnapshotSource`;
+    * any other path: :class:`~userfault.sources.native.FileSource` (served by the C engine).
+
+    Raises:
+        TypeError: ``spec`` is none of these.
+    """
+    if isinstance(spec, NativeSource):
+        return spec
+    if isinstance(spec, (str, os.PathLike)):
+        return _open_named(os.fspath(spec), redis_prefix, page_size)
+    if isinstance(spec, (bytes, bytearray, memoryview)) or hasattr(spec, "__array_interface__"):
+        return BufferSource(spec)
+    try:
+        memoryview(spec)
+    except TypeError:
+        pass
+    else:
+        return BufferSource(spec)
+    # Not isinstance(spec, PageSource): on Python < 3.12 that reads .size, which may open
+    # a file or a connection just to look.
+    if hasattr(type(spec), "size") and callable(getattr(spec, "read_into", None)):
+        return spec  # type: ignore[no-any-return]
+    raise TypeError(
+        f"cannot page from {type(spec).__name__}: give a path, a URL, a buffer, a native "
+        "source (ZeroSource, PatternSource...) or an object with .size and "
+        ".read_into(offset, buf)")
+
+
+def _open_named(spec: str, redis_prefix: str | None, page_size: int) -> PageSource:
+    scheme = urllib.parse.urlsplit(spec).scheme.lower()
+    if scheme in ("http", "https"):
+        from .http import HTTPSource
+
+        return HTTPSource(spec)
+    if scheme in ("redis", "rediss"):
+        from .redis import RedisSource
+
+        url, _, fragment = spec.partition("#")
+        prefix = urllib.parse.unquote(fragment) if fragment else redis_prefix
+        return RedisSource(url) if prefix is None else RedisSource(url, prefix=prefix)
+    if scheme == "file":
+        spec = urllib.parse.unquote(urllib.parse.urlsplit(spec).path)
+    if spec.endswith(".ufs") or _looks_like_snapshot(spec):
+        from .snapshot import SnapshotSource
+
+        src = SnapshotSource(spec, page_size=page_size)
+        _ = src.size  # open now: a bad file fails here, not at the first fault
+        return src
+    return FileSource(spec)
+
+
+def _looks_like_snapshot(path: str) -> bool:
+    from .snapshot.format import MAGIC
+
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
