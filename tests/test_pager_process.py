@@ -193,8 +193,11 @@ def test_unreachable_server_poisons_the_page_never_zeros(fresh_servers: object) 
     result = _touch_after_outage(nginx.url("m.bin"), "poison", 700 * 1024, nginx.stop)
     assert result.returncode == -signal.SIGBUS, result.stderr
     assert "read" not in result.stdout  # the access never returned a value
-    assert "failed for bytes 0xaf000" in result.stderr  # which page, which source, why
-    assert "poisoned" in result.stderr
+    # logged before the SIGBUS: which page, which source, why
+    assert "userfault: poisoned 0x" in result.stderr
+    assert "(offset 0xaf000 of HTTPSource('http://127.0.0.1:" in result.stderr
+    assert "after 2 retries: SourceError: HTTP" in result.stderr
+    assert "connection refused (is the server running?)" in result.stderr
 
 
 def test_on_error_zero_is_explicit(fresh_servers: object) -> None:

@@ -20,6 +20,7 @@ __all__ = [
     "MappingChangedError",
     "PagerError",
     "PermissionDeniedError",
+    "PrefetchError",
     "ProcessGoneError",
     "RangeNotRegisteredError",
     "SnapshotError",
@@ -125,6 +126,34 @@ def _rebuild_feature(cls: type[FeatureUnavailableError], msg: str, missing: list
 
 class PagerError(RuntimeError):
     """A pager could not be started, stopped, or failed while serving faults."""
+
+
+class PrefetchError(PagerError):
+    """A prefetch could not install some pages: they were handled by ``on_error``.
+
+    Attributes:
+        installed: bytes the prefetch installed.
+        poisoned: ``(source_offset, length)`` ranges poisoned (accesses get SIGBUS); at most
+            the first 64 ranges are listed.
+        poisoned_bytes: bytes poisoned in all.
+    """
+
+    def __init__(self, message: str, *, installed: int = 0,
+                 poisoned: tuple[tuple[int, int], ...] = (), poisoned_bytes: int = 0) -> None:
+        super().__init__(message)
+        self.installed = installed
+        self.poisoned = poisoned
+        self.poisoned_bytes = poisoned_bytes
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_prefetch, (type(self), str(self.args[0]) if self.args else "",
+                                    self.installed, self.poisoned, self.poisoned_bytes))
+
+
+def _rebuild_prefetch(cls: type[PrefetchError], msg: str, installed: int,
+                      poisoned: tuple[tuple[int, int], ...], poisoned_bytes: int
+                      ) -> PrefetchError:
+    return cls(msg, installed=installed, poisoned=poisoned, poisoned_bytes=poisoned_bytes)
 
 
 class SourceError(OSError):

@@ -1,7 +1,6 @@
 /* userfault._native: the C half of userfault. ops.c wraps each syscall and ioctl, mapping.c
- * gives Region the buffer protocol, engine.c serves faults on GIL-free threads. */
-#include "native.h"
-#include "compat.h"
+ * gives Region the buffer protocol, engine_*.c serve faults on GIL-free threads. */
+#include "engine.h"
 
 #include <sys/mman.h>
 
@@ -15,15 +14,65 @@ static struct PyModuleDef native_module = {
 
 PyMODINIT_FUNC PyInit__native(void)
 {
-    if (PyType_Ready(&userfault_MappingType) < 0 || PyType_Ready(&userfault_EngineType) < 0)
+    if (PyType_Ready(&userfault_MappingType) < 0 || PyType_Ready(&userfault_EngineType) < 0
+        || PyType_Ready(&userfault_WatchdogType) < 0 || PyType_Ready(&userfault_BounceType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&native_module);
-    if (!m)
+    if (!m || PyModule_AddFunctions(m, userfault_engine_methods) < 0)
         return NULL;
     Py_INCREF(&userfault_MappingType);
     PyModule_AddObject(m, "Mapping", (PyObject *)&userfault_MappingType);
     Py_INCREF(&userfault_EngineType);
     PyModule_AddObject(m, "Engine", (PyObject *)&userfault_EngineType);
+    Py_INCREF(&userfault_WatchdogType);
+    PyModule_AddObject(m, "Watchdog", (PyObject *)&userfault_WatchdogType);
+    /* The engine's enums, bounds and defaults: Python mirrors none of them by hand. */
+    ADD_INT(m, SRC_ZERO);
+    ADD_INT(m, SRC_PATTERN);
+    ADD_INT(m, SRC_MEMORY);
+    ADD_INT(m, SRC_CYCLE);
+    ADD_INT(m, SRC_PYTHON);
+    ADD_INT(m, SRC_FAIL);
+    ADD_INT(m, INST_COPY);
+    ADD_INT(m, INST_ZEROPAGE);
+    ADD_INT(m, INST_MOVE);
+    ADD_INT(m, INST_CONTINUE);
+    ADD_INT(m, ONERR_POISON);
+    ADD_INT(m, ONERR_RETRY);
+    ADD_INT(m, ONERR_ZERO);
+    ADD_INT(m, ONREM_RELOAD);
+    ADD_INT(m, ONREM_ZERO);
+    ADD_INT(m, KIND_READ);
+    ADD_INT(m, KIND_WRITE);
+    ADD_INT(m, KIND_MINOR);
+    ADD_INT(m, KIND_WP);
+    ADD_INT(m, KIND_NONE);
+    ADD_INT(m, CAUSE_FAULT);
+    ADD_INT(m, CAUSE_READAHEAD);
+    ADD_INT(m, CAUSE_PREFETCH);
+    ADD_INT(m, CAUSE_POPULATE);
+    ADD_INT(m, CAUSE_EVICT);
+    ADD_INT(m, CAUSE_WRITEBACK);
+    ADD_INT(m, CAUSE_DROPPED);
+    ADD_INT(m, CAUSE_POISON);
+    ADD_INT(m, UF_MAX_THREADS);
+    ADD_INT(m, UF_MAX_CHUNK);
+    ADD_INT(m, UF_MAX_PIECE);
+    ADD_INT(m, UF_DEFAULT_PIECE);
+    ADD_INT(m, UF_MAX_LOG);
+    ADD_INT(m, UF_MAX_RETRIES);
+    ADD_INT(m, UF_MAX_MARKS);
+    ADD_INT(m, UF_HIST_BUCKETS);
+    PyModule_AddIntConstant(m, "RECORD_SIZE", (long)sizeof(uf_rec_t));
+    PyObject *names = PyTuple_New(UF_N_COUNTERS);
+    static const char *counters[] = {
+#define UF_NAME(n) #n,
+        UF_COUNTERS(UF_NAME)
+#undef UF_NAME
+    };
+    for (int i = 0; names && i < UF_N_COUNTERS; i++)
+        PyTuple_SET_ITEM(names, i, PyUnicode_FromString(counters[i]));
+    PyModule_AddObject(m, "COUNTER_NAMES", names);
     /* The values compiled in, so a test can check the Python flags against the header. */
     ADD_INT(m, UFFD_API);
     ADD_INT(m, UFFD_USER_MODE_ONLY);

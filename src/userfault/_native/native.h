@@ -9,6 +9,9 @@
 extern PyMethodDef userfault_ops_methods[];
 extern PyTypeObject userfault_MappingType;
 extern PyTypeObject userfault_EngineType;
+extern PyTypeObject userfault_WatchdogType;
+extern PyTypeObject userfault_BounceType;
+extern PyMethodDef userfault_engine_methods[];
 
 /* ioctl() that retries EINTR; returns 0 or an errno value. */
 int uf_ioctl(int fd, unsigned long request, void *arg);

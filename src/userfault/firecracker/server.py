@@ -8,10 +8,11 @@ restored VM: its own userfaultfd, its own fault engine and a lifecycle thread th
    validates the regions against the memory file
    (:func:`~userfault.firecracker.protocol.parse_mappings`); a malformed or hostile message is
    logged and that connection closed, the server keeps serving;
-2. serves guest memory from the memory file: a plain file with the C engine (no Python on the
-   fault path); compressed snapshots (``*.ufs``), ``http(s)://`` and ``redis://`` through
-   :class:`userfault.fault_server.FaultServer` threads of this process (the faulting process
-   is the VMM, so Python here cannot deadlock it);
+2. serves guest memory from the memory file with the C engine, built like every other by
+   :func:`userfault.serving.runtime.build_runtime`: a plain file in this process (no Python
+   on the fault path); compressed snapshots (``*.ufs``), ``http(s)://`` and ``redis://`` in a
+   pager process, with its timeouts, restarts and watchdog. Pages the balloon gives back
+   (UFFD_EVENT_REMOVE) read as zeros afterwards;
 3. optionally installs a recorded working set in one batch (``prefetch``), fills everything in
    the background (``populate``) and records the faulted offsets (``record``);
 4. notices the VMM exiting (its pidfd becomes readable, the connection closes, or the engine
@@ -35,11 +36,9 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
-from .. import _native
-from .._shared import RECORD
-from ..pager import NativeRuntime, PagerStats
-from ..region import align_up
-from ..sources.native import KIND_MEMORY, NativeSource
+from ..serving.config import ServeConfig
+from ..serving.runtime import RECORD, PagerStats, Runtime, build_runtime
+from ..sources.native import NativeSource
 from ..sources.open import open_source
 from .protocol import (
     FirecrackerProtocolError,
@@ -56,57 +55,6 @@ __all__ = ["FirecrackerPager", "serve"]
 _UCRED = struct.Struct("iII")  # struct ucred
 _LOG_CAPACITY = 1 << 17
 _POLL_S = 0.05
-_INSTALL_COPY = 0
-
-
-# -- runtimes: the C engine, or FaultServer for Python sources ------------------------------
-
-
-class _FaultServerRuntime:
-    """:class:`~userfault.fault_server.FaultServer` on ``threads`` Python threads."""
-
-    def __init__(self, server: Any, uffd: Any, threads: int) -> None:
-        self.server = server
-        self.uffd = uffd
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, name=f"fc-faultserver-{i}",
-                                          daemon=True) for i in range(threads)]
-        self._exc: BaseException | None = None
-
-    def _run(self) -> None:
-        try:
-            self.server.serve_forever(self._stop)
-        except BaseException as exc:  # reported as the VM's error
-            self._exc = exc
-
-    def start(self) -> None:
-        for t in self._threads:
-            t.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.server.stop()
-        for t in self._threads:
-            t.join(10)
-        self.uffd.close()
-
-    def prefetch(self, ranges: list[tuple[int, int]]) -> int:
-        return int(self.server.prefetch(ranges))
-
-    def counters(self) -> dict[str, Any]:
-        return dict(self.server.counters())
-
-    def drain_log(self) -> bytes:
-        return bytes(self.server.drain_log())
-
-    def log_dropped(self) -> int:
-        return int(self.server.counters().get("log_dropped", 0) or 0)
-
-    def error_info(self) -> tuple[int, str] | None:
-        if self._exc is not None:
-            return (getattr(self._exc, "errno", None) or errno.EIO, repr(self._exc))
-        err = self.server.state.error() if hasattr(self.server, "state") else None
-        return None if err is None else (errno.EIO, str(err))
 
 
 # -- the server -----------------------------------------------------------------------------
@@ -194,7 +142,7 @@ class FirecrackerPager:
             self.prefetch_ranges = coalesce(offsets, page, prefetch_gap)
             self.prefetch_pages = len(offsets)
         self.source = open_source(self.mem_spec, redis_prefix=redis_prefix)
-        self.native = isinstance(self.source, NativeSource) and self.source.kind == KIND_MEMORY
+        self.native = isinstance(self.source, NativeSource)
         self.mem_size = int(self.source.size)
         self.reports: list[VMReport] = []
         self._lock = threading.Lock()
@@ -278,7 +226,8 @@ class FirecrackerPager:
         """
         assert self._listener is not None
         self.log(f"listening on {self.socket_path}, memory {self.mem_spec} "
-                 f"({self.mem_size} bytes, {'native engine' if self.native else 'FaultServer'})"
+                 f"({self.mem_size} bytes, engine in "
+                 f"{'this process' if self.native else 'a pager process'})"
                  + (f", prefetch {self.prefetch_pages} pages in {len(self.prefetch_ranges)} "
                     f"ranges" if self.prefetch_ranges else ""))
         accepted = 0
@@ -325,7 +274,7 @@ class FirecrackerPager:
     def _session(self, vm: int, conn: socket.socket) -> None:
         report = VMReport(vm)
         recorded: dict[int, None] = {}  # faulted offsets in first-fault order
-        runtime: Any = None
+        runtime: Runtime | None = None
         uffd = -1
         pidfd = -1
         try:
@@ -387,10 +336,10 @@ class FirecrackerPager:
                 with contextlib.suppress(Exception):
                     self._drain(runtime, report, recorded)
                     report.stats = PagerStats.from_counters(runtime.counters())
-                    report.log_dropped = runtime.log_dropped()
-                    failure = runtime.error_info()
-                    if failure is not None and failure[0] != errno.ESRCH and not report.error:
-                        report.error = f"{os.strerror(failure[0])} ({failure[1]})"
+                    report.log_dropped = report.stats.log_dropped
+                    failure = runtime.error()
+                    if failure is not None and failure.errno != errno.ESRCH and not report.error:
+                        report.error = failure.message
             if pidfd >= 0:
                 os.close(pidfd)
             if uffd >= 0:
@@ -411,7 +360,7 @@ class FirecrackerPager:
                 self.reports.append(report)
                 self._active.pop(vm, None)
 
-    def _prefetch(self, vm: int, runtime: Any, report: VMReport) -> None:
+    def _prefetch(self, vm: int, runtime: Runtime, report: VMReport) -> None:
         t0 = time.monotonic()
         try:
             report.prefetch_bytes = runtime.prefetch(self.prefetch_ranges)
@@ -419,33 +368,15 @@ class FirecrackerPager:
             self.log(f"vm {vm}: prefetch failed (faults are still served): {err}")
         report.prefetch_s = time.monotonic() - t0
 
-    def _make_runtime(self, uffd: int, regions: list[GuestRegion], page: int) -> Any:
+    def _make_runtime(self, uffd: int, regions: list[GuestRegion], page: int) -> Runtime:
+        config = ServeConfig(
+            chunk=self.chunk or 0, readahead=self.readahead or (0, 0), populate=self.populate,
+            threads=self.threads, log_faults=_LOG_CAPACITY if self.record is not None else 0,
+            on_remove="zero")
         areas = [(r.base_host_virt_addr, r.size, r.offset) for r in regions]
-        chunk = max(page, align_up(self.chunk or page, page))
-        ra = (0, 0) if self.readahead is None else (
-            align_up(self.readahead[0], page), align_up(self.readahead[1], page))
-        os.set_blocking(uffd, False)
-        log_cap = _LOG_CAPACITY if self.record is not None else 0
-        if self.native:
-            assert isinstance(self.source, NativeSource)
-            return NativeRuntime(_native.Engine(
-                uffd, areas, page, KIND_MEMORY, _INSTALL_COPY, chunk=chunk,
-                readahead_min=ra[0], readahead_max=ra[1], populate=self.populate,
-                threads=self.threads, log_capacity=log_cap, poison_on_error=True,
-                **self.source.engine_args()))
-        from ..fault_server import FaultServer  # lazily: only Python sources need it
-        from ..uffd import Uffd
+        return build_runtime(uffd, areas, page, self.source, config)
 
-        owned = Uffd.from_fd(os.dup(uffd), nonblocking=True)
-        try:
-            server = FaultServer(owned, areas, self.source, page_size=page, chunk=chunk,
-                                 readahead=ra, populate=self.populate, log_faults=log_cap)
-        except BaseException:
-            owned.close()
-            raise
-        return _FaultServerRuntime(server, owned, self.threads)
-
-    def _drain(self, runtime: Any, report: VMReport, recorded: dict[int, None]) -> None:
+    def _drain(self, runtime: Runtime, report: VMReport, recorded: dict[int, None]) -> None:
         data = runtime.drain_log()
         if not data:
             return
@@ -456,7 +387,7 @@ class FirecrackerPager:
             if off not in recorded:
                 recorded[off] = None
 
-    def _watch(self, vm: int, conn: socket.socket, pidfd: int, runtime: Any,
+    def _watch(self, vm: int, conn: socket.socket, pidfd: int, runtime: Runtime,
                report: VMReport, recorded: dict[int, None]) -> str:
         """Wait until the VMM exits or the server stops; return why."""
         poller = select.poll()
@@ -489,8 +420,7 @@ class FirecrackerPager:
                             return "VMM closed the connection"
                         # Firecracker keeps the socket open for the VM's life; if it ever
                         # closes it early, keep serving until the process itself is gone.
-            err = runtime.error_info()
-            if err is not None and err[0] == errno.ESRCH:
+            if runtime.process_exited:
                 return "VMM exited (ESRCH)"
             self._drain(runtime, report, recorded)
 

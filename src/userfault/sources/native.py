@@ -10,13 +10,17 @@ import mmap
 import os
 from typing import Any
 
+from .. import _native
 from ..errors import SourceError
 
 __all__ = ["BufferSource", "CyclingSource", "FileSource", "NativeSource", "PatternSource",
            "ZeroSource"]
 
-# Engine source kinds (engine.c: SRC_*).
-KIND_ZERO, KIND_PATTERN, KIND_MEMORY, KIND_CYCLE = 0, 1, 2, 3
+# Engine source kinds, as the extension defines them.
+KIND_ZERO: int = _native.SRC_ZERO
+KIND_PATTERN: int = _native.SRC_PATTERN
+KIND_MEMORY: int = _native.SRC_MEMORY
+KIND_CYCLE: int = _native.SRC_CYCLE
 
 
 class NativeSource:
@@ -49,6 +53,9 @@ class NativeSource:
         if offset < 0:
             raise ValueError(f"offset must be non-negative, not {offset}")
         return len(buf)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._size} bytes)"
 
 
 class ZeroSource(NativeSource):
@@ -181,6 +188,9 @@ class FileSource(NativeSource):
             self._map.close()
             os.close(self._fd)
             self._fd = -1
+
+    def __repr__(self) -> str:
+        return f"FileSource({self.path!r})"
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path}

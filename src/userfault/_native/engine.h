@@ -1,0 +1,208 @@
+/* The fault engine's shared declarations (engine_*.c).
+ *
+ * One engine serves one source for a set of userfaultfd *contexts*: the uffd it was given
+ * (the root) and, with UFFD_EVENT_FORK, one context per forked child, whose faults are served
+ * from the same source. Every context has "areas" (address, length, source offset) and
+ * per-page bitmaps. Threads never take the GIL except to call a Python source, and that GIL
+ * belongs to the process the engine runs in: a pager process for Python sources, never the
+ * process whose threads are blocked on the faults.
+ *
+ * Counters, the first error, the fault log and the pager process's bookkeeping live in a
+ * uf_state_t, private memory or a shared memfd that the faulting process reads directly. */
+#ifndef USERFAULT_ENGINE_H
+#define USERFAULT_ENGINE_H
+
+#include "native.h"
+#include "compat.h"
+
+#include <pthread.h>
+#include <stdarg.h>
+#include <sys/types.h>
+
+#define UF_MAX_THREADS 64
+#define UF_BG_THREADS 2              /* background copiers: readahead, populate */
+#define UF_PREFETCH_SLOT (UF_MAX_THREADS + UF_BG_THREADS)
+#define UF_SLOTS (UF_PREFETCH_SLOT + 1)
+#define UF_HIST_BUCKETS 40
+#define UF_MAX_LOG (1ull << 22)      /* fault log records */
+#define UF_MAX_CHUNK (64ull << 20)
+#define UF_MAX_PIECE (64ull << 20)
+#define UF_DEFAULT_PIECE (256ull << 10)
+#define UF_MAX_AREAS 4096
+#define UF_MAX_RETRIES 100
+#define UF_MAX_MARKS 64              /* condemned pages, suspect ranges */
+#define UF_ERR_MSG 512
+#define UF_STATE_MAGIC 0x3145544154534655ull /* "UFSTATE1" */
+#define UF_MSG_BATCH 64
+
+enum { SRC_ZERO, SRC_PATTERN, SRC_MEMORY, SRC_CYCLE, SRC_PYTHON, SRC_FAIL };
+enum { INST_COPY, INST_ZEROPAGE, INST_MOVE, INST_CONTINUE };
+enum { ONERR_POISON, ONERR_RETRY, ONERR_ZERO };
+enum { ONREM_RELOAD, ONREM_ZERO };
+enum { KIND_READ, KIND_WRITE, KIND_MINOR, KIND_WP, KIND_NONE };
+enum { CAUSE_FAULT, CAUSE_READAHEAD, CAUSE_PREFETCH, CAUSE_POPULATE, CAUSE_EVICT,
+       CAUSE_WRITEBACK, CAUSE_DROPPED, CAUSE_POISON };
+
+/* Counters, in the order Python sees them (COUNTER_NAMES). */
+#define UF_COUNTERS(X)                                                                        \
+    X(faults) X(write_faults) X(minor_faults) X(wp_faults) X(bytes_installed) X(fault_bytes) \
+    X(readahead_bytes) X(populate_bytes) X(prefetch_bytes) X(eexist) X(eagain) X(poisoned)    \
+    X(zeroed) X(remove_events) X(unmap_events) X(remap_events) X(fork_events) X(children)     \
+    X(service_ns) X(service_max_ns) X(errors) X(retries) X(restarts) X(timeouts)             \
+    X(log_dropped) X(log_suppressed)
+#define UF_ENUM(n) C_##n,
+enum { UF_COUNTERS(UF_ENUM) UF_N_COUNTERS };
+#undef UF_ENUM
+
+/* One record of the fault log (and of trace files): 48 bytes, little-endian. */
+typedef struct {
+    uint64_t t_ns, offset, address, length;
+    uint32_t tid, service_ns;
+    uint8_t kind, cause;
+    uint16_t flags; /* UFFD_PAGEFAULT_FLAG_* */
+    uint32_t reserved;
+} uf_rec_t;
+
+typedef struct { uint64_t start_ns, src_off, len, addr; } uf_inflight_t;
+typedef struct { uint64_t off, len; } uf_mark_t;
+
+typedef struct {
+    uint64_t magic, size, log_cap;
+    uint64_t counters[UF_N_COUNTERS];
+    uint64_t hist[UF_HIST_BUCKETS];
+    int64_t err; /* 0 none, -1 being written, > 0 the errno */
+    uint64_t err_addr;
+    char err_msg[UF_ERR_MSG];
+    uint64_t root_gone; /* the process of the root context exited */
+    /* A Python source read in progress, per thread slot: the pager process's supervisor
+     * cuts reads that hang and learns which pages a dying worker was reading. */
+    uf_inflight_t inflight[UF_SLOTS];
+    /* Written by the supervisor: pages that killed or hung the worker too often (failed
+     * without reading), and ranges that must be read one page at a time. */
+    uint64_t ncondemned, nsuspect;
+    uf_mark_t condemned[UF_MAX_MARKS], suspect[UF_MAX_MARKS];
+    uint64_t log_written, log_read;
+    uf_rec_t log[];
+} uf_state_t;
+
+typedef struct { uint64_t base, len, src_off, first_page; } area_t;
+typedef struct { int n; area_t a[]; } areas_t;
+
+/* A userfaultfd served by the engine: the root, or a forked child's. */
+typedef struct uctx {
+    int uffd, id, own_fd, dead, users;
+    areas_t *areas; /* replaced whole on REMAP; a reader loads the pointer once */
+    uint64_t npages;
+    uint8_t *installed, *removed; /* one bit per page */
+    int ra_area;                  /* readahead: area index, next/end offsets in it */
+    uint64_t ra_next, ra_end, ra_window, last_end;
+    struct uctx *next;
+} uctx_t;
+
+/* A run of pages of one area to read and install. */
+typedef struct { uint64_t off, len; int zero, err; char *buf; } run_t;
+
+typedef struct engine engine_t;
+
+typedef struct {
+    engine_t *e;
+    pthread_t thread;
+    int slot, background;
+    char *bounce;        /* unit_max bytes: Python reads, file tails, cycles */
+    PyObject *exporter;  /* Python sources: owns bounce, counts the views handed out */
+    char *staging_map, *staging; /* MOVE: staging mapping, used from its 2 MiB-aligned start */
+    run_t *runs;         /* unit_max / page + 1 */
+    uint64_t *pages;     /* failing page offsets (unit_max / page) */
+    char msg[UF_ERR_MSG];
+    uf_mark_t poisoned[UF_MAX_MARKS]; /* prefetch reports the pages it poisoned */
+    int npoisoned;
+    uint64_t poisoned_bytes;
+} worker_t;
+
+typedef struct retired { void *p; struct retired *next; } retired_t;
+
+struct engine {
+    int stopfd, epfd, memfd, src_fd, log_fd;
+    int kind, install, on_error, on_remove, retries, populate;
+    int nthreads, nworkers, nstarted, started, released, stopping;
+    int in_batch; /* threads between reading messages and handling their events */
+    pid_t owner;
+    uint64_t page, chunk, ra_min, ra_max, piece, unit_max, probe_addr, last_probe_ns;
+    uctx_t *ctxs; /* the root first; dead ones are recycled, never freed while running */
+    int next_id;
+    const char *src;
+    uint64_t src_len;
+    char *pattern; uint64_t pat_len;
+    char *zero;
+    unsigned char *cycle; uint64_t cycle_len, cycle_next;
+    PyObject *read_into, *read_many; /* Python sources (references owned by the type) */
+    char name[256];                  /* the source, for log lines */
+    char fail_msg[256];              /* SRC_FAIL: why every read fails */
+    int fail_errno;
+    worker_t *workers;
+    pthread_mutex_t lock;      /* contexts, readahead, populate, log ring, CONTINUE fills */
+    pthread_mutex_t stop_lock; /* serializes stop */
+    pthread_mutex_t log_lock;  /* log lines and their rate limit */
+    pthread_cond_t work_cond;
+    int pop_area;
+    uint64_t pop_next;
+    uf_state_t *st;
+    size_t st_size;
+    int st_owned;
+    double log_tokens;
+    uint64_t log_last_ns, log_quiet;
+    retired_t *retired;
+};
+
+#define ADD(e, n, v) __atomic_add_fetch(&(e)->st->counters[C_##n], (uint64_t)(v), __ATOMIC_RELAXED)
+#define LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
+
+static inline int bit_get(const uint8_t *bm, uint64_t i)
+{
+    return (__atomic_load_n(&bm[i >> 3], __ATOMIC_RELAXED) >> (i & 7)) & 1;
+}
+static inline void bit_set(uint8_t *bm, uint64_t i)
+{
+    __atomic_fetch_or(&bm[i >> 3], (uint8_t)(1u << (i & 7)), __ATOMIC_RELAXED);
+}
+static inline void bit_clear(uint8_t *bm, uint64_t i)
+{
+    __atomic_fetch_and(&bm[i >> 3], (uint8_t) ~(1u << (i & 7)), __ATOMIC_RELAXED);
+}
+
+extern PyTypeObject userfault_BounceType;
+
+/* engine_state.c */
+size_t uf_state_size(uint64_t log_cap);
+void uf_state_init(uf_state_t *st, size_t size, uint64_t log_cap);
+int uf_state_check(const void *buf, size_t len, const char **why);
+void uf_state_error(uf_state_t *st, int err, uint64_t addr, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+void uf_log(engine_t *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+uint64_t uf_log_begin(engine_t *e, const uf_rec_t *r);
+void uf_log_end(engine_t *e, uint64_t seq, uint64_t service_ns);
+void uf_observe_latency(engine_t *e, uint64_t ns);
+void uf_inflight(engine_t *e, int slot, uint64_t src_off, uint64_t len, uint64_t addr);
+int uf_marked(const uf_mark_t *marks, uint64_t n, uint64_t off, uint64_t len);
+
+/* engine_source.c */
+#define IR_SKIP_INSTALLED 1
+#define IR_DONTWAKE 2
+#define NO_WAKE UINT64_MAX
+int uf_install_range(engine_t *e, worker_t *w, uctx_t *c, area_t *a, uint64_t off, uint64_t n,
+                     int flags, int cause, uint64_t wake_off, uint64_t *installed);
+int uf_worker_buffers(engine_t *e, worker_t *w);
+void uf_worker_free(worker_t *w);
+void uf_worker_python(engine_t *e, worker_t *w, int enter);
+const char *uf_cause_name(int cause);
+
+/* engine_serve.c */
+area_t *uf_find_area(areas_t *as, uint64_t addr);
+int uf_engine_start(engine_t *e);
+void uf_engine_stop(engine_t *e);
+uctx_t *uf_ctx_new(engine_t *e, int uffd, const areas_t *areas, int own_fd, const uctx_t *from);
+void uf_ctx_free_all(engine_t *e);
+int uf_prefetch(engine_t *e, worker_t *w, const uint64_t *ranges, Py_ssize_t n, uint64_t *installed);
+void uf_wake_all(engine_t *e);
+
+#endif

@@ -1,0 +1,620 @@
+/* Serving: the contexts, the threads and the policy.
+ *
+ * Fault threads wait on one epoll set holding every context's uffd and the stop eventfd; each
+ * serves a fault by installing its chunk, then feeds the readahead window. Two background
+ * threads (when readahead or populate is on) install readahead windows, then populate, a
+ * piece at a time; they never read a uffd, so a fault never waits behind background work.
+ *
+ * Contexts: UFFD_EVENT_FORK hands us a new uffd for a forked child's copy of the registered
+ * ranges; it becomes a context served from the same source, with a copy of its parent's page
+ * state. A context whose process is gone (an install says ESRCH, or the periodic probe does)
+ * is dropped. Context structs are recycled, never freed while threads run: a stale pointer
+ * from epoll then names a live context or one marked dead, both safe to look at. */
+#define _GNU_SOURCE
+#include "engine.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sched.h>
+#include <sys/epoll.h>
+#include <unistd.h>
+
+enum { SERVED, CTX_GONE };
+
+area_t *uf_find_area(areas_t *as, uint64_t addr)
+{
+    for (int i = 0; i < as->n; i++)
+        if (addr - as->a[i].base < as->a[i].len)
+            return &as->a[i];
+    return NULL;
+}
+
+static areas_t *areas_of(uctx_t *c) { return __atomic_load_n(&c->areas, __ATOMIC_ACQUIRE); }
+
+static void retire(engine_t *e, void *p)
+{
+    retired_t *r = malloc(sizeof(*r));
+    if (!r)
+        return; /* leak it rather than free memory another thread may read */
+    r->p = p;
+    r->next = e->retired;
+    e->retired = r;
+}
+
+/* ---- contexts ---------------------------------------------------------------------------- */
+
+/* A context for `uffd` over a copy of `areas`; page state copied from `from` (a fork's parent)
+ * or empty. Under e->lock once threads run. */
+uctx_t *uf_ctx_new(engine_t *e, int uffd, const areas_t *areas, int own_fd, const uctx_t *from)
+{
+    uctx_t *c = NULL, **tail = &e->ctxs;
+    for (uctx_t *x = e->ctxs; x; x = x->next) {
+        if (x->dead && !x->users && x->uffd < 0 && !c)
+            c = x;
+        tail = &x->next;
+    }
+    int fresh = !c;
+    if (fresh && !(c = calloc(1, sizeof(*c))))
+        return NULL;
+    size_t asize = sizeof(areas_t) + (size_t)areas->n * sizeof(area_t);
+    uint64_t npages = 0;
+    for (int i = 0; i < areas->n; i++)
+        if (areas->a[i].first_page + areas->a[i].len / e->page > npages)
+            npages = areas->a[i].first_page + areas->a[i].len / e->page;
+    if (from && from->npages > npages)
+        npages = from->npages;
+    areas_t *as = malloc(asize);
+    uint8_t *inst = calloc(npages / 8 + 1, 1), *rem = calloc(npages / 8 + 1, 1);
+    if (!as || !inst || !rem) {
+        free(as);
+        free(inst);
+        free(rem);
+        if (fresh)
+            free(c);
+        return NULL;
+    }
+    memcpy(as, areas, asize);
+    if (from) {
+        memcpy(inst, from->installed, from->npages / 8 + 1);
+        memcpy(rem, from->removed, from->npages / 8 + 1);
+    }
+    uctx_t *next = c->next;
+    memset(c, 0, sizeof(*c));
+    c->next = fresh ? NULL : next;
+    c->uffd = uffd;
+    c->own_fd = own_fd;
+    c->id = e->next_id++;
+    c->areas = as;
+    c->npages = npages;
+    c->installed = inst;
+    c->removed = rem;
+    if (fresh)
+        *tail = c;
+    if (e->epfd >= 0) {
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
+        epoll_ctl(e->epfd, EPOLL_CTL_ADD, uffd, &ev);
+    }
+    return c;
+}
+
+/* Under e->lock, with no thread inside: let go of a dead context's descriptor and memory. */
+static void ctx_release(engine_t *e, uctx_t *c)
+{
+    if (c->uffd < 0)
+        return;
+    /* A forked copy of the engine shares the epoll instance with its parent: only the owner
+     * may change it. */
+    if (e->epfd >= 0 && e->owner == getpid())
+        epoll_ctl(e->epfd, EPOLL_CTL_DEL, c->uffd, NULL);
+    if (c->own_fd)
+        close(c->uffd);
+    c->uffd = -1;
+    free(c->areas);
+    free(c->installed);
+    free(c->removed);
+    c->areas = NULL;
+    c->installed = c->removed = NULL;
+    if (c->id)
+        ADD(e, children, -1);
+}
+
+void uf_ctx_free_all(engine_t *e)
+{
+    for (uctx_t *c = e->ctxs, *next; c; c = next) {
+        next = c->next;
+        c->dead = 1;
+        ctx_release(e, c);
+        free(c);
+    }
+    e->ctxs = NULL;
+    for (retired_t *r = e->retired, *next; r; r = next) {
+        next = r->next;
+        free(r->p);
+        free(r);
+    }
+    e->retired = NULL;
+}
+
+static int ctx_enter(engine_t *e, uctx_t *c)
+{
+    pthread_mutex_lock(&e->lock);
+    int ok = !c->dead && c->uffd >= 0;
+    if (ok)
+        c->users++;
+    pthread_mutex_unlock(&e->lock);
+    return ok;
+}
+
+/* Leave a context; `gone` marks it dead (its process exited). The last one out lets go. */
+static void ctx_leave(engine_t *e, uctx_t *c, int gone)
+{
+    pthread_mutex_lock(&e->lock);
+    if (gone && !c->dead) {
+        c->dead = 1;
+        if (!c->id)
+            __atomic_store_n(&e->st->root_gone, 1, __ATOMIC_RELEASE);
+    }
+    if (--c->users == 0 && c->dead)
+        ctx_release(e, c);
+    pthread_mutex_unlock(&e->lock);
+}
+
+/* Whether a forked child's process still exists: UFFDIO_ZEROPAGE on a page that no context
+ * registers (below every mapping) answers ESRCH once the process is gone, ENOENT before. */
+static void probe_children(engine_t *e)
+{
+    uint64_t now = uf_now_ns();
+    if (now - e->last_probe_ns < 1000000000ull)
+        return;
+    e->last_probe_ns = now;
+    for (uctx_t *c = e->ctxs; c; c = c->next) {
+        if (!c->id || !ctx_enter(e, c))
+            continue;
+        struct uffdio_zeropage z = {.range = {e->probe_addr, 4096}, .mode = UFFDIO_ZEROPAGE_MODE_DONTWAKE};
+        ctx_leave(e, c, uf_ioctl(c->uffd, UFFDIO_ZEROPAGE, &z) == ESRCH);
+    }
+}
+
+/* ---- faults ------------------------------------------------------------------------------ */
+
+/* A fault at [off, end) of area a: grow the context's readahead window if it continues the
+ * last one, reset it otherwise. */
+static void update_readahead(engine_t *e, uctx_t *c, areas_t *as, area_t *a, uint64_t off, uint64_t end)
+{
+    if (!e->ra_max)
+        return;
+    pthread_mutex_lock(&e->lock);
+    int ai = (int)(a - as->a);
+    uint64_t back = c->last_end > e->chunk ? e->chunk : c->last_end;
+    int sequential = ai == c->ra_area && off >= c->last_end - back && off <= c->ra_end + e->chunk;
+    if (sequential) {
+        uint64_t grown = c->ra_window * 2;
+        c->ra_window = grown < e->ra_min ? e->ra_min : grown > e->ra_max ? e->ra_max : grown;
+        if (c->ra_next < end)
+            c->ra_next = end;
+        c->ra_end = end + c->ra_window > a->len ? a->len : end + c->ra_window;
+    } else {
+        c->ra_window = 0; /* a random fault resets readahead */
+        c->ra_area = ai;
+        c->ra_next = c->ra_end = end;
+    }
+    c->last_end = end;
+    if (c->ra_next < c->ra_end)
+        pthread_cond_signal(&e->work_cond);
+    pthread_mutex_unlock(&e->lock);
+}
+
+static int fault_kind(uint64_t flags)
+{
+    if (flags & UFFD_PAGEFAULT_FLAG_MINOR)
+        return KIND_MINOR;
+    if (flags & UFFD_PAGEFAULT_FLAG_WP)
+        return KIND_WP;
+    return flags & UFFD_PAGEFAULT_FLAG_WRITE ? KIND_WRITE : KIND_READ;
+}
+
+/* Serve one page fault. Returns ESRCH when the context's process is gone, else 0. */
+static int serve_fault(engine_t *e, worker_t *w, uctx_t *c, struct uffd_msg *m, uint64_t t0)
+{
+    uint64_t addr = m->arg.pagefault.address, flags = m->arg.pagefault.flags;
+    areas_t *as = areas_of(c);
+    area_t *a = uf_find_area(as, addr);
+    ADD(e, faults, 1);
+    if (flags & UFFD_PAGEFAULT_FLAG_WRITE)
+        ADD(e, write_faults, 1);
+    if (flags & UFFD_PAGEFAULT_FLAG_WP)
+        ADD(e, wp_faults, 1);
+    if (!a) {
+        /* Registered but not ours to serve. Waking would only make the thread fault again at
+         * once (a busy loop): poison it, so the access fails loudly. */
+        struct uffdio_poison p = {.range = {addr & ~(e->page - 1), e->page}};
+        uf_log(e, "poisoned a fault at %#llx outside every area served from %s",
+               (unsigned long long)addr, e->name);
+        uf_state_error(e->st, EFAULT, addr, "a fault at %#llx outside every area served from %s "
+                       "was poisoned (SIGBUS)", (unsigned long long)addr, e->name);
+        if (!uf_ioctl(c->uffd, UFFDIO_POISON, &p))
+            ADD(e, poisoned, 1);
+        return 0;
+    }
+    uint64_t page_off = (addr - a->base) & ~(e->page - 1), got = 0;
+    uint64_t off = page_off - page_off % e->chunk, n = e->chunk;
+    if (off + n > a->len)
+        n = a->len - off;
+    uf_rec_t rec = {t0, a->src_off + page_off, addr, n, (uint32_t)m->arg.pagefault.feat.ptid, 0,
+                    (uint8_t)fault_kind(flags), CAUSE_FAULT, (uint16_t)flags, 0};
+    uint64_t seq = uf_log_begin(e, &rec);
+    int err = 0;
+    if (flags & UFFD_PAGEFAULT_FLAG_MINOR) {
+        /* The page cache holds the page already: just map it. */
+        ADD(e, minor_faults, 1);
+        struct uffdio_continue cont = {.range = {a->base + page_off, e->page}};
+        err = uf_ioctl(c->uffd, UFFDIO_CONTINUE, &cont);
+        if (!err) {
+            got = e->page;
+            ADD(e, bytes_installed, got);
+            ADD(e, fault_bytes, got);
+        } else if (err == EEXIST) { /* mapped by another thread meanwhile: ours still waits */
+            ADD(e, eexist, 1);
+            err = uf_ioctl(c->uffd, UFFDIO_WAKE, &cont.range);
+        }
+        if (!err)
+            bit_set(c->installed, a->first_page + page_off / e->page);
+    } else {
+        /* A COPY wakes what it installs; install_range wakes the faulting page itself if it was
+         * present already (EEXIST), and failed pages get on_error. */
+        err = uf_install_range(e, w, c, a, off, n, 0, CAUSE_FAULT, page_off, &got);
+        if (!err)
+            update_readahead(e, c, as, a, off, off + n);
+    }
+    if (err == EAGAIN) {
+        /* The mapping is changing (a REMOVE or REMAP is pending): wake the thread so that it
+         * faults again once the event is read; that fault is served then. */
+        struct uffdio_range r = {a->base + page_off, e->page};
+        ADD(e, eagain, 1);
+        uf_ioctl(c->uffd, UFFDIO_WAKE, &r);
+    }
+    uint64_t t1 = uf_now_ns();
+    uf_observe_latency(e, t1 - t0);
+    uf_log_end(e, seq, t1 - t0);
+    return err == ESRCH ? ESRCH : 0;
+}
+
+/* ---- events ------------------------------------------------------------------------------ */
+
+static void clear_range(engine_t *e, uctx_t *c, uint64_t start, uint64_t end, int zero)
+{
+    areas_t *as = areas_of(c);
+    for (int i = 0; i < as->n; i++) {
+        area_t *a = &as->a[i];
+        uint64_t s = start > a->base ? start : a->base, t = end < a->base + a->len ? end : a->base + a->len;
+        for (uint64_t x = s; x < t; x += e->page) {
+            uint64_t p = a->first_page + (x - a->base) / e->page;
+            bit_clear(c->installed, p);
+            if (zero)
+                bit_set(c->removed, p); /* like anonymous memory, a removed page reads as zeros */
+            else
+                bit_clear(c->removed, p);
+        }
+    }
+}
+
+/* mremap moved [from, from+len) to `to`: the areas (or the parts of them) inside follow. */
+static void remap(engine_t *e, uctx_t *c, uint64_t from, uint64_t to, uint64_t len)
+{
+    pthread_mutex_lock(&e->lock);
+    areas_t *old = c->areas, *as = malloc(sizeof(areas_t) + (size_t)old->n * 3 * sizeof(area_t));
+    if (!as) {
+        pthread_mutex_unlock(&e->lock);
+        uf_log(e, "out of memory following an mremap of %#llx: faults at %#llx will be poisoned",
+               (unsigned long long)from, (unsigned long long)to);
+        return;
+    }
+    as->n = 0;
+    for (int i = 0; i < old->n; i++) {
+        area_t a = old->a[i];
+        uint64_t end = a.base + a.len, lo = a.base > from ? a.base : from;
+        uint64_t hi = end < from + len ? end : from + len;
+        if (lo >= hi) {
+            as->a[as->n++] = a;
+            continue;
+        }
+        if (a.base < lo)
+            as->a[as->n++] = (area_t){a.base, lo - a.base, a.src_off, a.first_page};
+        as->a[as->n++] = (area_t){to + (lo - from), hi - lo, a.src_off + (lo - a.base),
+                                  a.first_page + (lo - a.base) / e->page};
+        if (hi < end)
+            as->a[as->n++] = (area_t){hi, end - hi, a.src_off + (hi - a.base),
+                                      a.first_page + (hi - a.base) / e->page};
+    }
+    __atomic_store_n(&c->areas, as, __ATOMIC_RELEASE);
+    retire(e, old);
+    c->ra_area = 0;
+    c->ra_next = c->ra_end = c->ra_window = c->last_end = 0;
+    pthread_mutex_unlock(&e->lock);
+}
+
+/* A child was forked: serve its copy of the registered ranges from the same source. */
+static void adopt_child(engine_t *e, uctx_t *parent, int fd)
+{
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    fcntl(fd, F_SETFD, FD_CLOEXEC);
+    pthread_mutex_lock(&e->lock);
+    uctx_t *c = uf_ctx_new(e, fd, areas_of(parent), 1, parent);
+    if (c)
+        ADD(e, children, 1);
+    pthread_mutex_unlock(&e->lock);
+    if (!c) {
+        /* Keep the descriptor: closing it would let the child read zeros. Its faults wait. */
+        uf_log(e, "out of memory serving a forked child of the process using %s: its faults on "
+               "pages not loaded yet will wait", e->name);
+    }
+}
+
+static void handle_event(engine_t *e, uctx_t *c, struct uffd_msg *m)
+{
+    switch (m->event) {
+    case UFFD_EVENT_REMOVE:
+        ADD(e, remove_events, 1);
+        clear_range(e, c, m->arg.remove.start, m->arg.remove.end, e->on_remove == ONREM_ZERO);
+        break;
+    case UFFD_EVENT_UNMAP:
+        ADD(e, unmap_events, 1);
+        clear_range(e, c, m->arg.remove.start, m->arg.remove.end, 0);
+        break;
+    case UFFD_EVENT_REMAP:
+        ADD(e, remap_events, 1);
+        remap(e, c, m->arg.remap.from, m->arg.remap.to, m->arg.remap.len);
+        break;
+    case UFFD_EVENT_FORK:
+        ADD(e, fork_events, 1);
+        adopt_child(e, c, (int)m->arg.fork.ufd);
+        break;
+    }
+}
+
+/* Read and serve what a context has queued. Returns CTX_GONE when its process is gone. */
+static int serve_ctx(engine_t *e, worker_t *w, uctx_t *c, struct uffd_msg *msgs)
+{
+    for (;;) {
+        __atomic_add_fetch(&e->in_batch, 1, __ATOMIC_ACQ_REL);
+        ssize_t got = read(c->uffd, msgs, sizeof(struct uffd_msg) * UF_MSG_BATCH);
+        uint64_t t0 = uf_now_ns();
+        if (got <= 0) {
+            __atomic_sub_fetch(&e->in_batch, 1, __ATOMIC_ACQ_REL);
+            if (got < 0 && (errno == EAGAIN || errno == EINTR))
+                return SERVED;
+            uf_state_error(e->st, got < 0 ? errno : EIO, 0, "reading the userfaultfd failed: %s",
+                           strerror(got < 0 ? errno : EIO));
+            return CTX_GONE;
+        }
+        /* Non-fault events first: a REMOVE read here lets installs into its range succeed
+         * again, so its pages must be marked before any fault of the batch (or a background
+         * install) fills them. */
+        size_t count = (size_t)got / sizeof(msgs[0]);
+        for (size_t i = 0; i < count; i++)
+            if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
+                handle_event(e, c, &msgs[i]);
+        __atomic_sub_fetch(&e->in_batch, 1, __ATOMIC_ACQ_REL);
+        for (size_t i = 0; i < count; i++)
+            if (msgs[i].event == UFFD_EVENT_PAGEFAULT && serve_fault(e, w, c, &msgs[i], t0) == ESRCH)
+                return CTX_GONE;
+    }
+}
+
+/* A fault thread: serves events as they come, and nothing else. */
+static void *fault_main(void *arg)
+{
+    worker_t *w = arg;
+    engine_t *e = w->e;
+    struct uffd_msg *msgs = malloc(sizeof(struct uffd_msg) * UF_MSG_BATCH);
+    uf_worker_python(e, w, 1);
+    while (msgs) {
+        struct epoll_event evs[8];
+        /* the first thread also looks after forked children once a second */
+        int timeout = w->slot == 0 && LOAD(e->st->counters[C_children]) ? 1000 : -1;
+        int n = epoll_wait(e->epfd, evs, 8, timeout);
+        if (n < 0 && errno != EINTR) {
+            uf_state_error(e->st, errno, 0, "epoll_wait failed: %s", strerror(errno));
+            break;
+        }
+        if (LOAD(e->stopping))
+            break;
+        if (w->slot == 0 && LOAD(e->st->counters[C_children]))
+            probe_children(e);
+        for (int i = 0; i < n; i++) {
+            uctx_t *c = evs[i].data.ptr;
+            if (!c || !ctx_enter(e, c))
+                continue; /* the stop eventfd (seen above), or a context dropped meanwhile */
+            ctx_leave(e, c, serve_ctx(e, w, c, msgs) == CTX_GONE);
+        }
+    }
+    uf_worker_python(e, w, 0);
+    free(msgs);
+    return NULL;
+}
+
+/* ---- background work --------------------------------------------------------------------- */
+
+static int has_background_work(engine_t *e)
+{
+    for (uctx_t *c = e->ctxs; c; c = c->next)
+        if (!c->dead && c->uffd >= 0 && c->ra_next < c->ra_end)
+            return 1;
+    return e->populate && e->ctxs && !e->ctxs->dead && e->pop_area < areas_of(e->ctxs)->n;
+}
+
+/* Under e->lock: the next piece of background work, readahead first, then populate. The area
+ * is copied: a REMAP may replace the array meanwhile. */
+static uctx_t *claim_piece(engine_t *e, area_t *a, uint64_t *off, uint64_t *n, int *cause)
+{
+    /* At least a page: pieces of a 2 MiB hugetlb page would start mid-page, and an install
+     * there (when the page is not marked installed yet) is EINVAL. */
+    uint64_t piece = e->page > e->piece ? e->page : e->piece;
+    for (uctx_t *c = e->ctxs; c; c = c->next) {
+        if (c->dead || c->uffd < 0 || c->ra_next >= c->ra_end)
+            continue;
+        areas_t *as = areas_of(c);
+        if (c->ra_area >= as->n) {
+            c->ra_next = c->ra_end;
+            continue;
+        }
+        *a = as->a[c->ra_area];
+        *off = c->ra_next;
+        *n = c->ra_end - c->ra_next < piece ? c->ra_end - c->ra_next : piece;
+        c->ra_next += *n;
+        *cause = CAUSE_READAHEAD;
+        c->users++;
+        return c;
+    }
+    uctx_t *root = e->ctxs;
+    while (e->populate && root && !root->dead && e->pop_area < areas_of(root)->n) {
+        areas_t *as = areas_of(root);
+        if (e->pop_next >= as->a[e->pop_area].len) {
+            e->pop_area++;
+            e->pop_next = 0;
+            continue;
+        }
+        *a = as->a[e->pop_area];
+        *off = e->pop_next;
+        *n = a->len - e->pop_next < piece ? a->len - e->pop_next : piece;
+        e->pop_next += *n;
+        *cause = CAUSE_POPULATE;
+        root->users++;
+        return root;
+    }
+    return NULL;
+}
+
+static void *background_main(void *arg)
+{
+    worker_t *w = arg;
+    engine_t *e = w->e;
+    uf_worker_python(e, w, 1);
+    for (;;) {
+        area_t a;
+        uint64_t off, n, done;
+        int cause;
+        pthread_mutex_lock(&e->lock);
+        while (!e->stopping && !has_background_work(e))
+            pthread_cond_wait(&e->work_cond, &e->lock);
+        uctx_t *c = e->stopping ? NULL : claim_piece(e, &a, &off, &n, &cause);
+        int stopping = e->stopping;
+        pthread_mutex_unlock(&e->lock);
+        if (stopping)
+            break;
+        if (!c)
+            continue;
+        int err = uf_install_range(e, w, c, &a, off, n, IR_SKIP_INSTALLED, cause, NO_WAKE, &done);
+        if (err == EAGAIN)
+            ADD(e, eagain, 1);
+        ctx_leave(e, c, err == ESRCH);
+    }
+    uf_worker_python(e, w, 0);
+    return NULL;
+}
+
+/* ---- start, stop, prefetch --------------------------------------------------------------- */
+
+int uf_engine_start(engine_t *e)
+{
+    e->stopping = 0;
+    for (int i = 0; i < e->nworkers; i++) {
+        worker_t *w = &e->workers[i];
+        int r = pthread_create(&w->thread, NULL, w->background ? background_main : fault_main, w);
+        if (r) {
+            e->started = 1;
+            uf_engine_stop(e); /* the ones already running */
+            return r;
+        }
+        e->nstarted = i + 1;
+    }
+    e->started = 1;
+    return 0;
+}
+
+void uf_engine_stop(engine_t *e)
+{
+    pthread_mutex_lock(&e->stop_lock); /* two Python threads may call stop() at once */
+    if (!e->started || e->owner != getpid()) {
+        /* not running, or a forked copy of an engine whose threads live in the parent */
+        e->started = 0;
+        pthread_mutex_unlock(&e->stop_lock);
+        return;
+    }
+    pthread_mutex_lock(&e->lock);
+    e->stopping = 1;
+    pthread_cond_broadcast(&e->work_cond);
+    pthread_mutex_unlock(&e->lock);
+    uint64_t one = 1;
+    if (write(e->stopfd, &one, sizeof(one)) < 0) {
+        /* an eventfd write fails only on overflow, which one write cannot cause */
+    }
+    for (int i = 0; i < e->nstarted; i++)
+        pthread_join(e->workers[i].thread, NULL);
+    if (read(e->stopfd, &one, sizeof(one)) < 0) {
+        /* drained: a restarted engine must not see the old stop request */
+    }
+    e->nstarted = 0;
+    e->started = 0;
+    pthread_mutex_unlock(&e->stop_lock);
+}
+
+/* Wake every thread blocked on any area of any context (they fault again). */
+void uf_wake_all(engine_t *e)
+{
+    for (uctx_t *c = e->ctxs; c; c = c->next) {
+        if (!ctx_enter(e, c))
+            continue;
+        areas_t *as = areas_of(c);
+        for (int i = 0; i < as->n; i++) {
+            struct uffdio_range r = {as->a[i].base, as->a[i].len};
+            uf_ioctl(c->uffd, UFFDIO_WAKE, &r);
+        }
+        ctx_leave(e, c, 0);
+    }
+}
+
+/* Install every missing page of the (source_offset, length) ranges of the root context with
+ * DONTWAKE, then wake each area once. Pages that fail get on_error; w->poisoned lists them. */
+int uf_prefetch(engine_t *e, worker_t *w, const uint64_t *ranges, Py_ssize_t n, uint64_t *installed)
+{
+    uctx_t *c = e->ctxs;
+    int err = 0;
+    *installed = 0;
+    if (!c || !ctx_enter(e, c))
+        return ESRCH;
+    /* An event the kernel handed over before this call (madvise returns once its REMOVE is
+     * read) is handled first: the page states must say what is gone. */
+    while (__atomic_load_n(&e->in_batch, __ATOMIC_ACQUIRE))
+        sched_yield();
+    areas_t *as = areas_of(c);
+    for (Py_ssize_t i = 0; !err && i < n; i++) {
+        uint64_t s = ranges[2 * i], end = ranges[2 * i] + ranges[2 * i + 1];
+        for (int k = 0; !err && k < as->n; k++) {
+            area_t *a = &as->a[k];
+            uint64_t lo = s > a->src_off ? s : a->src_off;
+            uint64_t hi = end < a->src_off + a->len ? end : a->src_off + a->len;
+            if (lo >= hi)
+                continue;
+            lo = (lo - a->src_off) & ~(e->page - 1);
+            hi = ((hi - a->src_off) + e->page - 1) & ~(e->page - 1);
+            for (uint64_t off = lo; !err && off < hi && !LOAD(e->stopping); off += e->unit_max) {
+                uint64_t len = hi - off < e->unit_max ? hi - off : e->unit_max, done;
+                err = uf_install_range(e, w, c, a, off, len, IR_SKIP_INSTALLED | IR_DONTWAKE,
+                                       CAUSE_PREFETCH, NO_WAKE, &done);
+                *installed += done;
+                if (err == EAGAIN) { /* a REMOVE is pending there: skip it, faults will decide */
+                    ADD(e, eagain, 1);
+                    err = 0;
+                }
+            }
+        }
+    }
+    for (int k = 0; k < as->n; k++) {
+        struct uffdio_range r = {as->a[k].base, as->a[k].len};
+        uf_ioctl(c->uffd, UFFDIO_WAKE, &r);
+    }
+    ctx_leave(e, c, err == ESRCH);
+    return err;
+}

@@ -1,0 +1,784 @@
+/* Sources and installs: where a page's bytes come from, how they get into the region, and
+ * what happens when they cannot be had.
+ *
+ * Sources: zero, a repeating pattern, memory (a buffer or a read-only file mapping, files read
+ * with pread at the tail), a cycle of byte values (the man-page demo), a Python object with
+ * read_into/read_many (called with the GIL of the process the engine runs in), or "fail"
+ * (every read fails: what a dead pager process leaves behind).
+ *
+ * Failure policy, the same for every source and every cause: a range that fails as a batch is
+ * retried page by page; pages that still fail get `retries` more rounds with backoff; then
+ * on_error decides: poison (the access gets SIGBUS), zero (explicitly asked for), or retry
+ * (a fault keeps waiting; background work leaves the page to its fault). Readahead is
+ * speculative: it never poisons, the fault that comes for the page decides. A line naming the
+ * pages, the source and the cause is logged before anything is poisoned. */
+#define _GNU_SOURCE
+#include "engine.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ---- the bounce buffer of a Python source ------------------------------------------------
+ * A Python source gets memoryviews of a worker's bounce buffer. The exporter counts the views
+ * still alive after the call: a source that kept one (or a slice of one) could write into
+ * the buffer later, so its read fails and the worker moves to a fresh buffer, leaving the old
+ * one to the views that hold it. */
+
+typedef struct {
+    PyObject_HEAD
+    char *buf;
+    Py_ssize_t size, off, len; /* the window the next view shows */
+    Py_ssize_t exports;
+} BounceObject;
+
+static int Bounce_getbuffer(BounceObject *self, Py_buffer *view, int flags)
+{
+    if (PyBuffer_FillInfo(view, (PyObject *)self, self->buf + self->off, self->len, 0, flags) < 0)
+        return -1;
+    self->exports++;
+    return 0;
+}
+
+static void Bounce_releasebuffer(BounceObject *self, Py_buffer *view) { self->exports--; }
+
+static void Bounce_dealloc(BounceObject *self)
+{
+    free(self->buf);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyBufferProcs Bounce_as_buffer = {(getbufferproc)Bounce_getbuffer, (releasebufferproc)Bounce_releasebuffer};
+
+PyTypeObject userfault_BounceType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "userfault._native.Bounce",
+    .tp_basicsize = sizeof(BounceObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A worker's read buffer, handed to Python sources as memoryviews.",
+    .tp_dealloc = (destructor)Bounce_dealloc,
+    .tp_as_buffer = &Bounce_as_buffer,
+};
+
+/* With the GIL held: a new exporter of `size` bytes, or NULL (exception set). */
+static BounceObject *bounce_new(uint64_t size)
+{
+    BounceObject *b = PyObject_New(BounceObject, &userfault_BounceType);
+    if (!b)
+        return NULL;
+    b->buf = malloc(size);
+    b->size = (Py_ssize_t)size;
+    b->off = b->len = b->exports = 0;
+    if (!b->buf) {
+        Py_DECREF(b);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    return b;
+}
+
+/* ---- threads and their buffers ----------------------------------------------------------- */
+
+static __thread PyGILState_STATE thread_gil;
+static __thread PyThreadState *thread_ts;
+
+/* Engine threads of a Python source keep a thread state for their whole life (enter = 1 at
+ * start, 0 at exit), so each read only takes and drops the GIL. */
+void uf_worker_python(engine_t *e, worker_t *w, int enter)
+{
+    if (e->kind != SRC_PYTHON)
+        return;
+    if (enter) {
+        thread_gil = PyGILState_Ensure();
+        thread_ts = PyEval_SaveThread();
+    } else {
+        PyEval_RestoreThread(thread_ts);
+        if (w->exporter) { /* the bounce buffer goes with it */
+            Py_CLEAR(w->exporter);
+            w->bounce = NULL;
+        }
+        PyGILState_Release(thread_gil);
+    }
+}
+
+/* 2 MiB-aligned, so whole-PMD moves of transparent huge pages are possible. */
+static char *staging_start(char *p) { return (char *)(((uintptr_t)p + (2u << 20) - 1) & ~(uintptr_t)((2u << 20) - 1)); }
+
+int uf_worker_buffers(engine_t *e, worker_t *w)
+{
+    uint64_t pages = e->unit_max / e->page + 1;
+    w->runs = calloc(pages, sizeof(run_t));
+    w->pages = calloc(pages, sizeof(uint64_t));
+    if (!w->runs || !w->pages)
+        return ENOMEM;
+    if (e->install == INST_MOVE) {
+        char *p = mmap(NULL, e->unit_max + (2u << 20), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED)
+            return errno;
+        w->staging_map = p;
+        w->staging = staging_start(p);
+        madvise(w->staging, e->unit_max, MADV_HUGEPAGE);
+    }
+    return 0;
+}
+
+/* Frees what a worker holds; a Python exporter is dropped by whoever holds the GIL. */
+void uf_worker_free(worker_t *w)
+{
+    engine_t *e = w->e;
+    free(w->runs);
+    free(w->pages);
+    w->runs = NULL;
+    w->pages = NULL;
+    if (!w->exporter)
+        free(w->bounce);
+    w->bounce = NULL;
+    if (w->staging_map)
+        munmap(w->staging_map, e->unit_max + (2u << 20));
+    w->staging_map = w->staging = NULL;
+}
+
+/* A bounce buffer of unit_max bytes for this worker. */
+static int ensure_bounce(engine_t *e, worker_t *w)
+{
+    if (w->bounce)
+        return 0;
+    if (e->kind != SRC_PYTHON) {
+        w->bounce = malloc(e->unit_max);
+        return w->bounce ? 0 : ENOMEM;
+    }
+    PyGILState_STATE g = PyGILState_Ensure();
+    BounceObject *b = bounce_new(e->unit_max);
+    if (b) {
+        w->exporter = (PyObject *)b;
+        w->bounce = b->buf;
+    } else {
+        PyErr_Clear();
+    }
+    PyGILState_Release(g);
+    return w->bounce ? 0 : ENOMEM;
+}
+
+const char *uf_cause_name(int cause)
+{
+    static const char *names[] = {"fault", "readahead", "prefetch", "populate", "evict", "writeback"};
+    return cause >= 0 && cause <= CAUSE_WRITEBACK ? names[cause] : "read";
+}
+
+/* ---- native sources ---------------------------------------------------------------------- */
+
+/* Read n bytes of the source at `off` into dst, zeros past its end. Files are read with pread
+ * so that a file truncated under us is an error, never zeros in place of data. */
+static int native_fill(engine_t *e, worker_t *w, char *dst, uint64_t off, uint64_t n)
+{
+    switch (e->kind) {
+    case SRC_ZERO:
+        memset(dst, 0, n);
+        return 0;
+    case SRC_PATTERN:
+        memcpy(dst, e->pattern + off % e->pat_len, n);
+        return 0;
+    case SRC_CYCLE: /* the man-page demo: each fill is the next letter */
+        memset(dst, e->cycle[__atomic_fetch_add(&e->cycle_next, 1, __ATOMIC_RELAXED) % e->cycle_len], n);
+        return 0;
+    }
+    uint64_t avail = off < e->src_len ? e->src_len - off : 0;
+    if (avail > n)
+        avail = n;
+    if (e->src_fd >= 0) {
+        for (uint64_t got = 0; got < avail;) {
+            ssize_t r = pread(e->src_fd, dst + got, avail - got, (off_t)(off + got));
+            if (r < 0 && errno == EINTR)
+                continue;
+            if (r < 0) {
+                snprintf(w->msg, sizeof(w->msg), "pread: %s", strerror(errno));
+                return errno;
+            }
+            if (r == 0) {
+                struct stat sb;
+                long long now = fstat(e->src_fd, &sb) ? -1 : (long long)sb.st_size;
+                snprintf(w->msg, sizeof(w->msg), "the file is now %lld bytes, it had %llu when it "
+                         "was opened: it was truncated", now, (unsigned long long)e->src_len);
+                return EIO;
+            }
+            got += (uint64_t)r;
+        }
+    } else {
+        memcpy(dst, e->src + off, avail);
+    }
+    memset(dst + avail, 0, n - avail);
+    return 0;
+}
+
+/* A pointer to n source bytes at `off`, without copying where the source allows it. */
+static const char *native_ptr(engine_t *e, worker_t *w, uint64_t off, uint64_t n, int *err)
+{
+    *err = 0;
+    if (e->kind == SRC_ZERO)
+        return e->zero;
+    if (e->kind == SRC_PATTERN)
+        return e->pattern + off % e->pat_len;
+    if (e->kind == SRC_MEMORY && off + n <= e->src_len)
+        return e->src + off;
+    if ((*err = ensure_bounce(e, w))) {
+        snprintf(w->msg, sizeof(w->msg), "out of memory for the read buffer");
+        return NULL;
+    }
+    *err = native_fill(e, w, w->bounce, off, n);
+    return w->bounce;
+}
+
+/* ---- Python sources ---------------------------------------------------------------------- */
+
+/* With the GIL held: the pending exception as "Type: message", cleared. */
+static void take_exception(char *msg, size_t len)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    const char *name = type ? ((PyTypeObject *)type)->tp_name : "error";
+    PyObject *text = value ? PyObject_Str(value) : NULL;
+    const char *s = text ? PyUnicode_AsUTF8(text) : NULL;
+    if (s && *s)
+        snprintf(msg, len, "%s: %s", name, s);
+    else
+        snprintf(msg, len, "%s", name);
+    Py_XDECREF(text);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    PyErr_Clear();
+}
+
+/* A read's result: None, or a byte count, which must be the whole buffer. */
+static int check_count(PyObject *res, uint64_t want, uint64_t off, char *msg, size_t len)
+{
+    if (res == Py_None || !PyLong_Check(res) || PyBool_Check(res))
+        return 0;
+    long long got = PyLong_AsLongLong(res);
+    if (got == -1 && PyErr_Occurred())
+        PyErr_Clear();
+    if (got == (long long)want)
+        return 0;
+    snprintf(msg, len, "read_into(%#llx, <%llu bytes>) returned %lld: a short read is a failed read",
+             (unsigned long long)off, (unsigned long long)want, got);
+    return EIO;
+}
+
+/* Read the runs that have a buffer and no error yet (buffers are parts of the bounce buffer):
+ * one read_many for all of them where the source has it, else one read_into each. Sets each
+ * run's err; w->msg says why for a failed one. */
+static void python_read(engine_t *e, worker_t *w, area_t *a, run_t *runs, int n)
+{
+    int todo = 0, first = -1;
+    uint64_t total = 0;
+    for (int i = 0; i < n; i++)
+        if (runs[i].buf && !runs[i].err) {
+            todo++;
+            total += runs[i].len;
+            if (first < 0)
+                first = i;
+        }
+    if (!todo)
+        return;
+    uf_inflight(e, w->slot, a->src_off + runs[first].off, total, a->base + runs[first].off);
+    PyGILState_STATE g = PyGILState_Ensure();
+    BounceObject *b = (BounceObject *)w->exporter;
+    PyObject **views = PyMem_Calloc((size_t)n, sizeof(PyObject *));
+    int failed = 0;
+    if (!views) {
+        snprintf(w->msg, sizeof(w->msg), "out of memory");
+        failed = ENOMEM;
+    }
+    for (int i = 0; !failed && i < n; i++) {
+        if (!runs[i].buf || runs[i].err)
+            continue;
+        b->off = runs[i].buf - b->buf;
+        b->len = (Py_ssize_t)runs[i].len;
+        if (!(views[i] = PyMemoryView_FromObject((PyObject *)b))) {
+            take_exception(w->msg, sizeof(w->msg));
+            failed = ENOMEM;
+        }
+    }
+    if (failed) {
+        for (int i = 0; i < n; i++)
+            if (runs[i].buf && !runs[i].err)
+                runs[i].err = failed;
+    } else if (todo == 1 || !e->read_many) {
+        for (int i = 0; i < n; i++) {
+            if (!views[i])
+                continue;
+            uint64_t off = a->src_off + runs[i].off;
+            PyObject *args[2] = {PyLong_FromUnsignedLongLong(off), views[i]};
+            PyObject *res = args[0] ? PyObject_Vectorcall(e->read_into, args, 2, NULL) : NULL;
+            Py_XDECREF(args[0]);
+            if (!res) {
+                take_exception(w->msg, sizeof(w->msg));
+                runs[i].err = EIO;
+            } else {
+                runs[i].err = check_count(res, runs[i].len, off, w->msg, sizeof(w->msg));
+                Py_DECREF(res);
+            }
+        }
+    } else {
+        PyObject *list = PyList_New(todo), *res = NULL;
+        for (int i = 0, k = 0; list && i < n; i++) {
+            if (!views[i])
+                continue;
+            PyObject *t = Py_BuildValue("(KO)", (unsigned long long)(a->src_off + runs[i].off), views[i]);
+            if (!t) {
+                Py_CLEAR(list);
+                break;
+            }
+            PyList_SET_ITEM(list, k++, t);
+        }
+        if (list)
+            res = PyObject_CallOneArg(e->read_many, list);
+        Py_XDECREF(list);
+        if (!res) {
+            take_exception(w->msg, sizeof(w->msg));
+            for (int i = 0; i < n; i++)
+                if (views[i])
+                    runs[i].err = EIO;
+        } else {
+            /* None, or one count per request */
+            if (res != Py_None && PySequence_Check(res) && PySequence_Size(res) == todo) {
+                for (int i = 0, k = 0; i < n; i++) {
+                    if (!views[i])
+                        continue;
+                    PyObject *item = PySequence_GetItem(res, k++);
+                    runs[i].err = item ? check_count(item, runs[i].len, a->src_off + runs[i].off,
+                                                     w->msg, sizeof(w->msg)) : EIO;
+                    Py_XDECREF(item);
+                }
+            }
+            PyErr_Clear();
+            Py_DECREF(res);
+        }
+    }
+    for (int i = 0; views && i < n; i++)
+        Py_XDECREF(views[i]);
+    PyMem_Free(views);
+    if (b->exports) {
+        /* The source kept a view (or a slice of one): these bytes cannot be trusted, nor the
+         * buffer reused. The old buffer now belongs to the views that hold it. */
+        snprintf(w->msg, sizeof(w->msg), "the source kept a reference to the buffer it was given "
+                 "(read_into must not keep it past the call)");
+        for (int i = 0; i < n; i++)
+            if (runs[i].buf)
+                runs[i].err = EIO;
+        BounceObject *fresh = bounce_new(e->unit_max);
+        if (fresh) {
+            Py_DECREF(b);
+            w->exporter = (PyObject *)fresh;
+            w->bounce = fresh->buf;
+        } else {
+            PyErr_Clear(); /* keep the old one: its next reads fail the same way */
+        }
+    }
+    PyGILState_Release(g);
+    uf_inflight(e, w->slot, 0, 0, 0);
+}
+
+/* Whether a run can be read at all: a failing source fails, and a Python source does not read
+ * pages the supervisor condemned. Returns 0 or the run's error (w->msg set). */
+static int source_check(engine_t *e, worker_t *w, area_t *a, run_t *r)
+{
+    if (r->zero)
+        return 0;
+    if (e->kind == SRC_FAIL) {
+        snprintf(w->msg, sizeof(w->msg), "%s", e->fail_msg);
+        return e->fail_errno ? e->fail_errno : EIO;
+    }
+    if (e->kind == SRC_PYTHON && uf_marked(e->st->condemned, LOAD(e->st->ncondemned), a->src_off + r->off, r->len)) {
+        snprintf(w->msg, sizeof(w->msg), "the pager worker died or hung reading this page too often");
+        return ECANCELED;
+    }
+    return 0;
+}
+
+/* Before installing the runs of a range: a Python source reads all of them at once, each
+ * into its own part of the bounce buffer (kept by the run even when it cannot be read, for
+ * its retries). Native sources are read run by run as they are installed. */
+static void prepare_runs(engine_t *e, worker_t *w, area_t *a, run_t *runs, int n)
+{
+    uint64_t pos = 0;
+    int bounce_err = e->kind == SRC_PYTHON ? ensure_bounce(e, w) : 0;
+    for (int i = 0; i < n; i++) {
+        run_t *r = &runs[i];
+        r->buf = NULL;
+        r->err = 0;
+        if (r->zero)
+            continue;
+        if (e->kind == SRC_PYTHON && !bounce_err) {
+            r->buf = w->bounce + pos;
+            pos += r->len;
+        }
+        r->err = source_check(e, w, a, r);
+        if (!r->err && e->kind == SRC_PYTHON && bounce_err) {
+            snprintf(w->msg, sizeof(w->msg), "out of memory for the read buffer");
+            r->err = bounce_err;
+        }
+    }
+    if (e->kind == SRC_PYTHON)
+        python_read(e, w, a, runs, n);
+}
+
+/* The runs of [off, off+n) to install: pages not present (with skip), cut where the removed
+ * state changes, at unit_max, and around every page of a suspect range. */
+static int collect_runs(engine_t *e, uctx_t *c, area_t *a, uint64_t off, uint64_t n, int skip, run_t *runs)
+{
+    uint64_t end = off + n, page = e->page;
+    int nr = 0, suspect = e->kind == SRC_PYTHON && LOAD(e->st->nsuspect) > 0;
+    while (off < end) {
+        uint64_t p = a->first_page + off / page;
+        if (skip && bit_get(c->installed, p)) {
+            off += page;
+            continue;
+        }
+        int zero = bit_get(c->removed, p);
+        int alone = suspect && uf_marked(e->st->suspect, LOAD(e->st->nsuspect), a->src_off + off, page);
+        uint64_t run = off + page;
+        while (!alone && run < end && run - off < e->unit_max) {
+            uint64_t q = a->first_page + run / page;
+            if ((skip && bit_get(c->installed, q)) || bit_get(c->removed, q) != zero)
+                break;
+            if (suspect && uf_marked(e->st->suspect, LOAD(e->st->nsuspect), a->src_off + run, page))
+                break;
+            run += page;
+        }
+        runs[nr++] = (run_t){off, run - off, zero, 0, NULL};
+        off = run;
+    }
+    return nr;
+}
+
+/* ---- installing -------------------------------------------------------------------------- */
+
+/* Write the source into the holes of the memfd's page cache within [off, off+n), so that
+ * UFFDIO_CONTINUE can map them. Holes are found with SEEK_HOLE/SEEK_DATA, which count a page
+ * swapped out as data: a page that exists, cached or swapped, may hold user data and is never
+ * written (mincore would call a swapped page absent). The memfd backs the region from offset
+ * 0, so area offsets are file offsets. */
+static int fill_page_cache(engine_t *e, worker_t *w, area_t *a, uint64_t off, uint64_t n, int zero)
+{
+    uint64_t end = off + n;
+    while (off < end) {
+        off_t hole = lseek(e->memfd, (off_t)off, SEEK_HOLE);
+        if (hole < 0)
+            return errno == ENXIO ? 0 : errno; /* ENXIO: past the end of the file */
+        if ((uint64_t)hole >= end)
+            return 0;
+        off_t data = lseek(e->memfd, hole, SEEK_DATA);
+        if (data < 0 && errno != ENXIO)
+            return errno;
+        uint64_t stop = data < 0 ? end : (uint64_t)data < end ? (uint64_t)data : end;
+        uint64_t roff = (uint64_t)hole & ~(uint64_t)4095, rlen = stop - roff;
+        int err = 0;
+        const char *p = zero ? e->zero : native_ptr(e, w, a->src_off + roff, rlen, &err);
+        if (err)
+            return err;
+        for (uint64_t done = 0; done < rlen;) {
+            ssize_t r = pwrite(e->memfd, p + done, rlen - done, (off_t)(roff + done));
+            if (r < 0 && errno == EINTR)
+                continue;
+            if (r <= 0) {
+                snprintf(w->msg, sizeof(w->msg), "filling the memfd: %s", strerror(r < 0 ? errno : EIO));
+                return r < 0 ? errno : EIO;
+            }
+            done += (uint64_t)r;
+        }
+        off = stop;
+    }
+    return 0;
+}
+
+static const char *install_name(engine_t *e, int zero)
+{
+    if ((zero || e->kind == SRC_ZERO) && e->install == INST_ZEROPAGE)
+        return "UFFDIO_ZEROPAGE";
+    if (e->install == INST_CONTINUE)
+        return "UFFDIO_CONTINUE";
+    return e->install == INST_MOVE && !zero ? "UFFDIO_MOVE" : "UFFDIO_COPY";
+}
+
+/* One install ioctl for area offset [off, off+n) from `data` (COPY) or zeros. Returns bytes
+ * installed; *err: 0, EEXIST (stopped at a present page), EAGAIN, or another errno. */
+static uint64_t install_once(engine_t *e, worker_t *w, int uffd, area_t *a, uint64_t off,
+                             uint64_t n, int zero, const char *data, int dontwake, int *err)
+{
+    uint64_t dst = a->base + off;
+    long long done = 0;
+    *err = 0;
+    if ((zero || e->kind == SRC_ZERO) && e->install == INST_ZEROPAGE) {
+        struct uffdio_zeropage z = {.range = {dst, n}, .mode = dontwake ? UFFDIO_ZEROPAGE_MODE_DONTWAKE : 0};
+        *err = uf_ioctl(uffd, UFFDIO_ZEROPAGE, &z);
+        done = z.zeropage;
+    } else if (e->install == INST_CONTINUE) {
+        pthread_mutex_lock(&e->lock);
+        *err = fill_page_cache(e, w, a, off, n, zero);
+        if (!*err) {
+            struct uffdio_continue c = {.range = {dst, n}, .mode = dontwake ? UFFDIO_CONTINUE_MODE_DONTWAKE : 0};
+            *err = uf_ioctl(uffd, UFFDIO_CONTINUE, &c);
+            done = c.mapped;
+        }
+        pthread_mutex_unlock(&e->lock);
+    } else if (e->install == INST_MOVE && !zero) {
+        *err = native_fill(e, w, w->staging, a->src_off + off, n);
+        if (!*err) {
+            struct uffdio_move m = {.dst = dst, .src = (uintptr_t)w->staging, .len = n,
+                                    .mode = dontwake ? UFFDIO_MOVE_MODE_DONTWAKE : 0};
+            *err = uf_ioctl(uffd, UFFDIO_MOVE, &m);
+            done = m.move;
+        }
+    } else {
+        struct uffdio_copy c = {.dst = dst, .src = (uintptr_t)(zero ? e->zero : data), .len = n,
+                                .mode = dontwake ? UFFDIO_COPY_MODE_DONTWAKE : 0};
+        *err = uf_ioctl(uffd, UFFDIO_COPY, &c);
+        done = c.copy;
+    }
+    if (!*err)
+        return n;
+    return done > 0 ? (uint64_t)done : 0;
+}
+
+/* Errors that end a range without being a failure of its pages: the mapping is changing
+ * (EAGAIN: a REMOVE or REMAP is pending, faults come again), the range was unregistered
+ * (ENOENT) or its process exited (ESRCH). */
+static int is_final(int err) { return err == EAGAIN || err == ENOENT || err == ESRCH; }
+
+/* Install one run. Returns 0, a final error, or a failure; *pos is where it stopped (pages
+ * before it are installed or were present). A present page is skipped, and woken by hand if
+ * it is the faulting one (the COPY that installs a page wakes it; a skipped one must be). */
+static int put_run(engine_t *e, worker_t *w, uctx_t *c, area_t *a, run_t *r, int flags,
+                   uint64_t wake_off, uint64_t *installed, uint64_t *pos)
+{
+    uint64_t off = r->off, end = r->off + r->len;
+    *installed = 0;
+    *pos = off;
+    if (r->err)
+        return r->err;
+    int copies = !r->zero && (e->install == INST_COPY || (e->install == INST_ZEROPAGE && e->kind != SRC_ZERO));
+    if (copies && e->kind == SRC_PYTHON && !r->buf) {
+        snprintf(w->msg, sizeof(w->msg), "out of memory for the read buffer");
+        return ENOMEM;
+    }
+    while (off < end) {
+        int err = 0;
+        const char *data = NULL;
+        if (copies)
+            data = r->buf ? r->buf + (off - r->off) : native_ptr(e, w, a->src_off + off, end - off, &err);
+        uint64_t done = err ? 0 : install_once(e, w, c->uffd, a, off, end - off, r->zero, data,
+                                               flags & IR_DONTWAKE, &err);
+        uint64_t p = a->first_page + off / e->page;
+        for (uint64_t i = 0; i < done / e->page; i++)
+            bit_set(c->installed, p + i);
+        *installed += done;
+        off += done;
+        if (!err)
+            continue;
+        if (err == EAGAIN && done) {
+            /* The kernel reports a short install as EAGAIN with the bytes done, whatever stopped
+             * it (mostly EEXIST: another thread installed the next page). Go on from there: the
+             * next ioctl returns the real error with nothing done. */
+            continue;
+        }
+        if (err == EEXIST) {
+            ADD(e, eexist, 1);
+            bit_set(c->installed, a->first_page + off / e->page);
+            if (off == wake_off) { /* present already, but its faulting thread still waits */
+                struct uffdio_range rg = {a->base + off, e->page};
+                uf_ioctl(c->uffd, UFFDIO_WAKE, &rg);
+            }
+            off += e->page;
+            continue;
+        }
+        *pos = off;
+        if (!is_final(err) && !w->msg[0]) {
+            if (err == EFAULT && e->kind == SRC_MEMORY && e->src_fd >= 0) {
+                struct stat sb;
+                long long now = fstat(e->src_fd, &sb) ? -1 : (long long)sb.st_size;
+                snprintf(w->msg, sizeof(w->msg), "%s: %s; the file is now %lld bytes, it had %llu "
+                         "when it was opened: was it truncated?", install_name(e, r->zero),
+                         strerror(err), now, (unsigned long long)e->src_len);
+            } else {
+                snprintf(w->msg, sizeof(w->msg), "%s: %s", install_name(e, r->zero), strerror(err));
+            }
+        }
+        return err;
+    }
+    *pos = end;
+    return 0;
+}
+
+/* Read and install the one page at `p`; a Python source reads into `slot`. */
+static int try_page(engine_t *e, worker_t *w, uctx_t *c, area_t *a, uint64_t p, int zero,
+                    char *slot, int flags, uint64_t wake_off, uint64_t *installed)
+{
+    run_t one = {p, e->page, zero, 0, NULL};
+    uint64_t pos;
+    w->msg[0] = 0;
+    one.err = source_check(e, w, a, &one);
+    if (!one.err && !zero && e->kind == SRC_PYTHON) {
+        one.buf = slot;
+        python_read(e, w, a, &one, 1);
+    }
+    return put_run(e, w, c, a, &one, flags, wake_off, installed, &pos);
+}
+
+static void sleep_ns(engine_t *e, uint64_t ns)
+{
+    while (ns && !LOAD(e->stopping)) { /* in slices, so stop() is not kept waiting */
+        uint64_t slice = ns < 50000000 ? ns : 50000000;
+        struct timespec ts = {(time_t)(slice / 1000000000), (long)(slice % 1000000000)};
+        nanosleep(&ts, NULL);
+        ns -= slice;
+    }
+}
+
+/* On_error for pages that failed every attempt: one log line and one decision per run of
+ * consecutive pages. The line comes first: the faulting process may die of the SIGBUS. */
+static void settle(engine_t *e, worker_t *w, uctx_t *c, area_t *a, uint64_t *pages, int np,
+                   int flags, int cause, int rounds, int err, uint64_t *installed)
+{
+    uint64_t page = e->page;
+    for (int i = 0; i < np;) {
+        int j = i + 1;
+        while (j < np && pages[j] == pages[j - 1] + page)
+            j++;
+        uint64_t off = pages[i], len = (uint64_t)(j - i) * page;
+        uint64_t addr = a->base + off, src = a->src_off + off;
+        if (e->on_error == ONERR_RETRY) {
+            /* background work and prefetch leave the pages to their faults */
+        } else if (e->on_error == ONERR_ZERO) {
+            uf_log(e, "serving zeros for %#llx..+%llu (offset %#llx of %s) as on_error='zero' "
+                   "asks: %s", (unsigned long long)addr, (unsigned long long)len,
+                   (unsigned long long)src, e->name, w->msg);
+            uf_state_error(e->st, err, addr, "%s at %#llx..+%llu (offset %#llx of %s) served as "
+                           "zeros: %s", uf_cause_name(cause), (unsigned long long)addr,
+                           (unsigned long long)len, (unsigned long long)src, e->name, w->msg);
+            for (uint64_t p = off; p < off + len; p += page) {
+                run_t z = {p, page, 1, 0, NULL};
+                uint64_t got, pos;
+                if (!put_run(e, w, c, a, &z, flags, NO_WAKE, &got, &pos) && got)
+                    ADD(e, zeroed, 1);
+                *installed += got;
+            }
+        } else {
+            uf_log(e, "poisoned %#llx..+%llu (offset %#llx of %s, %s) after %d retries: %s; "
+                   "accesses get SIGBUS, never wrong bytes", (unsigned long long)addr,
+                   (unsigned long long)len, (unsigned long long)src, e->name,
+                   uf_cause_name(cause), rounds, w->msg);
+            uf_state_error(e->st, err, addr, "%s at %#llx..+%llu (offset %#llx of %s) failed "
+                           "after %d retries: %s; the pages were poisoned (SIGBUS), never "
+                           "zero-filled", uf_cause_name(cause), (unsigned long long)addr,
+                           (unsigned long long)len, (unsigned long long)src, e->name, rounds, w->msg);
+            for (uint64_t p = off; p < off + len; p += page) {
+                struct uffdio_poison ps = {.range = {a->base + p, page},
+                                           .mode = flags & IR_DONTWAKE ? UFFDIO_POISON_MODE_DONTWAKE : 0};
+                if (!uf_ioctl(c->uffd, UFFDIO_POISON, &ps)) {
+                    ADD(e, poisoned, 1);
+                    w->poisoned_bytes += page;
+                }
+            }
+            if (w->npoisoned < UF_MAX_MARKS)
+                w->poisoned[w->npoisoned++] = (uf_mark_t){src, len};
+        }
+        i = j;
+    }
+}
+
+/* Pages [off, off+len) of a run failed (w->msg says why): retry them page by page, then in
+ * `retries` rounds with backoff, then settle what still fails. Returns 0 or a final error. */
+static int fail_range(engine_t *e, worker_t *w, uctx_t *c, area_t *a, run_t *r, uint64_t off,
+                      int flags, int cause, uint64_t wake_off, int err, uint64_t *installed)
+{
+    uint64_t page = e->page, end = r->off + r->len;
+    char last[UF_ERR_MSG];
+    int np = 0;
+    for (uint64_t p = off; p < end; p += page)
+        w->pages[np++] = p;
+    snprintf(last, sizeof(last), "%s", w->msg);
+    int forever = e->on_error == ONERR_RETRY && cause == CAUSE_FAULT, round;
+    /* A failed batch is first read page by page; a lone page goes straight to the retries. */
+    for (round = np > 1 ? 0 : 1;; round++) {
+        if (round > 0) {
+            if (cause == CAUSE_READAHEAD || err == ECANCELED || (round > e->retries && !forever))
+                break;
+            if (LOAD(e->stopping))
+                return 0;
+            uint64_t delay = 5000000ull << (round - 1 < 8 ? round - 1 : 8);
+            if (delay > 1000000000ull)
+                delay = 1000000000ull;
+            uf_log(e, "reading %#llx..+%llu (offset %#llx of %s, %s) failed: %s; retry %d in %.3f s",
+                   (unsigned long long)(a->base + w->pages[0]), (unsigned long long)((uint64_t)np * page),
+                   (unsigned long long)(a->src_off + w->pages[0]), e->name, uf_cause_name(cause),
+                   last, round, (double)delay / 1e9);
+            ADD(e, retries, 1);
+            sleep_ns(e, delay);
+        }
+        int kept = 0;
+        for (int i = 0; i < np; i++) {
+            uint64_t got;
+            char *slot = r->buf ? r->buf + (w->pages[i] - r->off) : NULL;
+            int e2 = try_page(e, w, c, a, w->pages[i], r->zero, slot, flags, wake_off, &got);
+            *installed += got;
+            if (!e2)
+                continue;
+            if (is_final(e2))
+                return e2;
+            err = e2;
+            snprintf(last, sizeof(last), "%s", w->msg);
+            w->pages[kept++] = w->pages[i];
+        }
+        np = kept;
+        if (!np)
+            return 0;
+    }
+    if (cause == CAUSE_READAHEAD)
+        return 0; /* speculative: the fault that comes for these pages decides */
+    snprintf(w->msg, sizeof(w->msg), "%s", last);
+    settle(e, w, c, a, w->pages, np, flags, cause, round - 1 < 0 ? 0 : round - 1, err, installed);
+    return 0;
+}
+
+/* Install [off, off+n) of area a (n <= unit_max). With IR_SKIP_INSTALLED, pages marked
+ * installed are left alone (readahead, populate, prefetch); IR_DONTWAKE batches the wake.
+ * The page at wake_off is woken if found present. Failed pages go through the failure policy
+ * above. Returns 0 or a final error (EAGAIN, ENOENT, ESRCH); *installed gets bytes installed. */
+int uf_install_range(engine_t *e, worker_t *w, uctx_t *c, area_t *a, uint64_t off, uint64_t n,
+                     int flags, int cause, uint64_t wake_off, uint64_t *installed)
+{
+    int nr = collect_runs(e, c, a, off, n, flags & IR_SKIP_INSTALLED, w->runs), ret = 0;
+    *installed = 0;
+    w->msg[0] = 0;
+    prepare_runs(e, w, a, w->runs, nr);
+    for (int i = 0; i < nr; i++) {
+        run_t *r = &w->runs[i];
+        uint64_t got, pos;
+        if (!r->err)
+            w->msg[0] = 0;
+        int err = put_run(e, w, c, a, r, flags, wake_off, &got, &pos);
+        *installed += got;
+        if (!err)
+            continue;
+        if (is_final(err)) {
+            ret = err;
+            break;
+        }
+        if ((ret = fail_range(e, w, c, a, r, pos, flags, cause, wake_off, err, installed)))
+            break;
+    }
+    ADD(e, bytes_installed, *installed);
+    switch (cause) {
+    case CAUSE_FAULT: ADD(e, fault_bytes, *installed); break;
+    case CAUSE_READAHEAD: ADD(e, readahead_bytes, *installed); break;
+    case CAUSE_POPULATE: ADD(e, populate_bytes, *installed); break;
+    case CAUSE_PREFETCH: ADD(e, prefetch_bytes, *installed); break;
+    }
+    return ret;
+}

@@ -1,0 +1,541 @@
+"""The pager process: Python sources served by the C engine in a process of their own.
+
+Python cannot serve faults of a process whose faulting thread holds the GIL, so a Python
+source is served from another process, by the same engine as everything else::
+
+    your process ──uffd + setup (SCM_RIGHTS)──▶ supervisor ──fork──▶ worker (the engine,
+          │  ▲                                      │                 calling your source)
+          │  └─── shared memory: counters, errors, fault log, reads in progress ◀──┘
+          └─ watchdog (C thread): the supervisor died → a standby engine poisons every fault
+
+The worker runs the engine with the source; the engine's threads call the source with the
+*worker's* GIL. The supervisor is single-threaded and only watches:
+
+* a worker that dies (a crashing source) or hangs (a read longer than ``timeout``, then it is
+  killed) is replaced with backoff; the pages it was reading are tried again, a batch one page
+  at a time, and a page that keeps killing it is *condemned*: it fails without being read,
+  and ``on_error`` decides. After ``max_restarts`` deaths in a row the supervisor gives up and
+  every fault gets SIGBUS;
+* it exits with your process (a pidfd on its parent), and the worker with it
+  (PR_SET_PDEATHSIG, safe there: the supervisor is single-threaded).
+
+Your process keeps a native watchdog on the supervisor: if it dies, a standby engine on your
+process's uffd takes over, and every blocked and later fault ends in a logged SIGBUS.
+
+A source class may be defined in your script (``__main__``) or in a module beside it: as with
+``multiprocessing``'s spawn start method, the pager process gets your ``sys.path`` and imports
+your script as ``__mp_main__`` (so code that maps memory at import must sit under
+``if __name__ == "__main__":``).
+
+``python -m userfault.serving.process SOCK_FD STATE_FD`` is the supervisor's entry point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import mmap
+import multiprocessing.spawn
+import os
+import pickle
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .. import _native
+from ..errors import PagerError
+from ..sources.base import PageSource
+from .config import ServeConfig
+from .runtime import ServingError, engine_args, prefetch_result, source_name
+
+__all__ = ["IN_PAGER_PROCESS", "ProcessRuntime", "main"]
+
+log = logging.getLogger("userfault.pager")
+
+#: Set in the pager process: importing the user's script there must not map memory again.
+IN_PAGER_PROCESS = "USERFAULT_PAGER_PROCESS"
+START_TIMEOUT = 30.0
+_FRAME = struct.Struct("<I")
+_PR_SET_PDEATHSIG = 1
+_POLL_S = 0.05          # how often the supervisor looks for reads that hang
+_LIVED_S = 10.0         # a worker that lived this long resets the restart backoff
+_BACKOFF_S = (0.05, 5.0)
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What the supervisor needs, sent once after the uffd."""
+
+    areas: list[tuple[int, int, int]]
+    page_size: int
+    config: ServeConfig
+    source: bytes
+    name: str
+    prepare: dict[str, Any]
+
+
+def _send(sock: socket.socket, obj: object) -> None:
+    data = pickle.dumps(obj)
+    sock.sendall(_FRAME.pack(len(data)) + data)
+
+
+def _recv(sock: socket.socket) -> Any:
+    head = _recv_exact(sock, _FRAME.size)
+    if head is None:
+        return None
+    body = _recv_exact(sock, _FRAME.unpack(head)[0])
+    return None if body is None else pickle.loads(body)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    chunks, got = [], 0
+    while got < n:
+        try:
+            part = sock.recv(n - got)
+        except ConnectionError:
+            return None
+        if not part:
+            return None
+        chunks.append(part)
+        got += len(part)
+    return b"".join(chunks)
+
+
+def _pickle_source(source: PageSource) -> tuple[bytes, dict[str, Any]]:
+    """The pickled source and what the pager process needs to unpickle it: this process's
+    ``sys.path`` and, when the source's class lives in ``__main__``, the script to import."""
+    try:
+        data = pickle.dumps(source)
+    except Exception as err:
+        raise PagerError(
+            f"{type(source).__name__} cannot be sent to the pager process ({err}): keep only "
+            "picklable constructor arguments and open connections lazily") from err
+    prepare = multiprocessing.spawn.get_preparation_data("userfault-pager")
+    if b"__main__" in data:
+        main = sys.modules.get("__main__")
+        if "init_main_from_path" not in prepare and "init_main_from_name" not in prepare:
+            where = getattr(main, "__file__", None) or "an interactive session or `python -c`"
+            raise PagerError(
+                f"{type(source).__name__} is defined in __main__ of {where}, which the pager "
+                "process cannot import: define the class in a .py file (a script run with "
+                "`python script.py` or a module)")
+    else:
+        prepare.pop("init_main_from_path", None)
+        prepare.pop("init_main_from_name", None)
+    prepare.pop("authkey", None)
+    return data, prepare
+
+
+def _state_buffer(log_capacity: int, fd: int | None = None) -> tuple[int, mmap.mmap]:
+    size = _native.state_size(log_capacity)
+    if fd is None:
+        fd = os.memfd_create("userfault-state", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+    buf = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    return fd, buf
+
+
+class ProcessRuntime:
+    """Serves ``uffd`` from a Python source through a pager process (a :class:`Runtime`).
+
+    ``uffd`` stays the caller's; the pager process gets a copy. Counters, errors and the fault
+    log are read from shared memory, with no round trip.
+    """
+
+    def __init__(self, uffd: int, areas: Sequence[tuple[int, int, int]], page_size: int,
+                 source: PageSource, config: ServeConfig) -> None:
+        if os.environ.get(IN_PAGER_PROCESS):
+            raise PagerError(
+                "a pager was created while the pager process imported your script to find "
+                "your source's class: put the code that maps memory under "
+                "`if __name__ == '__main__':` (as multiprocessing's spawn start method "
+                "requires)")
+        data, prepare = _pickle_source(source)
+        self._owner = os.getpid()
+        self._uffd = uffd
+        self._setup = _Setup([(int(a), int(n), int(o)) for a, n, o in areas], page_size, config,
+                             data, source_name(source), prepare)
+        self.state: mmap.mmap | bytearray  # shared with the worker; a copy once stopped
+        self._state_fd, self.state = _state_buffer(config.log_faults)
+        _native.state_init(self.state, config.log_faults)
+        # Started by the watchdog if the pager process dies: every fault then gets SIGBUS.
+        self._standby: Any = _native.Engine(
+            uffd, list(areas), page_size, _native.SRC_FAIL, _native.INST_COPY,
+            fail_errno=errno.ESRCH, fail_message="the pager process serving it died",
+            name=self._setup.name, retries=0, state=self.state)
+        self._sock: socket.socket | None = None
+        self._watchdog: Any = None
+        self._pidfd = -1
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Spawn the supervisor, hand it the uffd and wait until its worker serves."""
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ, **{IN_PAGER_PROCESS: "1"})
+        with theirs:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "userfault.serving.process", str(theirs.fileno()),
+                 str(self._state_fd)],
+                pass_fds=(theirs.fileno(), self._state_fd), stdin=subprocess.DEVNULL, env=env)
+        self._sock = mine
+        try:
+            socket.send_fds(mine, [b"U"], [self._uffd])
+            _send(mine, self._setup)
+            mine.settimeout(START_TIMEOUT)
+            reply = _recv(mine)
+            mine.settimeout(None)
+        except OSError as err:
+            reply = {"ok": False, "error": f"talking to it failed: {err}"}
+        if not reply or not reply.get("ok"):
+            self.stop()
+            why = reply.get("error") if reply else "it exited during start-up"
+            raise PagerError(f"the pager process could not start: {why}")
+        self._pidfd = os.pidfd_open(self.proc.pid)
+        self._watchdog = _native.Watchdog(self._pidfd, self._standby, self.proc.pid)
+
+    def _check_owner(self, what: str) -> None:
+        if os.getpid() != self._owner:
+            raise PagerError(f"{what} from a forked child is not supported: the pager process "
+                             "belongs to the parent (the child's faults are served anyway)")
+
+    def _call(self, request: dict[str, Any]) -> Any:
+        self._check_owner(str(request["op"]))
+        if self._sock is None:
+            raise PagerError("the pager process is not running")
+        _send(self._sock, request)
+        reply = _recv(self._sock)
+        if reply is None:
+            status = None if self.proc is None else self.proc.poll()
+            raise PagerError(f"the pager process exited (status {status})")
+        if "error" in reply:
+            raise PagerError(reply["error"])
+        return reply["result"]
+
+    def prefetch(self, ranges: Sequence[tuple[int, int]]) -> int:
+        """Install the ranges from the pager process in one batch."""
+        return prefetch_result(self._call({"op": "prefetch", "ranges": list(ranges)}))
+
+    def counters(self) -> dict[str, Any]:
+        """The shared counters (no round trip)."""
+        return dict(_native.state_counters(self.state))
+
+    def drain_log(self) -> bytes:
+        """Fault records from the shared log."""
+        return bytes(_native.state_drain_log(self.state))
+
+    def error(self) -> ServingError | None:
+        """The first serving error, or the pager process's death."""
+        err = ServingError.from_state(_native.state_error(self.state))
+        if err is None and self.proc is not None and self.proc.poll() is not None \
+                and os.getpid() == self._owner:
+            return ServingError(errno.ESRCH, f"the pager process exited with status "
+                                f"{self.proc.returncode}: faults on this memory get SIGBUS")
+        return err
+
+    @property
+    def process_exited(self) -> bool:
+        """Whether the process whose memory is served is gone."""
+        return bool(_native.state_process_exited(self.state))
+
+    def stop(self) -> None:
+        """Stop the pager process; idempotent. In a forked child, let go of the copies only."""
+        owner = os.getpid() == self._owner
+        if self._watchdog is not None:
+            self._watchdog.stop()  # before the supervisor exits on purpose
+            self._watchdog = None
+        if owner and self._sock is not None:
+            with contextlib.suppress(OSError):
+                _send(self._sock, {"op": "stop"})
+        if owner and self.proc is not None:
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._standby is not None:
+            self._standby.stop()
+            self._standby = None  # it holds the state buffer
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+        if self._state_fd >= 0:
+            # counters, errors and the log stay readable after the stop, from a copy
+            shared, self.state = self.state, bytearray(self.state)
+            assert isinstance(shared, mmap.mmap)
+            shared.close()
+            os.close(self._state_fd)
+            self._state_fd = -1
+
+
+# -- the supervisor and its worker ---------------------------------------------------------
+
+
+class _Limiter:
+    """At most ``burst`` log lines, then ``rate`` a second; the rest are counted."""
+
+    def __init__(self, burst: int = 10, rate: float = 1.0) -> None:
+        self.tokens, self.burst, self.rate = float(burst), burst, rate
+        self.last = time.monotonic()
+        self.quiet = 0
+
+    def line(self, level: int, msg: str) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens < 1:
+            self.quiet += 1
+            return
+        self.tokens -= 1
+        if self.quiet:
+            msg += f" ({self.quiet} similar lines were left out)"
+            self.quiet = 0
+        log.log(level, "%s", msg)
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this process when ``parent`` (a single-threaded process) exits."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # it died before the prctl: no signal will come
+        os._exit(0)
+
+
+def _worker(uffd: int, setup: _Setup, source: PageSource, state: mmap.mmap,
+            ctl: socket.socket, supervisor: int) -> None:
+    """The worker: the engine over the source, and prefetch requests from the supervisor."""
+    _die_with_parent(supervisor)
+    engine = _native.Engine(uffd, setup.areas, state=state, log_fd=2,
+                            **engine_args(source, setup.config, setup.page_size))
+    engine.start()
+    while True:
+        request = _recv(ctl)
+        if request is None:
+            os._exit(0)
+        try:
+            _send(ctl, {"result": engine.prefetch(request["ranges"])})
+        except Exception as err:  # reported to the caller of prefetch
+            _send(ctl, {"error": f"prefetch failed: {err}"})
+
+
+@dataclass
+class _Worker:
+    pid: int
+    pidfd: int
+    ctl: socket.socket
+    started: float
+    timed_out: str = ""
+
+
+class _Supervisor:
+    def __init__(self, sock: socket.socket, uffd: int, setup: _Setup, source: PageSource,
+                 state: mmap.mmap) -> None:
+        self.sock, self.uffd, self.setup, self.source, self.state = sock, uffd, setup, source, state
+        self.config = setup.config
+        self.page = setup.page_size
+        self.parent = os.pidfd_open(os.getppid())
+        self.worker: _Worker | None = None
+        self.restart_at: float | None = None
+        self.consecutive = 0
+        self.failures: dict[int, int] = {}
+        self.condemned: list[tuple[int, int]] = []
+        self.suspect: list[tuple[int, int]] = []
+        self.pending: dict[str, Any] | None = None  # a prefetch waiting for the worker
+        self.fallback: Any = None
+        self.say = _Limiter()
+
+    def spawn(self) -> None:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        supervisor = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                mine.close()
+                self.sock.close()
+                _worker(self.uffd, self.setup, self.source, self.state, theirs, supervisor)
+            except BaseException:
+                log.exception("pager worker failed")
+                code = 1
+            finally:
+                os._exit(code)
+        theirs.close()
+        self.worker = _Worker(pid, os.pidfd_open(pid), mine, time.monotonic())
+        if self.pending is not None:
+            _send(mine, self.pending)
+
+    def run(self) -> int:
+        self.spawn()
+        _send(self.sock, {"ok": True})
+        try:
+            while True:
+                w = self.worker
+                watched = [self.sock.fileno(), self.parent]
+                if w:
+                    watched += [w.pidfd, w.ctl.fileno()]
+                timeout = _POLL_S if w else None if self.restart_at is None else max(
+                    0.0, self.restart_at - time.monotonic())
+                ready, _, _ = select.select(watched, [], [], timeout)
+                if self.parent in ready:
+                    return 0  # the faulting process is gone: nothing left to serve
+                if w and w.pidfd in ready:
+                    self.worker_died(w)
+                elif w and w.ctl.fileno() in ready:
+                    self.reply_from_worker(w)
+                if self.sock.fileno() in ready and not self.request():
+                    return 0
+                if self.restart_at is not None and time.monotonic() >= self.restart_at:
+                    self.restart()
+                if self.worker:
+                    self.cut_hung_reads(self.worker)
+        finally:
+            if self.worker is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.worker.pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(self.worker.pid, 0)
+
+    # -- requests from the faulting process --------------------------------------------------
+
+    def request(self) -> bool:
+        req = _recv(self.sock)
+        if req is None or req.get("op") == "stop":
+            return False
+        if self.fallback is not None:
+            _send(self.sock, {"error": "prefetch failed: the pager process gave up serving "
+                                       "(its worker kept dying; see the log)"})
+        else:
+            self.pending = req
+            if self.worker is not None:
+                _send(self.worker.ctl, req)
+        return True
+
+    def reply_from_worker(self, w: _Worker) -> None:
+        reply = _recv(w.ctl)
+        if reply is not None and self.pending is not None:
+            self.pending = None
+            _send(self.sock, reply)
+
+    # -- workers that die or hang ------------------------------------------------------------
+
+    def cut_hung_reads(self, w: _Worker) -> None:
+        if w.timed_out:
+            return
+        now = _native.now_ns()
+        for _slot, start, off, length, _addr in _native.state_inflight(self.state):
+            if now - start > self.config.timeout * 1e9:
+                w.timed_out = (f"reading {length} bytes at offset {off:#x} of {self.setup.name} "
+                               f"took longer than timeout={self.config.timeout:g} s")
+                _native.state_add(self.state, "timeouts", 1)
+                self.say.line(logging.WARNING, f"{w.timed_out}: cutting it, the pager worker "
+                              "is replaced")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.pid, signal.SIGKILL)
+                return
+
+    def worker_died(self, w: _Worker) -> None:
+        _, status = os.waitpid(w.pid, 0)
+        os.close(w.pidfd)
+        w.ctl.close()
+        self.worker = None
+        code = os.waitstatus_to_exitcode(status)
+        how = w.timed_out or (f"was killed by {signal.Signals(-code).name}" if code < 0
+                              else f"exited with status {code}")
+        reads = _native.state_inflight(self.state)
+        _native.state_clear_inflight(self.state)
+        _native.state_add(self.state, "restarts", 1)
+        self.blame(reads)
+        if time.monotonic() - w.started >= _LIVED_S:
+            self.consecutive = 0
+        self.consecutive += 1
+        where = "; ".join(f"offset {off:#x}..+{n}" for _, _, off, n, _ in reads) or "no read"
+        if self.pending is not None:
+            self.pending = None
+            _send(self.sock, {"error": f"prefetch failed: the pager worker {how} ({where})"})
+        if self.consecutive > self.config.max_restarts:
+            self.give_up(f"pager worker {w.pid} {how} ({where})")
+            return
+        delay = min(_BACKOFF_S[0] * 2 ** (self.consecutive - 1), _BACKOFF_S[1])
+        self.say.line(logging.WARNING, (
+            f"pager worker {w.pid} {how} while reading {where} of {self.setup.name}; it died; "
+            f"waking blocked threads and restarting it in {delay:.2f} s (restart "
+            f"{self.consecutive} of at most {self.config.max_restarts} in a row)"))
+        self.restart_at = time.monotonic() + delay
+
+    def blame(self, reads: list[tuple[int, int, int, int, int]]) -> None:
+        """What the dead worker was reading: a batch is read page by page from now on; a page
+        that killed it more than ``retries`` times is condemned (fails unread)."""
+        for _, _, off, length, _ in reads:
+            if length > self.page:
+                if (off, length) not in self.suspect:
+                    self.suspect = ([*self.suspect, (off, length)])[-_native.UF_MAX_MARKS:]
+                continue
+            self.failures[off] = self.failures.get(off, 0) + 1
+            if self.failures[off] > self.config.retries and (off, length) not in self.condemned:
+                self.condemned = ([*self.condemned, (off, length)])[-_native.UF_MAX_MARKS:]
+                self.say.line(logging.ERROR, (
+                    f"offset {off:#x}..+{length} of {self.setup.name} killed or hung the pager "
+                    f"worker {self.failures[off]} times: it fails from now on without being "
+                    f"read (on_error={self.config.on_error!r})"))
+        _native.state_set_marks(self.state, self.condemned, self.suspect)
+
+    def restart(self) -> None:
+        self.restart_at = None
+        self.spawn()
+        for address, length, _ in self.setup.areas:  # threads whose faults the dead one read
+            with contextlib.suppress(OSError):
+                _native.wake(self.uffd, address, length)
+
+    def give_up(self, last: str) -> None:
+        msg = (f"the pager worker died {self.consecutive} times in a row (last: {last}): "
+               "giving up; faults on pages not loaded yet get SIGBUS")
+        self.say.line(logging.ERROR, msg)
+        _native.state_set_error(self.state, errno.EIO, msg)
+        self.fallback = _native.Engine(
+            self.uffd, self.setup.areas, self.page, _native.SRC_FAIL, _native.INST_COPY,
+            fail_errno=errno.EIO, fail_message=f"the pager worker kept dying ({last})",
+            name=self.setup.name, retries=0, state=self.state)
+        self.fallback.start()
+        self.fallback.wake()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Supervisor entry point: ``SOCK_FD STATE_FD``."""
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.WARNING, format="userfault pager: %(message)s")
+    sock = socket.socket(fileno=int(args[0]))
+    state_fd = int(args[1])
+    _, fds, _, _ = socket.recv_fds(sock, 16, 1)
+    if not fds:
+        return 1
+    uffd = fds[0]
+    setup: _Setup = _recv(sock)
+    try:
+        multiprocessing.spawn.prepare(setup.prepare)
+        source: PageSource = pickle.loads(setup.source)
+    except BaseException as err:
+        _send(sock, {"ok": False, "error": (
+            f"the source could not be rebuilt in the pager process: {err!r}; its class must "
+            "be importable there (defined in a module or your script, not inside a function)")})
+        return 1
+    _, state = _state_buffer(setup.config.log_faults, state_fd)
+    os.set_blocking(uffd, False)
+    # Not PR_SET_PDEATHSIG here: it fires when the *thread* that started us exits, and a pager
+    # may be created by a short-lived thread. The supervisor watches the process instead.
+    return _Supervisor(sock, uffd, setup, source, state).run()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

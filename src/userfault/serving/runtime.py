@@ -1,0 +1,254 @@
+"""The runtime interface, what it reports, and the one place engines and runtimes are built.
+
+A *runtime* runs the C fault engine for one userfaultfd: in this process
+(:class:`~userfault.serving.native.InProcessRuntime`) when the source is native, or in a pager
+process (:class:`~userfault.serving.process.ProcessRuntime`) when it is a Python object,
+whose code cannot run on the faulting process's GIL. ``Pager`` and the Firecracker pager both
+get theirs from :func:`build_runtime`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from .. import _native
+from ..errors import PrefetchError, error_from_errno
+from ..sources.base import PageSource
+from ..sources.native import NativeSource
+from .config import ServeConfig
+
+__all__ = [
+    "RECORD",
+    "FaultRecord",
+    "PagerStats",
+    "Runtime",
+    "RuntimeKind",
+    "ServingError",
+    "build_runtime",
+    "engine_args",
+    "prefetch_result",
+    "source_name",
+]
+
+RuntimeKind = Literal["auto", "native", "process"]
+
+#: A fault record (engine.h uf_rec_t): t_ns, offset, address, length, tid, service_ns, kind,
+#: cause, flags, reserved.
+RECORD = struct.Struct("<QQQQIIBBHI")
+assert RECORD.size == _native.RECORD_SIZE
+
+INSTALL_CODES = {"copy": _native.INST_COPY, "zeropage": _native.INST_ZEROPAGE,
+                 "move": _native.INST_MOVE, "continue": _native.INST_CONTINUE}
+_ON_ERROR = {"poison": _native.ONERR_POISON, "retry": _native.ONERR_RETRY,
+             "zero": _native.ONERR_ZERO}
+_ON_REMOVE = {"reload": _native.ONREM_RELOAD, "zero": _native.ONREM_ZERO}
+_KINDS = {_native.KIND_READ: "read", _native.KIND_WRITE: "write", _native.KIND_MINOR: "minor",
+          _native.KIND_WP: "wp", _native.KIND_NONE: "none"}
+
+
+@dataclass(frozen=True)
+class FaultRecord:
+    """One served fault: where, why, who, and how long the service took."""
+
+    address: int
+    offset: int
+    flags: int
+    thread_id: int
+    time_ns: int
+    service_ns: int
+    length: int = 0
+    kind: str = "read"
+
+    @classmethod
+    def unpack_all(cls, data: bytes) -> list[FaultRecord]:
+        """The records of a drained fault log."""
+        return [cls(addr, off, flags, tid, t, svc, length, _KINDS.get(kind, "read"))
+                for t, off, addr, length, tid, svc, kind, _cause, flags, _ in
+                RECORD.iter_unpack(data)]
+
+
+@dataclass(frozen=True)
+class PagerStats:
+    """Counters of a pager. ``blocked_ns`` sums, per fault, the time from reading the fault
+    message to waking the thread: a lower bound of the time faulting threads spent blocked
+    (the kernel's queueing before the read is not visible)."""
+
+    faults: int = 0
+    write_faults: int = 0
+    minor_faults: int = 0
+    wp_faults: int = 0
+    bytes_installed: int = 0
+    fault_bytes: int = 0
+    readahead_bytes: int = 0
+    populate_bytes: int = 0
+    prefetch_bytes: int = 0
+    eexist: int = 0
+    eagain: int = 0
+    poisoned: int = 0
+    zeroed: int = 0
+    remove_events: int = 0
+    unmap_events: int = 0
+    remap_events: int = 0
+    fork_events: int = 0
+    children: int = 0
+    blocked_ns: int = 0
+    service_max_ns: int = 0
+    errors: int = 0
+    retries: int = 0
+    restarts: int = 0
+    timeouts: int = 0
+    log_dropped: int = 0
+    log_suppressed: int = 0
+    #: bucket ``i`` counts faults served in ``[2**i, 2**(i+1))`` nanoseconds
+    latency_histogram: tuple[int, ...] = field(default=(), repr=False)
+
+    @classmethod
+    def from_counters(cls, counters: dict[str, Any]) -> PagerStats:
+        """Build from the engine's counter dict."""
+        c = dict(counters)
+        c["blocked_ns"] = c.pop("service_ns", 0)
+        c["latency_histogram"] = tuple(c.get("latency_histogram", ()))
+        return cls(**{k: v for k, v in c.items() if k in cls.__dataclass_fields__})
+
+    def latency_percentile(self, q: float) -> float:
+        """Approximate service latency percentile in ns (geometric bucket midpoint)."""
+        total = sum(self.latency_histogram)
+        if not total:
+            return 0.0
+        target, seen = q / 100 * total, 0
+        for i, n in enumerate(self.latency_histogram):
+            seen += n
+            if seen >= target:
+                return float(2 ** i * 1.4142)
+        return float(2 ** len(self.latency_histogram))
+
+    def summary(self) -> str:
+        """One human line: faults, bytes, latency percentiles, blocked time."""
+        return (f"{self.faults} faults, {self.bytes_installed / 2**20:.1f} MiB installed "
+                f"({self.readahead_bytes / 2**20:.1f} readahead, "
+                f"{self.prefetch_bytes / 2**20:.1f} prefetch, "
+                f"{self.populate_bytes / 2**20:.1f} populate), service p50 "
+                f"{self.latency_percentile(50) / 1000:.1f} us p99 "
+                f"{self.latency_percentile(99) / 1000:.1f} us, blocked "
+                f"{self.blocked_ns / 1e6:.1f} ms")
+
+
+@dataclass(frozen=True)
+class ServingError:
+    """The first thing that went wrong while serving."""
+
+    errno: int
+    message: str
+    address: int = 0
+
+    @classmethod
+    def from_state(cls, raw: tuple[int, int, str] | None) -> ServingError | None:
+        """From the engine's ``(errno, address, message)``."""
+        return None if raw is None else cls(int(raw[0]), str(raw[2]), int(raw[1]))
+
+
+class Runtime(Protocol):
+    """What ``Pager`` and the Firecracker pager need of a runtime."""
+
+    def start(self) -> None:
+        """Start serving."""
+
+    def stop(self) -> None:
+        """Stop serving; idempotent."""
+
+    def prefetch(self, ranges: Sequence[tuple[int, int]]) -> int:
+        """Install ``(source_offset, length)`` ranges in one batch; bytes installed.
+
+        Raises :class:`~userfault.errors.PrefetchError` naming the pages it poisoned.
+        """
+
+    def counters(self) -> dict[str, Any]:
+        """The engine's counters."""
+
+    def drain_log(self) -> bytes:
+        """Packed :data:`RECORD` fault records since the last call."""
+
+    def error(self) -> ServingError | None:
+        """The first serving error, if any."""
+
+    @property
+    def process_exited(self) -> bool:
+        """Whether the process whose memory is served is gone."""
+
+
+def source_name(source: object) -> str:
+    """How log lines name a source."""
+    text = repr(source)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def engine_args(source: PageSource, config: ServeConfig, page_size: int, *,
+                install: str = "copy", memfd: int = -1) -> dict[str, Any]:
+    """Keyword arguments of ``_native.Engine`` for ``source`` served with ``config``."""
+    chunk, ra_min, ra_max = config.for_page(page_size)
+    args: dict[str, Any] = {
+        "page_size": page_size, "install": INSTALL_CODES[install], "memfd": memfd,
+        "chunk": chunk, "readahead_min": ra_min, "readahead_max": ra_max,
+        "piece": config.piece, "populate": config.populate, "threads": config.threads,
+        "log_capacity": config.log_faults, "on_error": _ON_ERROR[config.on_error],
+        "on_remove": _ON_REMOVE[config.on_remove], "retries": config.retries,
+        "name": source_name(source),
+    }
+    if isinstance(source, NativeSource):
+        args["source"] = source.kind
+        args.update(source.engine_args())
+    else:
+        args["source"] = _native.SRC_PYTHON
+        args["pysource"] = source
+    return args
+
+
+def prefetch_result(raw: tuple[int, int, list[tuple[int, int]], int, str]) -> int:
+    """Bytes installed by an engine prefetch, or :class:`PrefetchError` if it poisoned."""
+    installed, poisoned_bytes, poisoned, err, message = raw
+    if poisoned_bytes:
+        shown = ", ".join(f"{off:#x}..+{n}" for off, n in poisoned[:8])
+        more = f" and {len(poisoned) - 8} more" if len(poisoned) > 8 else ""
+        raise PrefetchError(
+            f"prefetch installed {installed} bytes but poisoned {poisoned_bytes} bytes at source "
+            f"offsets {shown}{more}: {message} (accesses there get SIGBUS)",
+            installed=installed, poisoned=tuple(poisoned), poisoned_bytes=poisoned_bytes)
+    if err and err != errno.ESRCH:
+        raise error_from_errno(err, "prefetch", done=installed)
+    return int(installed)
+
+
+def build_runtime(uffd: int, areas: Sequence[tuple[int, int, int]], page_size: int,
+                  source: PageSource, config: ServeConfig, *, install: str = "copy",
+                  memfd: int = -1, runtime: RuntimeKind = "auto") -> Runtime:
+    """The runtime that serves ``uffd``'s ``areas`` (address, length, source offset) from
+    ``source``: the engine in this process for native sources, a pager process otherwise.
+
+    The runtime is built, not started. ``uffd`` stays the caller's.
+    """
+    native = isinstance(source, NativeSource)
+    if runtime == "auto":
+        runtime = "native" if native else "process"
+    if runtime == "native":
+        if not native:
+            raise ValueError(
+                f"{type(source).__name__} is a Python source: Python cannot serve faults of a "
+                "process whose faulting thread holds the GIL, so it needs runtime='process'")
+        from .native import InProcessRuntime
+
+        os.set_blocking(uffd, False)
+        return InProcessRuntime(_native.Engine(
+            uffd, list(areas), **engine_args(source, config, page_size, install=install,
+                                             memfd=memfd)))
+    if runtime != "process":
+        raise ValueError(f"runtime must be 'auto', 'native' or 'process', not {runtime!r}")
+    if install != "copy":
+        raise ValueError(f"a pager process installs with 'copy', not {install!r}")
+    from .process import ProcessRuntime
+
+    return ProcessRuntime(uffd, list(areas), page_size, source, config)
