@@ -13,9 +13,11 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
+import userfault
 from userfault import PAGE_SIZE, Region, Uffd, _native
 
 pytest_plugins = ["server_fixtures"]
@@ -118,3 +120,34 @@ def run_in_child(body: Callable[[int], None], timeout: float = 20.0) -> tuple[in
 def child() -> Callable[..., tuple[int, bytes]]:
     """:func:`run_in_child` as a fixture."""
     return run_in_child
+
+
+@pytest.fixture
+def hugepages() -> Iterator[int]:
+    """Reserve 16 huge pages for the test; restore the pool size afterwards."""
+    try:
+        grow_hugepage_pool(16)
+    except OSError as err:
+        pytest.skip(f"cannot reserve hugetlb pages: {err}")
+    try:
+        if userfault.hugepages_free() < 8:
+            pytest.skip(f"reserved hugetlb pages but only {userfault.hugepages_free()} are free")
+        yield userfault.hugepages_free()
+    finally:
+        grow_hugepage_pool(-16)
+
+
+def grow_hugepage_pool(delta: int) -> None:
+    """Grow or shrink the hugetlb pool by ``delta`` pages relative to what it is now, so that
+    other users of the pool changing it meanwhile keep their share."""
+    path = Path("/proc/sys/vm/nr_hugepages")
+    path.write_text(str(max(0, int(path.read_text()) + delta)))
+
+
+def reserve_hugepages(n: int) -> Iterator[None]:
+    """Grow the hugetlb pool by ``n`` pages while the caller runs (a generator to yield from)."""
+    grow_hugepage_pool(n)
+    try:
+        yield
+    finally:
+        grow_hugepage_pool(-n)

@@ -286,46 +286,26 @@ def test_balloon_remove_then_pages_read_as_zeros(tmp_path: Path, mem_file: Path)
     assert rep["remove_events"] == 1
 
 
-def _reserve_hugepages(n: int) -> int | None:
-    path = "/proc/sys/vm/nr_hugepages"
-    try:
-        old = int(Path(path).read_text())
-        Path(path).write_text(str(old + n))
-    except OSError:
-        return None
-    return old
-
-
-def test_hugetlb_2mib_pages(tmp_path: Path, mem_file: Path) -> None:
-    old = _reserve_hugepages(8)
-    if old is None:
-        pytest.skip("cannot reserve 2 MiB pages (/proc/sys/vm/nr_hugepages)")
-    try:
-        from userfault.region import hugepages_free
-
-        if hugepages_free() < 8:
-            pytest.skip("the kernel could not reserve 8 huge pages")
-        data = mem_file.read_bytes()
-        with server(tmp_path, mem_file) as srv, vmm([(8 << 20, 2 << 20), (4 << 20, 20 << 20)],
-                                                    huge=True) as v:
-            v.connect(srv.socket)
-            (r0, _), (r1, _) = v.regions
-            touch(r0.address + 12345, 1, PAGE)       # user mode, one huge page
-            src = tmp_path / "payload"
-            src.write_bytes(b"\xa5" * 10000)
-            kernel_read_into(r1, HUGE + 100, 10000, src, 0)  # kernel mode into a huge page
-            with memoryview(r1) as mv:
-                assert bytes(mv[HUGE + 100:HUGE + 10100]) == b"\xa5" * 10000
-                assert bytes(mv[HUGE:HUGE + 100]) == data[(22 << 20):(22 << 20) + 100]
-            assert kernel_write_out(r0, 0, r0.size) == data[2 << 20:10 << 20]
-            with memoryview(r1) as mv:
-                assert bytes(mv[:HUGE]) == data[20 << 20:22 << 20]
-            (rep,) = srv.stop()
-        assert rep["page_size"] == HUGE
-        assert rep["bytes_installed"] == 12 << 20
-        assert rep["faults"] >= 1
-    finally:
-        Path("/proc/sys/vm/nr_hugepages").write_text(str(old))
+def test_hugetlb_2mib_pages(tmp_path: Path, mem_file: Path, hugepages: int) -> None:
+    data = mem_file.read_bytes()
+    with server(tmp_path, mem_file) as srv, vmm([(8 << 20, 2 << 20), (4 << 20, 20 << 20)],
+                                                huge=True) as v:
+        v.connect(srv.socket)
+        (r0, _), (r1, _) = v.regions
+        touch(r0.address + 12345, 1, PAGE)       # user mode, one huge page
+        src = tmp_path / "payload"
+        src.write_bytes(b"\xa5" * 10000)
+        kernel_read_into(r1, HUGE + 100, 10000, src, 0)  # kernel mode into a huge page
+        with memoryview(r1) as mv:
+            assert bytes(mv[HUGE + 100:HUGE + 10100]) == b"\xa5" * 10000
+            assert bytes(mv[HUGE:HUGE + 100]) == data[(22 << 20):(22 << 20) + 100]
+        assert kernel_write_out(r0, 0, r0.size) == data[2 << 20:10 << 20]
+        with memoryview(r1) as mv:
+            assert bytes(mv[:HUGE]) == data[20 << 20:22 << 20]
+        (rep,) = srv.stop()
+    assert rep["page_size"] == HUGE
+    assert rep["bytes_installed"] == 12 << 20
+    assert rep["faults"] >= 1
 
 
 def test_mixed_page_sizes_are_refused(tmp_path: Path, mem_file: Path) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import userfault
+from conftest import reserve_hugepages
 from pager_helpers import run_script, settled, wait_until
 from userfault import (
     BufferSource,
@@ -74,28 +75,6 @@ def mapped(address: int) -> bool:
 @pytest.fixture(scope="module")
 def data8() -> bytes:
     return random_bytes(8 * MiB, seed=8)
-
-
-@pytest.fixture
-def hugepages() -> Iterator[int]:
-    """Reserve 16 huge pages for the test; restore the pool size afterwards."""
-    try:
-        _grow_pool(16)
-    except OSError as err:
-        pytest.skip(f"cannot reserve hugetlb pages: {err}")
-    try:
-        if userfault.hugepages_free() < 8:
-            pytest.skip(f"reserved hugetlb pages but only {userfault.hugepages_free()} are free")
-        yield userfault.hugepages_free()
-    finally:
-        _grow_pool(-16)
-
-
-def _grow_pool(delta: int) -> None:
-    """Grow or shrink the hugetlb pool by ``delta`` pages relative to what it is now, so that
-    other users of the pool changing it meanwhile keep their share."""
-    path = Path("/proc/sys/vm/nr_hugepages")
-    path.write_text(str(max(0, int(path.read_text()) + delta)))
 
 
 # -- every native source ---------------------------------------------------------------------
@@ -782,15 +761,7 @@ def hugepages_if_needed(request: pytest.FixtureRequest) -> Iterator[None]:
     if kwargs.get("region") != "hugetlb":
         yield
         return
-    yield from _reserve(4)
-
-
-def _reserve(n: int) -> Iterator[None]:
-    _grow_pool(n)
-    try:
-        yield
-    finally:
-        _grow_pool(-n)
+    yield from reserve_hugepages(4)
 
 
 class PySource:

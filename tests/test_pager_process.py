@@ -283,7 +283,8 @@ def test_killed_pager_worker_is_replaced_and_the_workload_completes(tmp_path: Pa
     got, restarts, _faults = result.stdout.split()
     assert got == digest
     assert int(restarts) >= 1, "the worker was not killed mid-run; make the workload longer"
-    assert "died; waking blocked threads" in result.stderr
+    assert "was killed by SIGKILL" in result.stderr
+    assert "waking blocked threads and restarting it" in result.stderr
 
 
 def test_pager_process_exits_with_its_parent(snapshot_file: tuple[Path, bytes]) -> None:

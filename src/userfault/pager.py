@@ -15,6 +15,7 @@ A ``Pager`` is itself a buffer: ``memoryview(pager)``, ``numpy.frombuffer(pager)
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from collections.abc import Iterable
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from . import _native
 from ._flags import Feature, RegisterMode
-from .errors import PagerError, PermissionDeniedError
+from .errors import PagerError, PermissionDeniedError, UffdError
 from .region import Region, RegionKind
 from .serving.config import OnError, OnRemove, ServeConfig, SizeLike
 from .serving.runtime import (
@@ -63,8 +64,9 @@ class Pager(_native.Mapping):
         runtime: ``"native"`` for native sources, ``"process"`` for Python sources;
             ``"auto"`` picks by source.
         chunk, readahead, populate, threads, log_faults, on_error, retries, timeout,
-            on_remove: how faults are served, see :class:`~userfault.serving.config.ServeConfig`
-            (sizes may be strings such as ``"64K"``). ``readahead`` defaults to a 64 KiB window
+            on_remove, piece, max_restarts: how faults are served, see
+            :class:`~userfault.serving.config.ServeConfig` (sizes may be strings such as
+            ``"64K"``). ``readahead`` defaults to a 64 KiB window
             doubling up to 4 MiB; ``on_error="poison"`` makes a page that cannot be read
             SIGBUS on access, never zeros.
 
@@ -94,6 +96,8 @@ class Pager(_native.Mapping):
         retries: int = 3,
         timeout: float = 30.0,
         on_remove: OnRemove = "reload",
+        piece: SizeLike = 0,
+        max_restarts: int = 20,
     ) -> None:
         self._closed = True
         self._runtime: Runtime | None = None
@@ -103,7 +107,8 @@ class Pager(_native.Mapping):
         self.config = ServeConfig(
             chunk=chunk, readahead=readahead,  # type: ignore[arg-type]
             populate=populate, threads=threads, log_faults=log_faults, on_error=on_error,
-            retries=retries, timeout=timeout, on_remove=on_remove)
+            retries=retries, timeout=timeout, on_remove=on_remove, piece=piece,  # type: ignore[arg-type]
+            max_restarts=max_restarts)
         src = open_source(source)
         self.source = src
         self._owns_source = src is not source  # made here from a path or buffer: ours to close
@@ -280,9 +285,16 @@ class Pager(_native.Mapping):
             self._runtime = None  # the engine pins the source's buffer until it is freed
         # Either may be missing when construction failed part-way.
         uffd: Uffd | None = getattr(self, "uffd", None)
-        if uffd is not None:
-            uffd.close()  # closing unregisters every range of this userfaultfd
         region: Region | None = getattr(self, "region", None)
+        if uffd is not None:
+            if region is not None and os.getpid() == self._owner:
+                # Unregister explicitly: a forked child holds a copy of this descriptor, so
+                # closing ours would not, and munmap would then wait for an UNMAP event that
+                # no engine reads any more. (A child's copy must not: it would unregister
+                # the parent's memory, the descriptor's.)
+                with contextlib.suppress(UffdError):
+                    uffd.unregister(region.address, region.size)
+            uffd.close()
         if region is not None:
             region.close()
         close_source = getattr(self.source, "close", None)

@@ -111,6 +111,7 @@ typedef struct {
     char *bounce;        /* unit_max bytes: Python reads, file tails, cycles */
     PyObject *exporter;  /* Python sources: owns bounce, counts the views handed out */
     char *staging_map, *staging; /* MOVE: staging mapping, used from its 2 MiB-aligned start */
+    struct uffd_msg *msgs; /* UF_MSG_BATCH */
     run_t *runs;         /* unit_max / page + 1 */
     uint64_t *pages;     /* failing page offsets (unit_max / page) */
     char msg[UF_ERR_MSG];

@@ -18,6 +18,7 @@
 #include <string.h>
 #include <sched.h>
 #include <sys/epoll.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 enum { SERVED, CTX_GONE };
@@ -32,9 +33,29 @@ area_t *uf_find_area(areas_t *as, uint64_t addr)
 
 static areas_t *areas_of(uctx_t *c) { return __atomic_load_n(&c->areas, __ATOMIC_ACQUIRE); }
 
+/* Memory fault threads allocate while serving (a forked child's context, a remapped area
+ * list) comes from mmap, never malloc: glibc's fork() holds the malloc locks while the kernel
+ * waits for UFFD_EVENT_FORK to be read, and a second fork can follow the first at once. */
+static void *uf_alloc(size_t n)
+{
+    size_t *p = mmap(NULL, n + 16, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return NULL;
+    *p = n + 16;
+    return (char *)p + 16;
+}
+
+static void uf_free(void *q)
+{
+    if (q) {
+        size_t *p = (size_t *)((char *)q - 16);
+        munmap(p, *p);
+    }
+}
+
 static void retire(engine_t *e, void *p)
 {
-    retired_t *r = malloc(sizeof(*r));
+    retired_t *r = uf_alloc(sizeof(*r));
     if (!r)
         return; /* leak it rather than free memory another thread may read */
     r->p = p;
@@ -55,7 +76,7 @@ uctx_t *uf_ctx_new(engine_t *e, int uffd, const areas_t *areas, int own_fd, cons
         tail = &x->next;
     }
     int fresh = !c;
-    if (fresh && !(c = calloc(1, sizeof(*c))))
+    if (fresh && !(c = uf_alloc(sizeof(*c))))
         return NULL;
     size_t asize = sizeof(areas_t) + (size_t)areas->n * sizeof(area_t);
     uint64_t npages = 0;
@@ -64,14 +85,14 @@ uctx_t *uf_ctx_new(engine_t *e, int uffd, const areas_t *areas, int own_fd, cons
             npages = areas->a[i].first_page + areas->a[i].len / e->page;
     if (from && from->npages > npages)
         npages = from->npages;
-    areas_t *as = malloc(asize);
-    uint8_t *inst = calloc(npages / 8 + 1, 1), *rem = calloc(npages / 8 + 1, 1);
+    areas_t *as = uf_alloc(asize);
+    uint8_t *inst = uf_alloc(npages / 8 + 1), *rem = uf_alloc(npages / 8 + 1);
     if (!as || !inst || !rem) {
-        free(as);
-        free(inst);
-        free(rem);
+        uf_free(as);
+        uf_free(inst);
+        uf_free(rem);
         if (fresh)
-            free(c);
+            uf_free(c);
         return NULL;
     }
     memcpy(as, areas, asize);
@@ -110,28 +131,65 @@ static void ctx_release(engine_t *e, uctx_t *c)
     if (c->own_fd)
         close(c->uffd);
     c->uffd = -1;
-    free(c->areas);
-    free(c->installed);
-    free(c->removed);
+    uf_free(c->areas);
+    uf_free(c->installed);
+    uf_free(c->removed);
     c->areas = NULL;
     c->installed = c->removed = NULL;
     if (c->id)
         ADD(e, children, -1);
 }
 
+/* The engine goes while a forked child still uses the memory: releasing its context would let
+ * the child read zeros where pages were never loaded. Poison those pages instead. */
+static void poison_orphan(engine_t *e, uctx_t *c)
+{
+    struct uffdio_zeropage probe = {.range = {e->probe_addr, 4096}, .mode = UFFDIO_ZEROPAGE_MODE_DONTWAKE};
+    if (uf_ioctl(c->uffd, UFFDIO_ZEROPAGE, &probe) == ESRCH)
+        return; /* the child is gone already */
+    uint64_t poisoned = 0;
+    areas_t *as = c->areas;
+    for (int i = 0; i < as->n; i++) {
+        area_t *a = &as->a[i];
+        for (uint64_t off = 0; off < a->len;) {
+            if (bit_get(c->installed, a->first_page + off / e->page)) {
+                off += e->page;
+                continue;
+            }
+            uint64_t end = off + e->page;
+            while (end < a->len && !bit_get(c->installed, a->first_page + end / e->page))
+                end += e->page;
+            struct uffdio_poison ps = {.range = {a->base + off, end - off}};
+            int err = uf_ioctl(c->uffd, UFFDIO_POISON, &ps);
+            uint64_t done = ps.updated > 0 ? (uint64_t)ps.updated : 0;
+            poisoned += done / e->page;
+            off += done + (err ? e->page : 0); /* skip a page found present (EEXIST) */
+            if (err && err != EEXIST && err != EAGAIN)
+                break;
+        }
+    }
+    if (poisoned)
+        uf_log(e, "the pager of %s closed while a forked child still used its memory: the %llu "
+               "pages it had not loaded are poisoned (SIGBUS), never zeros", e->name,
+               (unsigned long long)poisoned);
+}
+
 void uf_ctx_free_all(engine_t *e)
 {
+    for (uctx_t *c = e->ctxs; c; c = c->next)
+        if (c->id && !c->dead && c->uffd >= 0 && e->owner == getpid())
+            poison_orphan(e, c);
     for (uctx_t *c = e->ctxs, *next; c; c = next) {
         next = c->next;
         c->dead = 1;
         ctx_release(e, c);
-        free(c);
+        uf_free(c);
     }
     e->ctxs = NULL;
     for (retired_t *r = e->retired, *next; r; r = next) {
         next = r->next;
-        free(r->p);
-        free(r);
+        uf_free(r->p);
+        uf_free(r);
     }
     e->retired = NULL;
 }
@@ -303,7 +361,7 @@ static void clear_range(engine_t *e, uctx_t *c, uint64_t start, uint64_t end, in
 static void remap(engine_t *e, uctx_t *c, uint64_t from, uint64_t to, uint64_t len)
 {
     pthread_mutex_lock(&e->lock);
-    areas_t *old = c->areas, *as = malloc(sizeof(areas_t) + (size_t)old->n * 3 * sizeof(area_t));
+    areas_t *old = c->areas, *as = uf_alloc(sizeof(areas_t) + (size_t)old->n * 3 * sizeof(area_t));
     if (!as) {
         pthread_mutex_unlock(&e->lock);
         uf_log(e, "out of memory following an mremap of %#llx: faults at %#llx will be poisoned",
@@ -407,9 +465,8 @@ static void *fault_main(void *arg)
 {
     worker_t *w = arg;
     engine_t *e = w->e;
-    struct uffd_msg *msgs = malloc(sizeof(struct uffd_msg) * UF_MSG_BATCH);
     uf_worker_python(e, w, 1);
-    while (msgs) {
+    for (;;) {
         struct epoll_event evs[8];
         /* the first thread also looks after forked children once a second */
         int timeout = w->slot == 0 && LOAD(e->st->counters[C_children]) ? 1000 : -1;
@@ -426,11 +483,10 @@ static void *fault_main(void *arg)
             uctx_t *c = evs[i].data.ptr;
             if (!c || !ctx_enter(e, c))
                 continue; /* the stop eventfd (seen above), or a context dropped meanwhile */
-            ctx_leave(e, c, serve_ctx(e, w, c, msgs) == CTX_GONE);
+            ctx_leave(e, c, serve_ctx(e, w, c, w->msgs) == CTX_GONE);
         }
     }
     uf_worker_python(e, w, 0);
-    free(msgs);
     return NULL;
 }
 

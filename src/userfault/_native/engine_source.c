@@ -108,13 +108,21 @@ void uf_worker_python(engine_t *e, worker_t *w, int enter)
 /* 2 MiB-aligned, so whole-PMD moves of transparent huge pages are possible. */
 static char *staging_start(char *p) { return (char *)(((uintptr_t)p + (2u << 20) - 1) & ~(uintptr_t)((2u << 20) - 1)); }
 
+/* Everything a thread uses is allocated here, before it starts. A fault thread must never
+ * call malloc: glibc's fork() holds the malloc locks while the kernel waits for the engine to
+ * read the fork's UFFD_EVENT_FORK, so a fault thread waiting for malloc would never read it.
+ * (A Python source's buffer is made lazily: that engine runs in a pager process, which the
+ * faulting process's forks do not involve.) */
 int uf_worker_buffers(engine_t *e, worker_t *w)
 {
     uint64_t pages = e->unit_max / e->page + 1;
+    w->msgs = calloc(UF_MSG_BATCH, sizeof(struct uffd_msg));
     w->runs = calloc(pages, sizeof(run_t));
     w->pages = calloc(pages, sizeof(uint64_t));
-    if (!w->runs || !w->pages)
+    if (!w->msgs || !w->runs || !w->pages)
         return ENOMEM;
+    if ((e->kind == SRC_MEMORY || e->kind == SRC_CYCLE) && !(w->bounce = malloc(e->unit_max)))
+        return ENOMEM; /* file tails, cycles */
     if (e->install == INST_MOVE) {
         char *p = mmap(NULL, e->unit_max + (2u << 20), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (p == MAP_FAILED)
@@ -130,8 +138,10 @@ int uf_worker_buffers(engine_t *e, worker_t *w)
 void uf_worker_free(worker_t *w)
 {
     engine_t *e = w->e;
+    free(w->msgs);
     free(w->runs);
     free(w->pages);
+    w->msgs = NULL;
     w->runs = NULL;
     w->pages = NULL;
     if (!w->exporter)
@@ -142,15 +152,13 @@ void uf_worker_free(worker_t *w)
     w->staging_map = w->staging = NULL;
 }
 
-/* A bounce buffer of unit_max bytes for this worker. */
+/* A bounce buffer of unit_max bytes for this worker (native sources have theirs already). */
 static int ensure_bounce(engine_t *e, worker_t *w)
 {
     if (w->bounce)
         return 0;
-    if (e->kind != SRC_PYTHON) {
-        w->bounce = malloc(e->unit_max);
-        return w->bounce ? 0 : ENOMEM;
-    }
+    if (e->kind != SRC_PYTHON)
+        return ENOMEM;
     PyGILState_STATE g = PyGILState_Ensure();
     BounceObject *b = bounce_new(e->unit_max);
     if (b) {
@@ -560,8 +568,8 @@ static int put_run(engine_t *e, worker_t *w, uctx_t *c, area_t *a, run_t *r, int
     uint64_t off = r->off, end = r->off + r->len;
     *installed = 0;
     *pos = off;
-    if (r->err)
-        return r->err;
+    if (r->err) /* a source's error is a failure of its pages, whatever its errno */
+        return is_final(r->err) ? EIO : r->err;
     int copies = !r->zero && (e->install == INST_COPY || (e->install == INST_ZEROPAGE && e->kind != SRC_ZERO));
     if (copies && e->kind == SRC_PYTHON && !r->buf) {
         snprintf(w->msg, sizeof(w->msg), "out of memory for the read buffer");
@@ -572,6 +580,8 @@ static int put_run(engine_t *e, worker_t *w, uctx_t *c, area_t *a, run_t *r, int
         const char *data = NULL;
         if (copies)
             data = r->buf ? r->buf + (off - r->off) : native_ptr(e, w, a->src_off + off, end - off, &err);
+        if (err && is_final(err))
+            err = EIO;
         uint64_t done = err ? 0 : install_once(e, w, c->uffd, a, off, end - off, r->zero, data,
                                                flags & IR_DONTWAKE, &err);
         uint64_t p = a->first_page + off / e->page;

@@ -170,7 +170,7 @@ class ProcessRuntime:
         # Started by the watchdog if the pager process dies: every fault then gets SIGBUS.
         self._standby: Any = _native.Engine(
             uffd, list(areas), page_size, _native.SRC_FAIL, _native.INST_COPY,
-            fail_errno=errno.ESRCH, fail_message="the pager process serving it died",
+            fail_errno=errno.EPIPE, fail_message="the pager process serving it died",
             name=self._setup.name, retries=0, state=self.state)
         self._sock: socket.socket | None = None
         self._watchdog: Any = None
@@ -322,7 +322,9 @@ def _worker(uffd: int, setup: _Setup, source: PageSource, state: mmap.mmap,
     engine.start()
     while True:
         request = _recv(ctl)
-        if request is None:
+        if request is None:  # the supervisor stops us: let go of forked children cleanly
+            engine.stop()
+            del engine
             os._exit(0)
         try:
             _send(ctl, {"result": engine.prefetch(request["ranges"])})
@@ -401,11 +403,23 @@ class _Supervisor:
                 if self.worker:
                     self.cut_hung_reads(self.worker)
         finally:
-            if self.worker is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.worker.pid, signal.SIGKILL)
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(self.worker.pid, 0)
+            self.stop_worker()
+
+    def stop_worker(self) -> None:
+        """Ask the worker to stop (it poisons what forked children still miss), then kill it
+        if it does not."""
+        w = self.worker
+        if w is None:
+            return
+        w.ctl.close()
+        ready, _, _ = select.select([w.pidfd], [], [], 5.0)
+        if not ready:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(w.pid, 0)
+        os.close(w.pidfd)
+        self.worker = None
 
     # -- requests from the faulting process --------------------------------------------------
 
@@ -460,18 +474,19 @@ class _Supervisor:
         if time.monotonic() - w.started >= _LIVED_S:
             self.consecutive = 0
         self.consecutive += 1
-        where = "; ".join(f"offset {off:#x}..+{n}" for _, _, off, n, _ in reads) or "no read"
+        where = "; ".join(f"offset {off:#x}..+{n}" for _, _, off, n, _ in reads)
+        what = f"while reading {where} of {self.setup.name}" if where else "(it was not reading)"
         if self.pending is not None:
             self.pending = None
-            _send(self.sock, {"error": f"prefetch failed: the pager worker {how} ({where})"})
+            _send(self.sock, {"error": f"prefetch failed: the pager worker {how} {what}"})
         if self.consecutive > self.config.max_restarts:
-            self.give_up(f"pager worker {w.pid} {how} ({where})")
+            self.give_up(f"pager worker {w.pid} {how} {what}")
             return
         delay = min(_BACKOFF_S[0] * 2 ** (self.consecutive - 1), _BACKOFF_S[1])
         self.say.line(logging.WARNING, (
-            f"pager worker {w.pid} {how} while reading {where} of {self.setup.name}; it died; "
-            f"waking blocked threads and restarting it in {delay:.2f} s (restart "
-            f"{self.consecutive} of at most {self.config.max_restarts} in a row)"))
+            f"pager worker {w.pid} {how} {what}: waking blocked threads and restarting it in "
+            f"{delay:.2f} s (restart {self.consecutive} of at most {self.config.max_restarts} "
+            "in a row)"))
         self.restart_at = time.monotonic() + delay
 
     def blame(self, reads: list[tuple[int, int, int, int, int]]) -> None:

@@ -1,0 +1,111 @@
+"""Python page sources for the tests: importable by name, so a pager process can rebuild them.
+
+``PyBytes`` serves a byte string like ``BufferSource`` does, but as a Python source: the same
+workload then runs through the native runtime and through the pager process. The others
+misbehave on purpose, on the pages a test names; where a misbehaviour must stop at some point,
+a marker file (shared across processes) says when.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+
+PAGE = 4096
+
+
+class PyBytes:
+    """``data`` (zeros past its end), as a Python source with ``read_into`` only."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        n = len(buf)
+        part = self.data[offset:offset + n]
+        buf[:len(part)] = part
+        buf[len(part):] = bytes(n - len(part))
+
+    def __repr__(self) -> str:
+        return f"PyBytes({len(self.data)} bytes)"
+
+
+class PyBatched(PyBytes):
+    """:class:`PyBytes` with ``read_many``, counting its calls in a file (one line each)."""
+
+    def __init__(self, data: bytes, log: str) -> None:
+        super().__init__(data)
+        self.log = log
+
+    def read_many(self, requests: Sequence[tuple[int, memoryview]]) -> None:
+        with open(self.log, "a") as f:
+            f.write(" ".join(f"{o}+{len(b)}" for o, b in requests) + "\n")
+        for offset, buf in requests:
+            self.read_into(offset, buf)
+
+
+class BatchFails(PyBytes):
+    """``read_many`` always fails; ``read_into`` fails on the pages in ``bad`` only."""
+
+    def __init__(self, data: bytes, bad: Sequence[int]) -> None:
+        super().__init__(data)
+        self.bad = set(bad)
+
+    def read_many(self, requests: Sequence[tuple[int, memoryview]]) -> None:
+        raise ConnectionError(f"the batch of {len(requests)} failed")
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        if any(offset <= b < offset + len(buf) for b in self.bad):
+            raise OSError(f"page {offset:#x} is bad")
+        super().read_into(offset, buf)
+
+
+class Misbehaving(PyBytes):
+    """:class:`PyBytes` except on the pages in ``bad`` (source offsets of pages).
+
+    ``how``: ``"raise"`` (an exception), ``"short"`` (returns fewer bytes than asked, having
+    written only that many), ``"keep"`` (keeps the buffer it was given), ``"hang"`` (sleeps
+    for an hour), ``"crash"`` (the process exits at once). The bad pages misbehave until the
+    file ``until`` exists (always, without one); create it and they read normally.
+    """
+
+    kept: list[memoryview] = []
+
+    def __init__(self, data: bytes, bad: Sequence[int], how: str, until: str = "") -> None:
+        super().__init__(data)
+        self.bad = set(bad)
+        self.how = how
+        self.until = until
+
+    def _bad(self, offset: int, n: int) -> bool:
+        if self.until and os.path.exists(self.until):
+            return False
+        return any(offset <= b < offset + n for b in self.bad)
+
+    def read_into(self, offset: int, buf: memoryview) -> int | None:
+        if not self._bad(offset, len(buf)):
+            super().read_into(offset, buf)
+            return None
+        if self.how == "raise":
+            raise OSError(f"injected failure at {offset:#x}")
+        if self.how == "short":
+            half = len(buf) // 2
+            buf[:half] = self.data[offset:offset + half]
+            return half
+        if self.how == "keep":
+            super().read_into(offset, buf)
+            Misbehaving.kept.append(buf)
+            return None
+        if self.how == "hang":
+            time.sleep(3600)
+        if self.how == "crash":
+            os._exit(3)
+        raise ValueError(f"unknown misbehaviour {self.how!r}")
+
+    def __repr__(self) -> str:
+        return f"Misbehaving({self.how}, bad={sorted(self.bad)})"

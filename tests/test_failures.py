@@ -1,0 +1,310 @@
+"""Failure semantics of the one engine, each failure caused for real.
+
+A page that cannot be served ends in a logged SIGBUS within bounded time, never in zeros or
+stale bytes, and only the pages that fail are poisoned. Accesses that must die run in a child
+interpreter; the test checks its exit signal and the log line naming page, source and cause.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import userfault
+from pager_helpers import run_script, settled
+from py_sources import BatchFails, Misbehaving, PyBatched
+from userfault import PagerError, PrefetchError
+
+PAGE = 4096
+MiB = 1 << 20
+TESTS = os.path.dirname(os.path.abspath(__file__))
+pytestmark = pytest.mark.timeout(60)
+
+
+def data(n: int = MiB) -> bytes:
+    """Every page differs from every other one."""
+    return b"".join(i.to_bytes(4, "little") * (PAGE // 4) for i in range(n // PAGE))
+
+
+def child(body: str, timeout: float = 45) -> tuple[int, str, str]:
+    """Run ``body`` in a fresh interpreter with the test sources importable."""
+    r = run_script(f"import sys\nsys.path.insert(0, {TESTS!r})\n" + textwrap.dedent(body),
+                   timeout=timeout)
+    return r.returncode, r.stdout, r.stderr
+
+
+# -- batches fail page by page -----------------------------------------------------------
+
+
+def test_prefetch_poisons_only_the_page_that_fails() -> None:
+    body = data()
+    with userfault.map(Misbehaving(body, [10 * PAGE], "raise"), readahead=False,
+                       retries=1) as p:
+        with pytest.raises(PrefetchError, match=r"poisoned 4096 bytes at source offsets "
+                           r"0xa000\.\.\+4096: OSError: injected failure at 0xa000") as info:
+            p.prefetch([(0, 64 * PAGE)])
+        assert info.value.installed == 63 * PAGE
+        assert info.value.poisoned == ((10 * PAGE, PAGE),)
+        s = p.stats()
+        assert (s.poisoned, s.faults, s.prefetch_bytes) == (1, 0, 63 * PAGE)
+        with memoryview(p) as v:  # the 63 good pages are there, without a fault
+            assert v[:10 * PAGE] == body[:10 * PAGE]
+            assert v[11 * PAGE:64 * PAGE] == body[11 * PAGE:64 * PAGE]
+        assert p.stats().faults == 0
+        with pytest.raises(PagerError, match=r"prefetch at .* \(offset 0xa000 of Misbehaving"):
+            p.check()
+
+
+def test_a_failed_batch_is_read_again_page_by_page() -> None:
+    """read_many failing for a batch fails none of its pages yet: each is read alone."""
+    body = data()
+    with userfault.map(BatchFails(body, [3 * PAGE]), readahead=False, retries=1) as p:
+        with pytest.raises(PrefetchError, match=r"0x3000\.\.\+4096: OSError: page 0x3000 is bad"
+                           ) as info:
+            p.prefetch([(0, 16 * PAGE)])
+        assert info.value.installed == 15 * PAGE and info.value.poisoned == ((3 * PAGE, PAGE),)
+        with memoryview(p) as v:
+            assert v[4 * PAGE:16 * PAGE] == body[4 * PAGE:16 * PAGE]
+
+
+def test_populate_poisons_only_the_bad_page() -> None:
+    body = data(4 * MiB)
+    bad = 300 * PAGE
+    with userfault.map(Misbehaving(body, [bad], "raise"), populate=True, readahead=False,
+                       retries=0) as p:
+        s = settled(p, lambda s: s.populate_bytes + s.poisoned * PAGE >= p.size, timeout=20)
+        assert s.poisoned == 1 and s.populate_bytes == p.size - PAGE
+        with memoryview(p) as v:
+            assert v[:bad] == body[:bad] and v[bad + PAGE:] == body[bad + PAGE:]
+        with pytest.raises(PagerError, match=r"populate at .*offset 0x12c000 of Misbehaving"):
+            p.check()
+
+
+def test_readahead_never_poisons_the_fault_decides() -> None:
+    rc, out, err = child("""
+        import userfault
+        from py_sources import Misbehaving
+        from test_failures import data
+        if __name__ == "__main__":
+            body = data()
+            p = userfault.map(Misbehaving(body, [40 * 4096], "raise"), retries=1)
+            v = memoryview(p)
+            assert bytes(v[:40 * 4096]) == body[:40 * 4096]   # readahead ran over page 40
+            print("poisoned by readahead:", p.stats().poisoned, flush=True)
+            print(v[40 * 4096 + 1], flush=True)                # the fault for it: SIGBUS
+    """)
+    assert "poisoned by readahead: 0" in out
+    assert rc == -signal.SIGBUS, err
+    assert "(offset 0x28000 of Misbehaving(raise, bad=[163840]), fault) after 1 retries" in err
+
+
+# -- what a source returns ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("how", "why"), [
+    ("short", r"read_into\(0x5000, <4096 bytes>\) returned 2048: a short read is a failed read"),
+    ("keep", r"the source kept a reference to the buffer it was given"),
+])
+def test_a_bad_read_is_a_failed_page_never_stale_bytes(how: str, why: str) -> None:
+    body = data()
+    with userfault.map(Misbehaving(body, [5 * PAGE], how), readahead=False, retries=0) as p:
+        with memoryview(p) as v:
+            assert v[4 * PAGE:5 * PAGE] == body[4 * PAGE:5 * PAGE]  # the page before: fine
+        with pytest.raises(PrefetchError, match=why) as info:
+            p.prefetch([(5 * PAGE, PAGE)])
+        assert info.value.poisoned == ((5 * PAGE, PAGE),)
+        assert p.prefetch([(6 * PAGE, PAGE)]) == PAGE
+
+
+def test_a_short_read_on_a_fault_gets_sigbus() -> None:
+    rc, out, err = child("""
+        import userfault
+        from py_sources import Misbehaving
+        from test_failures import data
+        if __name__ == "__main__":
+            p = userfault.map(Misbehaving(data(), [8192], "short"), readahead=False, retries=1)
+            v = memoryview(p)
+            print("page 1", v[4096], flush=True)
+            print("page 2", v[8192], flush=True)  # half of it would be the last read's
+    """)
+    assert "page 1 1" in out and "page 2" not in out
+    assert rc == -signal.SIGBUS, err
+    assert "returned 2048: a short read is a failed read" in err
+
+
+# -- hangs and crashes ----------------------------------------------------------------------
+
+
+def test_a_hanging_read_is_cut_by_the_timeout() -> None:
+    rc, out, err = child("""
+        import time, userfault
+        from py_sources import Misbehaving
+        from test_failures import data
+        if __name__ == "__main__":
+            p = userfault.map(Misbehaving(data(), [3 * 4096], "hang"), readahead=False,
+                              retries=1, timeout=0.5)
+            v = memoryview(p)
+            print("page 2", v[2 * 4096], flush=True)
+            t = time.monotonic()
+            try:
+                v[3 * 4096]
+            finally:
+                print(f"after {time.monotonic() - t:.1f} s", flush=True)
+    """)
+    assert "page 2 2" in out
+    assert rc == -signal.SIGBUS, err
+    assert "took longer than timeout=0.5 s: cutting it, the pager worker is replaced" in err
+    assert "offset 0x3000..+4096 of Misbehaving(hang, bad=[12288]) killed or hung the pager " \
+           "worker 2 times: it fails from now on without being read" in err
+    assert "the pager worker died or hung reading this page too often" in err
+
+
+def test_a_crashing_read_restarts_with_backoff_then_poisons_the_page() -> None:
+    rc, out, err = child("""
+        import userfault
+        from py_sources import Misbehaving
+        from test_failures import data
+        if __name__ == "__main__":
+            body = data()
+            p = userfault.map(Misbehaving(body, [7 * 4096], "crash"), readahead=False,
+                              retries=2)
+            v = memoryview(p)
+            print("page 6", v[6 * 4096], flush=True)
+            try:
+                v[7 * 4096]
+            finally:
+                s = p.stats()
+                print("restarts", s.restarts, flush=True)
+    """)
+    assert "page 6 6" in out
+    assert rc == -signal.SIGBUS, err
+    died = err.count("waking blocked threads and restarting it in")
+    assert died == 3, err  # retries=2: the third death condemns the page
+    assert "exited with status 3 while reading offset 0x7000..+4096 of Misbehaving" in err
+    assert "restarting it in 0.05 s" in err and "restarting it in 0.10 s" in err
+    assert "killed or hung the pager worker 3 times" in err
+
+
+def test_a_worker_that_keeps_dying_is_given_up() -> None:
+    rc, _, err = child("""
+        import userfault
+        from py_sources import Misbehaving
+        from test_failures import data
+        if __name__ == "__main__":
+            bad = [i * 4096 for i in range(256)]
+            p = userfault.map(Misbehaving(data(), bad, "crash"), readahead=False, retries=100,
+                              max_restarts=3)
+            v = memoryview(p)
+            v[0]
+    """)
+    assert rc == -signal.SIGBUS, err
+    assert "the pager worker died 4 times in a row" in err and "giving up" in err
+    assert err.count("waking blocked threads and restarting it in") == 3
+
+
+def test_a_killed_supervisor_leaves_sigbus_not_a_hang() -> None:
+    rc, out, err = child("""
+        import os, signal, userfault
+        from py_sources import PyBytes
+        from test_failures import data
+        if __name__ == "__main__":
+            p = userfault.map(PyBytes(data()), readahead=False)
+            v = memoryview(p)
+            print("page 1", v[4096], flush=True)
+            os.kill(p._runtime.proc.pid, signal.SIGKILL)
+            p._runtime.proc.wait()
+            print("killed", flush=True)
+            print(v[9 * 4096], flush=True)
+    """)
+    assert "page 1 1" in out and "killed" in out
+    assert rc == -signal.SIGBUS, err
+    assert "userfault: the pager process (pid" in err and "died: faults on pages not loaded " \
+           "yet get SIGBUS from now on" in err
+    assert "poisoned 0x" in err and "the pager process serving it died" in err
+
+
+def test_a_fault_blocked_when_the_supervisor_dies_gets_sigbus() -> None:
+    rc, _, err = child("""
+        import subprocess, userfault
+        from py_sources import Misbehaving
+        from test_failures import data
+        if __name__ == "__main__":
+            p = userfault.map(Misbehaving(data(), [4096], "hang"), readahead=False)
+            # a killer outside this process: the fault below holds the GIL while it waits
+            subprocess.Popen(["sh", "-c", f"sleep 0.5; kill -9 {p._runtime.proc.pid}"])
+            memoryview(p)[4096]
+    """)
+    assert rc == -signal.SIGBUS, err
+    assert "the pager process (pid" in err
+
+
+# -- on_error -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("runtime", ["native", "process"])
+def test_on_error_zero_is_explicit_and_still_reported(tmp_path: Path, runtime: str) -> None:
+    path = tmp_path / "shrinks.bin"
+    path.write_bytes(data(2 * MiB))
+    src = userfault.FileSource(path) if runtime == "native" else PyFile(str(path))
+    with userfault.map(src, readahead=False, on_error="zero", retries=0) as p:
+        os.truncate(path, MiB)
+        with memoryview(p) as v:
+            assert v[MiB:MiB + PAGE] == bytes(PAGE)
+        assert p.stats().zeroed == 1
+        with pytest.raises(PagerError, match="served as zeros"):
+            p.check()
+    if runtime == "native":
+        src.close()
+
+
+class PyFile:
+    """A file read with pread, as a Python source (a short file is a short read)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._size = os.path.getsize(path)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def read_into(self, offset: int, buf: memoryview) -> int:
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return f.readinto(buf)
+
+
+def test_log_lines_are_rate_limited() -> None:
+    rc, out, err = child("""
+        import userfault
+        from py_sources import Misbehaving
+        from test_failures import data
+        if __name__ == "__main__":
+            bad = [i * 4096 for i in range(0, 256, 2)]            # 128 separate bad pages
+            p = userfault.map(Misbehaving(data(), bad, "raise"), readahead=False, retries=0)
+            try:
+                p.prefetch([(0, 256 * 4096)])
+            except userfault.PrefetchError as e:
+                print("poisoned", e.poisoned_bytes // 4096, flush=True)
+            print("suppressed", p.stats().log_suppressed > 0, flush=True)
+    """)
+    assert rc == 0, err
+    assert "poisoned 128" in out and "suppressed True" in out
+    assert 20 <= err.count("userfault: poisoned") < 128, err  # a burst of 20, then 5 a second
+
+
+def test_python_sources_get_the_missing_runs_of_a_range_in_one_call(tmp_path: Path) -> None:
+    log = tmp_path / "calls"
+    body = data()
+    with userfault.map(PyBatched(body, str(log)), readahead=False) as p:
+        assert p.prefetch([(2 * PAGE, PAGE), (5 * PAGE, PAGE)]) == 2 * PAGE  # read_into each
+        assert not log.exists()
+        assert p.prefetch([(0, 8 * PAGE)]) == 6 * PAGE  # the three holes: one read_many
+        with memoryview(p) as v:
+            assert v[:8 * PAGE] == body[:8 * PAGE]
+    assert log.read_text().splitlines() == [f"0+{2 * PAGE} {3 * PAGE}+{2 * PAGE} "
+                                            f"{6 * PAGE}+{2 * PAGE}"]

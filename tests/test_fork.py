@@ -1,0 +1,230 @@
+"""Forked children of a process with a pager: never a wrong byte, in either runtime.
+
+With UFFD_EVENT_FORK the engine gets a userfaultfd for each child's copy of the region and
+serves it from the same source. Each test forks for real and checks every byte the child
+reads, and that the child's touches never change what the parent reads (memfd regions share
+their page cache with the child).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import signal
+from collections.abc import Callable, Iterator
+
+import pytest
+
+import fork_tasks
+import userfault
+from conftest import reserve_hugepages
+from pager_helpers import run_script, settled, wait_until
+from py_sources import PyBytes
+from userfault import BufferSource, PagerError
+
+np = pytest.importorskip("numpy")
+
+PAGE = 4096
+MiB = 1 << 20
+pytestmark = pytest.mark.timeout(60)
+
+
+def numbered(n: int) -> bytes:
+    return np.arange(n // 8, dtype=np.uint64).tobytes()
+
+
+@pytest.fixture(params=["native", "process"])
+def runtime(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def source(runtime: str, data: bytes) -> object:
+    return BufferSource(data) if runtime == "native" else PyBytes(data)
+
+
+@pytest.fixture(params=["anonymous", "memfd", "hugetlb"])
+def region(request: pytest.FixtureRequest) -> Iterator[str]:
+    if request.param != "hugetlb":
+        yield str(request.param)
+        return
+    for _ in reserve_hugepages(8):
+        if userfault.hugepages_free() < 4:
+            pytest.skip("the kernel could not reserve 4 huge pages")
+        yield "hugetlb"
+
+
+def test_child_reads_pages_never_loaded(runtime: str, region: str,
+                                        child: Callable[..., tuple[int, bytes]]) -> None:
+    size = 8 * MiB
+    data = numbered(size)
+    with userfault.map(source(runtime, data), region=region, readahead=False) as p:
+        assert p.fork_served
+        with memoryview(p) as v:
+            assert v[:PAGE] == data[:PAGE]  # one page loaded before the fork
+
+        def body(wfd: int) -> None:
+            with memoryview(p) as v:
+                got = hashlib.sha256(v[:size]).hexdigest()
+            os.write(wfd, got.encode())
+
+        status, out = child(body)
+        assert os.waitstatus_to_exitcode(status) == 0, out
+        assert out.decode() == hashlib.sha256(data).hexdigest()
+        # the child's touches (memfd: into the shared page cache) changed nothing here
+        with memoryview(p) as v:
+            assert hashlib.sha256(v[:size]).digest() == hashlib.sha256(data).digest()
+        s = settled(p, lambda s: s.children == 0, timeout=10)  # its context is dropped
+        assert s.fork_events == 1 and s.children == 0
+        assert p.check() is None
+
+
+def test_grandchild_is_served_too(runtime: str, child: Callable[..., tuple[int, bytes]]) -> None:
+    data = numbered(4 * MiB)
+    with userfault.map(source(runtime, data), readahead=False) as p:
+        def body(wfd: int) -> None:
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                with memoryview(p) as v:
+                    os.write(w, hashlib.sha256(v[:len(data)]).hexdigest().encode())
+                os._exit(0)
+            os.close(w)
+            got = os.read(r, 200)
+            os.waitpid(pid, 0)
+            os.write(wfd, got)
+
+        status, out = child(body)
+        assert os.waitstatus_to_exitcode(status) == 0, out
+        assert out.decode() == hashlib.sha256(data).hexdigest()
+        assert settled(p, lambda s: s.fork_events == 2).fork_events == 2
+
+
+def test_multiprocessing_fork_pool_over_an_array(runtime: str) -> None:
+    n = 1 << 20  # uint64 values 0..n-1, 8 MiB
+    data = np.arange(n, dtype=np.uint64).tobytes()
+    with userfault.map(source(runtime, data), readahead=False) as p:
+        fork_tasks.ARRAY = p.array("uint64")
+        try:
+            with multiprocessing.get_context("fork").Pool(2) as pool:
+                sums = pool.map(fork_tasks.slice_sum, [(i * n // 8, (i + 1) * n // 8)
+                                                       for i in range(8)])
+        finally:
+            fork_tasks.ARRAY = None
+        assert sums == [sum(range(i * n // 8, (i + 1) * n // 8)) for i in range(8)]
+        assert p.check() is None
+
+
+def test_prefetch_from_a_child_is_refused(child: Callable[..., tuple[int, bytes]]) -> None:
+    with userfault.map(numbered(MiB), readahead=False) as p:
+        def body(wfd: int) -> None:
+            try:
+                p.prefetch([(0, PAGE)])
+            except PagerError as err:
+                os.write(wfd, str(err).encode())
+
+        status, out = child(body)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert b"prefetch from a forked child is not supported" in out
+        # the child's copy of the pager did nothing to the parent's engine
+        assert p.prefetch([(0, PAGE)]) == PAGE
+
+
+def test_child_closing_its_copy_leaves_the_parent_serving(
+        runtime: str, child: Callable[..., tuple[int, bytes]]) -> None:
+    data = numbered(2 * MiB)
+    with userfault.map(source(runtime, data), readahead=False) as p:
+        def body(wfd: int) -> None:
+            with memoryview(p) as v:
+                first = bytes(v[:PAGE])
+            p.close()  # the child's copy: must not stop the parent's engine or pager process
+            os.write(wfd, b"ok" if first == data[:PAGE] else b"bad")
+
+        status, out = child(body)
+        assert os.waitstatus_to_exitcode(status) == 0 and out == b"ok"
+        with memoryview(p) as v:
+            assert bytes(v) == data
+        assert p.check() is None
+
+
+@pytest.mark.parametrize("kind", ["native", "process"])
+def test_parent_closing_first_gives_the_child_sigbus_not_zeros(kind: str) -> None:
+    """A child still running when the parent closes its pager: pages it had not loaded are
+    poisoned (a logged SIGBUS), never left to read as zeros."""
+    src = "BufferSource(data)" if kind == "native" else "PyBytes(data)"
+    r = run_script(f"""
+        import os, signal, sys, time
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import userfault
+        from userfault import _native, BufferSource
+        from py_sources import PyBytes
+        if __name__ == "__main__":
+            data = b"\\x07" * (1 << 20)
+            p = userfault.map({src}, readahead=False)
+            assert _native.touch(p.address, 1, 1, 0, 0, True) == 7
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.read(r, 1)                                   # wait for the parent's close
+                print("child first page", _native.touch(p.address, 1, 1, 0, 0, True),
+                      flush=True)
+                _native.touch(p.address + (512 << 10), 1, 1, 0, 0, True)  # never loaded
+                print("child read a page the parent never loaded", flush=True)
+                os._exit(0)
+            p.close()
+            os.write(w, b"x")
+            _, status = os.waitpid(pid, 0)
+            print("child", os.waitstatus_to_exitcode(status), flush=True)
+    """)
+    assert r.returncode == 0, r.stderr
+    assert "child first page 7" in r.stdout
+    assert "never loaded" not in r.stdout
+    assert f"child {-signal.SIGBUS}" in r.stdout
+    assert "closed while a forked child still used its memory" in r.stderr
+
+
+def test_unprivileged_child_fails_loudly(child: Callable[..., tuple[int, bytes]]) -> None:
+    """Without CAP_SYS_PTRACE there is no EVENT_FORK: the region is not inherited at all
+    (MADV_DONTFORK), so a child touching it dies of SIGSEGV instead of reading zeros."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop privileges")
+
+    def body(wfd: int) -> None:
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+        data = b"\x05" * MiB
+        with userfault.map(data, readahead=False) as p:
+            report: dict[str, object] = {"fork_served": p.fork_served}
+            pid = os.fork()
+            if pid == 0:
+                userfault._native.touch(p.address + PAGE, 1, 1, 0, 0, True)
+                os._exit(0)  # never reached: the mapping is not there
+            _, status = os.waitpid(pid, 0)
+            report["child"] = os.waitstatus_to_exitcode(status)
+            with memoryview(p) as v:
+                report["parent"] = bytes(v) == data
+        os.write(wfd, json.dumps(report).encode())
+
+    status, out = child(body)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    report = json.loads(out)
+    assert report == {"fork_served": False, "child": -signal.SIGSEGV, "parent": True}
+
+
+def test_children_of_many_forks_are_all_dropped(runtime: str) -> None:
+    data = numbered(MiB)
+    with userfault.map(source(runtime, data), readahead=False) as p:
+        pids = []
+        for i in range(8):
+            pid = os.fork()
+            if pid == 0:
+                at = i * 8 * PAGE  # each child reads its own 8 pages, never loaded before
+                got = userfault._native.touch(p.address + at, 8 * PAGE, 1, 0, 0, True)
+                os._exit(0 if got == sum(data[at:at + 8 * PAGE]) else 1)
+            pids.append(pid)
+        codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+        assert codes == [0] * 8
+        assert wait_until(lambda: p.stats().children == 0, 10)
+        assert p.stats().fork_events == 8

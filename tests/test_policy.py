@@ -1,0 +1,210 @@
+"""The serving policy, once, against both runtimes.
+
+Each test runs with a native source served in this process and with the same bytes as a
+Python source served by the pager process: chunking, readahead, prefetch, populate, the fault
+log and the memory events (REMOVE, REMAP, UNMAP) behave the same. Counts asserted here are
+set by the policy (one fault per chunk, a window per sequential fault), never by scheduling:
+every step waits until the engine has settled.
+"""
+
+from __future__ import annotations
+
+import mmap
+import random
+import threading
+
+import pytest
+
+import userfault
+from pager_helpers import settled
+from py_sources import PyBytes
+from userfault import BufferSource, _native
+
+PAGE = 4096
+MiB = 1 << 20
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+pytestmark = pytest.mark.timeout(60)
+
+
+def data(n: int) -> bytes:
+    return b"".join(i.to_bytes(4, "little") * (PAGE // 4) for i in range(n // PAGE))
+
+
+@pytest.fixture(params=["native", "process"])
+def runtime(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def source(runtime: str, body: bytes) -> object:
+    return BufferSource(body) if runtime == "native" else PyBytes(body)
+
+
+def touch(p: userfault.Pager, offset: int, length: int = 1, stride: int = PAGE) -> int:
+    return _native.touch(p.address + offset, length, stride, 0, 0, False)
+
+
+@pytest.mark.parametrize("chunk", [PAGE, 16 * PAGE, MiB + 5])
+def test_one_fault_installs_one_chunk(runtime: str, chunk: int) -> None:
+    size = 8 * MiB
+    with userfault.map(source(runtime, data(size)), chunk=chunk, readahead=False) as p:
+        touch(p, 4 * p.chunk - PAGE)  # the last page of chunk 3
+        s = settled(p, lambda s: s.bytes_installed == p.chunk)
+        assert (s.faults, s.fault_bytes) == (1, p.chunk)
+        touch(p, 3 * p.chunk, p.chunk)  # the same chunk: no fault
+        assert p.stats().faults == 1
+        touch(p, 0, size)
+        s = settled(p, lambda s: s.bytes_installed == size)
+        assert s.faults == -(-size // p.chunk)  # the last chunk is cut at the region's end
+        with memoryview(p) as v:
+            assert v == data(size)
+
+
+def test_readahead_doubles_while_faults_are_sequential(runtime: str) -> None:
+    lo, hi = 64 << 10, 4 * MiB
+    size = 64 * MiB
+    with userfault.map(source(runtime, data(size)), readahead=(lo, hi)) as p:
+        end, window, expected = 0, 0, 0
+        for faults in range(1, 11):
+            touch(p, end)  # the page after the last window
+            window = min(max(lo, 2 * window), hi)
+            expected += window
+            s = settled(p, lambda s, e=expected: s.readahead_bytes == e, timeout=20)
+            assert (s.faults, s.readahead_bytes) == (faults, expected)
+            touch(p, end + PAGE, window)  # the window is there: no fault
+            assert p.stats().faults == faults
+            end += PAGE + window
+        assert window == hi
+
+
+def test_random_faults_do_not_read_ahead(runtime: str) -> None:
+    size = 32 * MiB
+    pages = list(range(size // PAGE))
+    random.Random(1).shuffle(pages)
+    with userfault.map(source(runtime, data(size)), readahead=(64 << 10, 4 * MiB)) as p:
+        for i in pages[:300]:
+            touch(p, i * PAGE)
+        s = settled(p)
+        # with a fixed order, the sequential test decides the same way every run
+        assert s.faults >= 290 and s.readahead_bytes <= 4 * (64 << 10)
+
+
+def test_prefetch_installs_in_one_batch_then_no_faults(runtime: str) -> None:
+    body = data(8 * MiB)
+    with userfault.map(source(runtime, body), readahead=False) as p:
+        ranges = [(0, MiB), (4 * MiB + 100, 256 << 10), (len(body) - PAGE, PAGE)]
+        done = p.prefetch(ranges)
+        assert done == MiB + (256 << 10) + PAGE + PAGE  # an unaligned range rounds out
+        s = p.stats()
+        assert (s.faults, s.prefetch_bytes) == (0, done)
+        for off, n in ranges:
+            touch(p, off, n)
+        assert p.stats().faults == 0
+        assert p.prefetch([(0, MiB)]) == 0  # present pages are skipped
+        with memoryview(p) as v:
+            assert v[:MiB] == body[:MiB]
+
+
+def test_populate_fills_everything_faults_first(runtime: str) -> None:
+    size = 16 * MiB
+    body = data(size)
+    with userfault.map(source(runtime, body), populate=True, readahead=False) as p:
+        touch(p, size - PAGE)  # served by a fault, or populate got there first
+        s = settled(p, lambda s: s.bytes_installed == size, timeout=30)
+        assert s.populate_bytes + s.fault_bytes == size
+        with memoryview(p) as v:
+            assert v == body
+
+
+def test_many_threads_each_page_faults_once(runtime: str) -> None:
+    size = 16 * MiB
+    body = data(size)
+    with userfault.map(source(runtime, body), readahead=False, threads=2) as p:
+        def run(t: int) -> None:
+            touch(p, t * PAGE, size - t * PAGE, 4 * PAGE)  # threads take interleaved pages
+
+        threads = [threading.Thread(target=run, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        s = settled(p, lambda s: s.bytes_installed == size)
+        assert s.faults + s.eexist >= size // PAGE and s.bytes_installed == size
+        with memoryview(p) as v:
+            assert v == body
+
+
+def test_the_fault_log(runtime: str) -> None:
+    body = data(MiB)
+    with userfault.map(source(runtime, body), readahead=False, log_faults=64) as p:
+        for i in (3, 1, 7):
+            touch(p, i * PAGE + 5)
+        settled(p, lambda s: s.faults == 3)
+        recs = p.faults()
+        assert [r.offset for r in recs] == [3 * PAGE, PAGE, 7 * PAGE]
+        # the kernel reports the page (the exact address needs UFFD_FEATURE_EXACT_ADDRESS)
+        assert [r.address for r in recs] == [p.address + o for o in (3 * PAGE, PAGE, 7 * PAGE)]
+        assert all(r.kind == "read" and r.length == PAGE for r in recs)
+        assert p.faults() == []  # drained
+
+
+@pytest.mark.parametrize("region", ["anonymous", "memfd"])
+def test_removed_pages_reload_from_the_source(runtime: str, region: str) -> None:
+    body = data(2 * MiB)
+    with userfault.map(source(runtime, body), region=region, readahead=False) as p:
+        with memoryview(p) as v:
+            assert v == body
+            v[:PAGE] = b"W" * PAGE
+        before = settled(p).faults
+        advice = mmap.MADV_DONTNEED if region == "anonymous" else mmap.MADV_REMOVE
+        p.region.madvise(advice, 0, MiB)
+        settled(p, lambda s: s.remove_events == 1)
+        with memoryview(p) as v:
+            assert v == body  # from the source again: not zeros, not the write
+        assert p.stats().faults > before
+
+
+def test_a_remapped_region_keeps_being_served(runtime: str) -> None:
+    size = 4 * MiB
+    half = size // 2
+    body = data(size)
+
+    def move(frm: int, length: int, to: int) -> None:
+        got, err = _native.mremap(frm, length, length, MREMAP_MAYMOVE | MREMAP_FIXED, to)
+        assert (got, err) == (to, 0)
+
+    def page_sum(addr: int, off: int) -> bool:
+        return _native.touch(addr, PAGE, 1, 0, 0, False) == sum(body[off:off + PAGE])
+
+    with userfault.map(source(runtime, body), readahead=False) as p:
+        old = p.address
+        touch(p, 0)
+        new, err = _native.mmap(0, size, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        # (PROT_NONE: a place to move it to)
+        assert err == 0
+        move(old, size, new)
+        try:
+            settled(p, lambda s: s.remap_events == 1)
+            # the whole area moved: pages never loaded are served at the new address
+            assert page_sum(new + 3 * PAGE, 3 * PAGE)
+            # half of it moves back: the engine splits the area and follows both halves
+            move(new + half, half, old + half)
+            settled(p, lambda s: s.remap_events == 2)
+            assert page_sum(old + half + 5 * PAGE, half + 5 * PAGE)
+            assert page_sum(new + 7 * PAGE, 7 * PAGE)
+        finally:
+            move(new, half, old)
+        settled(p, lambda s: s.remap_events == 3)
+        with memoryview(p) as v:
+            assert v == body
+        assert p.check() is None
+
+
+def test_unmapped_pages_are_forgotten(runtime: str) -> None:
+    size = 2 * MiB
+    body = data(size)
+    with userfault.map(source(runtime, body), readahead=False) as p:
+        touch(p, 0, size)
+        settled(p, lambda s: s.bytes_installed == size)
+        assert _native.munmap(p.address + size - PAGE, PAGE) == 0  # close unmaps the rest
+        assert settled(p, lambda s: s.unmap_events == 1).unmap_events == 1
+        assert touch(p, 0, size - PAGE, 1) == sum(body[:size - PAGE])
