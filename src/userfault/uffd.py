@@ -80,6 +80,13 @@ def _open(order: Sequence[CreationMethod], flags: int) -> tuple[int, CreationMet
                     operation="userfaultfd creation")
 
 
+def _feature_names(features: Feature) -> list[str]:
+    """Names of the bits of ``features``; bits this binding does not know as hex."""
+    names = [f.name or hex(int(f)) for f in Feature if f & features]
+    unknown = int(features) & ~sum(int(f) for f in Feature)
+    return names + [hex(1 << b) for b in range(64) if unknown >> b & 1]
+
+
 # Keyed by effective uid too: a forked child that drops privileges must probe again.
 _offered_cache: dict[tuple[bool, int], tuple[Feature, Ioctl]] = {}
 
@@ -155,16 +162,20 @@ class Uffd:
         self.user_mode_only: bool = user_mode_only
         try:
             offered, _ = offered_features(user_mode_only=user_mode_only)
-            missing = required & ~offered
+            missing = Feature(int(required) & ~int(offered))  # ~ on an IntFlag drops unknown bits
             if missing:
-                names = [f.name or str(int(f)) for f in Feature if f & missing]
+                names = _feature_names(missing)
                 raise FeatureUnavailableError(
                     f"this kernel does not offer the required userfaultfd feature(s) "
                     f"{', '.join(names)} (offered: {offered!r}); upgrade the kernel or stop "
                     "requiring them", names)
             _, ioctls, err = _native.api(self._fd, int(wanted & offered))
             if err:
-                raise error_from_errno(err, "UFFDIO_API", hint="the feature set was refused")
+                hint = "the feature set was refused"
+                if err == errno.EPERM and wanted & offered & Feature.EVENT_FORK:
+                    hint = ("EVENT_FORK needs CAP_SYS_PTRACE (Linux 5.11+): run with that "
+                            "capability or do not ask for EVENT_FORK")
+                raise error_from_errno(err, "UFFDIO_API", hint=hint)
         except BaseException:
             os.close(self._fd)
             self._fd = -1
@@ -187,7 +198,9 @@ class Uffd:
         if fd < 0:
             raise ValueError(f"fd must be a non-negative descriptor, not {fd}")
         self = cls.__new__(cls)
-        self._fd = fd
+        # Owns nothing until every step succeeded: a refused call leaves the caller's fd open
+        # (the kernel allows UFFDIO_API again after a refused one) and unclosed by __del__.
+        self._fd = -1
         self.method = "dev"
         self.user_mode_only = False
         self.offered = Feature(0)
@@ -198,8 +211,12 @@ class Uffd:
         if handshake:
             feats, ioctls, err = _native.api(fd, int(features))
             if err:
-                raise error_from_errno(err, "UFFDIO_API")
+                raise error_from_errno(
+                    err, "UFFDIO_API",
+                    hint=f"the kernel refused features {Feature(features)!r} on fd {fd}; the "
+                    "descriptor is still yours (open, and UFFDIO_API may be retried on it)")
             self.offered, self.ioctls = Feature(feats), Ioctl(ioctls)
+        self._fd = fd
         return self
 
     def fileno(self) -> int:
@@ -475,7 +492,24 @@ def recv_uffd(sock: socket.socket, bufsize: int = 65536, *,
                         operation="recv_uffd")
     for extra in fds[1:]:
         os.close(extra)
-    return Uffd.from_fd(fds[0], features=features), data
+    # The descriptors received are ours alone: on any refusal they are closed, nothing leaks.
+    try:
+        what = _fd_kind(fds[0])
+        if what is not None and what != "anon_inode:[userfaultfd]":
+            raise UffdError(errno.EBADMSG, f"the descriptor received is not a userfaultfd "
+                            f"(it is {what!r}); it was closed", operation="recv_uffd")
+        return Uffd.from_fd(fds[0], features=features), data
+    except BaseException:
+        os.close(fds[0])
+        raise
+
+
+def _fd_kind(fd: int) -> str | None:
+    """What ``fd`` is, as ``/proc/self/fd`` names it (``None`` without /proc)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
 
 
 assert MSG_SIZE == _native.MSG_SIZE
