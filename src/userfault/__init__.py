@@ -43,6 +43,7 @@ from .errors import (
     SnapshotError,
     SourceError,
     UffdError,
+    UserModeOnlyWarning,
 )
 from .pager import FaultRecord, Pager, PagerStats, map
 from .region import HUGE_PAGE_SIZE, Region, align_down, align_up, hugepages_free
@@ -67,8 +68,9 @@ __all__ = [
     "PageRange", "PageSource", "Pagefault", "Pager", "PagerError", "PagerStats",
     "PatternSource", "PermissionDeniedError", "PoisonMode", "ProcessGoneError",
     "RangeNotRegisteredError", "Region", "RegisterMode", "Remap", "Remove", "ScanFlag",
-    "SnapshotError", "SourceError", "Uffd", "UffdError", "Unmap", "WritablePageSource",
-    "WriteProtectMode", "WriteTracker", "ZeroSource", "ZeropageMode", "__version__",
+    "SnapshotError", "SourceError", "Uffd", "UffdError", "Unmap", "UserModeOnlyWarning",
+    "WritablePageSource", "WriteProtectMode", "WriteTracker", "ZeroSource", "ZeropageMode",
+    "__version__",
     "align_down", "align_up", "hugepages_free", "map", "offered_features", "pagemap_scan",
     "parse_messages", "recv_uffd", "send_uffd",
 ]

@@ -10,7 +10,9 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Literal, final
 
@@ -33,6 +35,7 @@ from .errors import (
     FeatureUnavailableError,
     PermissionDeniedError,
     UffdError,
+    UserModeOnlyWarning,
     error_from_errno,
 )
 
@@ -85,6 +88,31 @@ def _feature_names(features: Feature) -> list[str]:
     names = [f.name or hex(int(f)) for f in Feature if f & features]
     unknown = int(features) & ~sum(int(f) for f in Feature)
     return names + [hex(1 << b) for b in range(64) if unknown >> b & 1]
+
+
+_USER_MODE_ONLY_WARNING = (
+    "userfaultfd: this process may not handle kernel-mode faults, so userfault falls back to "
+    "user-mode-only fault handling (UFFD_USER_MODE_ONLY). Consequence: a kernel-mode access "
+    "to a page that is not loaded yet, such as os.write() from it or read()/recv() into it, "
+    "fails with EFAULT instead of waiting for the page. Fix: `sysctl "
+    "vm.unprivileged_userfaultfd=1`, or read/write access to /dev/userfaultfd for this user; "
+    "pass user_mode_only=True to choose this mode without the warning")
+_warned_user_mode_only = False
+
+
+def _warn_user_mode_only() -> None:
+    """Warn (once per process) that only user-mode faults will be handled, pointing at the
+    first caller outside this package (``userfault.map`` -> ``Pager`` -> ``Uffd``)."""
+    global _warned_user_mode_only
+    if _warned_user_mode_only:
+        return
+    _warned_user_mode_only = True
+    level = 2  # stacklevel of sys._getframe(1), the caller of this function
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("userfault."):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    warnings.warn(_USER_MODE_ONLY_WARNING, UserModeOnlyWarning, stacklevel=level)
 
 
 # Keyed by effective uid too: a forked child that drops privileges must probe again.
@@ -157,6 +185,7 @@ class Uffd:
             except PermissionDeniedError:
                 self._fd, self.method = _open(order, flags | _USER_MODE_ONLY)
                 user_mode_only = True
+                _warn_user_mode_only()
         else:
             self._fd, self.method = _open(order, flags | (_USER_MODE_ONLY if user_mode_only else 0))
         self.user_mode_only: bool = user_mode_only
