@@ -379,7 +379,9 @@ class Pager(_native.Mapping):
         self._check_open()
         err = self._runtime.error()
         if err is not None:
-            raise PagerError(f"the pager failed: {err}")
+            changed = getattr(self.source, "changed", None)  # e.g. a truncated FileSource
+            note = changed() if callable(changed) else None
+            raise PagerError(f"the pager failed: {err}" + (f"; {note}" if note else ""))
 
     def _check_open(self) -> None:
         if self._closed:

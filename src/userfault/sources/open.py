@@ -10,6 +10,7 @@ import os
 import urllib.parse
 from typing import Any
 
+from .._files import open_regular
 from .base import PageSource
 from .native import BufferSource, FileSource, NativeSource
 
@@ -83,7 +84,10 @@ def _looks_like_snapshot(path: str) -> bool:
     from .snapshot.format import MAGIC
 
     try:
-        with open(path, "rb") as f:
-            return f.read(len(MAGIC)) == MAGIC
-    except OSError:
+        fd = open_regular(path)  # never opens a FIFO or a device: FileSource refuses those
+    except (OSError, ValueError):
         return False
+    try:
+        return os.pread(fd, len(MAGIC), 0) == MAGIC
+    finally:
+        os.close(fd)
