@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "error_text", "main"]
+
+
+def error_text(err: BaseException) -> str:
+    """The sentence of an error for a command line: an ``OSError`` without its
+    ``[Errno N]`` prefix (the path it names is kept)."""
+    if isinstance(err, OSError) and err.strerror:
+        text = str(err.strerror)
+        if err.filename is not None and os.fsdecode(err.filename) not in text:
+            text += f": {os.fsdecode(err.filename)!r}"
+        return text
+    return str(err)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -60,6 +72,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except (OSError, ValueError) as err:
-        print(f"userfault {args.command}: error: {err}", file=sys.stderr)
+    except (OSError, ValueError, ImportError) as err:  # ImportError: an optional extra
+        print(f"userfault {args.command}: error: {error_text(err)}", file=sys.stderr)
         return 1
