@@ -108,7 +108,8 @@ class NginxServer:
     Locations:
       * ``/<name>``          the file, with byte ranges (``Accept-Ranges: bytes``);
       * ``/norange/<name>``  the same file with ``max_ranges 0`` (Range ignored: 200 + full body);
-      * ``/slow/<name>``     sent at 512 KB/s per connection after a 1 s burst (``limit_rate``).
+      * ``/slow/<name>``     sent at 512 KB/s per connection after a 1 s burst (``limit_rate``);
+      * ``/noetag/<name>``   without an ``ETag`` (``Last-Modified`` is the only validator).
 
     The access log (``access_log``) has one line per request:
     ``<$connection> <$connection_requests> <$status> <$request_uri> <$http_range>``.
@@ -199,6 +200,10 @@ http {{
         location /slow/ {{
             alias {self.directory}/;
             limit_rate 512k;
+        }}
+        location /noetag/ {{
+            alias {self.directory}/;
+            etag off;
         }}
     }}{tls}
 }}
