@@ -44,6 +44,7 @@ import re
 import socket
 import ssl
 import threading
+import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -57,6 +58,9 @@ _CONTENT_RANGE = re.compile(rb"^\s*bytes\s+(?:(\d+)-(\d+)|\*)\s*/\s*(\d+|\*)\s*$
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an HTTP header name
 _MIN_MERGE = 1 << 20  # merged GETs are capped at max(1 MiB, batch / connections)
 _HEAD_BUF = 16 << 10  # per-connection buffer for the status line and headers (and body start)
+# A server trickling bytes slower than this (after the timeout's grace) fails the request: the
+# socket timeout alone bounds only the wait for each byte, not for the whole response.
+_MIN_RATE = 16 << 10
 _REASONS = {200: "OK", 206: "Partial Content", 301: "Moved Permanently", 302: "Found",
             303: "See Other", 307: "Temporary Redirect", 308: "Permanent Redirect",
             404: "Not Found", 416: "Range Not Satisfiable"}
@@ -136,7 +140,9 @@ class HTTPSource:
             with one ``Range: bytes=0-0`` GET at construction.
         headers: extra request headers (``Authorization``, ...). ``Range`` and ``Host`` are set
             by the source.
-        timeout: socket timeout in seconds for connect and each read.
+        timeout: socket timeout in seconds for connect and each read. A response head must
+            also be complete within it, and a body must arrive at 16 KiB/s or more after that
+            grace: a server trickling bytes cannot hold a request forever.
         connections: most connections open at once (and threads used by ``read_many``).
         verify: for HTTPS, ``True`` checks the certificate against the system CAs, a path
             names a CA bundle (PEM) to trust, ``False`` disables checking (testing only).
@@ -394,6 +400,7 @@ class HTTPSource:
         sock.sendall(b"%s%d-%d\r\n%s\r\n" % (self._request_head, start, last, condition))
         head, view = c.head, c.head_view
         got = 0
+        deadline = time.monotonic() + self._timeout
         while True:
             n = sock.recv_into(view[got:])
             if not n:
@@ -406,6 +413,9 @@ class HTTPSource:
                 break
             if got == len(head):
                 raise _ProtocolError(f"a response head larger than {len(head)} bytes")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the server sent its response head too slowly ({got} bytes "
+                                   f"in {self._timeout:g} s)")
         eol = head.find(b"\r\n", 0, end + 2)
         status_line = bytes(view[:eol])
         version, _, rest = status_line.partition(b" ")
@@ -598,6 +608,10 @@ class HTTPSource:
                 pass
         old = self._validator
         assert old is not None
+        if now == old:
+            return (f"the server refused the pinned version ({old[0]} {old[1]}) with 412 "
+                    "Precondition Failed, yet still reports that version: it does not serve "
+                    "it consistently, so these pages are not served")
         was = f"{old[0]} {old[1]} when this source opened it"
         if now is None:
             is_now = "no usable validator now"
@@ -625,7 +639,7 @@ class HTTPSource:
         assert pinned is not None
         value = resp.header(b"etag" if pinned[0] == "ETag" else b"last-modified")
         if value is not None and value != pinned[1]:
-            raise _Changed(got, None)
+            raise _Changed(got, self._size)  # (its Content-Range total was checked already)
 
     def _get_into(self, c: _Conn, offset: int, want: int,
                   targets: list[memoryview]) -> _Conn | None:
@@ -658,10 +672,12 @@ class HTTPSource:
         c.close()
         return None
 
-    @staticmethod
-    def _read_body(c: _Conn, resp: _Response, targets: list[memoryview], want: int) -> None:
+    def _read_body(self, c: _Conn, resp: _Response, targets: list[memoryview], want: int) -> None:
         """Receive the ``want`` body bytes into ``targets``, in order (straight into them, after
-        the body bytes that came with the head)."""
+        the body bytes that came with the head), at no less than ``_MIN_RATE`` on average
+        after a grace of one timeout."""
+        started = time.monotonic()
+        allowed = self._timeout + want / _MIN_RATE
         extra = resp.extra
         if len(extra) > want:
             raise _ProtocolError(f"the server sent {len(extra) - want} bytes past the body")
@@ -681,6 +697,10 @@ class HTTPSource:
                 if not n:
                     raise _Incomplete(want - done - got)
                 got += n
+                if got < size and time.monotonic() - started > allowed:
+                    raise TimeoutError(
+                        f"the server sent the body too slowly: {done + got} of {want} bytes in "
+                        f"{allowed:.1f} s (below {_MIN_RATE >> 10} KiB/s)")
             done += size
 
 
