@@ -45,6 +45,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -56,6 +57,8 @@ from userfault.errors import SourceError
 __all__ = ["RedisSource", "upload"]
 
 _MGET_BATCH = 512  # keys per MGET in a pipeline
+# A server trickling a reply slower than this (after the timeout's grace) fails the read.
+_MIN_RATE = 16 << 10
 
 #: What upload() accepts: a path or an object with the buffer protocol.
 BufferLike = bytes | bytearray | memoryview
@@ -273,7 +276,7 @@ class RedisSource:
             left = self._mget(order, views, dsts)
         else:
             left = list(zip(order, self._mget(order, views, None), strict=True))
-        bad: list[tuple[int, bytes | None]] = []
+        bad: list[tuple[int, bytes | int | None]] = []
         if self._missing == "zero" and any(val is None for _, val in left):
             # An absent page is a zero page only while the pinned generation is current:
             # the keys of a replaced one are deleted after the new one is in place.
@@ -287,7 +290,7 @@ class RedisSource:
                 if self._missing == "error":
                     bad.append((i, val))
                     continue
-            elif len(val) > ps:
+            elif isinstance(val, int) or len(val) > ps:  # an int: a length too long to read
                 bad.append((i, val))
                 continue
             for in_page, dst, _ in [first[i], *extra.get(i, ())]:
@@ -313,8 +316,8 @@ class RedisSource:
                     "or lost); pass missing='zero' only if absent pages are zeros")
             raise self._error(
                 "read", off, len(b),
-                f"page key {self.key(i)!r} holds {len(val)} bytes, more than the "
-                f"page size {ps}: wrong prefix or page_size?")
+                f"page key {self.key(i)!r} holds {val if isinstance(val, int) else len(val)} "
+                f"bytes, more than the page size {ps}: wrong prefix or page_size?")
 
     def write_from(self, offset: int, data: memoryview) -> None:
         """Store ``data`` at ``offset`` (bytes past ``size`` are dropped).
@@ -421,7 +424,7 @@ class RedisSource:
             raise self._redis_error("read", off, length, err) from err
 
     def _mget_lean(self, order: list[int],
-                   dsts: list[memoryview | None]) -> list[tuple[int, bytes | None]]:
+                   dsts: list[memoryview | None]) -> list[tuple[int, bytes | int | None]]:
         """MGET over a pooled raw connection, batches pipelined; a reused connection that the
         server closed while idle is retried once on a fresh one."""
         if self._pid != os.getpid():
@@ -444,6 +447,8 @@ class RedisSource:
                 if c is None:
                     assert self._lean is not None
                     c = _RespConn(*self._lean, self._timeout)
+                c.deadline = time.monotonic() + self._timeout + len(order) * self._page_size / (
+                    _MIN_RATE)
                 c.sock.sendall(request)
                 left = c.read_mget_into(sizes, dsts, zero)
             except (_RespClosed, ConnectionResetError, BrokenPipeError,
@@ -454,6 +459,10 @@ class RedisSource:
                 if attempt == 0 and not fresh:
                     continue
                 raise ConnectionError(str(err) or type(err).__name__) from err
+            except _TooLong as err:
+                assert c is not None
+                c.close()  # the rest of the stream cannot be trusted to be in step
+                return [(order[k], v) for k, v in err.left] + [(order[err.index], err.length)]
             except BaseException:
                 if c is not None:
                     c.close()  # its stream may be mid-reply
@@ -683,6 +692,27 @@ class RedisErrorReply(Exception):
     """An error reply (``-ERR ...``) from the server."""
 
 
+class RespProtocolError(Exception):
+    """A reply that is not RESP2 as this reader expects it (wrong count, kind or length)."""
+
+
+class _TooLong(Exception):
+    """MGET element ``index`` holds ``length`` bytes, more than a page: the value is not read
+    (a lying length could be anything) and the connection is dropped."""
+
+    def __init__(self, index: int, length: int, left: list[tuple[int, bytes | int | None]]
+                 ) -> None:
+        super().__init__(f"element {index} holds {length} bytes")
+        self.index, self.length, self.left = index, length, left
+
+
+def _int(line: bytes, what: str) -> int:
+    try:
+        return int(line)
+    except ValueError:
+        raise RespProtocolError(f"unexpected {what} {line[:80]!r}") from None
+
+
 class _RespConn:
     """One raw RESP2 connection (TCP_NODELAY), authenticated and on the right database.
 
@@ -690,7 +720,7 @@ class _RespConn:
     from there, or for the part not yet received straight from the socket, into the caller's
     destination buffers."""
 
-    __slots__ = ("buf", "end", "pos", "sock", "view")
+    __slots__ = ("buf", "deadline", "end", "pos", "sock", "view")
 
     BUFSIZE = 1 << 18
 
@@ -701,6 +731,7 @@ class _RespConn:
         self.view = memoryview(self.buf)
         self.pos = 0
         self.end = 0
+        self.deadline = time.monotonic() + timeout  # replies must be complete by then
         try:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             setup = []
@@ -739,6 +770,13 @@ class _RespConn:
         if not got:
             raise _RespClosed("the server closed the connection")
         self.end = end + got
+        self._check_deadline()
+
+    def _check_deadline(self) -> None:
+        # The socket timeout bounds the wait for each byte only: a server trickling bytes
+        # must not hold a fault forever.
+        if time.monotonic() > self.deadline:
+            raise TimeoutError("the server sent its reply too slowly")
 
     def _recv_exact(self, dst: memoryview) -> None:
         """Fill ``dst`` from the socket (the buffer is empty)."""
@@ -749,6 +787,8 @@ class _RespConn:
             if not k:
                 raise _RespClosed("the server closed the connection")
             got += k
+            if got < n:
+                self._check_deadline()
 
     def line(self) -> bytes:
         """The next reply line (an error reply is raised)."""
@@ -780,11 +820,12 @@ class _RespConn:
         self._crlf()
 
     def read_mget_into(self, sizes: list[int], dsts: list[memoryview | None],
-                       zero: bytes) -> list[tuple[int, bytes | None]]:
+                       zero: bytes) -> list[tuple[int, bytes | int | None]]:
         """The replies of pipelined MGETs of ``sizes`` keys each: a value no longer than its
         ``dsts`` entry is written there (the rest of it zeroed); the others are returned as
-        ``[(index into dsts, value or None for a missing key)]``."""
-        left: list[tuple[int, bytes | None]] = []
+        ``[(index into dsts, value or None for a missing key)]``. A value longer than a page
+        raises :class:`_TooLong` with the entries read so far."""
+        left: list[tuple[int, bytes | int | None]] = []
         buf = self.buf
         ps = len(zero)
         full = b"$%d\r\n" % ps  # the header of a whole page
@@ -793,8 +834,9 @@ class _RespConn:
         base = 0
         for count in sizes:
             head = self.line()
-            if head[:1] != b"*" or int(head[1:]) != count:
-                raise RedisErrorReply(f"unexpected reply {head[:80]!r} to MGET")
+            if head[:1] != b"*" or _int(head[1:], "reply to MGET") != count:
+                raise RespProtocolError(f"unexpected reply {head[:80]!r} to MGET of {count} "
+                                        "keys")
             view, pos, end = self.view, self.pos, self.end
             for k in range(base, base + count):
                 dst = dsts[k]
@@ -811,12 +853,17 @@ class _RespConn:
                 if nl < 0 or buf[pos] != 36:  # b"$"
                     item = self.line()
                     if item[:1] != b"$":
-                        raise RedisErrorReply(f"unexpected element {item[:80]!r} in an MGET reply")
-                    n = int(item[1:])
+                        raise RespProtocolError(f"unexpected element {item[:80]!r} in an MGET "
+                                                "reply")
+                    n = _int(item[1:], "bulk length")
                 else:
-                    n = int(buf[pos + 1: nl])
+                    n = _int(bytes(buf[pos + 1: nl]), "bulk length")
                     self.pos = nl + 2
+                if n > ps:
+                    raise _TooLong(k, n, left)
                 if n < 0:
+                    if n != -1:
+                        raise RespProtocolError(f"unexpected bulk length {n}")
                     left.append((k, None))
                 elif dst is not None and n <= len(dst):
                     if n < len(dst):
