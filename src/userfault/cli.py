@@ -42,12 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="userfault", description="On-demand paging from userland with userfaultfd.")
     from . import __version__
+    from .demo import MAX_PAGES
 
     parser.add_argument("--version", action="version", version=f"userfault {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="the man-page demo: a handler serves each page on touch")
-    demo.add_argument("--pages", type=int, default=2, help="pages to touch (default 2)")
+    demo.add_argument("--pages", type=int, default=2,
+                      help=f"pages to touch, 1 to {MAX_PAGES} (default 2)")
     demo.add_argument("--delay", type=float, default=0.1,
                       help="seconds between reads (default 0.1)")
     demo.set_defaults(func=_demo)

@@ -38,6 +38,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _thread_count(text: str) -> int:
+    value = _positive_int(text)
+    if value > 64:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 64, not {value}")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -120,7 +127,7 @@ def add_firecracker_commands(subparsers: Any) -> argparse.ArgumentParser:
                        help="fill all guest memory in the background while faults go first")
     serve.add_argument("--json", action="store_true",
                        help="print one JSON object per VM to stdout when it ends")
-    serve.add_argument("--threads", type=_positive_int, default=1, metavar="N",
+    serve.add_argument("--threads", type=_thread_count, default=1, metavar="N",
                        help="fault-serving threads per VM (default 1)")
     serve.add_argument("--max-vms", type=_positive_int, default=None, metavar="N",
                        help="most VMs served at once; more connections are refused "

@@ -60,6 +60,7 @@ _POLL_S = 0.05
 _INSTALL_COPY = 0
 #: Connections open at once by default (handshaking or serving).
 DEFAULT_MAX_CONNECTIONS = 64
+_SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 for the NUL
 
 
 # -- runtimes: the C engine, or FaultServer for Python sources ------------------------------
@@ -191,6 +192,12 @@ class FirecrackerPager:
         self.socket_path = os.fspath(socket_path)
         self.mem_spec = os.fspath(mem_file)
         self.record = None if record is None else os.fspath(record)
+        if self.record is not None:
+            where = os.path.dirname(os.path.abspath(self.record))
+            if not os.path.isdir(where) or os.path.isdir(self.record):
+                raise ValueError(f"cannot record the working set to {self.record}: "
+                                 + ("it is a directory" if os.path.isdir(self.record) else
+                                    f"{where} is not a directory") + "; name a file to write")
         self.populate = populate
         self.threads = threads
         self.max_vms = max_vms
@@ -269,6 +276,12 @@ class FirecrackerPager:
         # Bind to a temporary name, listen, then rename: whoever sees the path can connect.
         tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
                            f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        full = len(os.fsencode(os.path.abspath(path)))
+        limit = _SUN_PATH_MAX - (len(os.fsencode(tmp)) - full)  # the temporary name is longer
+        if full > limit:
+            raise ValueError(f"the socket path {path} is too long for a Unix socket ({full} "
+                             f"bytes as an absolute path, at most {limit} here): choose a "
+                             "shorter --socket path")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             with contextlib.suppress(FileNotFoundError):
@@ -278,6 +291,11 @@ class FirecrackerPager:
             sock.settimeout(0.1)
             mine = os.stat(tmp)
             os.rename(tmp, path)
+        except OSError as err:  # the temporary name is ours: say what went wrong with PATH
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise OSError(err.errno, f"cannot create the socket {path}: {err.strerror}") from err
         except BaseException:
             sock.close()
             with contextlib.suppress(OSError):

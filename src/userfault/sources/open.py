@@ -71,6 +71,10 @@ def _open_named(spec: str, redis_prefix: str | None, page_size: int) -> PageSour
         return RedisSource(url) if prefix is None else RedisSource(url, prefix=prefix)
     if scheme == "file":
         spec = urllib.parse.unquote(urllib.parse.urlsplit(spec).path)
+    elif scheme and "://" in spec:
+        raise ValueError(f"cannot page from {spec!r}: {scheme}:// URLs are not supported (http, "
+                         "https, redis, rediss and file are; other filesystems through "
+                         "userfault.sources.fsspec.FsspecSource)")
     if spec.endswith(".ufs") or _looks_like_snapshot(spec):
         from .snapshot import SnapshotSource
 
