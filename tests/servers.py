@@ -108,7 +108,8 @@ class NginxServer:
     Locations:
       * ``/<name>``          the file, with byte ranges (``Accept-Ranges: bytes``);
       * ``/norange/<name>``  the same file with ``max_ranges 0`` (Range ignored: 200 + full body);
-      * ``/slow/<name>``     sent at 512 KB/s per connection after a 1 s burst (``limit_rate``).
+      * ``/slow/<name>``     sent at 512 KB/s per connection after a 1 s burst (``limit_rate``);
+      * ``/noetag/<name>``   without an ``ETag`` (``Last-Modified`` is the only validator).
 
     The access log (``access_log``) has one line per request:
     ``<$connection> <$connection_requests> <$status> <$request_uri> <$http_range>``.
@@ -200,6 +201,10 @@ http {{
             alias {self.directory}/;
             limit_rate 512k;
         }}
+        location /noetag/ {{
+            alias {self.directory}/;
+            etag off;
+        }}
     }}{tls}
 }}
 """
@@ -235,23 +240,28 @@ http {{
     def log_size(self) -> int:
         return self.access_log.stat().st_size if self.access_log.exists() else 0
 
-    def log_entries(self, since: int = 0, *, expect: int = 0,
+    def log_entries(self, since: int = 0, *, expect: int = 0, uri: str | None = None,
                     timeout: float = 5.0) -> list[tuple[int, int, int, str, str]]:
         """Access-log entries written after byte ``since``: (conn, conn_requests, status, uri,
-        range). nginx logs after sending, so wait (bounded) until ``expect`` entries exist."""
+        range), only those for ``uri`` when it is given.
+
+        nginx writes an entry after it sent the response, so the client may see the bytes
+        first: wait (bounded) until ``expect`` entries (for ``uri``) exist. An entry of an
+        earlier request can still land after ``since``: a test that counts entries gives its
+        requests a ``uri`` of its own (a query string will do) and filters by it."""
         deadline = time.monotonic() + timeout
         while True:
             with open(self.access_log, "rb") as f:
                 f.seek(since)
                 lines = f.read().decode().splitlines()
-            if len(lines) >= expect or time.monotonic() > deadline:
-                break
+            out = []
+            for line in lines:
+                conn, reqs, status, u, rng = line.split(" ", 4)
+                if uri is None or u == uri:
+                    out.append((int(conn), int(reqs), int(status), u, rng.strip('"')))
+            if len(out) >= expect or time.monotonic() > deadline:
+                return out
             time.sleep(0.02)
-        out = []
-        for line in lines:
-            conn, reqs, status, uri, rng = line.split(" ", 4)
-            out.append((int(conn), int(reqs), int(status), uri, rng.strip('"')))
-        return out
 
     def __enter__(self) -> NginxServer:
         return self.start()

@@ -133,7 +133,9 @@ def test_restore_with_handler_command(snap: Snapshot, tmp_path: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     # The pager plugs in as a command; here the stand-in handler runs in its own process.
     here = Path(__file__).parent
-    path = os.pathsep.join([str(here.parent / "src"), str(here), os.environ.get("PYTHONPATH", "")])
+    # tests/ for firecracker_harness; userfault itself is installed (not src/: a plain checkout
+    # has no built extension there).
+    path = os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])
     monkeypatch.setenv("PYTHONPATH", path)
     handler: Any = functools.partial(
         command_handler, [sys.executable, "-c", _STANDIN_COMMAND, "{socket}", "{mem_file}"])

@@ -46,7 +46,16 @@ def read(src: HTTPSource, offset: int, length: int) -> bytes:
 
 
 def entries_for(server: NginxServer, since: int, uri: str, expect: int) -> list[tuple[int, ...]]:
-    return [e[:3] for e in server.log_entries(since, expect=expect) if e[3] == uri]
+    """(conn, conn_requests, status) of the entries for ``uri``, once ``expect`` are logged."""
+    return [e[:3] for e in server.log_entries(since, expect=expect, uri=uri)]
+
+
+def tagged(url: str, tag: str) -> tuple[str, str]:
+    """``url`` with a query of its own, and the request URI nginx logs for it: a test that
+    counts log entries must not count a late entry of an earlier test (nginx logs a request
+    after sending its response, so that entry may land after this test read the log size)."""
+    path = "/" + url.split("/", 3)[3]
+    return f"{url}?{tag}", f"{path}?{tag}"
 
 
 def test_protocols_and_size(blob: tuple[str, bytes]) -> None:
@@ -61,13 +70,14 @@ def test_protocols_and_size(blob: tuple[str, bytes]) -> None:
 def test_sequential_pages_one_keepalive_connection(
         nginx_server: NginxServer, blob: tuple[str, bytes]) -> None:
     url, data = blob
+    url, uri = tagged(url, "sequential")
     since = nginx_server.log_size()
     pages = -(-SIZE // PAGE)
     with HTTPSource(url) as src:
         for i in range(pages):
             assert read(src, i * PAGE, PAGE) == expected(data, i * PAGE, PAGE)
         assert src.connections_opened == 1
-    log = entries_for(nginx_server, since, "/http_blob.bin", pages + 1)
+    log = entries_for(nginx_server, since, uri, pages + 1)
     assert len(log) == pages + 1  # the size probe, then one GET per page
     assert {status for _, _, status in log} == {206}
     assert len({conn for conn, _, _ in log}) == 1, "keep-alive: one TCP connection"
@@ -110,6 +120,7 @@ def test_read_many_parallel_random_pages(nginx_server: NginxServer,
     the pool. (Counting 120 GETs for 120 pages sampled from every page offset was wrong: the
     seed-7 sample has 53 adjacent pairs, so 67 GETs plus the size probe = 68 log entries.)"""
     url, data = blob
+    url, uri = tagged(url, "parallel-random")
     rng = random.Random(7)
     offsets = rng.sample(range(0, SIZE, PAGE), 120)
     want = page_runs(offsets, PAGE)
@@ -121,8 +132,7 @@ def test_read_many_parallel_random_pages(nginx_server: NginxServer,
         for off, b in zip(offsets, bufs, strict=True):
             assert bytes(b) == expected(data, off, PAGE)
         assert src.connections_opened <= 4
-    log = [e for e in nginx_server.log_entries(since, expect=len(want) + 1)
-           if e[3] == "/http_blob.bin"]
+    log = nginx_server.log_entries(since, expect=len(want) + 1, uri=uri)
     assert sorted(e[4] for e in log) == sorted(["bytes=0-0", *want])  # probe + one GET per run
     assert 1 <= len({e[0] for e in log}) <= 4  # never more than the pool size
 
@@ -199,6 +209,7 @@ def test_read_many_runs_in_parallel(timed_nginx: TimedNginx) -> None:
 def test_read_many_merges_adjacent_ranges(nginx_server: NginxServer,
                                           blob: tuple[str, bytes]) -> None:
     url, data = blob
+    url, uri = tagged(url, "merges")
     # 16 adjacent pages (in shuffled order) + 2 lone pages -> 3 GETs; the last run ends past SIZE
     base = 40 * PAGE
     reqs = [base + i * PAGE for i in range(16)] + [3 * PAGE, (SIZE // PAGE) * PAGE]
@@ -209,8 +220,7 @@ def test_read_many_merges_adjacent_ranges(nginx_server: NginxServer,
         src.read_many([(off, memoryview(bufs[off])) for off in reqs])
     for off in reqs:
         assert bytes(bufs[off]) == expected(data, off, PAGE)
-    ranges = sorted(e[4] for e in nginx_server.log_entries(since, expect=3)
-                    if e[3] == "/http_blob.bin")
+    ranges = sorted(e[4] for e in nginx_server.log_entries(since, expect=3, uri=uri))
     assert ranges == sorted([f"bytes={base}-{base + 16 * PAGE - 1}",
                              f"bytes={3 * PAGE}-{4 * PAGE - 1}",
                              f"bytes={(SIZE // PAGE) * PAGE}-{SIZE - 1}"])
@@ -257,13 +267,26 @@ def test_server_ignoring_range_is_refused(nginx_server: NginxServer,
     assert (info.value.offset, info.value.length) == (2 * PAGE, PAGE)
 
 
+def nginx_etag(path: Path) -> str:
+    """The ETag nginx sends for ``path``: its mtime (seconds) and size in hex."""
+    st = path.stat()
+    return f'"{int(st.st_mtime):x}-{st.st_size:x}"'
+
+
 def test_file_changed_size_is_detected(nginx_server: NginxServer) -> None:
     path = nginx_server.directory / "shrinks.bin"
     path.write_bytes(b"a" * 10 * PAGE)
     src = HTTPSource(nginx_server.url("shrinks.bin"))
+    old = nginx_etag(path)
+    assert src.validator == ("ETag", old)
     path.write_bytes(b"b" * 9 * PAGE)
-    with pytest.raises(SourceError, match=r"changed size on the server \(40960 -> 36864\)"):
+    with pytest.raises(SourceError) as info:
         src.read_into(0, memoryview(bytearray(PAGE)))
+    assert str(info.value).endswith(
+        f"GET [0, 4096) (4096 bytes) failed: the object changed on the server (ETag {old} when "
+        f"this source opened it, {nginx_etag(path)} now; size 40960 then, 36864 now): pages of "
+        "two versions must never be mixed, so these are not served; open the URL again to "
+        "page the new version")
 
 
 def test_https_with_ca_file_and_verification(nginx_server: NginxServer,
@@ -412,11 +435,14 @@ BODY = bytes(range(256)) * 16  # one page
     (b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 4096-8191/40960\r\n"
      b"Content-Length: 4096\r\n\r\n" + BODY,
      r"the server sent bytes 4096-8191, not 0-4095"),
+    (b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-4095/36864\r\n"
+     b"Content-Length: 4096\r\n\r\n" + BODY,
+     r"the file changed size on the server \(40960 -> 36864\)"),  # no validator: size only
     (b"ICY 200 OK\r\n\r\n", r"not an HTTP/1.x status line: b'ICY 200 OK'"),
     (b"HTTP/1.1 302 Found\r\nLocation: http://elsewhere/f.bin\r\nContent-Length: 0\r\n\r\n",
      r"HTTP 302 Found to 'http://elsewhere/f.bin' \(redirects are not followed\)"),
 ], ids=["chunked", "close-delimited", "gzip", "junk-after-body", "truncated", "length",
-        "wrong-range", "not-http", "redirect"])
+        "wrong-range", "size-changed", "not-http", "redirect"])
 def test_unusable_responses_are_refused_clearly(reply: bytes, message: str) -> None:
     server = ScriptedHTTP(reply)
     try:
@@ -481,10 +507,11 @@ def _child_read(src: HTTPSource, q: multiprocessing.Queue[object]) -> None:
 def test_pickle_then_read_in_forked_child(nginx_server: NginxServer,
                                           blob: tuple[str, bytes]) -> None:
     url, data = blob
+    url, uri = tagged(url, "fork")
     src = HTTPSource(url, connections=2, timeout=5.0)
     since = nginx_server.log_size()
     assert read(src, 0, PAGE) == data[:PAGE]  # the parent now has a pooled connection
-    parent_conns = {c for c, _, _ in entries_for(nginx_server, since, "/http_blob.bin", 1)}
+    parent_conns = {c for c, _, _ in entries_for(nginx_server, since, uri, 1)}
     assert len(parent_conns) == 1
     state = pickle.dumps(src)
     assert b"socket" not in state and len(state) < 500
@@ -501,12 +528,12 @@ def test_pickle_then_read_in_forked_child(nginx_server: NginxServer,
         p.join(10)
         assert isinstance(result, tuple) and result[0] == digest, result
         assert 1 <= result[1] <= 2  # connections the child opened itself
-        child_conns = {c for c, _, _ in entries_for(nginx_server, since, "/http_blob.bin", 2)}
+        child_conns = {c for c, _, _ in entries_for(nginx_server, since, uri, 2)}
         assert child_conns and not (child_conns & parent_conns), "child reused a parent socket"
     # The parent's pool still works after the fork, on its own connection.
     since = nginx_server.log_size()
     assert read(src, 7 * PAGE, PAGE) == data[7 * PAGE: 8 * PAGE]
-    assert {c for c, _, _ in entries_for(nginx_server, since, "/http_blob.bin", 1)} == parent_conns
+    assert {c for c, _, _ in entries_for(nginx_server, since, uri, 1)} == parent_conns
 
 
 @settings(max_examples=30, deadline=None,
@@ -523,3 +550,79 @@ def test_read_many_random_batches(blob: tuple[str, bytes],
     src.read_many([(off, memoryview(b)) for off, b in reqs])
     for off, b in reqs:
         assert bytes(b) == expected(data, off, len(b))
+
+
+def replace_same_size(path: Path, content: bytes) -> None:
+    """Replace ``path`` by a new file (a new inode) of the same size, its mtime a few seconds
+    later: nginx's ETag (mtime and size) changes, as it does for a real new upload."""
+    old = path.stat()
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(content)
+    os.utime(tmp, (old.st_atime, old.st_mtime + 7))
+    os.replace(tmp, path)
+
+
+def test_a_replaced_object_is_refused_never_mixed(nginx_server: NginxServer) -> None:
+    path = nginx_server.directory / "replaced.bin"
+    v1, v2 = os.urandom(16 * PAGE), os.urandom(16 * PAGE)
+    path.write_bytes(v1)
+    old = nginx_etag(path)
+    src = HTTPSource(nginx_server.url("replaced.bin"))
+    assert src.validator == ("ETag", old)
+    assert read(src, 0, PAGE) == v1[:PAGE]
+    replace_same_size(path, v2)
+    new = nginx_etag(path)
+    assert new != old
+    cause = (f"the object changed on the server (ETag {old} when this source opened it, {new} "
+             "now): pages of two versions must never be mixed, so these are not served; open "
+             "the URL again to page the new version")
+    buf = bytearray(b"\xaa" * PAGE)
+    with pytest.raises(SourceError) as info:
+        src.read_into(5 * PAGE, memoryview(buf))
+    assert str(info.value) == (f"HTTPSource {nginx_server.base_url}/replaced.bin: GET [20480, "
+                               f"24576) (4096 bytes) failed: {cause}")
+    assert bytes(buf) == b"\xaa" * PAGE  # nothing of the new version was written
+    bufs = [bytearray(PAGE) for _ in range(4)]
+    with pytest.raises(SourceError, match="the object changed on the server"):
+        src.read_many([(i * 3 * PAGE, memoryview(b)) for i, b in enumerate(bufs)])
+    # The pin travels with the source (to a pager process): a clone refuses the new version too.
+    clone = pickle.loads(pickle.dumps(src))
+    assert clone.validator == ("ETag", old)
+    with pytest.raises(SourceError, match="the object changed on the server"):
+        clone.read_into(0, memoryview(bytearray(PAGE)))
+    # A new source pages the new version.
+    assert read(HTTPSource(nginx_server.url("replaced.bin")), 5 * PAGE, PAGE) == v2[
+        5 * PAGE: 6 * PAGE]
+
+
+def test_the_precondition_is_sent_with_every_range(nginx_server: NginxServer) -> None:
+    """With size= (no probe) the first response pins the version; every later GET carries
+    If-Match with it (nginx answers 412 once the file is replaced)."""
+    path = nginx_server.directory / "pinned.bin"
+    path.write_bytes(os.urandom(8 * PAGE))
+    old = nginx_etag(path)
+    src = HTTPSource(nginx_server.url("pinned.bin"), size=8 * PAGE)
+    assert src.validator is None
+    read(src, 0, PAGE)
+    assert src.validator == ("ETag", old)
+    assert src._precondition() == f"If-Match: {old}\r\n".encode()
+    replace_same_size(path, os.urandom(8 * PAGE))
+    with pytest.raises(SourceError, match=rf"ETag {old} when this source opened it, "):
+        read(src, PAGE, PAGE)
+
+
+def test_last_modified_pins_when_there_is_no_etag(nginx_server: NginxServer) -> None:
+    path = nginx_server.directory / "dated.bin"
+    v1 = os.urandom(8 * PAGE)
+    path.write_bytes(v1)
+    src = HTTPSource(nginx_server.url("noetag/dated.bin"))
+    assert src.validator is not None and src.validator[0] == "Last-Modified"
+    was = src.validator[1]
+    assert read(src, 0, PAGE) == v1[:PAGE]
+    replace_same_size(path, os.urandom(8 * PAGE))
+    with pytest.raises(SourceError) as info:
+        read(src, PAGE, PAGE)
+    now = HTTPSource(nginx_server.url("noetag/dated.bin")).validator
+    assert now is not None and now[1] != was
+    assert (f"failed: the object changed on the server (Last-Modified {was} when this source "
+            f"opened it, {now[1]} now)") in str(info.value)

@@ -65,13 +65,19 @@ def test_upload_layout_and_meta(redis_server: RedisServer) -> None:
     assert isinstance(src, BatchedPageSource) and isinstance(src, WritablePageSource)
     assert progress[-1] == (SIZE, SIZE) and len(progress) == -(-SIZE // (256 * 1024))
     r = redis.Redis.from_url(redis_server.url)
-    assert json.loads(r.get(f"{prefix}meta")) == {"size": SIZE, "page_size": 4096, "version": 1}
-    assert r.get(f"{prefix}0") == data[:PAGE]
-    assert r.get(f"{prefix}11") == b""  # zero page -> empty value
-    assert r.strlen(f"{prefix}300") == 1234  # the short last page
-    assert r.exists(f"{prefix}301") == 0
+    gen = src.generation
+    assert gen is not None and len(gen) == 16
+    assert json.loads(r.get(f"{prefix}meta")) == {"size": SIZE, "page_size": 4096, "version": 2,
+                                                   "generation": gen}
+    assert src.key(0) == f"{prefix}{gen}:0"
+    assert r.get(f"{prefix}{gen}:0") == data[:PAGE]
+    assert r.get(f"{prefix}{gen}:11") == b""  # zero page -> empty value
+    assert r.strlen(f"{prefix}{gen}:300") == 1234  # the short last page
+    assert r.exists(f"{prefix}{gen}:301") == 0
+    assert sorted(r.keys(f"{prefix}*")) == sorted(
+        [f"{prefix}meta".encode()] + [f"{prefix}{gen}:{i}".encode() for i in range(301)])
     learned = RedisSource(redis_server.url, prefix=prefix)
-    assert (learned.size, learned.page_size) == (SIZE, 4096)
+    assert (learned.size, learned.page_size, learned.generation) == (SIZE, 4096, gen)
     r.close()
 
 
@@ -111,12 +117,12 @@ def test_big_read_many_pipelines_mget_batches(redis_server: RedisServer) -> None
 def test_missing_key_is_an_error_unless_opted_in(redis_server: RedisServer) -> None:
     data = make_data()
     prefix = new_prefix()
-    upload(data, redis_server.url, prefix)
+    up = upload(data, redis_server.url, prefix)
     r = redis.Redis.from_url(redis_server.url)
-    r.delete(f"{prefix}5")
+    r.delete(up.key(5))
     src = RedisSource(redis_server.url, prefix=prefix)
-    with pytest.raises(SourceError, match=rf"\[16384, 28672\).*page key '{prefix}5' does not "
-                                          "exist") as info:
+    with pytest.raises(SourceError, match=rf"\[16384, 28672\).*page key '{up.key(5)}' does not "
+                                          r"exist \(never uploaded") as info:
         src.read_into(4 * PAGE, memoryview(bytearray(3 * PAGE)))
     assert (info.value.offset, info.value.length) == (4 * PAGE, 3 * PAGE)
     with pytest.raises(SourceError, match="does not exist"):
@@ -132,7 +138,7 @@ def test_skip_zero_omit_needs_missing_zero(redis_server: RedisServer) -> None:
     prefix = new_prefix()
     src = upload(data, redis_server.url, prefix, skip_zero="omit")
     r = redis.Redis.from_url(redis_server.url)
-    assert r.exists(f"{prefix}11") == 0 and r.exists(f"{prefix}9") == 1
+    assert r.exists(src.key(11)) == 0 and r.exists(src.key(9)) == 1
     assert read(src, 0, SIZE) == data
     with pytest.raises(SourceError, match="does not exist"):
         RedisSource(redis_server.url, prefix=prefix).read_into(10 * PAGE,
@@ -147,8 +153,16 @@ def test_meta_errors(redis_server: RedisServer) -> None:
     upload(b"x" * 3 * 16384, redis_server.url, prefix, page_size=16384)
     with pytest.raises(SourceError, match=r"page_size=4096 was asked for but .* page_size 16384"):
         RedisSource(redis_server.url, prefix=prefix, page_size=4096)
-    # A value longer than the page: wrong page_size given with an explicit size.
-    src = RedisSource(redis_server.url, prefix=prefix, page_size=4096, size=3 * 16384)
+    with pytest.raises(SourceError, match=r"page_size=4096 was asked for but .* page_size 16384"):
+        RedisSource(redis_server.url, prefix=prefix, page_size=4096, size=3 * 16384)
+    # A value longer than the page, in the unversioned layout (no meta key): a wrong
+    # page_size given with an explicit size.
+    raw = new_prefix()
+    r = redis.Redis.from_url(redis_server.url)
+    r.set(f"{raw}0", b"x" * 16384)
+    r.close()
+    src = RedisSource(redis_server.url, prefix=raw, page_size=4096, size=3 * 16384)
+    assert src.generation is None and src.key(0) == f"{raw}0"
     with pytest.raises(SourceError, match="holds 16384 bytes, more than the page size 4096"):
         src.read_into(0, memoryview(bytearray(PAGE)))
     with pytest.raises(ValueError, match="power of two >= 4096"):
@@ -169,9 +183,9 @@ def test_write_from_whole_and_partial_pages(redis_server: RedisServer) -> None:
     fresh = RedisSource(redis_server.url, prefix=prefix)
     assert read(fresh, 0, SIZE) == bytes(data)
     r = redis.Redis.from_url(redis_server.url)
-    assert r.get(f"{prefix}20") == b""  # a zero page written back is an empty value
-    r.delete(f"{prefix}7")
-    with pytest.raises(SourceError, match=f"partial write to missing page key '{prefix}7'"):
+    assert r.get(src.key(20)) == b""  # a zero page written back is an empty value
+    r.delete(src.key(7))
+    with pytest.raises(SourceError, match=f"partial write to missing page key '{src.key(7)}'"):
         src.write_from(7 * 16384 + 8, memoryview(b"x"))
     with pytest.raises(SourceError, match="outside the source"):
         src.write_from(SIZE, memoryview(b"x"))
@@ -315,8 +329,14 @@ def test_lean_reads_with_password_and_database(tmp_path: Path) -> None:
         r = redis.Redis.from_url(url)
         assert r.dbsize() > 300 and redis.Redis.from_url(url.replace("/3", "/0")).dbsize() == 0
         r.close()
-        wrong = RedisSource(f"redis://:nope@127.0.0.1:{server.port}/3", prefix="a:", size=SIZE,
-                            page_size=PAGE)
+        bad_url = f"redis://:nope@127.0.0.1:{server.port}/3"
+        with pytest.raises(SourceError, match=r"reading 'a:meta' failed: AuthenticationError"):
+            RedisSource(bad_url, prefix="a:", size=SIZE, page_size=PAGE)
+        # The lean reader's own AUTH: a source whose password was changed after it opened
+        # (as a pickled copy would be, in a pager process).
+        state = fresh.__getstate__()
+        wrong = RedisSource.__new__(RedisSource)
+        wrong.__setstate__({**state, "url": bad_url})
         with pytest.raises(SourceError, match=r"read \[0, 4096\).*WRONGPASS"):
             wrong.read_into(0, memoryview(bytearray(PAGE)))
     finally:
@@ -372,10 +392,10 @@ def test_big_read_many_values_across_recv_boundaries(redis_server: RedisServer, 
 def test_bad_pages_in_the_middle_of_a_batch(redis_server: RedisServer, lean: bool) -> None:
     data = random.Random(8).randbytes(2000 * PAGE)
     prefix = new_prefix()
-    upload(data, redis_server.url, prefix)
+    up = upload(data, redis_server.url, prefix)
     r = redis.Redis.from_url(redis_server.url)
-    r.delete(f"{prefix}1200")
-    r.set(f"{prefix}1500", b"short")  # a short value: the rest of its page reads as zeros
+    r.delete(up.key(1200))
+    r.set(up.key(1500), b"short")  # a short value: the rest of its page reads as zeros
     src = _source(redis_server.url, prefix, lean)
     sparse = _source(redis_server.url, prefix, lean, missing="zero")
     want = bytearray(data)
@@ -387,22 +407,126 @@ def test_bad_pages_in_the_middle_of_a_batch(redis_server: RedisServer, lean: boo
     buf = bytearray(len(data))
     mv = memoryview(buf)
     reqs = [(o, mv[o: o + 256 * PAGE]) for o in range(0, len(data), 256 * PAGE)]
-    with pytest.raises(SourceError, match=rf"page key '{prefix}1200' does not exist") as info:
+    with pytest.raises(SourceError, match=rf"page key '{up.key(1200)}' does not exist") as info:
         src.read_many(reqs)
     assert (info.value.offset, info.value.length) == (1024 * PAGE, 256 * PAGE)
     sparse.read_many(reqs)
     want[1200 * PAGE: 1201 * PAGE] = bytes(PAGE)
     assert buf == want
     # A value longer than a page, after the missing key: the first bad page is reported.
-    r.set(f"{prefix}1300", bytes(PAGE + 1))
-    with pytest.raises(SourceError, match=rf"'{prefix}1200' does not exist"):
+    r.set(up.key(1300), bytes(PAGE + 1))
+    with pytest.raises(SourceError, match=rf"'{up.key(1200)}' does not exist"):
         src.read_many(reqs)
     for s in (src, sparse):
-        with pytest.raises(SourceError, match=rf"'{prefix}1300' holds {PAGE + 1} bytes, more "
+        with pytest.raises(SourceError, match=rf"'{up.key(1300)}' holds {PAGE + 1} bytes, more "
                                               "than the page size 4096"):
             s.read_many(reqs[5:])
     # The connection is still in step after those errors.
     buf2 = bytearray(PAGE)
     src.read_many([(1999 * PAGE, memoryview(buf2))])
     assert buf2 == data[1999 * PAGE:]
+    r.close()
+
+
+# -- generations: a source serves the upload it opened, or fails -------------------------------
+
+
+def replaced_cause(old: str | None, new: str) -> str:
+    return (f"the object was uploaded again (generation {old or 'none (unversioned layout)'} "
+            f"when this source opened it, {new} now): its pages are gone and pages of two "
+            "uploads must never be mixed; open it again to page the new version")
+
+
+def test_a_reupload_is_never_mixed_with_the_open_version(redis_server: RedisServer) -> None:
+    prefix = new_prefix()
+    v1, v2 = make_data(1), make_data(2)
+    first = upload(v1, redis_server.url, prefix)
+    old = RedisSource(redis_server.url, prefix=prefix)
+    sparse_old = RedisSource(redis_server.url, prefix=prefix, missing="zero")
+    assert old.generation == first.generation
+    seen: list[bytes] = []
+
+    def midway(done: int, total: int) -> None:
+        if done < total:  # the new pages are being written: readers still see v1 whole
+            seen.append(read(old, 0, SIZE))
+
+    second = upload(v2, redis_server.url, prefix, batch_bytes=64 * PAGE, progress=midway)
+    assert seen and all(s == v1 for s in seen)
+    assert second.generation not in (None, first.generation)
+    cause = replaced_cause(first.generation, second.generation)
+    buf = bytearray(b"\xaa" * PAGE)
+    with pytest.raises(SourceError) as info:
+        old.read_into(5 * PAGE, memoryview(buf))
+    assert str(info.value) == (f"RedisSource {redis_server.url} prefix {prefix!r}: read [20480, "
+                               f"24576) (4096 bytes) failed: page key {old.key(5)!r} does not "
+                               f"exist: {cause}")
+    assert buf == b"\xaa" * PAGE
+    with pytest.raises(SourceError) as info:  # absent is not zero once the object was replaced
+        sparse_old.read_into(0, memoryview(bytearray(3 * PAGE)))
+    assert str(info.value).endswith(f"failed: {cause}")
+    with pytest.raises(SourceError) as info:
+        old.write_from(0, memoryview(bytes(PAGE)))
+    assert str(info.value).endswith(f"failed: {cause}; nothing was written")
+    # The old generation is gone from Redis; a pickled copy keeps the pin (and the refusal).
+    r = redis.Redis.from_url(redis_server.url)
+    assert r.keys(f"{prefix}{first.generation}:*") == []
+    r.close()
+    clone = pickle.loads(pickle.dumps(old))
+    assert clone.generation == first.generation
+    with pytest.raises(SourceError, match="the object was uploaded again"):
+        read(clone, 0, PAGE)
+    assert read(RedisSource(redis_server.url, prefix=prefix), 0, SIZE) == v2
+
+
+def test_a_failed_upload_leaves_the_object_as_it_was(redis_server: RedisServer) -> None:
+    prefix = new_prefix()
+    v1 = make_data(6)
+    src = upload(v1, redis_server.url, prefix)
+
+    def interrupted(done: int, total: int) -> None:
+        if done >= 128 * PAGE:
+            raise RuntimeError("interrupted")
+
+    with pytest.raises(SourceError, match=rf"upload to Redis .* failed after 524288 of {SIZE} "
+                                          r"bytes: RuntimeError: interrupted"):
+        upload(make_data(7), redis_server.url, prefix, batch_bytes=64 * PAGE,
+               progress=interrupted)
+    r = redis.Redis.from_url(redis_server.url)
+    assert sorted(r.keys(f"{prefix}*")) == sorted(  # the new generation's pages were deleted
+        [f"{prefix}meta".encode()] + [src.key(i).encode() for i in range(301)])
+    r.close()
+    assert read(src, 0, SIZE) == v1
+    assert RedisSource(redis_server.url, prefix=prefix).generation == src.generation
+
+
+def test_a_deleted_object(redis_server: RedisServer) -> None:
+    prefix = new_prefix()
+    src = upload(make_data(3), redis_server.url, prefix)
+    r = redis.Redis.from_url(redis_server.url)
+    r.delete(f"{prefix}meta", src.key(0))
+    with pytest.raises(SourceError) as info:
+        read(src, 0, PAGE)
+    assert str(info.value).endswith(
+        f"page key {src.key(0)!r} does not exist: the object was deleted (generation "
+        f"{src.generation} when this source opened it; its {prefix}meta key is gone)")
+    r.close()
+
+
+def test_unversioned_data_and_an_upload_over_it(redis_server: RedisServer) -> None:
+    """Pages in the unversioned layout (meta version 1, as older uploads wrote): readable; an
+    upload of a new generation deletes them, and the old source says so."""
+    prefix = new_prefix()
+    data = make_data(4)
+    r = redis.Redis.from_url(redis_server.url)
+    for i in range(0, SIZE, PAGE):
+        r.set(f"{prefix}{i // PAGE}", data[i: i + PAGE])
+    r.set(f"{prefix}meta", json.dumps({"size": SIZE, "page_size": PAGE, "version": 1}))
+    legacy = RedisSource(redis_server.url, prefix=prefix)
+    assert legacy.generation is None and legacy.key(3) == f"{prefix}3"
+    assert read(legacy, 0, SIZE) == data
+    new = upload(make_data(5), redis_server.url, prefix)
+    assert r.exists(f"{prefix}3") == 0  # the unversioned pages were deleted
+    with pytest.raises(SourceError) as info:
+        read(legacy, 3 * PAGE, PAGE)
+    assert str(info.value).endswith(f"does not exist: {replaced_cause(None, new.generation)}")
     r.close()

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import sys
 import threading
+import warnings
 
 import pytest
 
-from userfault import PAGE_SIZE, PermissionDeniedError, Region, Uffd, _native
+import userfault
+from userfault import PAGE_SIZE, PermissionDeniedError, Region, Uffd, UserModeOnlyWarning, _native
 from userfault.features import format_report, probe
 
 pytestmark = pytest.mark.timeout(30)
@@ -79,3 +83,72 @@ def test_probe_as_an_unprivileged_user_gives_advice(child) -> None:
     assert got["report"]["euid"] == 65534
     assert any("only user-mode faults can be handled" in a for a in got["report"]["advice"])
     assert "advice: only user-mode faults can be handled" in got["text"]
+
+
+def test_fallback_warns_once_naming_the_consequence_and_the_fix(child) -> None:
+    """The fallback is silent no more: one UserModeOnlyWarning per process, pointing at the
+    caller's line, and what it announces happens: os.write() from an unloaded page of a
+    ``userfault.map`` fails with EFAULT while a user-mode read of the same page works."""
+    def body(wfd: int) -> None:
+        drop_privileges()
+        report: dict[str, object] = {}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            Uffd(user_mode_only=True).close()  # chosen explicitly: no warning
+            report["explicit"] = len(caught)
+            line = _line() + 1  # the warning names the next line
+            Uffd().close()
+            Uffd().close()
+            pager = userfault.map(b"u" * (1 << 20), readahead=False)
+        report["warnings"] = [(w.category.__name__, str(w.message), w.filename, w.lineno)
+                              for w in caught]
+        report["line"] = line
+        _, w = os.pipe()
+        try:
+            os.write(w, memoryview(pager)[8 * PAGE_SIZE: 9 * PAGE_SIZE])  # kernel-mode read
+        except OSError as err:
+            report["write_errno"] = err.errno
+        report["user_read"] = bytes(memoryview(pager)[8 * PAGE_SIZE: 8 * PAGE_SIZE + 2]).decode()
+        pager.close()
+        os.write(wfd, json.dumps(report).encode())
+
+    status, out = child(body)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    report = json.loads(out)
+    assert report["explicit"] == 0
+    assert len(report["warnings"]) == 1, report["warnings"]
+    category, message, filename, lineno = report["warnings"][0]
+    assert category == UserModeOnlyWarning.__name__
+    assert message == (
+        "userfaultfd: this process may not handle kernel-mode faults, so userfault falls back "
+        "to user-mode-only fault handling (UFFD_USER_MODE_ONLY). Consequence: a kernel-mode "
+        "access to a page that is not loaded yet, such as os.write() from it or read()/recv() "
+        "into it, fails with EFAULT instead of waiting for the page. Fix: `sysctl "
+        "vm.unprivileged_userfaultfd=1`, or read/write access to /dev/userfaultfd for this "
+        "user; pass user_mode_only=True to choose this mode without the warning")
+    assert (filename, lineno) == (__file__, report["line"])  # the caller, not userfault's code
+    assert report["write_errno"] == errno.EFAULT
+    assert report["user_read"] == "uu"
+
+
+def test_map_warns_at_the_callers_line(child) -> None:
+    def body(wfd: int) -> None:
+        drop_privileges()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            line = _line() + 1
+            pager = userfault.map(b"m" * PAGE_SIZE)  # map -> Pager -> Uffd: warned here
+        pager.close()
+        os.write(wfd, json.dumps({"line": line, "at": [[w.filename, w.lineno] for w in caught
+                                                       if w.category is UserModeOnlyWarning]}
+                                 ).encode())
+
+    status, out = child(body)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    got = json.loads(out)
+    assert got["at"] == [[__file__, got["line"]]]
+
+
+def _line() -> int:
+    """The line number of the caller's call."""
+    return sys._getframe(1).f_lineno

@@ -44,6 +44,7 @@ from .errors import (
     SnapshotError,
     SourceError,
     UffdError,
+    UserModeOnlyWarning,
 )
 from .pager import FaultRecord, Pager, PagerStats, map
 from .region import HUGE_PAGE_SIZE, Region, align_down, align_up, hugepages_free
@@ -107,6 +108,7 @@ __all__ = [
     "Uffd",
     "UffdError",
     "Unmap",
+    "UserModeOnlyWarning",
     "WritablePageSource",
     "WriteProtectMode",
     "WriteTracker",

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "error_text", "main"]
+
+
+def error_text(err: BaseException) -> str:
+    """The sentence of an error for a command line: an ``OSError`` without its
+    ``[Errno N]`` prefix (the path it names is kept)."""
+    if isinstance(err, OSError) and err.strerror:
+        text = str(err.strerror)
+        if err.filename is not None and os.fsdecode(err.filename) not in text:
+            text += f": {os.fsdecode(err.filename)!r}"
+        return text
+    return str(err)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -30,12 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="userfault", description="On-demand paging from userland with userfaultfd.")
     from . import __version__
+    from .demo import MAX_PAGES
 
     parser.add_argument("--version", action="version", version=f"userfault {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="the man-page demo: a handler serves each page on touch")
-    demo.add_argument("--pages", type=int, default=2, help="pages to touch (default 2)")
+    demo.add_argument("--pages", type=int, default=2,
+                      help=f"pages to touch, 1 to {MAX_PAGES} (default 2)")
     demo.add_argument("--delay", type=float, default=0.1,
                       help="seconds between reads (default 0.1)")
     demo.set_defaults(func=_demo)
@@ -60,6 +74,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except (OSError, ValueError) as err:
-        print(f"userfault {args.command}: error: {err}", file=sys.stderr)
+    except (OSError, ValueError, ImportError) as err:  # ImportError: an optional extra
+        print(f"userfault {args.command}: error: {error_text(err)}", file=sys.stderr)
         return 1

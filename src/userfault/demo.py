@@ -16,13 +16,20 @@ from .pager import Pager
 from .sources.native import CyclingSource
 from .uffd import PAGE_SIZE
 
-__all__ = ["run_demo"]
+__all__ = ["MAX_PAGES", "run_demo"]
+
+#: The demo prints four lines per KiB read: more pages than this are not a demo any more.
+MAX_PAGES = 4096
 
 
 def run_demo(pages: int = 2, *, delay: float = 0.1, out: TextIO = sys.stdout) -> str:
     """Run the demo over ``pages`` pages; return the bytes read as a string of letters."""
     if pages < 1:
         raise ValueError(f"the demo needs at least one page, not {pages}")
+    if pages > MAX_PAGES:
+        raise ValueError(f"the demo shows at most {MAX_PAGES} pages, not {pages}")
+    if not delay >= 0:
+        raise ValueError(f"the delay must be 0 or more seconds, not {delay}")
     size = pages * PAGE_SIZE
     read = []
     # One page per fault and no readahead, so each fault is visible on its own.

@@ -26,6 +26,7 @@ __all__ = [
     "SnapshotError",
     "SourceError",
     "UffdError",
+    "UserModeOnlyWarning",
     "error_from_errno",
 ]
 
@@ -190,6 +191,13 @@ def _rebuild_source(cls: type[SourceError], msg: str, source: str, offset: int,
 
 class SnapshotError(SourceError, ValueError):
     """A snapshot file is malformed, truncated or corrupted (the message names the chunk)."""
+
+
+class UserModeOnlyWarning(RuntimeWarning):
+    """``Uffd()`` fell back to handling user-mode faults only (an unprivileged process with
+    ``vm.unprivileged_userfaultfd=0``): kernel-mode accesses to pages not loaded yet, such as
+    ``os.write()`` from them or ``read()`` into them, fail with EFAULT. Warned once per process.
+    """
 
 
 _EPERM_HINT = (

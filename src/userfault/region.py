@@ -76,7 +76,7 @@ class Region(_native.Mapping):
     def _map(size: int, flags: int, fd: int, what: str) -> int:
         addr, err = _native.mmap(0, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, 0)
         if err:
-            raise error_from_errno(err, f"mmap of a {what} region", length=size)
+            raise error_from_errno(err, f"mmap of {what}", length=size)
         return int(addr)
 
     @staticmethod
@@ -91,7 +91,7 @@ class Region(_native.Mapping):
         """Private anonymous memory, rounded up to whole pages. Supports MISSING, WP, MOVE."""
         size = cls._size(size, PAGE_SIZE)
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
-        return cls(cls._map(size, flags, -1, "anonymous"), size, PAGE_SIZE, "anonymous")
+        return cls(cls._map(size, flags, -1, "an anonymous region"), size, PAGE_SIZE, "anonymous")
 
     @classmethod
     def shared_memfd(cls, size: int, name: str = "userfault") -> Region:
@@ -100,7 +100,7 @@ class Region(_native.Mapping):
         fd = os.memfd_create(name, os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, size)
-            addr = cls._map(size, mmap.MAP_SHARED, fd, "memfd")
+            addr = cls._map(size, mmap.MAP_SHARED, fd, "a memfd region")
         except BaseException:
             os.close(fd)
             raise
@@ -123,11 +123,12 @@ class Region(_native.Mapping):
                 operation="Region.hugetlb", length=size)
         if not shared:
             flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_HUGETLB | _MAP_HUGE_2MB
-            return cls(cls._map(size, flags, -1, "hugetlb"), size, HUGE_PAGE_SIZE, "hugetlb")
+            addr = cls._map(size, flags, -1, "a hugetlb region")
+            return cls(addr, size, HUGE_PAGE_SIZE, "hugetlb")
         fd = os.memfd_create("userfault-huge", os.MFD_CLOEXEC | _MFD_HUGETLB)
         try:
             os.ftruncate(fd, size)
-            addr = cls._map(size, mmap.MAP_SHARED, fd, "hugetlb memfd")
+            addr = cls._map(size, mmap.MAP_SHARED, fd, "a hugetlb memfd region")
         except BaseException:
             os.close(fd)
             raise

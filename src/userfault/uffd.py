@@ -10,7 +10,9 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Literal, final
 
@@ -33,6 +35,7 @@ from .errors import (
     FeatureUnavailableError,
     PermissionDeniedError,
     UffdError,
+    UserModeOnlyWarning,
     error_from_errno,
 )
 
@@ -78,6 +81,38 @@ def _open(order: Sequence[CreationMethod], flags: int) -> tuple[int, CreationMet
             operation="userfaultfd creation")
     raise UffdError(err, f"could not create a userfaultfd ({tried})",
                     operation="userfaultfd creation")
+
+
+def _feature_names(features: Feature) -> list[str]:
+    """Names of the bits of ``features``; bits this binding does not know as hex."""
+    names = [f.name or hex(int(f)) for f in Feature if f & features]
+    unknown = int(features) & ~sum(int(f) for f in Feature)
+    return names + [hex(1 << b) for b in range(64) if unknown >> b & 1]
+
+
+_USER_MODE_ONLY_WARNING = (
+    "userfaultfd: this process may not handle kernel-mode faults, so userfault falls back to "
+    "user-mode-only fault handling (UFFD_USER_MODE_ONLY). Consequence: a kernel-mode access "
+    "to a page that is not loaded yet, such as os.write() from it or read()/recv() into it, "
+    "fails with EFAULT instead of waiting for the page. Fix: `sysctl "
+    "vm.unprivileged_userfaultfd=1`, or read/write access to /dev/userfaultfd for this user; "
+    "pass user_mode_only=True to choose this mode without the warning")
+_warned_user_mode_only = False
+
+
+def _warn_user_mode_only() -> None:
+    """Warn (once per process) that only user-mode faults will be handled, pointing at the
+    first caller outside this package (``userfault.map`` -> ``Pager`` -> ``Uffd``)."""
+    global _warned_user_mode_only
+    if _warned_user_mode_only:
+        return
+    _warned_user_mode_only = True
+    level = 2  # stacklevel of sys._getframe(1), the caller of this function
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("userfault."):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    warnings.warn(_USER_MODE_ONLY_WARNING, UserModeOnlyWarning, stacklevel=level)
 
 
 # Keyed by effective uid too: a forked child that drops privileges must probe again.
@@ -150,21 +185,26 @@ class Uffd:
             except PermissionDeniedError:
                 self._fd, self.method = _open(order, flags | _USER_MODE_ONLY)
                 user_mode_only = True
+                _warn_user_mode_only()
         else:
             self._fd, self.method = _open(order, flags | (_USER_MODE_ONLY if user_mode_only else 0))
         self.user_mode_only: bool = user_mode_only
         try:
             offered, _ = offered_features(user_mode_only=user_mode_only)
-            missing = required & ~offered
+            missing = Feature(int(required) & ~int(offered))  # ~ on an IntFlag drops unknown bits
             if missing:
-                names = [f.name or str(int(f)) for f in Feature if f & missing]
+                names = _feature_names(missing)
                 raise FeatureUnavailableError(
                     f"this kernel does not offer the required userfaultfd feature(s) "
                     f"{', '.join(names)} (offered: {offered!r}); upgrade the kernel or stop "
                     "requiring them", names)
             _, ioctls, err = _native.api(self._fd, int(wanted & offered))
             if err:
-                raise error_from_errno(err, "UFFDIO_API", hint="the feature set was refused")
+                hint = "the feature set was refused"
+                if err == errno.EPERM and wanted & offered & Feature.EVENT_FORK:
+                    hint = ("EVENT_FORK needs CAP_SYS_PTRACE (Linux 5.11+): run with that "
+                            "capability or do not ask for EVENT_FORK")
+                raise error_from_errno(err, "UFFDIO_API", hint=hint)
         except BaseException:
             os.close(self._fd)
             self._fd = -1
@@ -187,7 +227,9 @@ class Uffd:
         if fd < 0:
             raise ValueError(f"fd must be a non-negative descriptor, not {fd}")
         self = cls.__new__(cls)
-        self._fd = fd
+        # Owns nothing until every step succeeded: a refused call leaves the caller's fd open
+        # (the kernel allows UFFDIO_API again after a refused one) and unclosed by __del__.
+        self._fd = -1
         self.method = "dev"
         self.user_mode_only = False
         self.offered = Feature(0)
@@ -198,8 +240,12 @@ class Uffd:
         if handshake:
             feats, ioctls, err = _native.api(fd, int(features))
             if err:
-                raise error_from_errno(err, "UFFDIO_API")
+                raise error_from_errno(
+                    err, "UFFDIO_API",
+                    hint=f"the kernel refused features {Feature(features)!r} on fd {fd}; the "
+                    "descriptor is still yours (open, and UFFDIO_API may be retried on it)")
             self.offered, self.ioctls = Feature(feats), Ioctl(ioctls)
+        self._fd = fd
         return self
 
     def fileno(self) -> int:
@@ -475,7 +521,24 @@ def recv_uffd(sock: socket.socket, bufsize: int = 65536, *,
                         operation="recv_uffd")
     for extra in fds[1:]:
         os.close(extra)
-    return Uffd.from_fd(fds[0], features=features), data
+    # The descriptors received are ours alone: on any refusal they are closed, nothing leaks.
+    try:
+        what = _fd_kind(fds[0])
+        if what is not None and what != "anon_inode:[userfaultfd]":
+            raise UffdError(errno.EBADMSG, f"the descriptor received is not a userfaultfd "
+                            f"(it is {what!r}); it was closed", operation="recv_uffd")
+        return Uffd.from_fd(fds[0], features=features), data
+    except BaseException:
+        os.close(fds[0])
+        raise
+
+
+def _fd_kind(fd: int) -> str | None:
+    """What ``fd`` is, as ``/proc/self/fd`` names it (``None`` without /proc)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
 
 
 assert MSG_SIZE == _native.MSG_SIZE

@@ -372,12 +372,17 @@ static void python_read(engine_t *e, worker_t *w, area_t *a, run_t *runs, int n)
         Py_XDECREF(views[i]);
     PyMem_Free(views);
     if (b->exports) {
-        /* The source kept a view (or a slice of one): these bytes cannot be trusted, nor the
-         * buffer reused. The old buffer now belongs to the views that hold it. */
-        snprintf(w->msg, sizeof(w->msg), "the source kept a reference to the buffer it was given "
-                 "(read_into must not keep it past the call)");
+        /* The source kept a view (or a slice of one, or an exception it keeps holds one):
+         * these bytes cannot be trusted, nor the buffer reused. The old buffer now belongs to
+         * the views that hold it. A read that failed keeps its own reason. */
+        int failed_already = 0;
         for (int i = 0; i < n; i++)
-            if (runs[i].buf)
+            failed_already |= runs[i].buf && runs[i].err;
+        if (!failed_already)
+            snprintf(w->msg, sizeof(w->msg), "the source kept a reference to the buffer it was "
+                     "given (read_into must not keep it past the call)");
+        for (int i = 0; i < n; i++)
+            if (runs[i].buf && !runs[i].err)
                 runs[i].err = EIO;
         BounceObject *fresh = bounce_new(e->unit_max);
         if (fresh) {

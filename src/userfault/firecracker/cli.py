@@ -9,6 +9,7 @@ import threading
 from typing import Any
 
 from .._units import parse_size
+from .server import DEFAULT_MAX_CONNECTIONS
 
 __all__ = ["add_firecracker_commands"]
 
@@ -27,6 +28,33 @@ def _size_or_zero(text: str) -> int:
     return _size(text, allow_zero=True)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _thread_count(text: str) -> int:
+    value = _positive_int(text)
+    if value > 64:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 64, not {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
+    return value
+
+
 def _readahead(text: str) -> tuple[int, int] | bool:
     if text.lower() in ("off", "no", "0", "none"):
         return False
@@ -39,6 +67,11 @@ def _readahead(text: str) -> tuple[int, int] | bool:
 def _serve(args: argparse.Namespace) -> int:
     from .server import FirecrackerPager
 
+    if args.max_vms is not None and args.max_vms > args.max_connections:
+        print(f"userfault firecracker serve: error: --max-vms {args.max_vms} is more than "
+              f"--max-connections {args.max_connections} allows: raise --max-connections too",
+              file=sys.stderr)
+        return 2
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -50,7 +83,8 @@ def _serve(args: argparse.Namespace) -> int:
         args.socket, args.mem_file, record=args.record, prefetch=args.prefetch,
         prefetch_concurrent=args.prefetch_concurrent, prefetch_gap=args.prefetch_gap,
         populate=args.populate,
-        threads=args.threads, max_vms=args.max_vms, once=args.once, chunk=args.chunk,
+        threads=args.threads, max_vms=args.max_vms, max_connections=args.max_connections,
+        once=args.once, chunk=args.chunk,
         readahead=args.readahead, json_out=sys.stdout if args.json else None,
         redis_prefix=args.redis_prefix, handshake_timeout=args.handshake_timeout)
     with pager:
@@ -72,7 +106,8 @@ def add_firecracker_commands(subparsers: Any) -> argparse.ArgumentParser:
         "each connecting VM's guest memory from MEM_FILE. Logs and one summary line per VM go "
         "to stderr; --json prints one JSON object per VM to stdout when it ends.")
     serve.add_argument("--socket", required=True, metavar="PATH",
-                       help="Unix socket to create (a stale socket there is replaced)")
+                       help="Unix socket to create (a stale socket there is replaced; one "
+                       "where a server still listens is refused)")
     serve.add_argument("--mem-file", required=True, metavar="FILE|URL",
                        help="snapshot memory: a file, a .ufs compressed snapshot, an "
                        "http(s):// URL, or redis://host:port/db#prefix")
@@ -92,11 +127,15 @@ def add_firecracker_commands(subparsers: Any) -> argparse.ArgumentParser:
                        help="fill all guest memory in the background while faults go first")
     serve.add_argument("--json", action="store_true",
                        help="print one JSON object per VM to stdout when it ends")
-    serve.add_argument("--threads", type=int, default=1, metavar="N",
+    serve.add_argument("--threads", type=_thread_count, default=1, metavar="N",
                        help="fault-serving threads per VM (default 1)")
-    serve.add_argument("--max-vms", type=int, default=None, metavar="N",
+    serve.add_argument("--max-vms", type=_positive_int, default=None, metavar="N",
                        help="most VMs served at once; more connections are refused "
-                       "(default: no limit)")
+                       "(default: no limit but --max-connections)")
+    serve.add_argument("--max-connections", type=_positive_int,
+                       default=DEFAULT_MAX_CONNECTIONS, metavar="N",
+                       help="most connections open at once, handshaking or serving; more are "
+                       f"closed at once (default {DEFAULT_MAX_CONNECTIONS})")
     serve.add_argument("--once", action="store_true",
                        help="serve one VM, exit when it ends")
     serve.add_argument("--chunk", type=_size, default=None, metavar="SIZE",
@@ -105,7 +144,7 @@ def add_firecracker_commands(subparsers: Any) -> argparse.ArgumentParser:
                        help="sequential readahead window (default 64K:4M; off with --record)")
     serve.add_argument("--redis-prefix", default=None, metavar="PREFIX",
                        help="key prefix for a redis:// memory file without a #prefix")
-    serve.add_argument("--handshake-timeout", type=float, default=5.0, metavar="SECONDS",
+    serve.add_argument("--handshake-timeout", type=_seconds, default=5.0, metavar="SECONDS",
                        help="time a connection has to send its handshake (default 5)")
     serve.set_defaults(func=_serve)
     return fc

@@ -29,6 +29,7 @@ import json
 import os
 import select
 import socket
+import stat
 import struct
 import sys
 import threading
@@ -55,6 +56,9 @@ __all__ = ["FirecrackerPager", "serve"]
 _UCRED = struct.Struct("iII")  # struct ucred
 _LOG_CAPACITY = 1 << 17
 _POLL_S = 0.05
+#: Connections open at once by default (handshaking or serving).
+DEFAULT_MAX_CONNECTIONS = 64
+_SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 for the NUL
 
 
 # -- the server -----------------------------------------------------------------------------
@@ -78,7 +82,11 @@ class FirecrackerPager:
             bridges into most of memory (25% random pages of 256 MiB: 30 ms -> 53 ms).
         populate: fill all of guest memory in the background while faults go first.
         threads: fault-serving threads per VM.
-        max_vms: most VMs served at once (further connections are refused); ``None``: no limit.
+        max_vms: most VMs served at once (further connections are refused); ``None``: no limit
+            but ``max_connections``. A connection counts from its accept, handshake included.
+        max_connections: most connections open at once, whatever their state (handshaking,
+            serving); further ones are closed at once, so a flood of connections cannot use up
+            threads and descriptors. Default 64.
         once: stop after the first VM ends.
         chunk: bytes installed per fault (default: one guest page).
         readahead: ``(min, max)`` window for sequential faults, ``False`` to disable,
@@ -86,7 +94,12 @@ class FirecrackerPager:
         json_out: a stream to print one JSON object per VM to when it ends (``--json``).
         log: where log lines and summaries go (default ``sys.stderr``).
         redis_prefix: key prefix for ``redis://`` memory files without a ``#prefix``.
-        handshake_timeout: seconds a connection may take to send its handshake.
+        handshake_timeout: seconds a connection may take to send its handshake (positive).
+
+    The socket is refused if a live server already listens on it (probed by connecting; that
+    server sees a connection that closes without a handshake); a stale socket file is
+    replaced. :meth:`close` removes the socket only while the path is still the one this
+    server created.
     """
 
     def __init__(
@@ -101,6 +114,7 @@ class FirecrackerPager:
         populate: bool = False,
         threads: int = 1,
         max_vms: int | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
         once: bool = False,
         chunk: int | None = None,
         readahead: tuple[int, int] | bool | None = None,
@@ -112,14 +126,30 @@ class FirecrackerPager:
     ) -> None:
         if threads < 1 or threads > 64:
             raise ValueError(f"threads must be between 1 and 64, not {threads}")
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, not {max_connections}")
         if max_vms is not None and max_vms < 1:
             raise ValueError(f"max_vms must be at least 1, not {max_vms}")
+        if max_vms is not None and max_vms > max_connections:
+            raise ValueError(f"max_vms ({max_vms}) is more than max_connections "
+                             f"({max_connections}) allows: raise max_connections too")
+        if not (isinstance(handshake_timeout, (int, float))
+                and 0 < handshake_timeout < float("inf")):
+            raise ValueError("handshake_timeout must be a positive number of seconds, not "
+                             f"{handshake_timeout!r}")
         self.socket_path = os.fspath(socket_path)
         self.mem_spec = os.fspath(mem_file)
         self.record = None if record is None else os.fspath(record)
+        if self.record is not None:
+            where = os.path.dirname(os.path.abspath(self.record))
+            if not os.path.isdir(where) or os.path.isdir(self.record):
+                raise ValueError(f"cannot record the working set to {self.record}: "
+                                 + ("it is a directory" if os.path.isdir(self.record) else
+                                    f"{where} is not a directory") + "; name a file to write")
         self.populate = populate
         self.threads = threads
         self.max_vms = max_vms
+        self.max_connections = max_connections
         self.once = once
         self.chunk = chunk
         self.readahead: tuple[int, int] | None
@@ -135,15 +165,8 @@ class FirecrackerPager:
         self.handshake_timeout = handshake_timeout
         self.on_report = on_report
         self.prefetch_concurrent = prefetch_concurrent
-        self.prefetch_ranges: list[tuple[int, int]] = []
-        self.prefetch_pages = 0
-        if prefetch is not None:
-            page, offsets = read_working_set(prefetch)
-            self.prefetch_ranges = coalesce(offsets, page, prefetch_gap)
-            self.prefetch_pages = len(offsets)
-        self.source = open_source(self.mem_spec, redis_prefix=redis_prefix)
-        self.native = isinstance(self.source, NativeSource)
-        self.mem_size = int(self.source.size)
+        ws_name = "" if prefetch is None else os.fspath(prefetch)
+        ws_page, offsets = (0, []) if prefetch is None else read_working_set(prefetch)
         self.reports: list[VMReport] = []
         self._lock = threading.Lock()
         self._out_lock = threading.Lock()
@@ -151,7 +174,22 @@ class FirecrackerPager:
         self._next_vm = 1
         self._stop = threading.Event()
         self._listener: socket.socket | None = None
-        self._bind()
+        self._socket_id: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket file
+        self.source = open_source(self.mem_spec, redis_prefix=redis_prefix)
+        try:
+            self.native = isinstance(self.source, NativeSource)
+            self.mem_size = int(self.source.size)
+            if offsets and max(offsets) + ws_page > self.mem_size:
+                raise ValueError(
+                    f"the working set {ws_name!r} has page offset {max(offsets):#x}, past the "
+                    f"end of the memory file ({self.mem_size} bytes): it was recorded for "
+                    "another memory file")
+            self.prefetch_ranges = coalesce(offsets, ws_page, prefetch_gap) if offsets else []
+            self.prefetch_pages = len(offsets)
+            self._bind()
+        except BaseException:
+            self._close_source()
+            raise
 
     # -- logging ----------------------------------------------------------------------------
 
@@ -167,16 +205,30 @@ class FirecrackerPager:
 
     def _bind(self) -> None:
         path = self.socket_path
-        with contextlib.suppress(FileNotFoundError):
+        try:
             st = os.lstat(path)
-            import stat
-
+        except FileNotFoundError:
+            pass
+        else:
             if not stat.S_ISSOCK(st.st_mode):
-                raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket", path)
-            os.unlink(path)  # a stale socket of an earlier run
+                raise FileExistsError(
+                    errno.EEXIST, f"{path} exists and is not a socket: remove it or choose "
+                    "another --socket path", path)
+            if _listening(path):
+                raise FileExistsError(
+                    errno.EADDRINUSE, f"a server is already listening on {path}: stop it, or "
+                    "choose another --socket path (VMs restored with this socket would be "
+                    "served by that server)", path)
+            os.unlink(path)  # a stale socket of an earlier run: nobody accepts on it
         # Bind to a temporary name, listen, then rename: whoever sees the path can connect.
         tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
                            f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        full = len(os.fsencode(os.path.abspath(path)))
+        limit = _SUN_PATH_MAX - (len(os.fsencode(tmp)) - full)  # the temporary name is longer
+        if full > limit:
+            raise ValueError(f"the socket path {path} is too long for a Unix socket ({full} "
+                             f"bytes as an absolute path, at most {limit} here): choose a "
+                             "shorter --socket path")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             with contextlib.suppress(FileNotFoundError):
@@ -184,13 +236,26 @@ class FirecrackerPager:
             sock.bind(tmp)
             sock.listen(64)
             sock.settimeout(0.1)
+            mine = os.stat(tmp)
             os.rename(tmp, path)
+        except OSError as err:  # the temporary name is ours: say what went wrong with PATH
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise OSError(err.errno, f"cannot create the socket {path}: {err.strerror}") from err
         except BaseException:
             sock.close()
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
         self._listener = sock
+        self._socket_id = (mine.st_dev, mine.st_ino)
+
+    def _close_source(self) -> None:
+        close = getattr(self.source, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                close()
 
     def stop(self) -> None:
         """Ask :meth:`serve_forever` to return (every VM's engine is stopped and reported)."""
@@ -207,11 +272,11 @@ class FirecrackerPager:
             self._listener.close()
             self._listener = None
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.socket_path)
-        close = getattr(self.source, "close", None)
-        if close is not None:
-            with contextlib.suppress(Exception):
-                close()
+                st = os.lstat(self.socket_path)
+                # Only the socket this server created: another server may have taken the path.
+                if (st.st_dev, st.st_ino) == self._socket_id:
+                    os.unlink(self.socket_path)
+        self._close_source()
 
     def __enter__(self) -> FirecrackerPager:
         return self
@@ -249,10 +314,9 @@ class FirecrackerPager:
                     busy = len(self._active)
                     vm = self._next_vm
                     self._next_vm += 1
-                if (self.max_vms is not None and busy >= self.max_vms) or (
-                        self.once and accepted):
-                    self.log(f"vm {vm}: refused: already serving {busy} VM(s) "
-                             f"(--max-vms {self.max_vms if self.max_vms else 1})")
+                refusal = self._refusal(busy, accepted)
+                if refusal is not None:
+                    self.log(f"vm {vm}: refused: {refusal}")
                     conn.close()
                     continue
                 accepted += 1
@@ -268,6 +332,18 @@ class FirecrackerPager:
             for t in threads:
                 t.join(15)
         return list(self.reports)
+
+    def _refusal(self, busy: int, accepted: int) -> str | None:
+        """Why a new connection is turned away (``busy`` open, ``accepted`` so far), or
+        ``None``; the sentence names the option that refuses it."""
+        if self.once and accepted:
+            return f"--once serves a single VM, and it already accepted one ({busy} open)"
+        if self.max_vms is not None and busy >= self.max_vms:
+            return f"already serving {busy} VM(s) (--max-vms {self.max_vms})"
+        if busy >= self.max_connections:
+            return (f"{busy} connections are open, the most --max-connections allows "
+                    f"({self.max_connections})")
+        return None
 
     # -- one VM -----------------------------------------------------------------------------
 
@@ -441,6 +517,24 @@ class FirecrackerPager:
 def _peer_cred(conn: socket.socket) -> PeerCred:
     raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     return PeerCred(*_UCRED.unpack(raw))
+
+
+def _listening(path: str) -> bool:
+    """Whether a server accepts connections on the Unix socket ``path`` (connect to see)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False  # a stale socket file (or gone meanwhile)
+    except (TimeoutError, BlockingIOError):
+        return True  # its backlog is full: it is alive, just busy
+    except OSError as err:
+        raise OSError(err.errno, f"cannot tell whether a server listens on {path}: "
+                      f"{err.strerror}; remove it or choose another --socket path") from err
+    finally:
+        probe.close()
+    return True
 
 
 def _check_is_uffd(fd: int) -> None:

@@ -16,6 +16,8 @@ import struct
 import threading
 from collections.abc import Iterable
 
+from .._files import open_regular
+
 __all__ = ["WORKING_SET_MAGIC", "coalesce", "read_working_set", "write_working_set"]
 
 WORKING_SET_MAGIC = b"UFFCWS1\0"
@@ -40,21 +42,36 @@ def read_working_set(path: str | os.PathLike[str]) -> tuple[int, list[int]]:
     """Read a working-set file: ``(page_size, offsets)``.
 
     Raises:
-        ValueError: not a working-set file, or truncated.
+        OSError: the file cannot be opened.
+        ValueError: not a regular file, not a working-set file, truncated, or an offset that
+            is not a multiple of the page size.
     """
-    with open(path, "rb") as f:
-        data = f.read()
-    if len(data) < _WS_HEADER.size:
-        raise ValueError(f"{os.fspath(path)!r} is too short to be a working-set file")
-    magic, page, count = _WS_HEADER.unpack_from(data)
-    if magic != WORKING_SET_MAGIC:
-        raise ValueError(f"{os.fspath(path)!r} is not a working-set file (bad magic)")
-    if page < 4096 or page & (page - 1):
-        raise ValueError(f"{os.fspath(path)!r}: page size {page} is not a power of two >= 4096")
-    if len(data) != _WS_HEADER.size + 8 * count:
-        raise ValueError(f"{os.fspath(path)!r}: header says {count} offsets, the file holds "
-                         f"{(len(data) - _WS_HEADER.size) / 8:g}")
-    return page, list(struct.unpack_from(f"<{count}Q", data, _WS_HEADER.size))
+    name = os.fspath(path)
+    fd = open_regular(os.fsdecode(name), advice="name a working-set file written by --record")
+    try:
+        file_bytes = os.fstat(fd).st_size
+        head = os.pread(fd, _WS_HEADER.size, 0)
+        if len(head) < _WS_HEADER.size:
+            raise ValueError(f"{name!r} is too short to be a working-set file")
+        magic, page, count = _WS_HEADER.unpack(head)
+        if magic != WORKING_SET_MAGIC:
+            raise ValueError(f"{name!r} is not a working-set file (bad magic)")
+        if page < 4096 or page & (page - 1):
+            raise ValueError(f"{name!r}: page size {page} is not a power of two >= 4096")
+        if file_bytes != _WS_HEADER.size + 8 * count:  # checked before reading: no huge reads
+            raise ValueError(f"{name!r}: header says {count} offsets, the file holds "
+                             f"{(file_bytes - _WS_HEADER.size) / 8:g}")
+        data = os.pread(fd, 8 * count, _WS_HEADER.size)
+    finally:
+        os.close(fd)
+    if len(data) != 8 * count:
+        raise ValueError(f"{name!r} changed while being read")
+    offsets = list(struct.unpack(f"<{count}Q", data))
+    for i, off in enumerate(offsets):
+        if off % page:
+            raise ValueError(f"{name!r}: offset {i} ({off:#x}) is not a multiple of the page "
+                             f"size {page}: the file is corrupted")
+    return page, offsets
 
 
 def coalesce(offsets: Iterable[int], page_size: int, max_gap: int = 0

@@ -8,6 +8,17 @@ small objects, some proxies) is refused with a clear :class:`~userfault.errors.S
 instead of serving wrong bytes. Every ``206`` is checked: its ``Content-Range`` and length must be
 exactly the range asked for.
 
+The source pins the version of the object it started with. The first response's validator
+(its strong ``ETag``, else its ``Last-Modified``) is recorded, and every later range request
+carries it as a precondition (``If-Match``, or ``If-Unmodified-Since`` for a date); the validator
+of each ``206`` is compared as well, for servers that ignore preconditions. A replaced object
+(``412 Precondition Failed``, or another validator) is a ``SourceError`` naming the URL and both
+validators: a pager then poisons those pages (SIGBUS), and never mixes pages of two versions.
+A server that sends neither validator (or only a weak ETag) cannot be pinned: then only a
+change of size is noticed (:attr:`HTTPSource.validator` is ``None``). nginx derives its ETag
+from the file's modification time (seconds) and size, so a same-size replacement within the
+same second of the old file's mtime goes unseen there.
+
 The client is a lean HTTP/1.1 speaker of its own, because a page fault waits on it: one socket
 per connection (``TCP_NODELAY``; TLS through an ``ssl``-wrapped socket), a request preformatted
 up to the range numbers, the status line and headers parsed with bytes operations, and the body
@@ -33,6 +44,7 @@ import re
 import socket
 import ssl
 import threading
+import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,9 +58,21 @@ _CONTENT_RANGE = re.compile(rb"^\s*bytes\s+(?:(\d+)-(\d+)|\*)\s*/\s*(\d+|\*)\s*$
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an HTTP header name
 _MIN_MERGE = 1 << 20  # merged GETs are capped at max(1 MiB, batch / connections)
 _HEAD_BUF = 16 << 10  # per-connection buffer for the status line and headers (and body start)
+# A server trickling bytes slower than this (after the timeout's grace) fails the request: the
+# socket timeout alone bounds only the wait for each byte, not for the whole response.
+_MIN_RATE = 16 << 10
 _REASONS = {200: "OK", 206: "Partial Content", 301: "Moved Permanently", 302: "Found",
             303: "See Other", 307: "Temporary Redirect", 308: "Permanent Redirect",
             404: "Not Found", 416: "Range Not Satisfiable"}
+
+
+class _Changed(Exception):
+    """The server no longer has the version of the object this source pinned."""
+
+    def __init__(self, now: tuple[str, str] | None, size: int | None) -> None:
+        super().__init__("the object changed")
+        self.now = now  # the new validator, when the response said it
+        self.size = size
 
 
 class _Closed(ConnectionError):
@@ -116,7 +140,9 @@ class HTTPSource:
             with one ``Range: bytes=0-0`` GET at construction.
         headers: extra request headers (``Authorization``, ...). ``Range`` and ``Host`` are set
             by the source.
-        timeout: socket timeout in seconds for connect and each read.
+        timeout: socket timeout in seconds for connect and each read. A response head must
+            also be complete within it, and a body must arrive at 16 KiB/s or more after that
+            grace: a server trickling bytes cannot hold a request forever.
         connections: most connections open at once (and threads used by ``read_many``).
         verify: for HTTPS, ``True`` checks the certificate against the system CAs, a path
             names a CA bundle (PEM) to trust, ``False`` disables checking (testing only).
@@ -154,15 +180,19 @@ class HTTPSource:
         self._timeout = float(timeout)
         self._connections = int(connections)
         self._verify = verify
+        self._validator: tuple[str, str] | None = None
         self._setup()
-        self._size = size if size is not None else self._probe()
+        if size is None:
+            size, self._validator = self._probe()
+        self._size = size
 
     # -- pickling: constructor arguments (and the learned size) only ------------------------
 
     def __getstate__(self) -> dict[str, Any]:
+        # The pinned validator travels: a pager process serves the version this one opened.
         return {"url": self._url, "size": self._size, "headers": self._headers,
                 "timeout": self._timeout, "connections": self._connections,
-                "verify": self._verify}
+                "verify": self._verify, "validator": self._validator}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._url = state["url"]
@@ -172,6 +202,7 @@ class HTTPSource:
         self._timeout = state["timeout"]
         self._connections = state["connections"]
         self._verify = state["verify"]
+        self._validator = state["validator"]
         self._setup()
 
     def _setup(self) -> None:
@@ -194,6 +225,14 @@ class HTTPSource:
         lines.append("Range: bytes=")
         self._request_head = "\r\n".join(lines).encode("latin-1")
         self._reset_process_state()
+
+    def _precondition(self) -> bytes:
+        """The request header line that pins the version, once a validator is known."""
+        v = self._validator
+        if v is None:
+            return b""
+        name = "If-Match" if v[0] == "ETag" else "If-Unmodified-Since"
+        return f"{name}: {v[1]}\r\n".encode("latin-1")
 
     def _reset_process_state(self) -> None:
         """Fresh pool, locks and threads for this process (at setup, and after a fork)."""
@@ -221,6 +260,12 @@ class HTTPSource:
     @property
     def size(self) -> int:
         return self._size
+
+    @property
+    def validator(self) -> tuple[str, str] | None:
+        """The pinned version: ``("ETag", '"..."')`` or ``("Last-Modified", date)``, or
+        ``None`` while none is known (the server sent no usable validator yet)."""
+        return self._validator
 
     def __repr__(self) -> str:
         return f"HTTPSource({self._desc!r}, size={self._size})"
@@ -345,15 +390,17 @@ class HTTPSource:
             self._busy -= 1
             self._freed.notify()
 
-    def _exchange(self, c: _Conn, start: int, last: int) -> _Response:
-        """Send ``GET`` for bytes ``start..last`` and read the status line and headers.
+    def _exchange(self, c: _Conn, start: int, last: int, condition: bytes = b"") -> _Response:
+        """Send ``GET`` for bytes ``start..last`` (with the ``condition`` header line) and read
+        the status line and headers.
 
         The response's body bytes that arrived with the head are in ``extra``.
         """
         sock = c.sock or self._connect(c)
-        sock.sendall(b"%s%d-%d\r\n\r\n" % (self._request_head, start, last))
+        sock.sendall(b"%s%d-%d\r\n%s\r\n" % (self._request_head, start, last, condition))
         head, view = c.head, c.head_view
         got = 0
+        deadline = time.monotonic() + self._timeout
         while True:
             n = sock.recv_into(view[got:])
             if not n:
@@ -366,6 +413,9 @@ class HTTPSource:
                 break
             if got == len(head):
                 raise _ProtocolError(f"a response head larger than {len(head)} bytes")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the server sent its response head too slowly ({got} bytes "
+                                   f"in {self._timeout:g} s)")
         eol = head.find(b"\r\n", 0, end + 2)
         status_line = bytes(view[:eol])
         version, _, rest = status_line.partition(b" ")
@@ -384,8 +434,9 @@ class HTTPSource:
         return _Response(int(code), reason.decode("latin-1"), headers, keep_alive,
                          view[end + 4:got])
 
-    def _probe(self) -> int:
-        """Learn the size from ``Content-Range`` of a ``Range: bytes=0-0`` GET."""
+    def _probe(self) -> tuple[int, tuple[str, str] | None]:
+        """Learn the size (from ``Content-Range``) and the validator of the object as it is
+        now, with an unconditional ``Range: bytes=0-0`` GET."""
         c = self._acquire()
         keep: _Conn | None = None
         try:
@@ -395,7 +446,7 @@ class HTTPSource:
                     if resp.status == 416:  # empty file: "bytes */0"
                         total = self._parse_total(resp, 0, 1)
                         c.close()  # its body (if any) is not worth reading
-                        return total
+                        return total, _validator(resp)
                     self._check_status(resp, "size probe GET", 0, 1)
                     first, last, total = self._parse_range(resp, 0, 1, "size probe GET")
                     if (first, last) != (0, 0):
@@ -408,7 +459,7 @@ class HTTPSource:
                         keep = c
                     else:
                         c.close()
-                    return total
+                    return total, _validator(resp)
                 except SourceError:
                     c.close()
                     raise
@@ -517,11 +568,16 @@ class HTTPSource:
         except TimeoutError as err:
             raise self._error("GET", offset, want, _cause(err)) from err
         keep: _Conn | None = None
+        changed: _Changed | None = None
         try:
             for attempt in (0, 1):
                 try:
                     keep = self._get_into(c, offset, want, targets)
                     return
+                except _Changed as err:
+                    c.close()
+                    changed = err
+                    break
                 except SourceError:
                     c.close()
                     raise
@@ -538,11 +594,59 @@ class HTTPSource:
                     raise self._error("GET", offset, want, _cause(err)) from err
         finally:
             self._release(keep)
+        assert changed is not None
+        raise self._error("GET", offset, want, self._changed_cause(changed))
+
+    def _changed_cause(self, changed: _Changed) -> str:
+        """The sentence for a replaced object, naming both validators (a 412 does not say
+        the new one: it is asked for, once, on a connection of its own)."""
+        now, size = changed.now, changed.size
+        if now is None or size is None:
+            try:
+                size, now = self._probe()
+            except SourceError:
+                pass
+        old = self._validator
+        assert old is not None
+        if now == old:
+            return (f"the server refused the pinned version ({old[0]} {old[1]}) with 412 "
+                    "Precondition Failed, yet still reports that version: it does not serve "
+                    "it consistently, so these pages are not served")
+        was = f"{old[0]} {old[1]} when this source opened it"
+        if now is None:
+            is_now = "no usable validator now"
+        elif now[0] == old[0]:
+            is_now = f"{now[1]} now"
+        else:
+            is_now = f"{now[0]} {now[1]} now"
+        sizes = f"; size {self._size} then, {size} now" if size not in (None, self._size) else ""
+        return (f"the object changed on the server ({was}, {is_now}{sizes}): pages of two "
+                "versions must never be mixed, so these are not served; open the URL again "
+                "to page the new version")
+
+    def _check_version(self, resp: _Response) -> None:
+        """Pin the validator of the first response; any later one must be the same."""
+        got = _validator(resp)
+        if self._validator is None:
+            if got is not None:
+                with self._lock:
+                    if self._validator is None:
+                        self._validator = got
+                        return
+            else:
+                return
+        pinned = self._validator
+        assert pinned is not None
+        value = resp.header(b"etag" if pinned[0] == "ETag" else b"last-modified")
+        if value is not None and value != pinned[1]:
+            raise _Changed(got, self._size)  # (its Content-Range total was checked already)
 
     def _get_into(self, c: _Conn, offset: int, want: int,
                   targets: list[memoryview]) -> _Conn | None:
         last = offset + want - 1
-        resp = self._exchange(c, offset, last)
+        resp = self._exchange(c, offset, last, self._precondition())
+        if resp.status == 412 and self._validator is not None:
+            raise _Changed(None, None)  # If-Match / If-Unmodified-Since failed: replaced
         if resp.status != 206:
             self._check_status(resp, "GET", offset, want)
         value = resp.headers.get(b"content-range")
@@ -552,8 +656,11 @@ class HTTPSource:
                 raise self._error("GET", offset, want,
                                   f"the server sent bytes {first}-{got_last}, not {offset}-{last}")
             if total != self._size:
+                if self._validator is not None:
+                    raise _Changed(_validator(resp), total)
                 raise self._error("GET", offset, want,
                                   f"the file changed size on the server ({self._size} -> {total})")
+        self._check_version(resp)
         h = resp.headers
         if (h.get(b"content-length") != b"%d" % want or b"transfer-encoding" in h
                 or b"content-encoding" in h):
@@ -565,10 +672,12 @@ class HTTPSource:
         c.close()
         return None
 
-    @staticmethod
-    def _read_body(c: _Conn, resp: _Response, targets: list[memoryview], want: int) -> None:
+    def _read_body(self, c: _Conn, resp: _Response, targets: list[memoryview], want: int) -> None:
         """Receive the ``want`` body bytes into ``targets``, in order (straight into them, after
-        the body bytes that came with the head)."""
+        the body bytes that came with the head), at no less than ``_MIN_RATE`` on average
+        after a grace of one timeout."""
+        started = time.monotonic()
+        allowed = self._timeout + want / _MIN_RATE
         extra = resp.extra
         if len(extra) > want:
             raise _ProtocolError(f"the server sent {len(extra) - want} bytes past the body")
@@ -588,11 +697,25 @@ class HTTPSource:
                 if not n:
                     raise _Incomplete(want - done - got)
                 got += n
+                if got < size and time.monotonic() - started > allowed:
+                    raise TimeoutError(
+                        f"the server sent the body too slowly: {done + got} of {want} bytes in "
+                        f"{allowed:.1f} s (below {_MIN_RATE >> 10} KiB/s)")
             done += size
 
 
 class _ProtocolError(Exception):
     """The server's response is not HTTP/1.1 as this client speaks it."""
+
+
+def _validator(resp: _Response) -> tuple[str, str] | None:
+    """What identifies this version of the object: its strong ETag, else its Last-Modified
+    (a weak ETag, ``W/"..."``, cannot be used with If-Match)."""
+    etag = resp.header(b"etag")
+    if etag and not etag.startswith("W/"):
+        return ("ETag", etag)
+    modified = resp.header(b"last-modified")
+    return ("Last-Modified", modified) if modified else None
 
 
 def _bytes_view(buf: memoryview) -> memoryview:

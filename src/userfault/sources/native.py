@@ -11,10 +11,14 @@ import os
 from typing import Any
 
 from .. import _native
+from .._files import open_regular
 from ..errors import SourceError
 
 __all__ = ["BufferSource", "CyclingSource", "FileSource", "NativeSource", "PatternSource",
            "ZeroSource"]
+
+_NOT_A_FILE = ("pages are served from regular files, compressed snapshots (.ufs) and URLs; "
+               "copy the data into a file first")
 
 # Engine source kinds, as the extension defines them.
 KIND_ZERO: int = _native.SRC_ZERO
@@ -155,11 +159,14 @@ class FileSource(NativeSource):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
+        self._fd = -1
         try:
-            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            self._fd = open_regular(self.path, advice=_NOT_A_FILE)
         except OSError as err:
             raise SourceError(f"cannot open {self.path!r}: {err.strerror}",
                               source=self.path) from err
+        except ValueError as err:  # a directory, FIFO, socket or device: refused unopened
+            raise SourceError(str(err), source=self.path) from None
         try:
             size = os.fstat(self._fd).st_size
             if size == 0:
@@ -179,9 +186,21 @@ class FileSource(NativeSource):
         want = max(0, min(n, self._size - offset))
         if got < want:
             raise SourceError(f"{self.path!r} ended at byte {offset + got}, before "
-                              f"{offset + want}: was it truncated?", source=self.path,
-                              offset=offset, length=n)
+                              f"{offset + want}: {self.changed() or 'a short read'}",
+                              source=self.path, offset=offset, length=n)
         buf[got:n] = bytes(n - got)
+
+    def changed(self) -> str | None:
+        """Why the file can no longer be served as mapped, or ``None``: it shrank below the
+        size it had when opened (its pages past the new end cannot be read: they are
+        poisoned, never served as zeros)."""
+        if self._fd < 0:
+            return None
+        now = os.fstat(self._fd).st_size
+        if now >= self._size:
+            return None
+        return (f"the file was truncated: it is now {now} bytes, it was {self._size} when "
+                "mapped")
 
     def close(self) -> None:
         if self._fd >= 0:

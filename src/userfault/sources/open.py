@@ -10,6 +10,7 @@ import os
 import urllib.parse
 from typing import Any
 
+from .._files import open_regular
 from .base import PageSource
 from .native import BufferSource, FileSource, NativeSource
 
@@ -70,6 +71,10 @@ def _open_named(spec: str, redis_prefix: str | None, page_size: int) -> PageSour
         return RedisSource(url) if prefix is None else RedisSource(url, prefix=prefix)
     if scheme == "file":
         spec = urllib.parse.unquote(urllib.parse.urlsplit(spec).path)
+    elif scheme and "://" in spec:
+        raise ValueError(f"cannot page from {spec!r}: {scheme}:// URLs are not supported (http, "
+                         "https, redis, rediss and file are; other filesystems through "
+                         "userfault.sources.fsspec.FsspecSource)")
     if spec.endswith(".ufs") or _looks_like_snapshot(spec):
         from .snapshot import SnapshotSource
 
@@ -83,7 +88,10 @@ def _looks_like_snapshot(path: str) -> bool:
     from .snapshot.format import MAGIC
 
     try:
-        with open(path, "rb") as f:
-            return f.read(len(MAGIC)) == MAGIC
-    except OSError:
+        fd = open_regular(path)  # never opens a FIFO or a device: FileSource refuses those
+    except (OSError, ValueError):
         return False
+    try:
+        return os.pread(fd, len(MAGIC), 0) == MAGIC
+    finally:
+        os.close(fd)

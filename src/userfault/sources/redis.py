@@ -2,8 +2,24 @@
 
 Key layout (``prefix`` defaults to ``"userfault:"``, ``page_size`` to 4096)::
 
-    {prefix}meta      JSON {"size": <total bytes>, "page_size": <bytes per key>, "version": 1}
-    {prefix}{index}   the bytes of [index * page_size, (index + 1) * page_size), index in decimal
+    {prefix}meta              JSON {"size": <total bytes>, "page_size": <bytes per key>,
+                                    "version": 2, "generation": "<16 hex digits>"}
+    {prefix}{generation}:{i}  the bytes of [i * page_size, (i + 1) * page_size), i in decimal
+
+Objects are versioned. :func:`upload` writes a new *generation* under keys of its own, then
+swaps the meta key to it (one atomic ``SET ... GET``), then deletes the previous generation's
+keys. A :class:`RedisSource` pins the generation it opened (and a pager process gets that pin
+with the pickled source), so its pages can only ever come from that one upload: once the old
+generation is deleted its reads fail with a :class:`~userfault.errors.SourceError` saying the
+object was uploaded again (naming both generations), never a mix of two uploads. (While an
+upload runs, Redis holds both generations: plan memory for twice the object.) One uploader at a
+time per prefix.
+
+Data without a generation (meta ``"version": 1`` from older uploads, or no meta key at all when
+``size=`` is given) uses the unversioned layout ``{prefix}{i}``: nothing tells two versions
+apart there, so writing new pages over a live object mixes them. A source on such data still
+notices an upload of a new generation over it (its meta key appears or changes) when a page
+key is missing.
 
 A page value holds the *leading* bytes of its page: bytes past the end of the value are zeros.
 So an empty value is an all-zero page (what :func:`upload` writes for zero pages), the last
@@ -23,20 +39,26 @@ lazily in the process that uses it, and again after a fork.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import socket
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
+from userfault._files import open_regular
 from userfault.errors import SourceError
 
 __all__ = ["RedisSource", "upload"]
 
 _MGET_BATCH = 512  # keys per MGET in a pipeline
+# A server trickling a reply slower than this (after the timeout's grace) fails the read.
+_MIN_RATE = 16 << 10
 
 #: What upload() accepts: a path or an object with the buffer protocol.
 BufferLike = bytes | bytearray | memoryview
@@ -74,7 +96,8 @@ def _describe_url(url: str) -> str:
 
 
 class RedisSource:
-    """Pages kept in Redis under ``{prefix}{index}`` keys (see the module docstring).
+    """Pages kept in Redis under ``{prefix}{generation}:{index}`` keys (see the module
+    docstring), pinned to the generation that was current when the source opened.
 
     Args:
         url: ``redis://host:port/db`` (``rediss://`` for TLS); for a cluster, any one node.
@@ -111,28 +134,31 @@ class RedisSource:
         self._missing = missing
         self._timeout = float(timeout)
         self._desc = f"{_describe_url(url)} prefix {prefix!r}"
+        self._generation: str | None = None
         self._reset_process_state()
-        if size is None or page_size is None:
-            meta = self._read_meta(required=size is None)
-            if meta is not None:
-                if page_size is not None and meta["page_size"] != page_size:
-                    raise SourceError(
-                        f"RedisSource {self._desc}: page_size={page_size} was asked for but "
-                        f"{prefix}meta says the data was stored with page_size "
-                        f"{meta['page_size']}", source=self._desc)
-                page_size = int(meta["page_size"])
-                if size is None:
-                    size = int(meta["size"])
+        meta = self._read_meta(required=size is None)
+        if meta is not None:
+            if page_size is not None and meta["page_size"] != page_size:
+                raise SourceError(
+                    f"RedisSource {self._desc}: page_size={page_size} was asked for but "
+                    f"{prefix}meta says the data was stored with page_size "
+                    f"{meta['page_size']}", source=self._desc)
+            page_size = int(meta["page_size"])
+            if size is None:
+                size = int(meta["size"])
+            self._generation = meta["generation"]
         self._page_size = page_size or 4096
         assert size is not None
         self._size = size
+        self._keys = f"{prefix}{self._generation}:" if self._generation else prefix
 
     # -- pickling --------------------------------------------------------------------------------
 
     def __getstate__(self) -> dict[str, Any]:
+        # The pinned generation travels: a pager process serves the upload this one opened.
         return {"url": self._url, "prefix": self._prefix, "page_size": self._page_size,
                 "size": self._size, "cluster": self._cluster, "missing": self._missing,
-                "timeout": self._timeout}
+                "timeout": self._timeout, "generation": self._generation}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._url = state["url"]
@@ -142,6 +168,9 @@ class RedisSource:
         self._cluster = state["cluster"]
         self._missing = state["missing"]
         self._timeout = state["timeout"]
+        self._generation = state["generation"]
+        self._keys = (f"{self._prefix}{self._generation}:" if self._generation
+                      else self._prefix)
         self._desc = f"{_describe_url(self._url)} prefix {self._prefix!r}"
         self._reset_process_state()
 
@@ -177,13 +206,19 @@ class RedisSource:
     def prefix(self) -> str:
         return self._prefix
 
+    @property
+    def generation(self) -> str | None:
+        """The upload this source serves (pinned when it opened), or ``None`` for data in the
+        unversioned layout."""
+        return self._generation
+
     def __repr__(self) -> str:
         return (f"RedisSource({self._desc}, size={self._size}, page_size={self._page_size}, "
                 f"cluster={self._cluster}, missing={self._missing!r})")
 
     def key(self, index: int) -> str:
-        """The key of page ``index``."""
-        return f"{self._prefix}{index}"
+        """The key of page ``index`` (of the pinned generation)."""
+        return f"{self._keys}{index}"
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` with ``[offset, offset + len(buf))`` (one MGET of the pages it spans)."""
@@ -241,13 +276,21 @@ class RedisSource:
             left = self._mget(order, views, dsts)
         else:
             left = list(zip(order, self._mget(order, views, None), strict=True))
-        bad: list[tuple[int, bytes | None]] = []
+        bad: list[tuple[int, bytes | int | None]] = []
+        if self._missing == "zero" and any(val is None for _, val in left):
+            # An absent page is a zero page only while the pinned generation is current:
+            # the keys of a replaced one are deleted after the new one is in place.
+            replaced = self._replaced()
+            if replaced is not None:
+                off = views[0][0]
+                length = max(o + len(b) for o, b in views) - off
+                raise self._error("read", off, length, replaced)
         for i, val in left:
             if val is None:
                 if self._missing == "error":
                     bad.append((i, val))
                     continue
-            elif len(val) > ps:
+            elif isinstance(val, int) or len(val) > ps:  # an int: a length too long to read
                 bad.append((i, val))
                 continue
             for in_page, dst, _ in [first[i], *extra.get(i, ())]:
@@ -265,14 +308,16 @@ class RedisSource:
             i, val = min(bad, key=lambda e: order.index(e[0]))
             off, b = views[first[i][2]]
             if val is None:
+                replaced = self._replaced()
                 raise self._error(
                     "read", off, len(b),
+                    f"page key {self.key(i)!r} does not exist: {replaced}" if replaced else
                     f"page key {self.key(i)!r} does not exist (never uploaded, evicted "
                     "or lost); pass missing='zero' only if absent pages are zeros")
             raise self._error(
                 "read", off, len(b),
-                f"page key {self.key(i)!r} holds {len(val)} bytes, more than the "
-                f"page size {ps}: wrong prefix or page_size?")
+                f"page key {self.key(i)!r} holds {val if isinstance(val, int) else len(val)} "
+                f"bytes, more than the page size {ps}: wrong prefix or page_size?")
 
     def write_from(self, offset: int, data: memoryview) -> None:
         """Store ``data`` at ``offset`` (bytes past ``size`` are dropped).
@@ -301,6 +346,9 @@ class RedisSource:
             else:
                 partial.append((self.key(i), pos - i * ps, chunk))
             pos += take
+        replaced = self._replaced()
+        if replaced is not None:
+            raise self._error("write", offset, len(mv), f"{replaced}; nothing was written")
         try:
             client = self._client()
             if partial and self._missing == "error":
@@ -376,12 +424,12 @@ class RedisSource:
             raise self._redis_error("read", off, length, err) from err
 
     def _mget_lean(self, order: list[int],
-                   dsts: list[memoryview | None]) -> list[tuple[int, bytes | None]]:
+                   dsts: list[memoryview | None]) -> list[tuple[int, bytes | int | None]]:
         """MGET over a pooled raw connection, batches pipelined; a reused connection that the
         server closed while idle is retried once on a fresh one."""
         if self._pid != os.getpid():
             self._reset_process_state()
-        prefix = self._prefix
+        prefix = self._keys
         lp = len(prefix.encode())
         cmds = []
         for s in range(0, len(order), _MGET_BATCH):
@@ -399,6 +447,8 @@ class RedisSource:
                 if c is None:
                     assert self._lean is not None
                     c = _RespConn(*self._lean, self._timeout)
+                c.deadline = time.monotonic() + self._timeout + len(order) * self._page_size / (
+                    _MIN_RATE)
                 c.sock.sendall(request)
                 left = c.read_mget_into(sizes, dsts, zero)
             except (_RespClosed, ConnectionResetError, BrokenPipeError,
@@ -409,6 +459,10 @@ class RedisSource:
                 if attempt == 0 and not fresh:
                     continue
                 raise ConnectionError(str(err) or type(err).__name__) from err
+            except _TooLong as err:
+                assert c is not None
+                c.close()  # the rest of the stream cannot be trusted to be in step
+                return [(order[k], v) for k, v in err.left] + [(order[err.index], err.length)]
             except BaseException:
                 if c is not None:
                     c.close()  # its stream may be mid-reply
@@ -418,7 +472,7 @@ class RedisSource:
             return [(order[k], v) for k, v in left]
         raise AssertionError("unreachable")
 
-    def _read_meta(self, *, required: bool) -> dict[str, int] | None:
+    def _read_meta(self, *, required: bool) -> _Meta | None:
         key = f"{self._prefix}meta"
         try:
             raw = self._client().get(key)
@@ -433,13 +487,56 @@ class RedisSource:
                     source=self._desc)
             return None
         try:
-            meta = json.loads(raw)
-            out = {"size": int(meta["size"]), "page_size": int(meta["page_size"])}
-            _check_page_size(out["page_size"])
-        except (ValueError, KeyError, TypeError) as err:
+            return _parse_meta(raw)
+        except ValueError as err:
             raise SourceError(f"RedisSource {self._desc}: {key!r} is not valid meta JSON "
                               f"({raw[:200]!r}): {err}", source=self._desc) from err
-        return out
+
+    def _replaced(self) -> str | None:
+        """Why the pinned generation is no longer the object's, or ``None`` while it is.
+        (Called when a page key is missing, and before writes: the meta key says.)"""
+        try:
+            raw = self._client().get(f"{self._prefix}meta")
+            now = None if raw is None else _parse_meta(raw)["generation"]
+        except Exception:  # unreadable now: the caller's own error says enough
+            return None
+        if raw is not None and now == self._generation:
+            return None
+        if raw is None and self._generation is None:
+            return None  # unversioned data without a meta key: nothing to compare
+        if raw is None:
+            return (f"the object was deleted (generation {self._generation} when this source "
+                    f"opened it; its {self._prefix}meta key is gone)")
+        was = self._generation or "none (unversioned layout)"
+        return (f"the object was uploaded again (generation {was} when this source opened it, "
+                f"{now or 'none'} now): its pages are gone and pages of two uploads must never "
+                "be mixed; open it again to page the new version")
+
+
+class _Meta(TypedDict):
+    size: int
+    page_size: int
+    generation: str | None  # None: the unversioned layout (meta version 1)
+
+
+def _parse_meta(raw: bytes) -> _Meta:
+    """The meta key's JSON (version 1 or 2); ``ValueError`` if it is not valid."""
+    try:
+        meta = json.loads(raw)
+        out: _Meta = {"size": int(meta["size"]), "page_size": int(meta["page_size"]),
+                      "generation": None}
+        version = int(meta.get("version", 1))
+        if version >= 2:
+            gen = meta["generation"]
+            if not isinstance(gen, str) or not gen.isalnum():
+                raise ValueError(f"generation {gen!r} is not alphanumeric")
+            out["generation"] = gen
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{type(err).__name__}: {err}") from err
+    _check_page_size(out["page_size"])
+    if out["size"] < 0:
+        raise ValueError(f"negative size {out['size']}")
+    return out
 
 
 def _bytes_view(buf: memoryview) -> memoryview:
@@ -453,7 +550,7 @@ def _bytes_view(buf: memoryview) -> memoryview:
 
 def _chunks(src: BufferLike | str | os.PathLike[str], chunk: int) -> Iterable[tuple[int, bytes]]:
     if isinstance(src, (str, os.PathLike)):
-        with open(src, "rb") as f:
+        with os.fdopen(open_regular(os.fsdecode(src)), "rb") as f:
             pos = 0
             while True:
                 data = f.read(chunk)
@@ -479,10 +576,13 @@ def upload(
     batch_bytes: int = 4 << 20,
     timeout: float = 30.0,
 ) -> RedisSource:
-    """Store a file or buffer in Redis in the layout :class:`RedisSource` reads.
+    """Store a file or buffer in Redis as a new generation of the object at ``prefix``.
 
-    Pages are written with pipelined ``SET`` in batches of about ``batch_bytes``; the meta key
-    is written last, so a reader never sees a size before the data is there.
+    Pages are written with pipelined ``SET`` in batches of about ``batch_bytes`` under keys of
+    a new generation; then the meta key is swapped to it in one ``SET ... GET`` (Redis 6.2+),
+    so a reader never sees a size before the data is there; then the previous generation's
+    keys are deleted. Sources pinned to the previous generation then fail clearly instead of
+    mixing two uploads (see the module docstring). A failed upload deletes what it wrote.
 
     Args:
         skip_zero: ``True`` stores an all-zero page as an empty value (a few dozen bytes instead
@@ -493,8 +593,6 @@ def upload(
 
     Returns:
         a :class:`RedisSource` on the uploaded data (``missing="zero"`` if ``skip_zero="omit"``).
-
-    Existing page keys past the new size (from an older, larger upload) are not deleted.
     """
     _check_page_size(page_size)
     if isinstance(source_bytes_or_path, (str, os.PathLike)):
@@ -502,41 +600,72 @@ def upload(
     else:
         total = memoryview(source_bytes_or_path).nbytes
     desc = f"{_describe_url(url)} prefix {prefix!r}"
+    generation = secrets.token_hex(8)
+    keys = f"{prefix}{generation}:"
     per_batch = max(page_size, batch_bytes // page_size * page_size)
     zero = bytes(page_size)
     done = 0
     try:
         client = _make_client(url, cluster, timeout)
         try:
-            for pos, data in _chunks(source_bytes_or_path, per_batch):
-                pipe = client.pipeline(transaction=False)
-                omitted: list[str] = []
-                for s in range(0, len(data), page_size):
-                    page = data[s: s + page_size]
-                    key = f"{prefix}{(pos + s) // page_size}"
-                    if skip_zero and page == zero[: len(page)]:
-                        if skip_zero == "omit":
-                            omitted.append(key)
-                            continue
-                        page = b""
-                    pipe.set(key, page)
-                if omitted:  # a stale page from an older upload must not shadow the zeros
-                    for k in omitted:
-                        pipe.delete(k)
-                pipe.execute()
-                done += len(data)
-                if progress is not None:
-                    progress(done, total)
-            client.set(f"{prefix}meta", json.dumps(
-                {"size": total, "page_size": page_size, "version": 1}))
+            try:
+                for pos, data in _chunks(source_bytes_or_path, per_batch):
+                    pipe = client.pipeline(transaction=False)
+                    for s in range(0, len(data), page_size):
+                        page = data[s: s + page_size]
+                        if skip_zero and page == zero[: len(page)]:
+                            if skip_zero == "omit":
+                                continue  # the generation's key space is fresh: no stale key
+                            page = b""
+                        pipe.set(f"{keys}{(pos + s) // page_size}", page)
+                    pipe.execute()
+                    done += len(data)
+                    if progress is not None:
+                        progress(done, total)
+                old = client.set(f"{prefix}meta", json.dumps(
+                    {"size": total, "page_size": page_size, "version": 2,
+                     "generation": generation}), get=True)
+            except BaseException:
+                with contextlib.suppress(Exception):  # the server may be the failure
+                    _delete_pages(client, keys, -(-min(total, done + per_batch) // page_size))
+                raise
+            if old is not None:
+                _delete_previous(client, prefix, old, desc, generation)
         finally:
             client.close()
+    except SourceError:
+        raise
     except Exception as err:
         raise SourceError(f"upload to Redis {desc} failed after {done} of {total} bytes: "
                           f"{type(err).__name__}: {err}", source=desc, offset=done,
                           length=total - done) from err
     return RedisSource(url, prefix=prefix, page_size=page_size, size=total, cluster=cluster,
                        missing="zero" if skip_zero == "omit" else "error", timeout=timeout)
+
+
+def _delete_pages(client: Any, keys: str, count: int) -> None:
+    """Delete the page keys ``{keys}0`` .. ``{keys}{count - 1}`` (UNLINK, pipelined)."""
+    for start in range(0, count, 4096):
+        pipe = client.pipeline(transaction=False)
+        for i in range(start, min(count, start + 4096)):
+            pipe.unlink(f"{keys}{i}")
+        pipe.execute()
+
+
+def _delete_previous(client: Any, prefix: str, old: bytes, desc: str, generation: str) -> None:
+    """Delete the pages of the generation the meta key named before ``upload`` swapped it."""
+    try:
+        meta = _parse_meta(old)
+    except ValueError:
+        return  # not a meta key this module wrote: its pages (if any) cannot be found
+    keys = f"{prefix}{meta['generation']}:" if meta["generation"] else prefix
+    try:
+        _delete_pages(client, keys, -(-meta["size"] // meta["page_size"]))
+    except Exception as err:
+        raise SourceError(
+            f"upload to Redis {desc}: generation {generation} is in place, but deleting the "
+            f"previous one ({keys}*) failed: {type(err).__name__}: {err}; delete those keys "
+            "to free their memory", source=desc) from err
 
 
 def _lean_target(url: str) -> tuple[str, int, int, str | None, str | None] | None:
@@ -563,6 +692,27 @@ class RedisErrorReply(Exception):
     """An error reply (``-ERR ...``) from the server."""
 
 
+class RespProtocolError(Exception):
+    """A reply that is not RESP2 as this reader expects it (wrong count, kind or length)."""
+
+
+class _TooLong(Exception):
+    """MGET element ``index`` holds ``length`` bytes, more than a page: the value is not read
+    (a lying length could be anything) and the connection is dropped."""
+
+    def __init__(self, index: int, length: int, left: list[tuple[int, bytes | int | None]]
+                 ) -> None:
+        super().__init__(f"element {index} holds {length} bytes")
+        self.index, self.length, self.left = index, length, left
+
+
+def _int(line: bytes, what: str) -> int:
+    try:
+        return int(line)
+    except ValueError:
+        raise RespProtocolError(f"unexpected {what} {line[:80]!r}") from None
+
+
 class _RespConn:
     """One raw RESP2 connection (TCP_NODELAY), authenticated and on the right database.
 
@@ -570,7 +720,7 @@ class _RespConn:
     from there, or for the part not yet received straight from the socket, into the caller's
     destination buffers."""
 
-    __slots__ = ("buf", "end", "pos", "sock", "view")
+    __slots__ = ("buf", "deadline", "end", "pos", "sock", "view")
 
     BUFSIZE = 1 << 18
 
@@ -581,6 +731,7 @@ class _RespConn:
         self.view = memoryview(self.buf)
         self.pos = 0
         self.end = 0
+        self.deadline = time.monotonic() + timeout  # replies must be complete by then
         try:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             setup = []
@@ -619,6 +770,13 @@ class _RespConn:
         if not got:
             raise _RespClosed("the server closed the connection")
         self.end = end + got
+        self._check_deadline()
+
+    def _check_deadline(self) -> None:
+        # The socket timeout bounds the wait for each byte only: a server trickling bytes
+        # must not hold a fault forever.
+        if time.monotonic() > self.deadline:
+            raise TimeoutError("the server sent its reply too slowly")
 
     def _recv_exact(self, dst: memoryview) -> None:
         """Fill ``dst`` from the socket (the buffer is empty)."""
@@ -629,6 +787,8 @@ class _RespConn:
             if not k:
                 raise _RespClosed("the server closed the connection")
             got += k
+            if got < n:
+                self._check_deadline()
 
     def line(self) -> bytes:
         """The next reply line (an error reply is raised)."""
@@ -660,11 +820,12 @@ class _RespConn:
         self._crlf()
 
     def read_mget_into(self, sizes: list[int], dsts: list[memoryview | None],
-                       zero: bytes) -> list[tuple[int, bytes | None]]:
+                       zero: bytes) -> list[tuple[int, bytes | int | None]]:
         """The replies of pipelined MGETs of ``sizes`` keys each: a value no longer than its
         ``dsts`` entry is written there (the rest of it zeroed); the others are returned as
-        ``[(index into dsts, value or None for a missing key)]``."""
-        left: list[tuple[int, bytes | None]] = []
+        ``[(index into dsts, value or None for a missing key)]``. A value longer than a page
+        raises :class:`_TooLong` with the entries read so far."""
+        left: list[tuple[int, bytes | int | None]] = []
         buf = self.buf
         ps = len(zero)
         full = b"$%d\r\n" % ps  # the header of a whole page
@@ -673,8 +834,9 @@ class _RespConn:
         base = 0
         for count in sizes:
             head = self.line()
-            if head[:1] != b"*" or int(head[1:]) != count:
-                raise RedisErrorReply(f"unexpected reply {head[:80]!r} to MGET")
+            if head[:1] != b"*" or _int(head[1:], "reply to MGET") != count:
+                raise RespProtocolError(f"unexpected reply {head[:80]!r} to MGET of {count} "
+                                        "keys")
             view, pos, end = self.view, self.pos, self.end
             for k in range(base, base + count):
                 dst = dsts[k]
@@ -691,12 +853,17 @@ class _RespConn:
                 if nl < 0 or buf[pos] != 36:  # b"$"
                     item = self.line()
                     if item[:1] != b"$":
-                        raise RedisErrorReply(f"unexpected element {item[:80]!r} in an MGET reply")
-                    n = int(item[1:])
+                        raise RespProtocolError(f"unexpected element {item[:80]!r} in an MGET "
+                                                "reply")
+                    n = _int(item[1:], "bulk length")
                 else:
-                    n = int(buf[pos + 1: nl])
+                    n = _int(bytes(buf[pos + 1: nl]), "bulk length")
                     self.pos = nl + 2
+                if n > ps:
+                    raise _TooLong(k, n, left)
                 if n < 0:
+                    if n != -1:
+                        raise RespProtocolError(f"unexpected bulk length {n}")
                     left.append((k, None))
                 elif dst is not None and n <= len(dst):
                     if n < len(dst):

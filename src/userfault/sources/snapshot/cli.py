@@ -17,16 +17,18 @@ __all__ = ["add_snapshot_commands"]
 
 
 def _cmd_create(args: argparse.Namespace) -> int:
+    from ...cli import error_text
+
     bar: ProgressBar | None = None
     if not args.quiet and (args.progress or sys.stderr.isatty()):
         bar = ProgressBar(sys.stderr)
     try:
         info = create_snapshot(args.src, args.dest, chunk_size=args.chunk_size, level=args.level,
-                               progress=bar, threads=args.threads)
-    except (OSError, ValueError, TypeError) as err:
+                               progress=bar, threads=args.threads, size=args.size)
+    except (OSError, ValueError, TypeError, ImportError) as err:
         if bar is not None:
             bar.finish()
-        print(f"userfault snapshot create: error: {err}", file=sys.stderr)
+        print(f"userfault snapshot create: error: {error_text(err)}", file=sys.stderr)
         return 1
     if bar is not None:
         bar.finish()
@@ -42,12 +44,14 @@ def _cmd_create(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from ...cli import error_text
+
     try:
         info = inspect_snapshot(args.file, verify=args.verify)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, ImportError) as err:
         if args.json:
-            print(json.dumps({"path": args.file, "error": str(err)}))
-        print(f"userfault snapshot inspect: error: {err}", file=sys.stderr)
+            print(json.dumps({"path": args.file, "error": error_text(err)}))
+        print(f"userfault snapshot inspect: error: {error_text(err)}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(info.to_dict(), indent=2))
@@ -85,12 +89,16 @@ def add_snapshot_commands(subparsers: Any) -> argparse.ArgumentParser:
 
     create = sub.add_parser("create", help="compress a file into a snapshot",
                             description="Compress SRC into the snapshot DEST (written atomically).")
-    create.add_argument("src", metavar="SRC", help="file or block device to snapshot")
+    create.add_argument("src", metavar="SRC", help="file or block device to snapshot (a FIFO "
+                        "or character device with --size)")
     create.add_argument("dest", metavar="DEST", help="snapshot file to write (e.g. mem.ufs)")
     create.add_argument("--chunk-size", type=size_arg, default=DEFAULT_CHUNK_SIZE,
                         metavar="SIZE",
                         help="chunk size, a power of two from 4K to 64M (default 64K: a fault "
                         "decompresses one chunk)")
+    create.add_argument("--size", type=size_arg, default=None, metavar="SIZE",
+                        help="snapshot only the first SIZE bytes of SRC; needed for a FIFO or "
+                        "character device, which have no size")
     create.add_argument("--level", type=int, default=3, metavar="N",
                         help="zstd level (default 3)")
     create.add_argument("--threads", type=int, default=0, metavar="N",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from ..._files import open_regular
 from ...errors import SnapshotError
 from .format import (
     DEFAULT_CACHE_CHUNKS,
@@ -87,7 +88,11 @@ class SnapshotReader:
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._local = threading.local()
         self._hits = self._misses = self._decompressions = self._bytes_read = 0
-        self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+        self._fd = -1
+        try:
+            self._fd = open_regular(self._path)
+        except ValueError as err:  # a directory, FIFO, socket or device: refused unopened
+            raise SnapshotError(f"snapshot {err}", source=self._path) from None
         try:
             self._open()
         except BaseException:

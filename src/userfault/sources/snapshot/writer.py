@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import struct
 import tempfile
 import threading
@@ -15,7 +16,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from types import ModuleType
 from typing import Any, TypeAlias
 
-from ...errors import SnapshotError
+from ..._files import file_kind, open_regular
+from ...errors import SnapshotError, SourceError
 from .format import (
     DEFAULT_CHUNK_SIZE,
     END_MAGIC,
@@ -39,16 +41,17 @@ __all__ = ["create_snapshot"]
 
 
 class _FileInput:
-    """A source file read chunk by chunk, skipping holes of sparse files without reading them."""
+    """A source file or block device read chunk by chunk, skipping holes of sparse files
+    without reading them (``size``: only that many leading bytes)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.name = os.fsdecode(path)
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            self.size = os.lseek(self.fd, 0, os.SEEK_END)
-        except BaseException:
-            os.close(self.fd)
-            raise
+    def __init__(self, name: str, fd: int, size: int | None) -> None:
+        self.name = name
+        self.fd = fd
+        whole = os.lseek(fd, 0, os.SEEK_END)
+        if size is not None and size > whole:
+            raise ValueError(f"{name!r} holds {whole} bytes, fewer than the size {size} asked "
+                             "for")
+        self.size = whole if size is None else size
         self._data_at = -1  # next offset holding data (SEEK_DATA), -1: unknown
 
     def is_hole(self, start: int, end: int) -> bool:
@@ -65,7 +68,10 @@ class _FileInput:
         view = memoryview(buf)
         done = 0
         while done < n:
-            got = os.preadv(self.fd, [view[done:]], start + done)
+            try:
+                got = os.preadv(self.fd, [view[done:]], start + done)
+            except OSError as err:
+                raise _read_error(self.name, start + done, n - done, err) from err
             if got == 0:
                 raise SnapshotError(
                     f"source {self.name} shrank while being snapshotted: expected "
@@ -78,8 +84,69 @@ class _FileInput:
         os.close(self.fd)
 
 
+class _StreamInput:
+    """The first ``size`` bytes of a FIFO or character device, read in order (such files
+    have neither a size nor random access: the chunks are asked for in order)."""
+
+    def __init__(self, name: str, fd: int, size: int) -> None:
+        self.name = name
+        self.fd = fd
+        self.size = size
+        self._pos = 0
+
+    def is_hole(self, start: int, end: int) -> bool:
+        return False
+
+    def read(self, start: int, n: int) -> bytearray:
+        assert start == self._pos, "a stream is read in order"
+        buf = bytearray(n)
+        view = memoryview(buf)
+        done = 0
+        while done < n:
+            try:
+                got = os.readv(self.fd, [view[done:]])
+            except OSError as err:
+                raise _read_error(self.name, start + done, n - done, err) from err
+            if got == 0:
+                raise SnapshotError(
+                    f"source {self.name} ended after {start + done} bytes, before the size "
+                    f"{self.size} asked for", source=self.name, offset=start + done,
+                    length=n - done)
+            done += got
+        self._pos += n
+        return buf
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _read_error(name: str, offset: int, length: int, err: OSError) -> SourceError:
+    return SourceError(f"reading the source {name} failed at byte {offset}: {err.strerror}",
+                       source=name, offset=offset, length=length)
+
+
+def _open_input(path: str, size: int | None) -> _FileInput | _StreamInput:
+    """The source named by ``path``: a regular file or block device, or (with ``size``) the
+    leading bytes of a FIFO or character device. Anything else is refused before it is
+    opened, and so is a FIFO or character device without ``size``: they have no size (and
+    ``/dev/zero`` would never end, a FIFO's open waits for a writer)."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
+        if size is None:
+            raise ValueError(f"{path!r} is {file_kind(mode)}: it has no size; give the number "
+                             "of bytes to read from it (--size, or size=)")
+        return _StreamInput(path, os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY),
+                            size)
+    fd = open_regular(path, allow_block=True, advice="name a file or a block device")
+    try:
+        return _FileInput(path, fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class _BufferInput:
-    def __init__(self, source: Any) -> None:
+    def __init__(self, source: Any, size: int | None) -> None:
         try:
             view = memoryview(source)
         except TypeError as err:
@@ -91,7 +158,10 @@ class _BufferInput:
             raise ValueError("source buffer must be C-contiguous (use numpy.ascontiguousarray)")
         self.name = f"<{type(source).__name__}>"
         self.view = view.cast("B") if (view.format != "B" or view.ndim != 1) else view
-        self.size = self.view.nbytes
+        if size is not None and size > self.view.nbytes:
+            raise ValueError(f"the buffer holds {self.view.nbytes} bytes, fewer than the size "
+                             f"{size} asked for")
+        self.size = self.view.nbytes if size is None else size
 
     def is_hole(self, start: int, end: int) -> bool:
         return False
@@ -136,15 +206,18 @@ def create_snapshot(
     level: int = 3,
     progress: Progress | None = None,
     threads: int = 0,
+    size: int | None = None,
 ) -> SnapshotInfo:
     """Write a compressed snapshot of ``source`` to ``dest_path``.
 
     Args:
-        source: a path to a file (or block device), or any C-contiguous buffer: ``bytes``,
-            ``bytearray``, ``memoryview``, ``mmap``, a numpy array, a live ``Region``.
+        source: a path to a file or block device (or, with ``size``, a FIFO or character
+            device), or any C-contiguous buffer: ``bytes``, ``bytearray``, ``memoryview``,
+            ``mmap``, a numpy array, a live ``Region``.
         dest_path: the snapshot to write. It is written to a temporary file in the same
             directory, flushed to disk and renamed into place, so it either appears complete
-            or not at all (an existing file is replaced only on success).
+            or not at all (an existing file is replaced only on success). It must not be the
+            source itself (under any name or hard link).
         chunk_size: bytes per chunk, the unit of random access: a power of two, a multiple
             of 4096, between 4 KiB and 64 MiB.
         level: zstd compression level (1 is fast, 3 the default, 19+ slow; negative is faster
@@ -152,6 +225,8 @@ def create_snapshot(
         progress: called as ``progress(done_bytes, total_bytes)`` after each chunk.
         threads: 0 compresses in the calling thread; ``n > 0`` compresses up to ``n`` chunks
             in parallel worker threads; -1 uses one thread per CPU. The output is the same.
+        size: snapshot only the first ``size`` bytes of a path source; needed for a FIFO or
+            character device, which have no size of their own.
 
     Memory stays bounded: at most ``2 * max(threads, 1) + 1`` chunks are held at once, so
     sources bigger than RAM work. Holes of sparse source files are recognised with
@@ -161,29 +236,46 @@ def create_snapshot(
         the :class:`SnapshotInfo` of the new file.
 
     Raises:
-        ValueError: a bad ``chunk_size``, ``level`` or ``threads``, or a non-contiguous buffer.
+        ValueError: a bad ``chunk_size``, ``level``, ``threads`` or ``size``, a
+            non-contiguous buffer, a destination that is the source or a directory, a source
+            that is a directory or socket (or a FIFO or character device without ``size``).
         TypeError: ``source`` is neither a path nor a buffer.
-        OSError: the source cannot be read or the destination written.
+        ImportError: the ``zstandard`` package is missing (the message says how to install
+            it).
+        OSError: the source cannot be read or the destination written; the message names
+            the destination the caller gave, never the temporary file.
     """
     check_chunk_size(chunk_size)
     check_level(level)
     if not isinstance(threads, int) or threads < -1:
         raise ValueError(f"threads must be -1, 0 or a positive integer, got {threads!r}")
+    if size is not None and (not isinstance(size, int) or size < 0):
+        raise ValueError(f"size must be a non-negative integer, got {size!r}")
     if threads == -1:
         threads = os.cpu_count() or 1
     codec = zstd()
     started = time.perf_counter()
     dest = os.fspath(dest_path)
-    inp: _FileInput | _BufferInput = (
-        _FileInput(source) if isinstance(source, (str, os.PathLike)) else _BufferInput(source)
-    )
+    if os.path.isdir(dest):
+        raise ValueError(f"the destination {dest!r} is a directory: name the snapshot file, "
+                         f"e.g. {os.path.join(dest, 'memory.ufs')!r}")
+    inp: _FileInput | _StreamInput | _BufferInput
+    if isinstance(source, (str, os.PathLike)):
+        inp = _open_input(os.fsdecode(source), size)
+    else:
+        inp = _BufferInput(source, size)
     counts = {KIND_ZERO: 0, KIND_ZSTD: 0, KIND_RAW: 0}
     try:
+        if not isinstance(inp, _BufferInput):
+            _refuse_same_file(inp.fd, inp.name, dest)
         size = inp.size
         count = -(-size // chunk_size)
         directory = os.path.dirname(os.path.abspath(dest))
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.", suffix=".tmp",
-                                   dir=directory)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.", suffix=".tmp",
+                                       dir=directory)
+        except OSError as err:
+            raise _dest_error(dest, err) from err
         try:
             with os.fdopen(fd, "wb", buffering=1 << 20) as out:
                 header = HEADER.pack(MAGIC, VERSION, 0, chunk_size, level, size, count, 0)
@@ -207,9 +299,14 @@ def create_snapshot(
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, dest)
+        except SourceError:
+            _unlink_quietly(tmp)
+            raise  # the source failed (named in the message), not the destination
+        except OSError as err:
+            _unlink_quietly(tmp)
+            raise _dest_error(dest, err) from err
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            _unlink_quietly(tmp)
             raise
         _fsync_dir(directory)
     finally:
@@ -221,6 +318,32 @@ def create_snapshot(
         zstd_chunks=counts[KIND_ZSTD], compressed_bytes=index_offset - HEADER.size,
         file_bytes=file_bytes, ratio=size / file_bytes if size else 0.0, level=level,
         verified=False, seconds=time.perf_counter() - started)
+
+
+def _refuse_same_file(fd: int, name: str, dest: str) -> None:
+    """Refuse a destination that is the source (another path, a symlink or a hard link to
+    it): renaming the snapshot over it would destroy the source."""
+    try:
+        there = os.stat(dest)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise _dest_error(dest, err) from err
+    here = os.fstat(fd)
+    if (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino):
+        raise ValueError(f"the destination {dest!r} is the source {name!r} itself (same file: "
+                         f"device {here.st_dev}, inode {here.st_ino}); writing the snapshot "
+                         "there would destroy the source: choose another destination")
+
+
+def _dest_error(dest: str, err: OSError) -> OSError:
+    """``err`` about the temporary file, retold about the destination the caller named."""
+    return OSError(err.errno, f"cannot write the snapshot {dest!r}: {err.strerror}")
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def _fsync_dir(directory: str) -> None:
@@ -237,8 +360,8 @@ def _fsync_dir(directory: str) -> None:
 
 
 def _encoded_chunks(
-    inp: _FileInput | _BufferInput, codec: ModuleType, level: int, chunk_size: int, count: int,
-    threads: int,
+    inp: _FileInput | _StreamInput | _BufferInput, codec: ModuleType, level: int,
+    chunk_size: int, count: int, threads: int,
 ) -> Iterator[_Encoded]:
     def make() -> Any:
         return codec.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
