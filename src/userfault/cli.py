@@ -1,4 +1,4 @@
-"""The `userfault` command: demo, features, snapshot, firecracker."""
+"""The `userfault` command: demo, features, snapshot, firecracker, plot, stats, workingset."""
 
 from __future__ import annotations
 
@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_snapshot_commands(sub)
     from .firecracker.cli import add_firecracker_commands
     add_firecracker_commands(sub)
+    from .trace.cli import add_trace_commands, add_working_set_commands
+
+    add_trace_commands(sub)
+    add_working_set_commands(sub)
     return parser
 
 
@@ -60,6 +64,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, ImportError) as err:
         print(f"userfault {args.command}: error: {err}", file=sys.stderr)
         return 1
