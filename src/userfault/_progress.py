@@ -115,18 +115,23 @@ class _TqdmBar(Progress):
     backend = "tqdm"
 
     def __init__(self, tqdm: Any, stream: TextIO, description: str, unit: str) -> None:
-        self._bar = tqdm.tqdm(total=0, desc=description or None, unit=unit,
-                              unit_scale=unit == "B", unit_divisor=1024, file=stream)
+        self._args = {"desc": description or None, "unit": unit, "unit_scale": unit == "B",
+                      "unit_divisor": 1024, "file": stream}
+        self._tqdm = tqdm
+        self._bar: Any = None  # made at the first report, when the total is known
         self._seen = 0
 
     def __call__(self, done: int, total: int) -> None:
-        if self._bar.total != total:
+        if self._bar is None:
+            self._bar = self._tqdm.tqdm(total=total, **self._args)
+        elif self._bar.total != total:
             self._bar.total = total
         self._bar.update(done - self._seen)
         self._seen = done
 
     def finish(self) -> None:
-        self._bar.close()
+        if self._bar is not None:
+            self._bar.close()
 
 
 def _import(name: str) -> Any:
