@@ -184,6 +184,12 @@ def test_from_trace_first_touch_order(tmp_path: Path) -> None:
     ws = from_trace(read(path))
     assert ws.offsets == (2 * PAGE, 9 * PAGE, 5 * PAGE, 4 * PAGE)
     assert (ws.source, ws.source_size, ws.fingerprint) == ("S", 12 * PAGE, "F")
+    # installs by readahead and prefetch count as touched when asked; every page of them
+    a[4]["length"], a[5]["length"] = 2 * PAGE + 1, PAGE
+    with TraceWriter(path, meta) as w:
+        w.write_array(a)
+    both = from_trace(read(path), installs=(Cause.READAHEAD, Cause.PREFETCH))
+    assert both.offsets == (7 * PAGE, 8 * PAGE, 9 * PAGE, 2 * PAGE, 5 * PAGE, 4 * PAGE)
 
 
 def _pattern(n: int) -> bytes:

@@ -168,22 +168,38 @@ class WorkingSet:
         return replace(self, offsets=kept, dropped=len(self.offsets) - len(kept))
 
 
-def from_trace(trace: Trace) -> WorkingSet:
+def from_trace(trace: Trace, *, installs: Iterable[int] = ()) -> WorkingSet:
     """The pages a trace's threads faulted (FAULT events of kind read, write or minor), in
-    the order of their first fault; identity from the trace's metadata."""
+    the order of their first fault; identity from the trace's metadata.
+
+    ``installs`` names other causes whose installed pages count as touched too, every page
+    of their ``length`` (e.g. ``(Cause.READAHEAD,)``: a run traced with readahead faults only
+    on the first page of each window; including the windows over-approximates the set by
+    what readahead fetched and nobody read).
+    """
     import numpy as np
 
     from .trace.format import Cause, Kind
 
     meta = trace.meta
+    page = np.uint64(meta.page_size)
     ev = trace.records
-    sel = ev[(ev["cause"] == Cause.FAULT) & np.isin(ev["kind"], (Kind.READ, Kind.WRITE,
-                                                                 Kind.MINOR))]
-    sel = sel[np.argsort(sel["t_ns"], kind="stable")]  # threads append slightly out of order
-    pages = sel["offset"] - sel["offset"] % np.uint64(meta.page_size)
-    _, first = np.unique(pages, return_index=True)
-    order = pages[np.sort(first)]
-    return WorkingSet(tuple(order.tolist()), meta.page_size, source=meta.source,
+    faults = ev[(ev["cause"] == Cause.FAULT)
+                & np.isin(ev["kind"], (Kind.READ, Kind.WRITE, Kind.MINOR))]
+    times, pages = faults["t_ns"], faults["offset"] - faults["offset"] % page
+    extra = ev[np.isin(ev["cause"], [int(c) for c in installs])]
+    if len(extra):
+        first = extra["offset"] - extra["offset"] % page
+        n = np.maximum((extra["offset"] + extra["length"] - first + page - 1) // page,
+                       1).astype(np.int64)
+        within = (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)).astype(np.uint64)
+        times = np.concatenate([times, np.repeat(extra["t_ns"], n)])
+        pages = np.concatenate([pages, np.repeat(first, n) + within * page])
+    order = np.argsort(times, kind="stable")  # threads append slightly out of time order
+    pages = pages[order]
+    _, idx = np.unique(pages, return_index=True)
+    touched = pages[np.sort(idx)]
+    return WorkingSet(tuple(touched.tolist()), meta.page_size, source=meta.source,
                       source_size=meta.region_size if meta.source_size is None
                       else meta.source_size, fingerprint=meta.fingerprint)
 
