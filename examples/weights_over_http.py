@@ -44,7 +44,7 @@ def make_checkpoint(path: str, size: int, seed: int = 0) -> dict[str, tuple[int,
 
     dim = max(64, 2 ** round(math.log2(math.sqrt(size / (24 * 20)))))  # ~20 layers
     per_layer = 2 * (12 * dim * dim + 2 * dim)
-    layers = max(1, (size - 2 * 16 * dim * dim) // per_layer)
+    layers = max(1, round((size - 2 * 16 * dim * dim) / per_layer))
     rng = np.random.default_rng(seed)
     shapes: dict[str, tuple[int, ...]] = {"embed.weight": (8 * dim, dim)}
     for i in range(layers):
