@@ -71,7 +71,8 @@ def main() -> int:
             f.write(os.urandom(size))
         # each page faults at most once (nothing is evicted): the log cannot overflow
         with userfault.map(path, readahead=False, log_faults=size // PAGE + 1) as mem:
-            meta = TraceMeta.now(repr(mem.source), mem.size, PAGE, source_size=size,
+            meta = TraceMeta.now(f"FileSource('data.bin', {size} random bytes)", mem.size, PAGE,
+                                 source_size=size,
                                  workload="examples/trace_a_workload.py")
             workload(mem)
             faults = mem.faults()

@@ -172,7 +172,7 @@ def write_png(data: PlotData, path: str, width: int = 1200, height: int = 1000,
         labels = [str(t) for t, _, _ in shown]
         ax.barh(range(len(shown)), [b / 1e6 for _, _, b in shown], color="tab:orange")
         ax.set_yticks(range(len(shown)), labels, fontsize=8 if len(shown) > 12 else 10)
-        ax.invert_yaxis()
+        ax.set_ylim(max(len(shown), 6) - 0.5, -0.5)  # most blocked on top; few bars stay thin
     more = len(data.threads) - len(shown)
     ax.set_xlabel("blocked time (ms)")
     ax.set_ylabel("thread id")
