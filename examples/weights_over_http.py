@@ -42,7 +42,7 @@ def make_checkpoint(path: str, size: int, seed: int = 0) -> dict[str, tuple[int,
     the shapes by name."""
     from safetensors.numpy import save_file
 
-    dim = max(64, 2 ** round(math.log2(math.sqrt(size / (24 * 20)))))  # ~20 layers
+    dim = max(64, 2 ** math.floor(math.log2(math.sqrt(size / (24 * 16)))))  # >= 16 layers
     per_layer = 2 * (12 * dim * dim + 2 * dim)
     layers = max(1, round((size - 2 * 16 * dim * dim) / per_layer))
     rng = np.random.default_rng(seed)
