@@ -254,7 +254,7 @@ def test_on_error_zero_is_explicit_and_still_reported(tmp_path: Path, runtime: s
         os.truncate(path, MiB)
         with memoryview(p) as v:
             assert v[MiB:MiB + PAGE] == bytes(PAGE)
-        assert p.stats().zeroed == 1
+        assert settled(p, lambda s: s.zeroed == 1).zeroed == 1  # counted after the wake
         with pytest.raises(PagerError, match="served as zeros"):
             p.check()
     if runtime == "native":

@@ -125,3 +125,15 @@ __all__ = [
     "recv_uffd",
     "send_uffd",
 ]
+
+_LAZY_SUBMODULES = ("trace", "working_set")
+
+
+def __getattr__(name: str) -> object:
+    """``userfault.trace`` and ``userfault.working_set`` are imported on first use (they pull
+    in numpy)."""
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

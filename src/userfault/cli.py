@@ -1,4 +1,4 @@
-"""The `userfault` command: demo, features, snapshot, firecracker."""
+"""The `userfault` command: demo, features, snapshot, firecracker, plot, stats, workingset."""
 
 from __future__ import annotations
 
@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_snapshot_commands(sub)
     from .firecracker.cli import add_firecracker_commands
     add_firecracker_commands(sub)
+    from .trace.cli import add_trace_commands, add_working_set_commands
+
+    add_trace_commands(sub)
+    add_working_set_commands(sub)
     return parser
 
 

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from ..._progress import ProgressBar
+from ..._progress import add_progress_arguments, progress
 from ..._units import human, size_arg
 from .format import DEFAULT_CHUNK_SIZE
 from .reader import inspect_snapshot
@@ -19,19 +19,14 @@ __all__ = ["add_snapshot_commands"]
 def _cmd_create(args: argparse.Namespace) -> int:
     from ...cli import error_text
 
-    bar: ProgressBar | None = None
-    if not args.quiet and (args.progress or sys.stderr.isatty()):
-        bar = ProgressBar(sys.stderr)
     try:
-        info = create_snapshot(args.src, args.dest, chunk_size=args.chunk_size, level=args.level,
-                               progress=bar, threads=args.threads, size=args.size)
+        with progress("compressing", enabled=False if args.quiet else args.progress) as bar:
+            info = create_snapshot(args.src, args.dest, chunk_size=args.chunk_size,
+                                   level=args.level, progress=bar, threads=args.threads,
+                                   size=args.size)
     except (OSError, ValueError, TypeError, ImportError) as err:
-        if bar is not None:
-            bar.finish()
         print(f"userfault snapshot create: error: {error_text(err)}", file=sys.stderr)
         return 1
-    if bar is not None:
-        bar.finish()
     if args.json:
         print(json.dumps(info.to_dict(), indent=2))
     elif not args.quiet:
@@ -103,8 +98,7 @@ def add_snapshot_commands(subparsers: Any) -> argparse.ArgumentParser:
                         help="zstd level (default 3)")
     create.add_argument("--threads", type=int, default=0, metavar="N",
                         help="compression threads: 0 = none (default), -1 = one per CPU")
-    create.add_argument("--progress", action="store_true",
-                        help="show the progress bar even when stderr is not a terminal")
+    add_progress_arguments(create)
     create.add_argument("--quiet", "-q", action="store_true",
                         help="no progress bar and no summary")
     create.add_argument("--json", action="store_true", help="print the summary as JSON")

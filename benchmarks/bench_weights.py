@@ -1,0 +1,266 @@
+"""Model weights on demand: a real safetensors checkpoint loaded lazily through userfault.map
+from nginx (HTTP), Redis and a compressed snapshot, against downloading it first.
+
+Usage: PYTHONPATH=src python benchmarks/bench_weights.py [--size 2G] [--runs 3]
+           [--subset 0.15] [--only http,redis,snapshot] [--dir DIR] [--no-verify]
+
+The checkpoint (float16 tensors shaped like a transformer's, written by the ``safetensors``
+package; see examples/weights_over_http.py) is served by a private nginx and redis-server on
+loopback (tests/servers.py) and compressed into a snapshot. Each run measures, per source:
+
+* ``stream``: what the source alone delivers, reading the whole file sequentially with its
+  ``read_many`` (4 MiB chunks, 8 per call) into a reused buffer;
+* ``lazy``: ``userfault.map`` + the safetensors header parsed from the mapping (``map+header``)
+  + every tensor copied out in file order: time to the first tensor, time to all, bytes
+  fetched;
+* ``subset lazy`` / ``subset ws``: the tensors "a model touches" (a seeded random
+  ``--subset`` fraction, read in file order), plainly lazily, and after
+  ``pager.prefetch(their byte ranges)`` (a working set installed in one batch);
+* the reference, once per run: a plain HTTP GET of the whole file to a local file, then
+  ``safetensors.numpy.load_file`` (time to the first tensor = time to all).
+
+Cases run round-robin within a run; figures are medians over ``--runs``. Targets (issue 12):
+first tensor <= 50 ms (for 4 GiB on loopback), all tensors >= 90 % of the source's stream,
+working set >= 4x faster to the subset than plain lazy loading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import importlib.util
+import random
+import shutil
+import sys
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import fmt, machine, median, progress, table
+
+from servers import NginxServer, RedisServer
+from userfault._units import human, parse_size
+from userfault.sources.open import open_source
+from userfault.sources.redis import upload
+from userfault.sources.snapshot import create_snapshot
+
+ROOT = Path(__file__).resolve().parents[1]
+MiB = 1 << 20
+REDIS_PAGE = 64 << 10
+
+
+def load_example() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "weights_over_http", ROOT / "examples" / "weights_over_http.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+EX = load_example()
+
+
+def stream_rate(spec: str, size: int) -> float:
+    """Bytes/s the source delivers on its own, read front to back."""
+    src: Any = open_source(spec)
+    chunk, batch = 4 * MiB, 8
+    buf = memoryview(bytearray(chunk * batch))
+    t0 = time.perf_counter()
+    for base in range(0, size, chunk * batch):
+        reqs = [(o, buf[o - base: o - base + min(chunk, size - o)])
+                for o in range(base, min(base + chunk * batch, size), chunk)]
+        read_many = getattr(src, "read_many", None)
+        if read_many is not None:
+            read_many(reqs)
+        else:
+            for o, b in reqs:
+                src.read_into(o, b)
+    dt = time.perf_counter() - t0
+    close = getattr(src, "close", None)
+    if close is not None:
+        close()
+    return size / dt
+
+
+def lazy_all(spec: str) -> dict[str, float]:
+    t0 = time.perf_counter()
+    with EX.LazyCheckpoint(spec) as ckpt:
+        t_open = time.perf_counter() - t0
+        first = EX.read_all(ckpt, ckpt.names)
+        t_all = time.perf_counter() - t0
+        fetched = ckpt.pager.stats().bytes_installed
+        size = ckpt.pager.size
+    return {"open_s": t_open, "first_s": t_open + first, "all_s": t_all, "fetched": fetched,
+            "rate": size / t_all}
+
+
+def subset(spec: str, names: list[str], prefetch: bool) -> dict[str, float]:
+    t0 = time.perf_counter()
+    with EX.LazyCheckpoint(spec) as ckpt:
+        if prefetch:
+            ckpt.prefetch(names)
+        EX.read_all(ckpt, names)
+        dt = time.perf_counter() - t0
+        fetched = ckpt.pager.stats().bytes_installed
+    return {"s": dt, "fetched": fetched}
+
+
+def download_first(url: str, dest: Path) -> dict[str, float]:
+    """A plain HTTP GET of the whole file to ``dest``, then safetensors.numpy.load_file."""
+    from safetensors.numpy import load_file
+
+    parts = urllib.parse.urlsplit(url)
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    conn.request("GET", parts.path)
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"GET {url}: {resp.status}")
+    buf = bytearray(8 * MiB)
+    view = memoryview(buf)
+    with open(dest, "wb") as f:
+        while True:
+            n = resp.readinto(buf)
+            if not n:
+                break
+            f.write(view[:n])
+    conn.close()
+    t_get = time.perf_counter() - t0
+    tensors = load_file(str(dest))
+    t_all = time.perf_counter() - t0
+    nbytes = sum(t.nbytes for t in tensors.values())
+    del tensors
+    return {"get_s": t_get, "all_s": t_all, "get_rate": dest.stat().st_size / t_get,
+            "nbytes": nbytes}
+
+
+def verify(spec: str, path: Path, what: str) -> None:
+    with EX.LazyCheckpoint(spec) as ckpt:
+        wrong = EX.check(ckpt, str(path))
+    if wrong:
+        raise SystemExit(f"{what}: {len(wrong)} tensors differ from the file: {wrong[:3]}")
+    progress(f"{what}: every tensor byte-exact")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--size", default="2G", help="checkpoint size (default 2G)")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--subset", type=float, default=0.15,
+                    help="fraction of the tensors 'a model touches' (default 0.15)")
+    ap.add_argument("--only", default="http,redis,snapshot")
+    ap.add_argument("--dir", help="work directory (kept; an existing checkpoint of the same "
+                                  "size is reused)")
+    ap.add_argument("--no-verify", action="store_true", help="skip the byte-exact checks")
+    args = ap.parse_args()
+    size = parse_size(args.size)
+    only = set(args.only.split(","))
+    work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="uf-weights-"))
+    www = work / "www"
+    www.mkdir(parents=True, exist_ok=True)
+    ckpt = www / "model.safetensors"
+    info = machine()
+    print(f"# bench_weights: {info['kernel']}, {info['nproc']} CPUs, {info['cpu']}, "
+          f"{info['memory']}, python {info['python']}, {info['date']}")
+    print(f"# /proc/loadavg at start: {Path('/proc/loadavg').read_text().strip()}")
+    marker = work / f"model.{size}.ok"
+    if not (ckpt.exists() and marker.exists()):
+        progress(f"writing a {human(size)} safetensors checkpoint")
+        EX.make_checkpoint(str(ckpt), size)
+        marker.write_text("ok")
+    fsize = ckpt.stat().st_size
+    with EX.LazyCheckpoint(str(ckpt)) as local:
+        names = list(local.names)
+        sub = sorted(random.Random(7).sample(names, max(1, int(len(names) * args.subset))),
+                     key=names.index)
+        sub_bytes = sum(local.byte_range(n)[1] for n in sub)
+    print(f"# checkpoint {human(fsize)}, {len(names)} float16 tensors; subset {len(sub)} "
+          f"tensors, {human(sub_bytes)}; {args.runs} runs, medians")
+
+    specs: dict[str, str] = {}
+    servers: list[Any] = []
+    try:
+        (work / "nginx").mkdir(exist_ok=True)
+        nginx = NginxServer(www, workdir=work / "nginx").start()
+        servers.append(nginx)
+        url = nginx.url(ckpt.name)
+        if "http" in only:
+            specs["http (nginx)"] = url
+        if "redis" in only:
+            (work / "redis").mkdir(exist_ok=True)
+            redis = RedisServer(work / "redis").start()
+            servers.append(redis)
+            progress(f"uploading to Redis ({REDIS_PAGE // 1024} KiB values)")
+            upload(ckpt, redis.url, prefix="w:", page_size=REDIS_PAGE).close()
+            specs[f"redis ({REDIS_PAGE // 1024} KiB values)"] = f"{redis.url}#w:"
+        if "snapshot" in only:
+            snap = work / "model.ufs"
+            if not snap.exists() or snap.stat().st_mtime < ckpt.stat().st_mtime:
+                progress("compressing a snapshot")
+                create_snapshot(ckpt, snap, threads=-1)
+            specs[f"snapshot ({human(snap.stat().st_size)} zstd)"] = str(snap)
+        if not args.no_verify:
+            for what, spec in specs.items():
+                verify(spec, ckpt, what)
+
+        results: dict[tuple[str, str], list[dict[str, float]]] = {}
+        dl_path = work / "downloaded.safetensors"
+        for run in range(args.runs):
+            cases: list[tuple[str, str, Callable[[], dict[str, float]]]] = []
+            for what, spec in specs.items():
+                cases += [(what, "stream", lambda spec=spec: {"rate": stream_rate(spec, fsize)}),
+                          (what, "lazy", lambda spec=spec: lazy_all(spec)),
+                          (what, "subset lazy", lambda spec=spec: subset(spec, sub, False)),
+                          (what, "subset ws", lambda spec=spec: subset(spec, sub, True))]
+            cases.append(("download first", "get+load_file", lambda: download_first(url, dl_path)))
+            for what, case, fn in cases:
+                r = fn()
+                results.setdefault((what, case), []).append(r)
+                progress(f"run {run + 1}/{args.runs} {what} {case}: "
+                         + ", ".join(f"{k} {fmt(v)}" for k, v in r.items()))
+            dl_path.unlink(missing_ok=True)
+    finally:
+        for s in reversed(servers):
+            s.stop()
+        if not args.dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def med(what: str, case: str, key: str) -> float:
+        return median([r[key] for r in results[(what, case)]])
+
+    ref = "download first"
+    ref_all = med(ref, "get+load_file", "all_s")
+    rows = []
+    for what in specs:
+        stream = med(what, "stream", "rate")
+        first, all_s = med(what, "lazy", "first_s"), med(what, "lazy", "all_s")
+        lazy_sub, ws_sub = med(what, "subset lazy", "s"), med(what, "subset ws", "s")
+        rows.append([what, stream / MiB, med(what, "lazy", "open_s") * 1e3, first * 1e3, all_s,
+                     fsize / all_s / MiB,
+                     f"{fsize / all_s / stream * 100:.0f} %",
+                     human(med(what, "lazy", "fetched")), lazy_sub, ws_sub,
+                     f"{lazy_sub / ws_sub:.2f}x", f"{ref_all / (first):.0f}x",
+                     f"{ref_all / all_s:.2f}x"])
+    rows.append([f"{ref} (GET {med(ref, 'get+load_file', 'get_rate') / MiB:.0f} MiB/s)",
+                 med(ref, "get+load_file", "get_rate") / MiB, "-", ref_all * 1e3, ref_all,
+                 fsize / ref_all / MiB, "-", human(fsize), ref_all, ref_all, "-", "1x", "1x"])
+    headers = ["source", "stream MiB/s", "map+header ms", "first tensor ms", "all s", "all MiB/s",
+               "all / stream", "fetched", "subset lazy s", "subset ws s", "lazy / ws",
+               "ref / first", "ref / all"]
+    print(table(headers, rows))
+    print()
+    print(table(headers, rows, markdown=True))
+    print(f"\n# /proc/loadavg at end: {Path('/proc/loadavg').read_text().strip()}")
+    print("# targets: first tensor <= 50 ms (4 GiB); all / stream >= 90 %; lazy / ws >= 4x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
