@@ -1,4 +1,4 @@
-"""The `userfault` command: demo, features, snapshot, firecracker."""
+"""The `userfault` command: demo, features, snapshot, firecracker, serve."""
 
 from __future__ import annotations
 
@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_snapshot_commands(sub)
     from .firecracker.cli import add_firecracker_commands
     add_firecracker_commands(sub)
+    from .remote.cli import add_serve_command
+
+    add_serve_command(sub)
     return parser
 
 
