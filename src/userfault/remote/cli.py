@@ -55,12 +55,12 @@ async def _serve(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        bound = await server.start(*args.listen)
-        for ep in bound:
-            print(f"listening on {ep}{' (TLS)' if tls and ep.kind == 'tcp' else ''}", flush=True)
         for e in opened:
             print(f"export {e.name}: {e.kind}, {e.size} bytes ({human(e.size)})"
                   f"{', writable' if e.writable else ''}", flush=True)
+        bound = await server.start(*args.listen)
+        for ep in bound:
+            print(f"listening on {ep}{' (TLS)' if tls and ep.kind == 'tcp' else ''}", flush=True)
         await stop.wait()
     finally:
         await server.aclose()
@@ -83,8 +83,8 @@ def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
         "serve", help="serve files, snapshots and sources to authenticated page clients",
         description="Serve NAME=PATH exports (files, block devices, *.ufs snapshots, or source "
         "URLs) to clients that prove they hold the secret. Clients read them as "
-        "uf://HOST:PORT/NAME (ufs:// with TLS, uf+unix:///SOCKET/NAME). Prints one "
-        "'listening on ADDRESS' line per listener, then one line per export.")
+        "uf://HOST:PORT/NAME (ufs:// with TLS, uf+unix:///SOCKET/NAME). Prints one line per "
+        "export, then one 'listening on ADDRESS' line per listener once it is serving.")
     serve.add_argument("exports", nargs="+", metavar="NAME=PATH",
                        help="an export: a name (letters, digits, '.', '_', '-') and a file, "
                        "block device, *.ufs snapshot or source URL")
