@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import userfault
-from remote_helpers import SECRET, OTHER_SECRET, ServeProcess, serve_process, write_secret
+from remote_helpers import OTHER_SECRET, ServeProcess, serve_process, write_secret
 from test_firecracker_serve import check_all, server, touch, vmm
 from userfault.remote import AuthenticationError, PageServerSource
 from userfault.sources.snapshot import create_snapshot
@@ -71,9 +71,8 @@ def test_map_of_a_uf_url_string_and_a_snapshot_export(served: ServeProcess,
                                                       blob: tuple[Path, bytes]) -> None:
     _, data = blob
     url = f"{served.url('snap')}?secret_file={served.secret_file}"
-    with userfault.map(url) as mem:
-        with memoryview(mem) as view:
-            assert bytes(view[:SIZE]) == data
+    with userfault.map(url) as mem, memoryview(mem) as view:
+        assert bytes(view[:SIZE]) == data
     # The secret from the environment, for callers that can pass neither argument nor query.
     script = f"""
         import hashlib, userfault
