@@ -402,12 +402,17 @@ def test_tls_with_a_verified_certificate(tmp_path: Path, tls_files: dict[str, Pa
         with PageServerSource(f"{url}?tls_ca={tls_files['ca']}",
                               secret_file=srv.secret_file) as src:
             assert read(src, 0, 10) == data[:10]
-        # A client trusting another CA refuses the server.
+        # A client trusting another CA refuses the server (and the server logs the refusal).
         with pytest.raises(SourceError, match="TLS certificate verification failed"):
             PageServerSource(url, secret_file=srv.secret_file, tls_ca=tls_files["other_ca"])
+        srv.wait_stderr("the TLS handshake failed: TLSV1_ALERT_UNKNOWN_CA")
         # A plain client gets no greeting from a TLS server: a clear failure, not bytes.
-        with pytest.raises(SourceError, match=r"connecting \[0, 0\)"):
+        with pytest.raises(SourceError, match=r"connecting failed: no greeting from "
+                           r"tcp://127\.0\.0\.1:\d+ within 1 s: not a userfault page server, "
+                           r"or one that speaks TLS \(use ufs://\)"):
             PageServerSource(srv.url("file"), secret_file=srv.secret_file, timeout=1.0)
+        srv.wait_stderr("the client closed the connection during the handshake (a plain "
+                        "client? it should use ufs://)")
         assert srv.proc.poll() is None
 
 

@@ -149,7 +149,14 @@ class Connection:
         view = memoryview(out)
         got = 0
         while got < n:
-            k = self.sock.recv_into(view[got:])
+            try:
+                k = self.sock.recv_into(view[got:])
+            except TimeoutError:
+                if what != "greeting" or got:
+                    raise
+                raise TimeoutError(f"no greeting from {self.peer} within "
+                                   f"{self.sock.gettimeout():g} s: not a userfault page server, "
+                                   "or one that speaks TLS (use ufs://)") from None
             if not k:
                 if got == 0 and what == "greeting":
                     raise ConnectionClosed(f"{self.peer} closed the connection without a "

@@ -138,7 +138,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "unknown peer"
         self.peer_key = "unknown"
-        self.state = "new"  # new -> auth -> ready | refusing -> closed
+        self.state = "new"  # new -> [tls ->] auth -> ready | refusing -> closing -> closed
         self.hello = b""
         self.buf = bytearray()
         self.reader = FrameReader(requests=True)
@@ -158,8 +158,6 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        transport.set_write_buffer_limits(high=4 * self.server.limits.piece,
-                                          low=self.server.limits.piece)
         self.peer, self.peer_key = _describe_peer(transport)
         self._tune_socket(transport)
         srv = self.server
@@ -168,10 +166,46 @@ class _Connection(asyncio.Protocol):
         if code != ErrorCode.OK:
             srv._stats.refused += 1
             log.warning("refused %s: %s", self.peer, why)
+        sock = transport.get_extra_info("socket")
+        local = sock is not None and sock.family == socket.AF_UNIX
+        if srv._tls is None or local:  # TLS is for TCP listeners
+            self._greet(code)
+        else:  # TLS first (the refusal, if any, is sent inside it)
+            self.state = "tls"
+            self.loop.create_task(self._start_tls(transport, code))
+
+    async def _start_tls(self, raw: asyncio.Transport, code: ErrorCode) -> None:
+        srv = self.server
+        assert srv._tls is not None
+        try:
+            tls = await self.loop.start_tls(raw, self, srv._tls, server_side=True,
+                                            ssl_handshake_timeout=srv.limits.handshake_timeout)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as err:
+            # A failed handshake never reaches connection_lost: forget the connection here.
+            log.warning("refused %s: the TLS handshake failed: %s", self.peer,
+                        _describe_tls_error(err))
+            srv._stats.refused += 1
+            self.state = "closed"
+            srv._forget(self)
+            raw.abort()
+            return
+        if self.state != "tls":
+            return
+        assert isinstance(tls, asyncio.Transport)
+        self.transport = tls
+        self._greet(code)
+
+    def _greet(self, code: ErrorCode) -> None:
+        """Send the challenge (or the refusal), start the handshake clock."""
+        srv = self.server
+        transport = self.transport
+        assert transport is not None
+        if code != ErrorCode.OK:
             self.state = "refusing"
             transport.write(hello_message(None, code))
             transport.close()
             return
+        transport.set_write_buffer_limits(high=4 * srv.limits.piece, low=srv.limits.piece)
         self.state = "auth"
         self.hello = hello_message(new_nonce())
         transport.write(self.hello)
@@ -548,6 +582,17 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
 
+def _describe_tls_error(err: BaseException) -> str:
+    plain = " (a plain client? it should use ufs://)"
+    if isinstance(err, TimeoutError):
+        return f"no TLS handshake in time{plain}"
+    if isinstance(err, ssl.SSLError):
+        return str(err.reason or err)
+    if isinstance(err, ConnectionError):
+        return f"the client closed the connection during the handshake{plain}"
+    return str(err) or type(err).__name__
+
+
 def _error_frame(id_: int, code: ErrorCode, message: str) -> bytes:
     raw = message.encode("utf-8", "replace")[:MAX_MESSAGE]
     return FRAME.pack(_ERROR, 0, code, id_, 0, len(raw), 0) + raw
@@ -718,19 +763,15 @@ class PageServer:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 self.limits.workers, thread_name_prefix="userfault-serve")
         bound: list[Endpoint] = []
-        tls_timeout = self.limits.handshake_timeout if self._tls is not None else None
         for ep in endpoints:
             if ep.kind == "unix":
                 _claim_unix_path(ep.path)
-                srv = await loop.create_unix_server(
-                    lambda: _Connection(self), ep.path, ssl=self._tls,
-                    ssl_handshake_timeout=tls_timeout)
+                srv = await loop.create_unix_server(lambda: _Connection(self), ep.path)
                 self._unix_paths.append(ep.path)
                 bound.append(ep)
             else:
-                srv = await loop.create_server(
-                    lambda: _Connection(self), ep.host, ep.port, ssl=self._tls,
-                    ssl_handshake_timeout=tls_timeout, reuse_address=True)
+                srv = await loop.create_server(lambda: _Connection(self), ep.host, ep.port,
+                                               reuse_address=True)
                 for sock in srv.sockets:
                     host, port = sock.getsockname()[:2]
                     bound.append(Endpoint("tcp", host=host, port=port))

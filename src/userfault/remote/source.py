@@ -85,7 +85,7 @@ def _cause(err: BaseException) -> str:
     if isinstance(err, ConnectionRefusedError):
         return "connection refused (is the server running?)"
     if isinstance(err, TimeoutError):
-        return "timed out"
+        return "timed out" if str(err) in ("", "timed out") else str(err)
     if isinstance(err, ssl.SSLCertVerificationError):
         return f"TLS certificate verification failed: {err.verify_message}"
     if isinstance(err, FileNotFoundError) and err.filename is None:
@@ -371,8 +371,8 @@ class PageServerSource:
                  note: str = "") -> SourceError:
         if isinstance(err, SourceError) and not isinstance(err, RemoteError):
             return err
-        message = (f"{self._desc}: {what} [{offset}, {offset + length}) ({length} bytes) "
-                   f"failed: {_cause(err)}{note}")
+        where = f" [{offset}, {offset + length}) ({length} bytes)" if length else ""
+        message = f"{self._desc}: {what}{where} failed: {_cause(err)}{note}"
         if isinstance(err, RemoteError):
             return type(err)(message, code=err.code, source=str(self._parsed), offset=offset,
                              length=length)
