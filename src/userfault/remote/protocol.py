@@ -72,6 +72,7 @@ import enum
 import re
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = [
     "AUTH",
@@ -191,8 +192,7 @@ class ProtocolError(Exception):
     """A peer sent something this protocol does not allow; the connection must be closed."""
 
 
-@dataclass(frozen=True)
-class Frame:
+class Frame(NamedTuple):
     """One parsed frame. ``payload`` is empty for READ requests (``length`` is the count)."""
 
     type: int
@@ -231,49 +231,52 @@ def check_request(type_: int, flags: int, code: int, id_: int, handle: int, leng
     """Check a request header (client -> server); raise :class:`ProtocolError` if invalid."""
     if type_ not in _REQUESTS:
         raise ProtocolError(f"unknown request type {type_:#x}")
-    name = _name(type_)
     if flags & ~FLAG_URGENT:
-        raise ProtocolError(f"{name} with unknown flags {flags:#x}")
+        raise ProtocolError(f"{_name(type_)} with unknown flags {flags:#x}")
     if code:
-        raise ProtocolError(f"{name} with a non-zero code field ({code})")
+        raise ProtocolError(f"{_name(type_)} with a non-zero code field ({code})")
     if id_ == 0:
-        raise ProtocolError(f"{name} with request id 0")
-    if type_ in (FrameType.READ, FrameType.WRITE):
+        raise ProtocolError(f"{_name(type_)} with request id 0")
+    if type_ == FrameType.READ or type_ == FrameType.WRITE:
         if handle == 0:
-            raise ProtocolError(f"{name} with handle 0")
+            raise ProtocolError(f"{_name(type_)} with handle 0")
         limit = MAX_READ if type_ == FrameType.READ else MAX_WRITE
         if not 1 <= length <= limit:
-            raise ProtocolError(f"{name} of {length} bytes (must be 1..{limit})")
+            raise ProtocolError(f"{_name(type_)} of {length} bytes (must be 1..{limit})")
         return
     if handle or offset:
-        raise ProtocolError(f"{name} with a non-zero handle or offset")
+        raise ProtocolError(f"{_name(type_)} with a non-zero handle or offset")
     if type_ == FrameType.OPEN:
         if not 1 <= length <= MAX_NAME:
             raise ProtocolError(f"OPEN with a {length}-byte name (must be 1..{MAX_NAME})")
     elif length:
-        raise ProtocolError(f"{name} with a {length}-byte payload (must be empty)")
+        raise ProtocolError(f"{_name(type_)} with a {length}-byte payload (must be empty)")
+
+
+_REPLY_LIMITS = {FrameType.OPENED: OPENED.size, FrameType.LISTING: MAX_LISTING,
+                 FrameType.ERROR: MAX_MESSAGE, FrameType.DONE: 0, FrameType.PONG: 0}
 
 
 def check_reply(type_: int, flags: int, code: int, id_: int, handle: int, length: int,
                 offset: int) -> None:
     """Check a reply header (server -> client); raise :class:`ProtocolError` if invalid."""
+    if type_ == FrameType.DATA:  # the common case first
+        if flags & ~FLAG_MORE or code or id_ == 0 or handle == 0 or length > MAX_READ:
+            raise ProtocolError(f"DATA with flags {flags:#x}, code {code}, id {id_}, handle "
+                                f"{handle} and {length} bytes")
+        return
     if type_ not in _REPLIES:
         raise ProtocolError(f"unknown reply type {type_:#x}")
     name = _name(type_)
-    if flags & ~(FLAG_MORE if type_ == FrameType.DATA else 0):
+    if flags:
         raise ProtocolError(f"{name} with unknown flags {flags:#x}")
     if (code != 0) != (type_ == FrameType.ERROR):
         raise ProtocolError(f"{name} with code {code}")
     if id_ == 0 and type_ != FrameType.ERROR:
         raise ProtocolError(f"{name} with request id 0")
-    if type_ == FrameType.DATA:
-        if handle == 0 or length > MAX_READ:
-            raise ProtocolError(f"DATA with handle {handle} and {length} bytes")
-        return
     if offset or (handle and type_ != FrameType.OPENED):
         raise ProtocolError(f"{name} with a non-zero handle or offset")
-    limit = {FrameType.OPENED: OPENED.size, FrameType.LISTING: MAX_LISTING,
-             FrameType.ERROR: MAX_MESSAGE}.get(FrameType(type_), 0)
+    limit = _REPLY_LIMITS[FrameType(type_)]
     if length > limit or (type_ == FrameType.OPENED and length != OPENED.size):
         raise ProtocolError(f"{name} with a {length}-byte payload")
     if type_ == FrameType.OPENED and handle == 0:

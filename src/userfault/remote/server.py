@@ -255,13 +255,14 @@ class _Connection(asyncio.Protocol):
         if self.resumed is not None and not self.resumed.done():
             self.resumed.set_result(None)
 
-    def _close(self, reason: str, code: ErrorCode, *, counter: str) -> None:
+    def _close(self, reason: str, code: ErrorCode, *, counter: str | None) -> None:
         """Log ``reason``, send an ERROR for the whole connection (when frames are in use),
         close, and abort if the peer does not read what is left within a few seconds."""
         if self.state in ("closing", "closed"):
             return
         log.warning("closing the connection from %s: %s", self.peer, reason)
-        setattr(self.server._stats, counter, getattr(self.server._stats, counter) + 1)
+        if counter is not None:
+            setattr(self.server._stats, counter, getattr(self.server._stats, counter) + 1)
         ready = self.state == "ready"
         self.state = "closing"
         if self.timer is not None:
@@ -576,8 +577,7 @@ class _Connection(asyncio.Protocol):
     def shutdown(self) -> None:
         """The server is closing: tell the peer, close."""
         if self.state == "ready":
-            self._close("the server is shutting down", ErrorCode.SHUTTING_DOWN,
-                        counter="refused")
+            self._close("the server is shutting down", ErrorCode.SHUTTING_DOWN, counter=None)
         elif self.transport is not None and self.state != "closed":
             self.transport.abort()
 

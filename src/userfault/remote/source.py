@@ -292,6 +292,11 @@ class PageServerSource:
               ) -> tuple[list[tuple[int, list[memoryview]]], int]:
         """Zero-fill what lies past the end; merge adjacent ranges into READ-sized groups."""
         size = self._size
+        if len(requests) == 1:  # the fault path: one page, inside the export
+            off, b = requests[0]
+            v = _bytes_view(b)
+            if 0 <= off and off + len(v) <= size and 0 < len(v) <= MAX_READ:
+                return [(off, [v])], len(v)
         items: list[tuple[int, memoryview]] = []
         for off, b in requests:
             v = _bytes_view(b)
