@@ -295,7 +295,7 @@ class PageServerSource:
         if len(requests) == 1:  # the fault path: one page, inside the export
             off, b = requests[0]
             v = _bytes_view(b)
-            if 0 <= off and off + len(v) <= size and 0 < len(v) <= MAX_READ:
+            if off >= 0 and off + len(v) <= size and 0 < len(v) <= MAX_READ:
                 return [(off, [v])], len(v)
         items: list[tuple[int, memoryview]] = []
         for off, b in requests:
