@@ -135,6 +135,7 @@ _READER = """
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("timeout", [30.0, 1.5], ids=["tcp-rides-it-out", "reconnect"])
 def test_link_dropped_mid_read_recovers_with_exact_bytes(hosts: TwoHosts, remote: Remote,
                                                          blob: tuple[Path, bytes],
