@@ -186,6 +186,11 @@ def test_buffer_and_source_exports_and_writes(tmp_path: Path, blob: tuple[Path, 
     server.export_buffer("ro", bytes(data[:8192]))
     fsrc = FileSource(path)
     server.export_source("src", fsrc)
+    ufs = tmp_path / "b.ufs"
+    create_snapshot(data[:100000], ufs)
+    assert server.export("snap", str(ufs)).kind == "snapshot"
+    with pytest.raises(ValueError, match="an export named 'snap' exists already"):
+        server.export("snap", str(path))
     with thread_server(server) as (_, addr):
         with PageServerSource(f"uf://{addr}/live", secret=SECRET) as src:
             assert isinstance(src, WritablePageSource) and src.writable
@@ -210,6 +215,10 @@ def test_buffer_and_source_exports_and_writes(tmp_path: Path, blob: tuple[Path, 
                 conn.close()
         with PageServerSource(f"uf://{addr}/src", secret=SECRET) as src:
             assert read(src, SIZE - 100, 100) == data[-100:]
+            assert src.ping() > 0
+        with PageServerSource(f"uf://{addr}/snap", secret=SECRET) as src:
+            assert src.size == 100000 and read(src, 99000, 2000) == expected(data[:100000],
+                                                                            99000, 2000)
     fsrc.close()
 
 

@@ -147,6 +147,7 @@ class _Connection(asyncio.Protocol):
         self.urgent: deque[_Transfer] = deque()
         self.normal: deque[_Transfer] = deque()
         self.pump: asyncio.Task[None] | None = None
+        self.tls_task: asyncio.Task[None] | None = None  # referenced: the loop holds tasks weakly
         self.paused = False
         self.resumed: asyncio.Future[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -172,7 +173,7 @@ class _Connection(asyncio.Protocol):
             self._greet(code)
         else:  # TLS first (the refusal, if any, is sent inside it)
             self.state = "tls"
-            self.loop.create_task(self._start_tls(transport, code))
+            self.tls_task = self.loop.create_task(self._start_tls(transport, code))
 
     async def _start_tls(self, raw: asyncio.Transport, code: ErrorCode) -> None:
         srv = self.server

@@ -64,11 +64,12 @@ class _Entry(NamedTuple):
 
 
 class _Lane:
-    __slots__ = ("busy", "idle", "name", "urgent")
+    """Connections of one lane: idle ones, and how many are in use."""
 
-    def __init__(self, name: str, urgent: bool) -> None:
+    __slots__ = ("busy", "idle", "name")
+
+    def __init__(self, name: str) -> None:
         self.name = name
-        self.urgent = urgent
         self.idle: list[_Entry] = []
         self.busy = 0
 
@@ -173,8 +174,8 @@ class PageServerSource:
         """Fresh lanes, lock and TLS context for this process (at setup, and after a fork)."""
         self._pid = os.getpid()
         self._cond = threading.Condition(threading.Lock())
-        self._urgent = _Lane("urgent", True)
-        self._bulk = _Lane("bulk", False)
+        self._urgent = _Lane("urgent")
+        self._bulk = _Lane("bulk")
         self._tls: ssl.SSLContext | None = None
         self._down = False
         self.connections_opened = 0
