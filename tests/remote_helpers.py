@@ -36,16 +36,14 @@ class ServeProcess:
     """``python -m userfault serve`` in a subprocess; stdout parsed for the bound address."""
 
     def __init__(self, tmp: Path, exports: list[str], *extra: str,
-                 listen: str = "tcp://127.0.0.1:0", secret: bytes = SECRET,
-                 name: str = "serve", prefix: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
-        self.secret_file = write_secret(tmp / f"{name}.secret", secret)
+                 listen: str = "tcp://127.0.0.1:0", name: str = "serve") -> None:
+        self.secret_file = write_secret(tmp / f"{name}.secret")
         self.err_path = tmp / f"{name}.err"
         self._err = open(self.err_path, "wb")  # noqa: SIM115 - closed in kill()
-        cmd = [*(prefix or []), sys.executable, "-m", "userfault", "serve", "--listen", listen,
+        cmd = [sys.executable, "-m", "userfault", "serve", "--listen", listen,
                "--secret-file", str(self.secret_file), *extra, *exports]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=self._err, env=env)
+                                     stderr=self._err)
         self.lines: list[str] = []
         try:
             self.address = self._wait_line("listening on ").split("listening on ", 1)[1]
@@ -64,7 +62,6 @@ class ServeProcess:
                 line, buf = buf.split(b"\n", 1)
                 self.lines.append(line.decode())
                 if text in self.lines[-1]:
-                    self._rest = buf
                     return self.lines[-1]
             left = deadline - time.monotonic()
             if left <= 0:
@@ -80,13 +77,10 @@ class ServeProcess:
     def port(self) -> int:
         return int(self.address.rsplit(":", 1)[1])
 
-    def url(self, name: str, scheme: str = "uf", host: str | None = None) -> str:
+    def url(self, name: str, scheme: str = "uf") -> str:
         if self.address.startswith("unix:"):
             return f"uf+unix://{self.address[len('unix:'):]}/{name}"
-        hostport = self.address[len("tcp://"):]
-        if host is not None:
-            hostport = f"{host}:{self.port}"
-        return f"{scheme}://{hostport}/{name}"
+        return f"{scheme}://{self.address[len('tcp://'):]}/{name}"
 
     def stderr(self) -> str:
         return self.err_path.read_text(errors="replace")
