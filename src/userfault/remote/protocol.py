@@ -50,6 +50,9 @@ type          code  meaning
                     whole connection (the server closes it after sending)
 ============  ====  ===========================================================================
 
+Replies to different requests come in any order. WRITEs in flight together may be stored in
+any order; a READ sent after a WRITE's ``DONE`` sees its bytes.
+
 A request may set flag ``URGENT``: the server sends it ahead of every transfer in progress on
 that connection. Large reads are sent in pieces (256 KiB by default) in offset order; between
 two pieces the server serves whatever urgent request has arrived, so a fault read overtakes
