@@ -1,7 +1,8 @@
 """Shared fixtures of the binding tests, and registration of the real-server fixtures.
 
 ``tests/`` has no ``__init__.py``: pytest puts it on ``sys.path`` while importing this file,
-so ``server_fixtures`` (nginx, redis) registers as a plugin by module name.
+so ``server_fixtures`` (nginx, redis) and ``netns`` (two namespaced hosts) register as plugins
+by module name.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 import userfault
 from userfault import PAGE_SIZE, Region, Uffd, _native
 
-pytest_plugins = ["server_fixtures"]
+pytest_plugins = ["netns", "server_fixtures"]
 
 
 @pytest.fixture

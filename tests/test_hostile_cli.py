@@ -42,7 +42,7 @@ USAGE: list[tuple[list[str], str]] = [
     ([], "userfault: error: the following arguments are required: COMMAND"),
     (["bogus"], "userfault: error: argument COMMAND: invalid choice: 'bogus' (choose from "
                 "'demo', 'features', 'snapshot', 'firecracker', 'plot', 'stats', "
-                "'workingset')"),
+                "'workingset', 'serve')"),
     (["demo", "--pages", "abc"], "userfault demo: error: argument --pages: invalid int value: "
                                  "'abc'"),
     (["snapshot"], "userfault snapshot: error: the following arguments are required: "

@@ -1,4 +1,5 @@
-"""The `userfault` command: demo, features, snapshot, firecracker, plot, stats, workingset."""
+"""The `userfault` command: demo, features, snapshot, firecracker, serve, plot, stats,
+workingset."""
 
 from __future__ import annotations
 
@@ -67,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_trace_commands(sub)
     add_working_set_commands(sub)
+
+    from .remote.cli import add_serve_command
+
+    add_serve_command(sub)
     return parser
 
 

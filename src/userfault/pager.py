@@ -66,9 +66,11 @@ class Pager(_native.Mapping):
         chunk, readahead, populate, threads, log_faults, on_error, retries, timeout,
             on_remove, piece, max_restarts: how faults are served, see
             :class:`~userfault.serving.config.ServeConfig` (sizes may be strings such as
-            ``"64K"``). ``readahead`` defaults to a 64 KiB window
-            doubling up to 4 MiB; ``on_error="poison"`` makes a page that cannot be read
-            SIGBUS on access, never zeros.
+            ``"64K"``). ``readahead`` defaults to a 64 KiB window doubling up to 4 MiB;
+            ``on_error="poison"`` makes a page that cannot be read SIGBUS on access, never
+            zeros.
+        secret_file, tls_ca: for a page-server URL (``uf://HOST:PORT/NAME``): the shared
+            secret, and the CA that the server's TLS certificate must chain to.
 
     A source object you pass stays yours to close; one made here from a path or a buffer is
     closed with the pager.
@@ -98,6 +100,8 @@ class Pager(_native.Mapping):
         on_remove: OnRemove = "reload",
         piece: SizeLike = 0,
         max_restarts: int = 20,
+        secret_file: str | os.PathLike[str] | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
     ) -> None:
         self._closed = True
         self._runtime: Runtime | None = None
@@ -109,7 +113,7 @@ class Pager(_native.Mapping):
             populate=populate, threads=threads, log_faults=log_faults, on_error=on_error,
             retries=retries, timeout=timeout, on_remove=on_remove, piece=piece,  # type: ignore[arg-type]
             max_restarts=max_restarts)
-        src = open_source(source)
+        src = open_source(source, secret_file=secret_file, tls_ca=tls_ca)
         self.source = src
         self._owns_source = src is not source  # made here from a path or buffer: ours to close
         try:

@@ -86,7 +86,8 @@ def _serve(args: argparse.Namespace) -> int:
         threads=args.threads, max_vms=args.max_vms, max_connections=args.max_connections,
         once=args.once, chunk=args.chunk,
         readahead=args.readahead, json_out=sys.stdout if args.json else None,
-        redis_prefix=args.redis_prefix, handshake_timeout=args.handshake_timeout)
+        redis_prefix=args.redis_prefix, handshake_timeout=args.handshake_timeout,
+        secret_file=args.secret_file, tls_ca=args.tls_ca)
     with pager:
         reports = pager.serve_forever(stop)
     failed = [r for r in reports if r.error and r.end_reason != "refused"]
@@ -144,6 +145,10 @@ def add_firecracker_commands(subparsers: Any) -> argparse.ArgumentParser:
                        help="sequential readahead window (default 64K:4M; off with --record)")
     serve.add_argument("--redis-prefix", default=None, metavar="PREFIX",
                        help="key prefix for a redis:// memory file without a #prefix")
+    serve.add_argument("--secret-file", default=None, metavar="FILE",
+                       help="the shared secret of a uf:// (page server) memory file")
+    serve.add_argument("--tls-ca", default=None, metavar="FILE",
+                       help="the CA a ufs:// page server's certificate must chain to")
     serve.add_argument("--handshake-timeout", type=_seconds, default=5.0, metavar="SECONDS",
                        help="time a connection has to send its handshake (default 5)")
     serve.set_defaults(func=_serve)

@@ -94,6 +94,7 @@ class FirecrackerPager:
         json_out: a stream to print one JSON object per VM to when it ends (``--json``).
         log: where log lines and summaries go (default ``sys.stderr``).
         redis_prefix: key prefix for ``redis://`` memory files without a ``#prefix``.
+        secret_file, tls_ca: for a page-server memory file (``uf://HOST:PORT/NAME``).
         handshake_timeout: seconds a connection may take to send its handshake (positive).
 
     The socket is refused if a live server already listens on it (probed by connecting; that
@@ -121,6 +122,8 @@ class FirecrackerPager:
         json_out: IO[str] | None = None,
         log: IO[str] | None = None,
         redis_prefix: str | None = None,
+        secret_file: str | os.PathLike[str] | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
         handshake_timeout: float = 5.0,
         on_report: Callable[[VMReport], None] | None = None,
     ) -> None:
@@ -175,7 +178,8 @@ class FirecrackerPager:
         self._stop = threading.Event()
         self._listener: socket.socket | None = None
         self._socket_id: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket file
-        self.source = open_source(self.mem_spec, redis_prefix=redis_prefix)
+        self.source = open_source(self.mem_spec, redis_prefix=redis_prefix,
+                                  secret_file=secret_file, tls_ca=tls_ca)
         try:
             self.native = isinstance(self.source, NativeSource)
             self.mem_size = int(self.source.size)

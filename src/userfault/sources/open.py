@@ -16,9 +16,12 @@ from .native import BufferSource, FileSource, NativeSource
 
 __all__ = ["open_source"]
 
+_UF = ("uf", "ufs", "uf+unix")
 
-def open_source(spec: Any, *, redis_prefix: str | None = None, page_size: int = 4096
-                ) -> PageSource:
+
+def open_source(spec: Any, *, redis_prefix: str | None = None, page_size: int = 4096,
+                secret_file: str | os.PathLike[str] | None = None,
+                tls_ca: str | os.PathLike[str] | None = None) -> PageSource:
     """The page source ``spec`` names.
 
     * a :class:`~userfault.sources.base.PageSource` (an object with ``size`` and
@@ -28,17 +31,26 @@ def open_source(spec: Any, *, redis_prefix: str | None = None, page_size: int = 
     * ``http://`` / ``https://``: :class:`~userfault.sources.http.HTTPSource`;
     * ``redis://`` / ``rediss://``: :class:`~userfault.sources.redis.RedisSource`, the key
       prefix from the URL fragment (``redis://host:6379/0#vm1:``) or ``redis_prefix``;
+    * ``uf://``, ``ufs://`` (TLS), ``uf+unix://``: an export of a userfault page server
+      (:class:`~userfault.remote.PageServerSource`), authenticated with ``secret_file`` (or the
+      URL's ``?secret_file=``, or ``$USERFAULT_SECRET_FILE``); ``tls_ca`` for ``ufs://``;
     * a path (or ``file://`` URL) ending in ``.ufs`` or starting with the snapshot magic:
       :class:`~userfault.sources.snapshot.SnapshotSource`;
     * any other path: :class:`~userfault.sources.native.FileSource` (served by the C engine).
 
     Raises:
         TypeError: ``spec`` is none of these.
+        ValueError: ``secret_file`` or ``tls_ca`` given for something other than a page
+            server URL.
     """
+    if (secret_file is not None or tls_ca is not None) and not (
+            isinstance(spec, str) and urllib.parse.urlsplit(spec).scheme.lower() in _UF):
+        raise ValueError("secret_file and tls_ca are options of page server URLs (uf://, "
+                         "ufs://, uf+unix://)")
     if isinstance(spec, NativeSource):
         return spec
     if isinstance(spec, (str, os.PathLike)):
-        return _open_named(os.fspath(spec), redis_prefix, page_size)
+        return _open_named(os.fspath(spec), redis_prefix, page_size, secret_file, tls_ca)
     if isinstance(spec, (bytes, bytearray, memoryview)) or hasattr(spec, "__array_interface__"):
         return BufferSource(spec)
     try:
@@ -57,8 +69,14 @@ def open_source(spec: Any, *, redis_prefix: str | None = None, page_size: int = 
         ".read_into(offset, buf)")
 
 
-def _open_named(spec: str, redis_prefix: str | None, page_size: int) -> PageSource:
+def _open_named(spec: str, redis_prefix: str | None, page_size: int,
+                secret_file: str | os.PathLike[str] | None,
+                tls_ca: str | os.PathLike[str] | None) -> PageSource:
     scheme = urllib.parse.urlsplit(spec).scheme.lower()
+    if scheme in _UF:
+        from ..remote.source import PageServerSource
+
+        return PageServerSource(spec, secret_file=secret_file, tls_ca=tls_ca)
     if scheme in ("http", "https"):
         from .http import HTTPSource
 
