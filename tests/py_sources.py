@@ -109,3 +109,20 @@ class Misbehaving(PyBytes):
 
     def __repr__(self) -> str:
         return f"Misbehaving({self.how}, bad={sorted(self.bad)})"
+
+
+class PyFile:
+    """A file read with pread, as a Python source (a short file is a short read)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._size = os.path.getsize(path)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def read_into(self, offset: int, buf: memoryview) -> int:
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return f.readinto(buf)

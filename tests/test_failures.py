@@ -16,7 +16,7 @@ import pytest
 
 import userfault
 from pager_helpers import run_script, settled
-from py_sources import BatchFails, Misbehaving, PyBatched
+from py_sources import BatchFails, Misbehaving, PyBatched, PyFile
 from userfault import PagerError, PrefetchError
 
 PAGE = 4096
@@ -259,23 +259,6 @@ def test_on_error_zero_is_explicit_and_still_reported(tmp_path: Path, runtime: s
             p.check()
     if runtime == "native":
         src.close()
-
-
-class PyFile:
-    """A file read with pread, as a Python source (a short file is a short read)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._size = os.path.getsize(path)
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def read_into(self, offset: int, buf: memoryview) -> int:
-        with open(self.path, "rb") as f:
-            f.seek(offset)
-            return f.readinto(buf)
 
 
 def test_log_lines_are_rate_limited() -> None:

@@ -64,7 +64,8 @@ class Pager(_native.Mapping):
         runtime: ``"native"`` for native sources, ``"process"`` for Python sources;
             ``"auto"`` picks by source.
         chunk, readahead, populate, threads, log_faults, on_error, retries, timeout,
-            on_remove, piece, max_restarts: how faults are served, see
+            on_remove, piece, max_restarts, max_resident, watermarks: how faults are served
+            and how much memory stays installed (``max_resident="256M"``), see
             :class:`~userfault.serving.config.ServeConfig` (sizes may be strings such as
             ``"64K"``). ``readahead`` defaults to a 64 KiB window doubling up to 4 MiB;
             ``on_error="poison"`` makes a page that cannot be read SIGBUS on access, never
@@ -100,11 +101,14 @@ class Pager(_native.Mapping):
         on_remove: OnRemove = "reload",
         piece: SizeLike = 0,
         max_restarts: int = 20,
+        max_resident: SizeLike = 0,
+        watermarks: tuple[float, float] = (0.7, 0.9),
         secret_file: str | os.PathLike[str] | None = None,
         tls_ca: str | os.PathLike[str] | None = None,
     ) -> None:
         self._closed = True
         self._runtime: Runtime | None = None
+        self._pool_fd = -1
         self._owner = os.getpid()
         self.uffd: Uffd
         self.region: Region
@@ -112,7 +116,8 @@ class Pager(_native.Mapping):
             chunk=chunk, readahead=readahead,  # type: ignore[arg-type]
             populate=populate, threads=threads, log_faults=log_faults, on_error=on_error,
             retries=retries, timeout=timeout, on_remove=on_remove, piece=piece,  # type: ignore[arg-type]
-            max_restarts=max_restarts)
+            max_restarts=max_restarts, max_resident=max_resident,  # type: ignore[arg-type]
+            watermarks=watermarks)
         src = open_source(source, secret_file=secret_file, tls_ca=tls_ca)
         self.source = src
         self._owns_source = src is not source  # made here from a path or buffer: ours to close
@@ -125,6 +130,7 @@ class Pager(_native.Mapping):
                 raise ValueError(f"size must be positive, not {want}")
             self.region = self._make_region(region, want)
             page = self.region.page_size
+            self.config.budget(page)  # refuse a budget too small for the pages
             self.chunk, ra_min, ra_max = self.config.for_page(page)
             self.readahead: tuple[int, int] = (ra_min, ra_max)
             self.uffd, self.fork_served = self._open_uffd()
@@ -135,10 +141,15 @@ class Pager(_native.Mapping):
                 # A child would see the registration dropped and read zeros (for a memfd, the
                 # parent too): do not give it the region at all.
                 _native.madvise(self.region.address, self.region.size, mmap.MADV_DONTFORK)
+            if self.config.max_resident:
+                # where the evictor keeps pages on probation (see serving/config.py)
+                self._pool_fd = os.memfd_create("userfault-pool", os.MFD_CLOEXEC)
+                os.ftruncate(self._pool_fd, self.region.size)
             self._runtime = build_runtime(
                 self.uffd.fileno(), [(self.region.address, self.region.size, 0)], page, src,
                 self.config, install=self.install, memfd=self.region.memfd,
-                runtime=self.runtime)
+                runtime=self.runtime, evict_advice=mmap.MADV_REMOVE if region == "memfd"
+                else mmap.MADV_DONTNEED, pool_fd=self._pool_fd)
             self._runtime.start()
         except BaseException:
             self._teardown()
@@ -259,7 +270,7 @@ class Pager(_native.Mapping):
     def stats(self) -> PagerStats:
         """Current counters (cheap: no locks on the serving path)."""
         self._check_open()
-        return PagerStats.from_counters(self._serving().counters())
+        return PagerStats.from_counters(self._serving().counters(), self.region.page_size)
 
     def faults(self) -> list[FaultRecord]:
         """Take the fault records logged since the last call (needs ``log_faults > 0``)."""
@@ -301,6 +312,9 @@ class Pager(_native.Mapping):
             uffd.close()
         if region is not None:
             region.close()
+        if self._pool_fd >= 0:
+            os.close(self._pool_fd)
+            self._pool_fd = -1
         close_source = getattr(self.source, "close", None)
         if self._owns_source and close_source is not None:
             close_source()

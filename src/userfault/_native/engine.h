@@ -49,7 +49,8 @@ enum { CAUSE_FAULT, CAUSE_READAHEAD, CAUSE_PREFETCH, CAUSE_POPULATE, CAUSE_EVICT
     X(readahead_bytes) X(populate_bytes) X(prefetch_bytes) X(eexist) X(eagain) X(poisoned)    \
     X(zeroed) X(remove_events) X(unmap_events) X(remap_events) X(fork_events) X(children)     \
     X(service_ns) X(service_max_ns) X(errors) X(retries) X(restarts) X(timeouts)             \
-    X(log_dropped) X(log_suppressed)
+    X(log_dropped) X(log_suppressed) X(resident_pages) X(evictions) X(refaults)               \
+    X(writebacks) X(writeback_bytes) X(dirty_pages) X(reactivations)
 #define UF_ENUM(n) C_##n,
 enum { UF_COUNTERS(UF_ENUM) UF_N_COUNTERS };
 #undef UF_ENUM
@@ -64,6 +65,11 @@ typedef struct {
 } uf_rec_t;
 
 typedef struct { uint64_t start_ns, src_off, len, addr; } uf_inflight_t;
+
+/* A request the pager process's engine asks the faulting process to carry out in its own
+ * address space (madvise, copying pages out): one at a time, `seq` then `done`. */
+enum { AGENT_MADVISE = 1, AGENT_DEACTIVATE };
+typedef struct { uint64_t seq, done, op, addr, len, arg; int64_t result; } uf_mail_t;
 typedef struct { uint64_t off, len; } uf_mark_t;
 
 typedef struct {
@@ -81,6 +87,7 @@ typedef struct {
      * without reading), and ranges that must be read one page at a time. */
     uint64_t ncondemned, nsuspect;
     uf_mark_t condemned[UF_MAX_MARKS], suspect[UF_MAX_MARKS];
+    uf_mail_t mail;
     uint64_t log_written, log_read;
     uf_rec_t log[];
 } uf_state_t;
@@ -94,6 +101,8 @@ typedef struct uctx {
     areas_t *areas; /* replaced whole on REMAP; a reader loads the pointer once */
     uint64_t npages;
     uint8_t *installed, *removed; /* one bit per page */
+    uint8_t *ref, *evicting, *evicted; /* the resident budget (root context only) */
+    uint8_t *inactive;            /* moved out to the pool: the next touch moves it back */
     int ra_area;                  /* readahead: area index, next/end offsets in it */
     uint64_t ra_next, ra_end, ra_window, last_end;
     struct uctx *next;
@@ -150,6 +159,18 @@ struct engine {
     uf_state_t *st;
     size_t st_size;
     int st_owned;
+    /* the resident budget: pages, watermarks, the evictor's thread and clock hand */
+    uint64_t max_pages, high_pages, low_pages, evict_batch;
+    int evict_advice, evictor_started, evict_stop, agent_req, agent_done;
+    pthread_t evictor;
+    pthread_cond_t evict_cond;
+    pthread_mutex_t agent_lock;
+    int hand_area;
+    uint64_t hand_off;
+    int pool_fd;                 /* a memfd holding pages on probation, at page index * page */
+    char *pool_map;
+    uint64_t pool_len;
+    pthread_mutex_t budget_lock; /* a page leaving the pool: reactivated or evicted, once */
     double log_tokens;
     uint64_t log_last_ns, log_quiet;
     retired_t *retired;
@@ -169,6 +190,15 @@ static inline void bit_set(uint8_t *bm, uint64_t i)
 static inline void bit_clear(uint8_t *bm, uint64_t i)
 {
     __atomic_fetch_and(&bm[i >> 3], (uint8_t) ~(1u << (i & 7)), __ATOMIC_RELAXED);
+}
+/* Set or clear a bit; returns whether it was set before. */
+static inline int bit_test_set(uint8_t *bm, uint64_t i)
+{
+    return (__atomic_fetch_or(&bm[i >> 3], (uint8_t)(1u << (i & 7)), __ATOMIC_RELAXED) >> (i & 7)) & 1;
+}
+static inline int bit_test_clear(uint8_t *bm, uint64_t i)
+{
+    return (__atomic_fetch_and(&bm[i >> 3], (uint8_t) ~(1u << (i & 7)), __ATOMIC_RELAXED) >> (i & 7)) & 1;
 }
 
 extern PyTypeObject userfault_BounceType;
@@ -196,6 +226,17 @@ int uf_worker_buffers(engine_t *e, worker_t *w);
 void uf_worker_free(worker_t *w);
 void uf_worker_python(engine_t *e, worker_t *w, int enter);
 const char *uf_cause_name(int cause);
+
+/* engine_budget.c */
+void uf_page_in(engine_t *e, uctx_t *c, uint64_t p);
+int uf_reactivate(engine_t *e, uctx_t *c, area_t *a, uint64_t off, int *err);
+void uf_page_out(engine_t *e, uctx_t *c, uint64_t p, int zero);
+int uf_budget_alloc(engine_t *e, uctx_t *c);
+int uf_evictor_start(engine_t *e);
+void uf_evictor_stop(engine_t *e);
+int uf_populate_paused(engine_t *e);
+int uf_target_madvise(engine_t *e, uint64_t addr, uint64_t len, int advice);
+int uf_deactivate_local(char *pool_map, uint64_t addr, uint64_t len, uint64_t pool_off, int advice);
 
 /* engine_serve.c */
 area_t *uf_find_area(areas_t *as, uint64_t addr);

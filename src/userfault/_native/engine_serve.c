@@ -136,6 +136,11 @@ static void ctx_release(engine_t *e, uctx_t *c)
     uf_free(c->removed);
     c->areas = NULL;
     c->installed = c->removed = NULL;
+    free(c->ref); /* the root's budget bitmaps (malloc'd before any thread ran) */
+    free(c->evicting);
+    free(c->evicted);
+    free(c->inactive);
+    c->ref = c->evicting = c->evicted = c->inactive = NULL;
     if (c->id)
         ADD(e, children, -1);
 }
@@ -317,7 +322,9 @@ static int serve_fault(engine_t *e, worker_t *w, uctx_t *c, struct uffd_msg *m, 
             err = uf_ioctl(c->uffd, UFFDIO_WAKE, &cont.range);
         }
         if (!err)
-            bit_set(c->installed, a->first_page + page_off / e->page);
+            uf_page_in(e, c, a->first_page + page_off / e->page);
+    } else if (uf_reactivate(e, c, a, page_off, &err)) {
+        got = err ? 0 : e->page; /* back from the pool, no source read */
     } else {
         /* A COPY wakes what it installs; install_range wakes the faulting page itself if it was
          * present already (EEXIST), and failed pages get on_error. */
@@ -346,14 +353,8 @@ static void clear_range(engine_t *e, uctx_t *c, uint64_t start, uint64_t end, in
     for (int i = 0; i < as->n; i++) {
         area_t *a = &as->a[i];
         uint64_t s = start > a->base ? start : a->base, t = end < a->base + a->len ? end : a->base + a->len;
-        for (uint64_t x = s; x < t; x += e->page) {
-            uint64_t p = a->first_page + (x - a->base) / e->page;
-            bit_clear(c->installed, p);
-            if (zero)
-                bit_set(c->removed, p); /* like anonymous memory, a removed page reads as zeros */
-            else
-                bit_clear(c->removed, p);
-        }
+        for (uint64_t x = s; x < t; x += e->page)
+            uf_page_out(e, c, a->first_page + (x - a->base) / e->page, zero);
     }
 }
 
@@ -515,6 +516,11 @@ static uctx_t *claim_piece(engine_t *e, area_t *a, uint64_t *off, uint64_t *n, i
             c->ra_next = c->ra_end;
             continue;
         }
+        if (e->max_pages && LOAD(e->st->counters[C_resident_pages]) + piece / e->page > e->max_pages) {
+            c->ra_next = c->ra_end; /* speculative: never past the budget (faults still are) */
+            pthread_cond_signal(&e->evict_cond);
+            continue;
+        }
         *a = as->a[c->ra_area];
         *off = c->ra_next;
         *n = c->ra_end - c->ra_next < piece ? c->ra_end - c->ra_next : piece;
@@ -524,6 +530,8 @@ static uctx_t *claim_piece(engine_t *e, area_t *a, uint64_t *off, uint64_t *n, i
         return c;
     }
     uctx_t *root = e->ctxs;
+    if (e->populate && uf_populate_paused(e))
+        e->pop_area = INT32_MAX; /* with a budget, populate fills what fits, then stops */
     while (e->populate && root && !root->dead && e->pop_area < areas_of(root)->n) {
         areas_t *as = areas_of(root);
         if (e->pop_next >= as->a[e->pop_area].len) {
@@ -575,6 +583,9 @@ static void *background_main(void *arg)
 int uf_engine_start(engine_t *e)
 {
     e->stopping = 0;
+    int er = uf_evictor_start(e);
+    if (er)
+        return er;
     for (int i = 0; i < e->nworkers; i++) {
         worker_t *w = &e->workers[i];
         int r = pthread_create(&w->thread, NULL, w->background ? background_main : fault_main, w);
@@ -598,6 +609,7 @@ void uf_engine_stop(engine_t *e)
         pthread_mutex_unlock(&e->stop_lock);
         return;
     }
+    uf_evictor_stop(e); /* first: it may wait for a fault thread */
     pthread_mutex_lock(&e->lock);
     e->stopping = 1;
     pthread_cond_broadcast(&e->work_cond);

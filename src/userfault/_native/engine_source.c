@@ -449,8 +449,8 @@ static int collect_runs(engine_t *e, uctx_t *c, area_t *a, uint64_t off, uint64_
     int nr = 0, suspect = e->kind == SRC_PYTHON && LOAD(e->st->nsuspect) > 0;
     while (off < end) {
         uint64_t p = a->first_page + off / page;
-        if (skip && bit_get(c->installed, p)) {
-            off += page;
+        if ((skip && bit_get(c->installed, p)) || (c->inactive && bit_get(c->inactive, p))) {
+            off += page; /* present, or in the pool (where its next fault finds it) */
             continue;
         }
         int zero = bit_get(c->removed, p);
@@ -458,7 +458,8 @@ static int collect_runs(engine_t *e, uctx_t *c, area_t *a, uint64_t off, uint64_
         uint64_t run = off + page;
         while (!alone && run < end && run - off < e->unit_max) {
             uint64_t q = a->first_page + run / page;
-            if ((skip && bit_get(c->installed, q)) || bit_get(c->removed, q) != zero)
+            if ((skip && bit_get(c->installed, q)) || bit_get(c->removed, q) != zero
+                || (c->inactive && bit_get(c->inactive, q)))
                 break;
             if (suspect && uf_marked(e->st->suspect, LOAD(e->st->nsuspect), a->src_off + run, page))
                 break;
@@ -591,7 +592,7 @@ static int put_run(engine_t *e, worker_t *w, uctx_t *c, area_t *a, run_t *r, int
                                                flags & IR_DONTWAKE, &err);
         uint64_t p = a->first_page + off / e->page;
         for (uint64_t i = 0; i < done / e->page; i++)
-            bit_set(c->installed, p + i);
+            uf_page_in(e, c, p + i);
         *installed += done;
         off += done;
         if (!err)
@@ -604,7 +605,7 @@ static int put_run(engine_t *e, worker_t *w, uctx_t *c, area_t *a, run_t *r, int
         }
         if (err == EEXIST) {
             ADD(e, eexist, 1);
-            bit_set(c->installed, a->first_page + off / e->page);
+            uf_page_in(e, c, a->first_page + off / e->page);
             if (off == wake_off) { /* present already, but its faulting thread still waits */
                 struct uffdio_range rg = {a->base + off, e->page};
                 uf_ioctl(c->uffd, UFFDIO_WAKE, &rg);

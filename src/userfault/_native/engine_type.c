@@ -10,6 +10,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 typedef struct {
@@ -274,10 +275,15 @@ static void engine_free(engine_t *e)
     free(e->cycle);
     if (e->st_owned)
         free(e->st);
+    if (e->pool_map)
+        munmap(e->pool_map, e->pool_len);
     pthread_mutex_destroy(&e->lock);
     pthread_mutex_destroy(&e->stop_lock);
     pthread_mutex_destroy(&e->log_lock);
     pthread_cond_destroy(&e->work_cond);
+    pthread_cond_destroy(&e->evict_cond);
+    pthread_mutex_destroy(&e->agent_lock);
+    pthread_mutex_destroy(&e->budget_lock);
     free(e);
 }
 
@@ -360,18 +366,25 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
                              "pattern", "cycle", "memfd", "pysource", "name", "fail_errno",
                              "fail_message", "chunk", "readahead_min", "readahead_max", "piece",
                              "populate", "threads", "log_capacity", "on_error", "on_remove",
-                             "retries", "state", "log_fd", NULL};
+                             "retries", "state", "log_fd", "max_resident", "high_watermark",
+                             "low_watermark", "evict_advice", "evict_batch", "agent_fds", "pool_fd",
+                             NULL};
     int uffd, kind, install, src_fd = -1, memfd = -1, populate = 0, threads = 1, fail_errno = 0;
     int on_error = ONERR_POISON, on_remove = ONREM_RELOAD, retries = 3, log_fd = 2;
     unsigned long long page, chunk = 0, ra_min = 0, ra_max = 0, piece = 0, log_cap = 0;
     PyObject *areas_obj, *data = Py_None, *pysource = Py_None, *state = Py_None;
+    unsigned long long max_resident = 0, high = 0, low = 0, evict_batch = 64;
+    int pool_fd = -1;
+    int evict_advice = MADV_DONTNEED, agent_req = -1, agent_done = -1;
     const char *name = "", *fail_message = "";
     Py_buffer pat = {0}, cyc = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iOKii|Oiy*y*iOsisKKKKpiKiiiOi", kwlist, &uffd,
-                                     &areas_obj, &page, &kind, &install, &data, &src_fd, &pat, &cyc,
-                                     &memfd, &pysource, &name, &fail_errno, &fail_message, &chunk,
-                                     &ra_min, &ra_max, &piece, &populate, &threads, &log_cap,
-                                     &on_error, &on_remove, &retries, &state, &log_fd))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iOKii|Oiy*y*iOsisKKKKpiKiiiOiKKKiK(ii)i", kwlist,
+                                     &uffd, &areas_obj, &page, &kind, &install, &data, &src_fd, &pat,
+                                     &cyc, &memfd, &pysource, &name, &fail_errno, &fail_message,
+                                     &chunk, &ra_min, &ra_max, &piece, &populate, &threads, &log_cap,
+                                     &on_error, &on_remove, &retries, &state, &log_fd, &max_resident,
+                                     &high, &low, &evict_advice, &evict_batch, &agent_req,
+                                     &agent_done, &pool_fd))
         return -1;
     if (self->e) {
         PyErr_SetString(PyExc_RuntimeError, "an engine is initialised once");
@@ -389,7 +402,15 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
     pthread_mutex_init(&e->stop_lock, NULL);
     pthread_mutex_init(&e->log_lock, NULL);
     pthread_cond_init(&e->work_cond, NULL);
+    pthread_cond_init(&e->evict_cond, NULL);
+    pthread_mutex_init(&e->agent_lock, NULL);
+    pthread_mutex_init(&e->budget_lock, NULL);
+    e->pool_fd = pool_fd;
     e->owner = getpid();
+    e->agent_req = agent_req;
+    e->agent_done = agent_done;
+    e->evict_advice = evict_advice;
+    e->evict_batch = evict_batch ? evict_batch : 64;
     e->page = page;
     e->kind = kind;
     e->install = install;
@@ -436,7 +457,18 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
         BAD("Python and failing sources are installed with COPY");
     if (!(areas = parse_areas(areas_obj, page)))
         goto done;
+    if (max_resident) {
+        e->max_pages = max_resident / page;
+        e->high_pages = high / page;
+        e->low_pages = low / page;
+        if (e->max_pages < 1 || e->low_pages >= e->high_pages || e->high_pages > e->max_pages)
+            BAD("max_resident (%llu) must hold a page and low < high <= max_resident "
+                "(%llu, %llu)", max_resident, low, high);
+    }
     e->unit_max = e->chunk > e->piece ? e->chunk : e->piece;
+    /* a batch gives back at least what two background pieces install */
+    if (e->evict_batch < 2 * e->piece / page)
+        e->evict_batch = 2 * e->piece / page;
     if (e->unit_max < page)
         e->unit_max = page;
     if (!(e->zero = calloc(1, e->unit_max))) {
@@ -496,7 +528,19 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
         PyErr_SetFromErrno(PyExc_OSError);
         goto done;
     }
-    if (!uf_ctx_new(e, uffd, areas, 0, NULL)) {
+    if (e->max_pages && pool_fd >= 0) {
+        uint64_t pages = 0;
+        for (int i = 0; i < areas->n; i++)
+            pages += areas->a[i].len / page;
+        e->pool_len = pages * page;
+        e->pool_map = mmap(NULL, e->pool_len, PROT_READ | PROT_WRITE, MAP_SHARED, pool_fd, 0);
+        if (e->pool_map == MAP_FAILED) {
+            e->pool_map = NULL;
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto done;
+        }
+    }
+    if (!uf_ctx_new(e, uffd, areas, 0, NULL) || (e->max_pages && uf_budget_alloc(e, e->ctxs))) {
         PyErr_NoMemory();
         goto done;
     }
@@ -765,23 +809,53 @@ PyTypeObject userfault_EngineType = {
 typedef struct {
     PyObject_HEAD
     EngineObject *engine;
-    int pidfd, stopfd, pid, started, fired;
+    int pidfd, stopfd, pid, started, fired, agent_req, agent_done;
+    char *pool_map; /* the engine's pool, mapped here too (deactivations copy into it) */
+    uint64_t pool_len;
     pid_t owner;
     pthread_t thread;
 } WatchdogObject;
 
+/* Carry out the pager process's request in this process's address space. */
+static void answer(WatchdogObject *self)
+{
+    uf_state_t *st = self->engine->e->st;
+    uf_mail_t *m = &st->mail;
+    uint64_t one, seq = __atomic_load_n(&m->seq, __ATOMIC_ACQUIRE);
+    if (read(self->agent_req, &one, sizeof(one)) < 0 && errno != EAGAIN)
+        return;
+    if (seq == m->done)
+        return;
+    int err = EINVAL;
+    if (m->op == AGENT_MADVISE)
+        err = madvise((void *)(uintptr_t)m->addr, m->len, (int)m->arg) ? errno : 0;
+    else if (m->op == AGENT_DEACTIVATE && self->pool_map
+             && (m->arg & ((1ull << 48) - 1)) + m->len <= self->pool_len)
+        err = uf_deactivate_local(self->pool_map, m->addr, m->len, m->arg & ((1ull << 48) - 1),
+                                  (int)(m->arg >> 48));
+    m->result = err;
+    __atomic_store_n(&m->done, seq, __ATOMIC_RELEASE);
+    one = 1;
+    if (write(self->agent_done, &one, sizeof(one)) < 0) {
+        /* the eventfd cannot overflow with one pending write */
+    }
+}
+
 static void *watchdog_main(void *arg)
 {
     WatchdogObject *self = arg;
-    struct pollfd p[2] = {{.fd = self->pidfd, .events = POLLIN}, {.fd = self->stopfd, .events = POLLIN}};
+    struct pollfd p[3] = {{.fd = self->pidfd, .events = POLLIN}, {.fd = self->stopfd, .events = POLLIN},
+                          {.fd = self->agent_req, .events = POLLIN}};
     for (;;) {
-        int r = poll(p, 2, -1);
+        int r = poll(p, self->agent_req >= 0 ? 3 : 2, -1);
         if (r < 0 && errno == EINTR)
             continue;
         if (r < 0 || p[1].revents)
             return NULL;
         if (p[0].revents)
             break;
+        if (p[2].revents)
+            answer(self);
     }
     engine_t *e = self->engine->e;
     __atomic_store_n(&self->fired, 1, __ATOMIC_RELEASE);
@@ -796,11 +870,24 @@ static void *watchdog_main(void *arg)
 
 static int Watchdog_init(WatchdogObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"pidfd", "engine", "pid", NULL};
+    static char *kwlist[] = {"pidfd", "engine", "pid", "agent_fds", "pool_fd", "pool_len", NULL};
     PyObject *engine;
-    int pidfd, pid;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO!i", kwlist, &pidfd, &userfault_EngineType, &engine, &pid))
+    int pidfd, pid, pool_fd = -1;
+    unsigned long long pool_len = 0;
+    self->agent_req = self->agent_done = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO!i|(ii)iK", kwlist, &pidfd, &userfault_EngineType,
+                                     &engine, &pid, &self->agent_req, &self->agent_done, &pool_fd,
+                                     &pool_len))
         return -1;
+    if (pool_fd >= 0 && pool_len) {
+        void *m = mmap(NULL, pool_len, PROT_READ | PROT_WRITE, MAP_SHARED, pool_fd, 0);
+        if (m == MAP_FAILED) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        self->pool_map = m;
+        self->pool_len = pool_len;
+    }
     if (self->started || !((EngineObject *)engine)->e) {
         PyErr_SetString(PyExc_RuntimeError, "a watchdog is started once, over an initialised engine");
         return -1;
@@ -852,6 +939,8 @@ static void Watchdog_dealloc(WatchdogObject *self)
     watchdog_stop(self);
     if (self->stopfd > 0)
         close(self->stopfd);
+    if (self->pool_map && self->owner == getpid())
+        munmap(self->pool_map, self->pool_len);
     Py_XDECREF(self->engine);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -876,7 +965,8 @@ PyTypeObject userfault_WatchdogType = {
     .tp_name = "userfault._native.Watchdog",
     .tp_basicsize = sizeof(WatchdogObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Watchdog(pidfd, engine, pid): start `engine` when the process behind pidfd dies.",
+    .tp_doc = "Watchdog(pidfd, engine, pid, agent_fds=(-1, -1)): start `engine` when the process "
+              "behind pidfd dies; meanwhile carry out its madvise requests (agent_fds).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Watchdog_init,
     .tp_dealloc = (destructor)Watchdog_dealloc,

@@ -28,6 +28,7 @@ MAX_RETRIES: int = _native.UF_MAX_RETRIES
 MAX_READAHEAD = 1 << 30
 MAX_TIMEOUT = 86400.0
 MAX_RESTARTS = 10_000
+MAX_RESIDENT = 1 << 50
 DEFAULT_READAHEAD = (64 << 10, 4 << 20)
 ON_ERROR: tuple[OnError, ...] = ("poison", "retry", "zero")
 ON_REMOVE: tuple[OnRemove, ...] = ("reload", "zero")
@@ -101,6 +102,10 @@ class ServeConfig:
         piece: bytes per background install (readahead, populate; 0: the engine's default).
         max_restarts: worker deaths in a row after which a pager process stops replacing it
             and every fault gets SIGBUS.
+        max_resident: the most memory the pager keeps installed (0: no limit). Above the high
+            watermark, pages are given back (CLOCK: pages faulted in since the last turn stay)
+            until the low watermark; they fault in again from the source.
+        watermarks: ``(low, high)`` fractions of ``max_resident`` (default 70 % and 90 %).
     """
 
     chunk: int = 0
@@ -114,6 +119,8 @@ class ServeConfig:
     on_remove: OnRemove = "reload"
     piece: int = 0
     max_restarts: int = 20
+    max_resident: int = 0
+    watermarks: tuple[float, float] = (0.7, 0.9)
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -141,6 +148,14 @@ class ServeConfig:
             raise ValueError(f"piece must be a multiple of 4096 bytes, not {piece}")
         put(self, "piece", piece)
         _int("max_restarts", self.max_restarts, 0, MAX_RESTARTS)
+        put(self, "max_resident", _size("max_resident", self.max_resident, MAX_RESIDENT))
+        wm = self.watermarks
+        if not isinstance(wm, (tuple, list)) or len(wm) != 2 or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in wm) or \
+                not 0 < wm[0] < wm[1] <= 1:
+            raise ValueError(f"watermarks must be (low, high) fractions with 0 < low < high "
+                             f"<= 1, not {wm!r}")
+        put(self, "watermarks", (float(wm[0]), float(wm[1])))
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
@@ -151,6 +166,20 @@ class ServeConfig:
     def from_options(cls, options: dict[str, Any]) -> ServeConfig:
         """A config from the serving options among ``options`` (the rest is left alone)."""
         return cls(**{k: options[k] for k in cls.option_names() if k in options})
+
+    def budget(self, page_size: int) -> tuple[int, int, int]:
+        """``(max_resident, low, high)`` in bytes, whole pages (zeros: no budget).
+
+        Raises:
+            ValueError: the budget holds fewer than 4 pages of ``page_size``.
+        """
+        if not self.max_resident:
+            return 0, 0, 0
+        if self.max_resident < 4 * page_size:
+            raise ValueError(f"max_resident must hold at least 4 pages of {human(page_size)}, "
+                             f"not {self.max_resident} bytes")
+        low, high = (max(1, int(self.max_resident * f) // page_size) for f in self.watermarks)
+        return self.max_resident, low * page_size, max(high, low + 1) * page_size
 
     def for_page(self, page_size: int) -> tuple[int, int, int]:
         """``(chunk, readahead_min, readahead_max)`` rounded up to ``page_size``."""

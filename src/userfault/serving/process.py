@@ -81,6 +81,9 @@ class _Setup:
     source: bytes
     name: str
     prepare: dict[str, Any]
+    evict_advice: int
+    pool_fd: int
+    agent_fds: tuple[int, int]  # the engine asks this process to madvise through these
 
 
 def _send(sock: socket.socket, obj: object) -> None:
@@ -152,7 +155,8 @@ class ProcessRuntime:
     """
 
     def __init__(self, uffd: int, areas: Sequence[tuple[int, int, int]], page_size: int,
-                 source: PageSource, config: ServeConfig) -> None:
+                 source: PageSource, config: ServeConfig, *,
+                 evict_advice: int = mmap.MADV_DONTNEED, pool_fd: int = -1) -> None:
         if os.environ.get(IN_PAGER_PROCESS):
             raise PagerError(
                 "a pager was created while the pager process imported your script to find "
@@ -162,8 +166,13 @@ class ProcessRuntime:
         data, prepare = _pickle_source(source)
         self._owner = os.getpid()
         self._uffd = uffd
+        # A budget evicts with madvise, which only this process can call on its memory.
+        self._agent_fds = (os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK),
+                           os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)) \
+            if config.max_resident else (-1, -1)
         self._setup = _Setup([(int(a), int(n), int(o)) for a, n, o in areas], page_size, config,
-                             data, source_name(source), prepare)
+                             data, source_name(source), prepare, evict_advice, pool_fd,
+                             self._agent_fds)
         self.state: mmap.mmap | bytearray  # shared with the worker; a copy once stopped
         self._state_fd, self.state = _state_buffer(config.log_faults)
         _native.state_init(self.state, config.log_faults)
@@ -185,7 +194,9 @@ class ProcessRuntime:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "userfault.serving.process", str(theirs.fileno()),
                  str(self._state_fd)],
-                pass_fds=(theirs.fileno(), self._state_fd), stdin=subprocess.DEVNULL, env=env)
+                pass_fds=(theirs.fileno(), self._state_fd,
+                          *(fd for fd in (*self._agent_fds, self._setup.pool_fd) if fd >= 0)),
+                stdin=subprocess.DEVNULL, env=env)
         self._sock = mine
         try:
             socket.send_fds(mine, [b"U"], [self._uffd])
@@ -200,7 +211,9 @@ class ProcessRuntime:
             why = reply.get("error") if reply else "it exited during start-up"
             raise PagerError(f"the pager process could not start: {why}")
         self._pidfd = os.pidfd_open(self.proc.pid)
-        self._watchdog = _native.Watchdog(self._pidfd, self._standby, self.proc.pid)
+        self._watchdog = _native.Watchdog(
+            self._pidfd, self._standby, self.proc.pid, agent_fds=self._agent_fds,
+            pool_fd=self._setup.pool_fd, pool_len=sum(n for _, n, _ in self._setup.areas))
 
     def _check_owner(self, what: str) -> None:
         if os.getpid() != self._owner:
@@ -270,6 +283,10 @@ class ProcessRuntime:
         if self._pidfd >= 0:
             os.close(self._pidfd)
             self._pidfd = -1
+        for fd in self._agent_fds:
+            if fd >= 0:
+                os.close(fd)
+        self._agent_fds = (-1, -1)
         if self._state_fd >= 0:
             # counters, errors and the log stay readable after the stop, from a copy
             shared, self.state = self.state, bytearray(self.state)
@@ -318,7 +335,9 @@ def _worker(uffd: int, setup: _Setup, source: PageSource, state: mmap.mmap,
     """The worker: the engine over the source, and prefetch requests from the supervisor."""
     _die_with_parent(supervisor)
     engine = _native.Engine(uffd, setup.areas, state=state, log_fd=2,
-                            **engine_args(source, setup.config, setup.page_size))
+                            **engine_args(source, setup.config, setup.page_size,
+                                          evict_advice=setup.evict_advice, pool_fd=setup.pool_fd,
+                                          agent_fds=setup.agent_fds))
     engine.start()
     while True:
         request = _recv(ctl)

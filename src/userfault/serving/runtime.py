@@ -10,6 +10,7 @@ get theirs from :func:`build_runtime`.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import struct
 from collections.abc import Sequence
@@ -104,16 +105,30 @@ class PagerStats:
     timeouts: int = 0
     log_dropped: int = 0
     log_suppressed: int = 0
+    #: bytes installed now (counted under a budget, ``max_resident``)
+    resident_bytes: int = 0
+    evictions: int = 0
+    #: evicted pages that faulted in again (thrashing shows as a high rate)
+    refaults: int = 0
+    writebacks: int = 0
+    writeback_bytes: int = 0
     #: bucket ``i`` counts faults served in ``[2**i, 2**(i+1))`` nanoseconds
     latency_histogram: tuple[int, ...] = field(default=(), repr=False)
 
     @classmethod
-    def from_counters(cls, counters: dict[str, Any]) -> PagerStats:
-        """Build from the engine's counter dict."""
+    def from_counters(cls, counters: dict[str, Any], page_size: int = 4096) -> PagerStats:
+        """Build from the engine's counter dict (``page_size`` turns pages into bytes)."""
         c = dict(counters)
         c["blocked_ns"] = c.pop("service_ns", 0)
+        c["resident_bytes"] = c.pop("resident_pages", 0) * page_size
         c["latency_histogram"] = tuple(c.get("latency_histogram", ()))
         return cls(**{k: v for k, v in c.items() if k in cls.__dataclass_fields__})
+
+    @property
+    def refault_rate(self) -> float:
+        """Re-faults per eviction: near 0 when the budget holds the working set, near 1 when
+        the pager thrashes (every evicted page is needed again)."""
+        return self.refaults / self.evictions if self.evictions else 0.0
 
     def latency_percentile(self, q: float) -> float:
         """Approximate service latency percentile in ns (geometric bucket midpoint)."""
@@ -188,16 +203,27 @@ def source_name(source: object) -> str:
 
 
 def engine_args(source: PageSource, config: ServeConfig, page_size: int, *,
-                install: str = "copy", memfd: int = -1) -> dict[str, Any]:
-    """Keyword arguments of ``_native.Engine`` for ``source`` served with ``config``."""
+                install: str = "copy", memfd: int = -1, evict_advice: int = mmap.MADV_DONTNEED,
+                pool_fd: int = -1, agent_fds: tuple[int, int] = (-1, -1)) -> dict[str, Any]:
+    """Keyword arguments of ``_native.Engine`` for ``source`` served with ``config``.
+
+    ``evict_advice`` gives pages back under a budget (MADV_REMOVE for shared memory); ``pool_fd``
+    is a memfd as large as the memory where the evictor keeps pages on probation (see
+    engine_budget.c); ``agent_fds`` are
+    the eventfds through which an engine in a pager process asks the faulting process to
+    madvise.
+    """
     chunk, ra_min, ra_max = config.for_page(page_size)
+    max_resident, low, high = config.budget(page_size)
     args: dict[str, Any] = {
         "page_size": page_size, "install": INSTALL_CODES[install], "memfd": memfd,
         "chunk": chunk, "readahead_min": ra_min, "readahead_max": ra_max,
         "piece": config.piece, "populate": config.populate, "threads": config.threads,
         "log_capacity": config.log_faults, "on_error": _ON_ERROR[config.on_error],
         "on_remove": _ON_REMOVE[config.on_remove], "retries": config.retries,
-        "name": source_name(source),
+        "name": source_name(source), "max_resident": max_resident, "high_watermark": high,
+        "low_watermark": low, "evict_advice": evict_advice, "agent_fds": agent_fds,
+        "pool_fd": pool_fd,
     }
     if isinstance(source, NativeSource):
         args["source"] = source.kind
@@ -225,11 +251,13 @@ def prefetch_result(raw: tuple[int, int, list[tuple[int, int]], int, str]) -> in
 
 def build_runtime(uffd: int, areas: Sequence[tuple[int, int, int]], page_size: int,
                   source: PageSource, config: ServeConfig, *, install: str = "copy",
-                  memfd: int = -1, runtime: RuntimeKind = "auto") -> Runtime:
+                  memfd: int = -1, runtime: RuntimeKind = "auto",
+                  evict_advice: int = mmap.MADV_DONTNEED, pool_fd: int = -1) -> Runtime:
     """The runtime that serves ``uffd``'s ``areas`` (address, length, source offset) from
     ``source``: the engine in this process for native sources, a pager process otherwise.
 
-    The runtime is built, not started. ``uffd`` stays the caller's.
+    The runtime is built, not started. ``uffd`` stays the caller's. A budget
+    (``config.max_resident``) needs ``uffd`` to have UFFD_FEATURE_EVENT_REMOVE.
     """
     native = isinstance(source, NativeSource)
     if runtime == "auto":
@@ -244,11 +272,13 @@ def build_runtime(uffd: int, areas: Sequence[tuple[int, int, int]], page_size: i
         os.set_blocking(uffd, False)
         return InProcessRuntime(_native.Engine(
             uffd, list(areas), **engine_args(source, config, page_size, install=install,
-                                             memfd=memfd)))
+                                             memfd=memfd, evict_advice=evict_advice,
+                                             pool_fd=pool_fd)))
     if runtime != "process":
         raise ValueError(f"runtime must be 'auto', 'native' or 'process', not {runtime!r}")
     if install != "copy":
         raise ValueError(f"a pager process installs with 'copy', not {install!r}")
     from .process import ProcessRuntime
 
-    return ProcessRuntime(uffd, list(areas), page_size, source, config)
+    return ProcessRuntime(uffd, list(areas), page_size, source, config,
+                          evict_advice=evict_advice, pool_fd=pool_fd)

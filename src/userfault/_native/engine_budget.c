@@ -1,0 +1,356 @@
+/* The resident budget: memory larger than RAM.
+ *
+ * Pages installed in the root context are counted. Above the high watermark an evictor thread
+ * (no GIL) gives pages back until the low watermark: CLOCK, where a page installed since the
+ * hand last passed it is spared once, so pages that keep faulting in stay. A page is given back
+ * with madvise in the faulting process (MADV_DONTNEED, MADV_REMOVE for shared memory); its
+ * next touch faults and is served from the source again.
+ *
+ * The evictor only marks its victims and calls madvise: the UFFD_EVENT_REMOVE that madvise
+ * sends is read by a fault thread, which does the accounting before it serves any later fault
+ * (so a page faulting straight back in is counted again, never lost from the count).
+ *
+ * The kernel shows userland no accessed bits, so the evictor makes its own: an unreferenced
+ * page is first put on probation: copied into a pool (a memfd, at its page index) and dropped
+ * from the memory; a touch faults and the page is installed straight back from the pool (no
+ * source read: a reactivation). Only a page still in the pool when the hand comes round again
+ * is freed (a hole punched in the pool). Hot pages stay. Fault threads read the pool directly,
+ * so they never wait for the faulting process; only the evictor does (UFFDIO_MOVE, which
+ * could move pages without copying, refuses to work across processes).
+ *
+ * madvise acts on the caller's own memory. In a pager process the engine asks the faulting
+ * process to call it, through a one-slot mailbox in the shared state and two eventfds; the
+ * faulting process's watchdog thread answers (engine_type.c). */
+#define _GNU_SOURCE
+#include "engine.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sched.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+void uf_page_in(engine_t *e, uctx_t *c, uint64_t p)
+{
+    if (bit_test_set(c->installed, p) || !c->ref)
+        return;
+    bit_set(c->ref, p);
+    uint64_t resident = ADD(e, resident_pages, 1);
+    if (bit_test_clear(c->evicted, p))
+        ADD(e, refaults, 1);
+    if (resident > e->high_pages) {
+        pthread_mutex_lock(&e->lock);
+        pthread_cond_signal(&e->evict_cond);
+        pthread_mutex_unlock(&e->lock);
+    }
+}
+
+void uf_page_out(engine_t *e, uctx_t *c, uint64_t p, int zero)
+{
+    if (c->inactive && bit_get(c->inactive, p))
+        return; /* put on probation (the pool holds it), or dropped again while there */
+    if (c->evicting && bit_test_clear(c->evicting, p)) {
+        /* our own eviction: the page goes back to the source, whatever on_remove says */
+        if (bit_test_clear(c->installed, p)) {
+            ADD(e, resident_pages, -1);
+            ADD(e, evictions, 1);
+            bit_set(c->evicted, p);
+        }
+        bit_clear(c->ref, p);
+        bit_clear(c->removed, p);
+        return;
+    }
+    if (bit_test_clear(c->installed, p) && c->ref) {
+        ADD(e, resident_pages, -1);
+        bit_clear(c->ref, p);
+    }
+    if (zero)
+        bit_set(c->removed, p); /* like anonymous memory, a removed page reads as zeros */
+    else
+        bit_clear(c->removed, p);
+}
+
+/* The root context's budget bitmaps (under e->lock or before threads run). */
+int uf_budget_alloc(engine_t *e, uctx_t *c)
+{
+    size_t n = c->npages / 8 + 1;
+    c->ref = calloc(n, 1);
+    c->evicting = calloc(n, 1);
+    c->evicted = calloc(n, 1);
+    c->inactive = e->pool_map ? calloc(n, 1) : NULL;
+    return c->ref && c->evicting && c->evicted && (!e->pool_map || c->inactive) ? 0 : ENOMEM;
+}
+
+/* A fault on a page on probation: install it back from the pool (waking the thread).
+ * Returns 1 if it was there (0 on success, or EAGAIN in *err: the mapping is changing, fault
+ * again), 0 if the fault must be served from the source. */
+int uf_reactivate(engine_t *e, uctx_t *c, area_t *a, uint64_t off, int *err)
+{
+    uint64_t p = a->first_page + off / e->page;
+    *err = 0;
+    if (!c->inactive)
+        return 0;
+    pthread_mutex_lock(&e->budget_lock);
+    int was = bit_test_clear(c->inactive, p);
+    pthread_mutex_unlock(&e->budget_lock);
+    if (!was)
+        return 0;
+    struct uffdio_copy cp = {.dst = a->base + off, .src = (uintptr_t)(e->pool_map + p * e->page),
+                             .len = e->page};
+    *err = uf_ioctl(c->uffd, UFFDIO_COPY, &cp);
+    if (*err == EAGAIN || *err == EEXIST) {
+        bit_set(c->inactive, p); /* still pooled: a REMOVE is pending, or it is back already */
+        if (*err == EEXIST) {
+            struct uffdio_range r = {a->base + off, e->page};
+            uf_ioctl(c->uffd, UFFDIO_WAKE, &r);
+            *err = 0;
+        }
+        return 1;
+    }
+    if (*err) { /* serve it from the source instead; its pooled copy is freed */
+        pthread_mutex_lock(&e->budget_lock);
+        if (bit_test_clear(c->installed, p))
+            ADD(e, resident_pages, -1);
+        pthread_mutex_unlock(&e->budget_lock);
+        fallocate(e->pool_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(p * e->page), (off_t)e->page);
+        *err = 0;
+        return 0;
+    }
+    bit_set(c->ref, p);
+    ADD(e, reactivations, 1);
+    return 1;
+}
+
+/* Put [addr, addr+len) on probation: copy it into the pool, then drop it from the memory. */
+int uf_deactivate_local(char *pool_map, uint64_t addr, uint64_t len, uint64_t pool_off, int advice)
+{
+    memcpy(pool_map + pool_off, (const void *)(uintptr_t)addr, len);
+    return madvise((void *)(uintptr_t)addr, len, advice) ? errno : 0;
+}
+
+int uf_populate_paused(engine_t *e)
+{
+    return e->max_pages && LOAD(e->st->counters[C_resident_pages]) >= e->high_pages;
+}
+
+/* Ask the faulting process's watchdog thread to carry out `op`. Returns an errno. */
+static int ask_target(engine_t *e, int op, uint64_t addr, uint64_t len, uint64_t arg)
+{
+    uf_mail_t *m = &e->st->mail;
+    pthread_mutex_lock(&e->agent_lock);
+    uint64_t seq = m->seq + 1, one = 1;
+    m->op = (uint64_t)op;
+    m->addr = addr;
+    m->len = len;
+    m->arg = arg;
+    __atomic_store_n(&m->seq, seq, __ATOMIC_RELEASE);
+    int err = write(e->agent_req, &one, sizeof(one)) < 0 ? errno : 0;
+    while (!err && __atomic_load_n(&m->done, __ATOMIC_ACQUIRE) != seq) {
+        struct pollfd p[2] = {{.fd = e->agent_done, .events = POLLIN}, {.fd = e->stopfd, .events = POLLIN}};
+        if (poll(p, 2, 100) < 0 && errno != EINTR)
+            err = errno;
+        else if (p[0].revents && read(e->agent_done, &one, sizeof(one)) < 0 && errno != EAGAIN)
+            err = errno;
+        else if (LOAD(e->evict_stop))
+            err = ECANCELED;
+    }
+    if (!err)
+        err = (int)m->result;
+    pthread_mutex_unlock(&e->agent_lock);
+    return err;
+}
+
+/* madvise in the faulting process: here, or through its watchdog thread. Returns an errno. */
+int uf_target_madvise(engine_t *e, uint64_t addr, uint64_t len, int advice)
+{
+    if (e->agent_req < 0)
+        return madvise((void *)(uintptr_t)addr, len, advice) ? errno : 0;
+    return ask_target(e, AGENT_MADVISE, addr, len, (uint64_t)advice);
+}
+
+static int target_deactivate(engine_t *e, uint64_t addr, uint64_t len, uint64_t pool_off)
+{
+    if (e->agent_req < 0)
+        return uf_deactivate_local(e->pool_map, addr, len, pool_off, e->evict_advice);
+    /* the advice travels in the high bits of arg, the pool offset in the low 48 */
+    return ask_target(e, AGENT_DEACTIVATE, addr, len, pool_off | ((uint64_t)e->evict_advice << 48));
+}
+
+/* What the hand decided for a run of pages: give them back (madvise, counted when the
+ * REMOVE event is read), free their pooled copies (counted here), or move them to the pool. */
+enum { EVICT, FREE_POOLED, DEACTIVATE };
+typedef struct { area_t a; uint64_t off, len; int op; } victim_t;
+
+static void add_run(victim_t *v, int *runs, area_t *a, uint64_t off, uint64_t page, int op)
+{
+    victim_t *last = *runs ? &v[*runs - 1] : NULL;
+    if (last && last->op == op && last->a.base == a->base && last->off + last->len == off)
+        last->len += page;
+    else
+        v[(*runs)++] = (victim_t){*a, off, page, op};
+}
+
+/* Under e->lock: decide for up to evict_batch pages that leave memory, as runs; returns the
+ * number of runs. The hand walks the root's areas; a referenced page loses its mark and is
+ * passed; an unreferenced one goes to the pool (or is taken, without a pool or when the
+ * count is over the budget itself); a pooled one that nothing touched since is taken. At most
+ * two turns. */
+static int pick_victims(engine_t *e, uctx_t *c, victim_t *v, int max_runs)
+{
+    areas_t *as = c->areas;
+    uint64_t taken = 0, looked = 0, limit = 2 * c->npages + 2;
+    int runs = 0, over = LOAD(e->st->counters[C_resident_pages]) > e->max_pages;
+    if (!as || !as->n)
+        return 0;
+    while (taken < e->evict_batch && looked < limit && runs < max_runs) {
+        if (e->hand_area >= as->n) {
+            e->hand_area = 0;
+            e->hand_off = 0;
+        }
+        area_t *a = &as->a[e->hand_area];
+        if (e->hand_off >= a->len) {
+            e->hand_area++;
+            e->hand_off = 0;
+            continue;
+        }
+        uint64_t off = e->hand_off, p = a->first_page + off / e->page;
+        e->hand_off += e->page;
+        looked++;
+        if (!bit_get(c->installed, p) || bit_get(c->evicting, p))
+            continue;
+        if (c->inactive && bit_get(c->inactive, p)) {
+            pthread_mutex_lock(&e->budget_lock);
+            int still = bit_test_clear(c->inactive, p);
+            if (still && bit_test_clear(c->installed, p)) {
+                ADD(e, resident_pages, -1);
+                ADD(e, evictions, 1);
+                bit_set(c->evicted, p);
+            }
+            pthread_mutex_unlock(&e->budget_lock);
+            if (still) {
+                add_run(v, &runs, a, off, e->page, FREE_POOLED);
+                taken++;
+            }
+            continue;
+        }
+        if (bit_test_clear(c->ref, p))
+            continue; /* touched since the hand last came by: spared once */
+        taken++; /* probation costs a copy: it counts towards the batch too */
+        if (c->inactive && !over) {
+            bit_set(c->inactive, p); /* before the drop: a fault after it finds the page pooled */
+            add_run(v, &runs, a, off, e->page, DEACTIVATE);
+        } else { /* no pool, or over the budget itself: no probation */
+            bit_set(c->evicting, p);
+            add_run(v, &runs, a, off, e->page, EVICT);
+        }
+    }
+    return runs;
+}
+
+/* Put a run on probation; a run that cannot be is evicted directly instead. The REMOVE its
+ * madvise sends finds the pages marked inactive: they stay counted (the pool holds them). */
+static void deactivate(engine_t *e, uctx_t *c, victim_t *r)
+{
+    uint64_t first = r->a.first_page + r->off / e->page, n = r->len / e->page;
+    int err = target_deactivate(e, r->a.base + r->off, r->len, first * e->page);
+    if (!err)
+        return;
+    for (uint64_t i = 0; i < n; i++) {
+        bit_clear(c->inactive, first + i);
+        bit_set(c->evicting, first + i);
+    }
+    if (uf_target_madvise(e, r->a.base + r->off, r->len, e->evict_advice))
+        for (uint64_t i = 0; i < n; i++)
+            bit_clear(c->evicting, first + i);
+}
+
+static void evict_until_low(engine_t *e, uctx_t *c)
+{
+    victim_t v[64];
+    while (!LOAD(e->evict_stop) && LOAD(e->st->counters[C_resident_pages]) > e->low_pages) {
+        pthread_mutex_lock(&e->lock);
+        int runs = pick_victims(e, c, v, 64);
+        pthread_mutex_unlock(&e->lock);
+        if (!runs)
+            return; /* nothing to give back (being evicted already, or all unmapped) */
+        for (int i = 0; i < runs; i++) {
+            victim_t *r = &v[i];
+            if (r->op == DEACTIVATE) {
+                deactivate(e, c, r);
+                continue;
+            }
+            if (r->op == FREE_POOLED) {
+                uint64_t at = (r->a.first_page + r->off / e->page) * e->page;
+                fallocate(e->pool_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)at, (off_t)r->len);
+                continue;
+            }
+            uint64_t addr = r->a.base + r->off;
+            int err = uf_target_madvise(e, addr, r->len, e->evict_advice);
+            if (err) {
+                for (uint64_t off = r->off; off < r->off + r->len; off += e->page)
+                    bit_clear(c->evicting, r->a.first_page + off / e->page);
+            }
+            if (err && err != ECANCELED)
+                uf_state_error(e->st, err, addr, "evicting %#llx..+%llu failed: %s",
+                               (unsigned long long)addr, (unsigned long long)r->len, strerror(err));
+            if (err)
+                return;
+        }
+        /* The REMOVE events were read before madvise returned; wait until they are handled
+         * (counted), so the next round sees the count it left. */
+        while (__atomic_load_n(&e->in_batch, __ATOMIC_ACQUIRE))
+            sched_yield();
+    }
+}
+
+static void *evictor_main(void *arg)
+{
+    engine_t *e = arg;
+    uctx_t *c = e->ctxs;
+    for (;;) {
+        pthread_mutex_lock(&e->lock);
+        while (!e->evict_stop && LOAD(e->st->counters[C_resident_pages]) <= e->high_pages) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts); /* a signal sent just before the wait is lost */
+            ts.tv_nsec += 100000000;
+            if (ts.tv_nsec >= 1000000000) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000;
+            }
+            pthread_cond_timedwait(&e->evict_cond, &e->lock, &ts);
+        }
+        int stopping = e->evict_stop;
+        pthread_mutex_unlock(&e->lock);
+        if (stopping)
+            return NULL;
+        evict_until_low(e, c);
+    }
+}
+
+int uf_evictor_start(engine_t *e)
+{
+    if (!e->max_pages || e->evictor_started)
+        return 0;
+    int r = pthread_create(&e->evictor, NULL, evictor_main, e);
+    if (!r)
+        e->evictor_started = 1;
+    return r;
+}
+
+/* Stopped before the fault threads: its madvise may be waiting for one of them to read the
+ * REMOVE event (stopping them first would leave it waiting for ever). */
+void uf_evictor_stop(engine_t *e)
+{
+    if (!e->evictor_started)
+        return;
+    pthread_mutex_lock(&e->lock);
+    e->evict_stop = 1;
+    pthread_cond_broadcast(&e->evict_cond);
+    pthread_mutex_unlock(&e->lock);
+    pthread_join(e->evictor, NULL);
+    e->evictor_started = 0;
+    e->evict_stop = 0;
+}

@@ -1,0 +1,181 @@
+"""Memory larger than the memory limit: the resident budget, eviction, re-faults.
+
+A pager with ``max_resident`` gives pages back above its high watermark and serves them again
+from the source when they are touched again. The main case runs for real in a cgroup v1
+memory limit: a 1 GiB file, 512 MiB allowed, 256 MiB budget; the kernel's own mmap reads it
+fine there, and so must the pager, every byte right.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import userfault
+from pager_helpers import settled
+from py_sources import PyBytes
+from userfault import BufferSource, _native
+
+PAGE = 4096
+MiB = 1 << 20
+TESTS = os.path.dirname(os.path.abspath(__file__))
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+pytestmark = pytest.mark.timeout(120)
+
+
+def data(n: int) -> bytes:
+    return b"".join(i.to_bytes(4, "little") * (PAGE // 4) for i in range(n // PAGE))
+
+
+@pytest.fixture(params=["native", "process"])
+def runtime(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def source(runtime: str, body: bytes) -> object:
+    return BufferSource(body) if runtime == "native" else PyBytes(body)
+
+
+@pytest.mark.parametrize("region", ["anonymous", "memfd"])
+def test_a_stream_four_times_the_budget_stays_within_it(runtime: str, region: str) -> None:
+    size, budget = 64 * MiB, 16 * MiB
+    body = data(size)
+    with userfault.map(source(runtime, body), region=region, max_resident=budget) as p:
+        h = hashlib.sha256()
+        with memoryview(p) as v:
+            for off in range(0, size, MiB):
+                h.update(v[off:off + MiB])
+        assert h.digest() == hashlib.sha256(body).digest()
+        # (how far over the budget it gets meanwhile is scheduling: bench_out_of_core.py)
+        s = settled(p, lambda s: s.resident_bytes <= budget)
+        assert s.evictions >= (size - budget) // PAGE
+        assert s.resident_bytes <= budget and p.check() is None
+
+
+def test_hot_pages_stay_cold_ones_go(runtime: str) -> None:
+    size, budget = 32 * MiB, 8 * MiB
+    body = data(size)
+    hot = 2 * MiB
+    with userfault.map(source(runtime, body), max_resident=budget, readahead=False) as p:
+        with memoryview(p) as v:
+            for off in range(hot, size, MiB):  # a cold stream, with the hot part read between
+                assert v[off:off + MiB] == body[off:off + MiB]
+                assert v[:hot] == body[:hot]
+        s = settled(p)
+        # the hot pages fault in again at most once each: installed, they are spared
+        assert s.refaults <= hot // PAGE
+        assert s.refault_rate < 0.25
+
+
+def test_thrashing_is_slower_never_wrong() -> None:
+    """A working set larger than the budget: every pass re-faults, every byte is right."""
+    size, budget = 16 * MiB, 4 * MiB
+    body = data(size)
+    with userfault.map(body, max_resident=budget, readahead=False) as p:
+        with memoryview(p) as v:
+            for _ in range(3):
+                assert v == body
+        s = settled(p)
+        assert s.refaults >= size // PAGE  # the second and third passes fault again
+        assert s.refault_rate > 0.5 and p.check() is None
+
+
+def test_close_while_evicting_does_not_deadlock(runtime: str) -> None:
+    body = data(32 * MiB)
+    for _ in range(3):
+        p = userfault.map(source(runtime, body), max_resident=4 * MiB)
+        _native.touch(p.address, p.size, PAGE, 0, 0, False)  # the evictor is busy now
+        p.close()
+
+
+def test_a_budget_too_small_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"max_resident must hold at least 4 pages of 4\.0 KiB"):
+        userfault.map(b"x" * MiB, max_resident=PAGE)
+    with pytest.raises(ValueError, match=r"watermarks must be \(low, high\) fractions"):
+        userfault.map(b"x" * MiB, max_resident=MiB, watermarks=(0.9, 0.7))
+
+
+# -- a real memory limit ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def memory_cgroup(limit: int) -> Iterator[Path]:
+    if os.geteuid() != 0 or not (CGROUP_ROOT / "memory.limit_in_bytes").exists():
+        pytest.skip("needs root and the cgroup v1 memory controller")
+    group = CGROUP_ROOT / f"userfault-test-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(limit))
+        with contextlib.suppress(OSError):  # no swap here, but where there is, no escape
+            (group / "memory.memsw.limit_in_bytes").write_text(str(limit))
+        yield group
+    finally:
+        for _ in range(50):
+            try:
+                group.rmdir()
+                break
+            except OSError:  # the last process is still leaving
+                import time
+
+                time.sleep(0.1)
+
+
+_READER = """
+    import hashlib, mmap, sys
+    sys.path.insert(0, {tests!r})
+    import userfault
+    how, path = sys.argv[1], sys.argv[2]
+    if __name__ == "__main__":
+        h = hashlib.sha256()
+        if how == "mmap":
+            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+                for off in range(0, len(m), 1 << 20):
+                    h.update(m[off:off + (1 << 20)])
+        else:
+            from py_sources import PyFile
+            src = path if how == "native" else PyFile(path)
+            budget = 0 if how == "unbounded" else 256 << 20
+            with userfault.map(src, max_resident=budget) as p, memoryview(p) as v:
+                for off in range(0, p.size, 1 << 20):
+                    h.update(v[off:off + (1 << 20)])
+                print("resident", p.stats().resident_bytes >> 20, flush=True)
+        print(h.hexdigest(), flush=True)
+"""
+
+
+def run_limited(group: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    script = textwrap.dedent(_READER.format(tests=TESTS))
+    return subprocess.run(
+        ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", sys.executable,
+         "-c", script, *args], capture_output=True, text=True, timeout=100)
+
+
+@pytest.mark.slow
+def test_a_gib_file_in_a_512_mib_limit(tmp_path: Path) -> None:
+    path = tmp_path / "gib.bin"
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        for i in range(1024):
+            block = (i.to_bytes(4, "little") * (MiB // 4))
+            h.update(block)
+            f.write(block)
+    want = h.hexdigest()
+    with memory_cgroup(512 * MiB) as group:
+        kernel = run_limited(group, "mmap", str(path))
+        assert (kernel.returncode, kernel.stdout.split()[-1:]) == (0, [want]), kernel.stderr
+        for how in ("native", "process"):
+            r = run_limited(group, how, str(path))
+            assert r.returncode == 0, (how, r.stderr[-2000:])
+            resident, digest = r.stdout.split()[1], r.stdout.split()[2]
+            assert digest == want and int(resident) <= 256
+        unbounded = run_limited(group, "unbounded", str(path))
+        assert unbounded.returncode == -signal.SIGKILL  # what max_resident prevents: the OOM
