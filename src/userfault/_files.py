@@ -30,9 +30,10 @@ def file_kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
-def open_regular(path: str, *, allow_block: bool = False, advice: str = "") -> int:
-    """Open ``path`` read-only (``O_CLOEXEC``) if it is a regular file (or, with
-    ``allow_block``, a block device); return the descriptor.
+def open_regular(path: str, *, allow_block: bool = False, advice: str = "",
+                 writable: bool = False) -> int:
+    """Open ``path`` read-only (read-write with ``writable``; ``O_CLOEXEC``) if it is a regular
+    file (or, with ``allow_block``, a block device); return the descriptor.
 
     Raises:
         OSError: the path cannot be stat-ed or opened.
@@ -43,7 +44,8 @@ def open_regular(path: str, *, allow_block: bool = False, advice: str = "") -> i
     _check_kind(path, st.st_mode, allow_block, advice)
     # O_NONBLOCK: if the path became a FIFO after the stat, open() still returns at once (and
     # the check below refuses it). Reads of regular files and block devices ignore the flag.
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    mode = os.O_RDWR if writable else os.O_RDONLY
+    fd = os.open(path, mode | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     try:
         _check_kind(path, os.fstat(fd).st_mode, allow_block, advice)
     except BaseException:

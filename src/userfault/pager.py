@@ -64,8 +64,9 @@ class Pager(_native.Mapping):
         runtime: ``"native"`` for native sources, ``"process"`` for Python sources;
             ``"auto"`` picks by source.
         chunk, readahead, populate, threads, log_faults, on_error, retries, timeout,
-            on_remove, piece, max_restarts, max_resident, watermarks: how faults are served
-            and how much memory stays installed (``max_resident="256M"``), see
+            on_remove, piece, max_restarts, max_resident, watermarks, writable: how faults are
+            served, how much memory stays installed (``max_resident="256M"``) and whether
+            written pages go back to the source (``writable=True``, see :meth:`flush`), see
             :class:`~userfault.serving.config.ServeConfig` (sizes may be strings such as
             ``"64K"``). ``readahead`` defaults to a 64 KiB window doubling up to 4 MiB;
             ``on_error="poison"`` makes a page that cannot be read SIGBUS on access, never
@@ -103,6 +104,7 @@ class Pager(_native.Mapping):
         max_restarts: int = 20,
         max_resident: SizeLike = 0,
         watermarks: tuple[float, float] = (0.7, 0.9),
+        writable: bool = False,
         secret_file: str | os.PathLike[str] | None = None,
         tls_ca: str | os.PathLike[str] | None = None,
     ) -> None:
@@ -117,8 +119,8 @@ class Pager(_native.Mapping):
             populate=populate, threads=threads, log_faults=log_faults, on_error=on_error,
             retries=retries, timeout=timeout, on_remove=on_remove, piece=piece,  # type: ignore[arg-type]
             max_restarts=max_restarts, max_resident=max_resident,  # type: ignore[arg-type]
-            watermarks=watermarks)
-        src = open_source(source, secret_file=secret_file, tls_ca=tls_ca)
+            watermarks=watermarks, writable=writable)
+        src = open_source(source, secret_file=secret_file, tls_ca=tls_ca, writable=writable)
         self.source = src
         self._owns_source = src is not source  # made here from a path or buffer: ours to close
         try:
@@ -133,23 +135,27 @@ class Pager(_native.Mapping):
             self.config.budget(page)  # refuse a budget too small for the pages
             self.chunk, ra_min, ra_max = self.config.for_page(page)
             self.readahead: tuple[int, int] = (ra_min, ra_max)
+            if writable:
+                self._check_writable(src)
             self.uffd, self.fork_served = self._open_uffd()
             mode = RegisterMode.MISSING | (
-                RegisterMode.MINOR if self.install == "continue" else RegisterMode(0))
+                RegisterMode.MINOR if self.install == "continue" else RegisterMode(0)) | (
+                RegisterMode.WP if writable else RegisterMode(0))
             self.uffd.register(self.region.address, self.region.size, mode)
             if not self.fork_served:
                 # A child would see the registration dropped and read zeros (for a memfd, the
                 # parent too): do not give it the region at all.
                 _native.madvise(self.region.address, self.region.size, mmap.MADV_DONTFORK)
-            if self.config.max_resident:
-                # where the evictor keeps pages on probation (see serving/config.py)
+            if self.config.max_resident or (writable and self.runtime == "process"):
+                # where the evictor keeps pages on probation, and written pages pass through on
+                # their way home from a pager process (see engine_budget.c, engine_write.c)
                 self._pool_fd = os.memfd_create("userfault-pool", os.MFD_CLOEXEC)
                 os.ftruncate(self._pool_fd, self.region.size)
             self._runtime = build_runtime(
                 self.uffd.fileno(), [(self.region.address, self.region.size, 0)], page, src,
                 self.config, install=self.install, memfd=self.region.memfd,
                 runtime=self.runtime, evict_advice=mmap.MADV_REMOVE if region == "memfd"
-                else mmap.MADV_DONTNEED, pool_fd=self._pool_fd)
+                else mmap.MADV_DONTNEED, pool_fd=self._pool_fd, shared=region == "memfd")
             self._runtime.start()
         except BaseException:
             self._teardown()
@@ -157,12 +163,26 @@ class Pager(_native.Mapping):
         self._closed = False
         self._attach(self.region.address, self.region.size, False)
 
+    def _check_writable(self, src: PageSource) -> None:
+        """Refuse, before anything is registered, what cannot be written home."""
+        if self.install not in ("copy", "continue"):
+            raise ValueError(f"install={self.install!r} cannot track writes: a writable pager "
+                             "installs with 'copy' (or 'continue')")
+        if isinstance(src, NativeSource):
+            src.engine_args(writable=True)  # raises, naming why
+        elif not callable(getattr(src, "write_from", None)):
+            raise ValueError(f"{type(src).__name__} cannot be written to (it has no "
+                             "write_from): writable=True needs a file, a writable buffer, Redis "
+                             "or your own PageSource with write_from")
+
     def _open_uffd(self) -> tuple[Uffd, bool]:
         """The userfaultfd, with EVENT_FORK where this process may have it."""
         features = Feature.THREAD_ID | Feature.POISON | _EVENTS | (
             Feature.MOVE if self.install == "move" else Feature(0)) | (
             Feature.MINOR_SHMEM if self.install == "continue" else Feature(0))
         features |= Feature.MISSING_SHMEM | Feature.MISSING_HUGETLBFS
+        if self.config.writable:
+            features |= Feature.PAGEFAULT_FLAG_WP | Feature.WP_HUGETLBFS_SHMEM
         required = Feature.POISON if self.config.on_error == "poison" else Feature(0)
         try:
             return Uffd(features | Feature.EVENT_FORK, required=required), True
@@ -193,7 +213,8 @@ class Pager(_native.Mapping):
             raise ValueError(f"region must be 'anonymous', 'memfd' or 'hugetlb', not {kind!r}")
         zero_source = isinstance(src, NativeSource) and src.kind == KIND_ZERO
         if install == "auto":
-            return "zeropage" if zero_source and kind != "hugetlb" else "copy"
+            writable = self.config.writable
+            return "zeropage" if zero_source and kind != "hugetlb" and not writable else "copy"
         if install not in INSTALL_CODES:
             raise ValueError(f"install must be one of auto, {', '.join(INSTALL_CODES)}, "
                              f"not {install!r}")
@@ -267,6 +288,24 @@ class Pager(_native.Mapping):
                              "served anyway)")
         return self._serving().prefetch(todo)
 
+    def flush(self) -> int:
+        """Write every page written since it was last written back to the source, and make
+        it durable there (``fsync`` for a file, the source's ``flush()`` otherwise), like
+        ``msync``. Returns the bytes written. A write that races the flush is either in the
+        flushed copy or kept dirty for the next flush: never lost.
+
+        Raises:
+            PagerError: the pager is not writable, or writing back failed (the pages that were
+                not written stay dirty and in memory).
+        """
+        self._check_open()
+        if not self.config.writable:
+            raise PagerError("flush needs a writable pager: map it with writable=True")
+        if os.getpid() != self._owner:
+            raise PagerError("flush from a forked child is not supported: the pager belongs to "
+                             "the parent")
+        return self._serving().flush()
+
     def stats(self) -> PagerStats:
         """Current counters (cheap: no locks on the serving path)."""
         self._check_open()
@@ -322,12 +361,17 @@ class Pager(_native.Mapping):
     def close(self) -> None:
         """Stop serving, unregister and unmap; idempotent. Views must be released first.
 
+        A writable pager is flushed first (see :meth:`flush`): if that fails, the pager stays
+        open and the error is raised, so nothing written is dropped.
+
         A pager left open at interpreter exit keeps serving until the process ends (other
         atexit handlers and daemon threads may still touch its memory); the kernel then
         unregisters and unmaps everything.
         """
         if self._closed:
             return
+        if self.config.writable and os.getpid() == self._owner:
+            self.flush()  # raises (and stays open) if the written pages cannot go home
         self._detach()
         self._closed = True
         self._teardown()

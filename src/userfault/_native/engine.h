@@ -22,7 +22,8 @@
 #define UF_MAX_THREADS 64
 #define UF_BG_THREADS 2              /* background copiers: readahead, populate */
 #define UF_PREFETCH_SLOT (UF_MAX_THREADS + UF_BG_THREADS)
-#define UF_SLOTS (UF_PREFETCH_SLOT + 1)
+#define UF_EVICTOR_SLOT (UF_PREFETCH_SLOT + 1)
+#define UF_SLOTS (UF_EVICTOR_SLOT + 1)
 #define UF_HIST_BUCKETS 40
 #define UF_MAX_LOG (1ull << 22)      /* fault log records */
 #define UF_MAX_CHUNK (64ull << 20)
@@ -68,7 +69,7 @@ typedef struct { uint64_t start_ns, src_off, len, addr; } uf_inflight_t;
 
 /* A request the pager process's engine asks the faulting process to carry out in its own
  * address space (madvise, copying pages out): one at a time, `seq` then `done`. */
-enum { AGENT_MADVISE = 1, AGENT_DEACTIVATE };
+enum { AGENT_MADVISE = 1, AGENT_DEACTIVATE, AGENT_COPY_OUT };
 typedef struct { uint64_t seq, done, op, addr, len, arg; int64_t result; } uf_mail_t;
 typedef struct { uint64_t off, len; } uf_mark_t;
 
@@ -102,7 +103,9 @@ typedef struct uctx {
     uint64_t npages;
     uint8_t *installed, *removed; /* one bit per page */
     uint8_t *ref, *evicting, *evicted; /* the resident budget (root context only) */
-    uint8_t *inactive;            /* moved out to the pool: the next touch moves it back */
+    uint8_t *inactive;            /* on probation in the pool: the next touch installs it back */
+    uint8_t *dirty, *wbusy, *deferred; /* writable: written since written back; being written
+                                          back; a writer held until that is done */
     int ra_area;                  /* readahead: area index, next/end offsets in it */
     uint64_t ra_next, ra_end, ra_window, last_end;
     struct uctx *next;
@@ -163,6 +166,7 @@ struct engine {
     uint64_t max_pages, high_pages, low_pages, evict_batch;
     int evict_advice, evictor_started, evict_stop, agent_req, agent_done;
     pthread_t evictor;
+    worker_t *evict_worker; /* its buffers (write-back of dirty victims) */
     pthread_cond_t evict_cond;
     pthread_mutex_t agent_lock;
     int hand_area;
@@ -171,6 +175,12 @@ struct engine {
     char *pool_map;
     uint64_t pool_len;
     pthread_mutex_t budget_lock; /* a page leaving the pool: reactivated or evicted, once */
+    /* writable: where written pages go (a file, a buffer, or a Python write_from) */
+    int writable, shared_mem, wb_fd;
+    char *wb_buf;
+    uint64_t wb_len;
+    PyObject *write_from, *src_flush;
+    pthread_mutex_t wp_lock; /* a page's protection changes under it: written, written back */
     double log_tokens;
     uint64_t log_last_ns, log_quiet;
     retired_t *retired;
@@ -226,6 +236,7 @@ int uf_worker_buffers(engine_t *e, worker_t *w);
 void uf_worker_free(worker_t *w);
 void uf_worker_python(engine_t *e, worker_t *w, int enter);
 const char *uf_cause_name(int cause);
+void uf_take_exception(char *msg, size_t len);
 
 /* engine_budget.c */
 void uf_page_in(engine_t *e, uctx_t *c, uint64_t p);
@@ -236,7 +247,16 @@ int uf_evictor_start(engine_t *e);
 void uf_evictor_stop(engine_t *e);
 int uf_populate_paused(engine_t *e);
 int uf_target_madvise(engine_t *e, uint64_t addr, uint64_t len, int advice);
+int uf_ask_target(engine_t *e, int op, uint64_t addr, uint64_t len, uint64_t arg);
 int uf_deactivate_local(char *pool_map, uint64_t addr, uint64_t len, uint64_t pool_off, int advice);
+
+/* engine_write.c */
+int uf_write_alloc(engine_t *e, uctx_t *c);
+void uf_wp_fault(engine_t *e, uctx_t *c, area_t *a, uint64_t off);
+int uf_writeback(engine_t *e, worker_t *w, uctx_t *c, uint64_t first, uint64_t n, uint64_t *bytes);
+int uf_flush(engine_t *e, worker_t *w, uint64_t *pages, uint64_t *bytes);
+int uf_hold(engine_t *e, uctx_t *c, uint64_t p);
+void uf_release(engine_t *e, uctx_t *c, uint64_t first, uint64_t n, int dropped);
 
 /* engine_serve.c */
 area_t *uf_find_area(areas_t *as, uint64_t addr);

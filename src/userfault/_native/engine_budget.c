@@ -99,7 +99,7 @@ int uf_reactivate(engine_t *e, uctx_t *c, area_t *a, uint64_t off, int *err)
     if (!was)
         return 0;
     struct uffdio_copy cp = {.dst = a->base + off, .src = (uintptr_t)(e->pool_map + p * e->page),
-                             .len = e->page};
+                             .len = e->page, .mode = e->writable ? UFFDIO_COPY_MODE_WP : 0};
     *err = uf_ioctl(c->uffd, UFFDIO_COPY, &cp);
     if (*err == EAGAIN || *err == EEXIST) {
         bit_set(c->inactive, p); /* still pooled: a REMOVE is pending, or it is back already */
@@ -137,7 +137,7 @@ int uf_populate_paused(engine_t *e)
 }
 
 /* Ask the faulting process's watchdog thread to carry out `op`. Returns an errno. */
-static int ask_target(engine_t *e, int op, uint64_t addr, uint64_t len, uint64_t arg)
+int uf_ask_target(engine_t *e, int op, uint64_t addr, uint64_t len, uint64_t arg)
 {
     uf_mail_t *m = &e->st->mail;
     pthread_mutex_lock(&e->agent_lock);
@@ -168,7 +168,7 @@ int uf_target_madvise(engine_t *e, uint64_t addr, uint64_t len, int advice)
 {
     if (e->agent_req < 0)
         return madvise((void *)(uintptr_t)addr, len, advice) ? errno : 0;
-    return ask_target(e, AGENT_MADVISE, addr, len, (uint64_t)advice);
+    return uf_ask_target(e, AGENT_MADVISE, addr, len, (uint64_t)advice);
 }
 
 static int target_deactivate(engine_t *e, uint64_t addr, uint64_t len, uint64_t pool_off)
@@ -176,12 +176,13 @@ static int target_deactivate(engine_t *e, uint64_t addr, uint64_t len, uint64_t 
     if (e->agent_req < 0)
         return uf_deactivate_local(e->pool_map, addr, len, pool_off, e->evict_advice);
     /* the advice travels in the high bits of arg, the pool offset in the low 48 */
-    return ask_target(e, AGENT_DEACTIVATE, addr, len, pool_off | ((uint64_t)e->evict_advice << 48));
+    return uf_ask_target(e, AGENT_DEACTIVATE, addr, len, pool_off | ((uint64_t)e->evict_advice << 48));
 }
 
 /* What the hand decided for a run of pages: give them back (madvise, counted when the
- * REMOVE event is read), free their pooled copies (counted here), or move them to the pool. */
-enum { EVICT, FREE_POOLED, DEACTIVATE };
+ * REMOVE event is read), free their pooled copies (counted here), put them on probation, or
+ * write them back (dirty: taken on a later turn, if still clean then). */
+enum { EVICT, FREE_POOLED, DEACTIVATE, CLEAN };
 typedef struct { area_t a; uint64_t off, len; int op; } victim_t;
 
 static void add_run(victim_t *v, int *runs, area_t *a, uint64_t off, uint64_t page, int op)
@@ -239,7 +240,9 @@ static int pick_victims(engine_t *e, uctx_t *c, victim_t *v, int max_runs)
         if (bit_test_clear(c->ref, p))
             continue; /* touched since the hand last came by: spared once */
         taken++; /* probation costs a copy: it counts towards the batch too */
-        if (c->inactive && !over) {
+        if (!uf_hold(e, c, p)) {
+            add_run(v, &runs, a, off, e->page, CLEAN);
+        } else if (c->inactive && !over) {
             bit_set(c->inactive, p); /* before the drop: a fault after it finds the page pooled */
             add_run(v, &runs, a, off, e->page, DEACTIVATE);
         } else { /* no pool, or over the budget itself: no probation */
@@ -278,8 +281,14 @@ static void evict_until_low(engine_t *e, uctx_t *c)
             return; /* nothing to give back (being evicted already, or all unmapped) */
         for (int i = 0; i < runs; i++) {
             victim_t *r = &v[i];
+            uint64_t first = r->a.first_page + r->off / e->page, n = r->len / e->page, wrote = 0;
+            if (r->op == CLEAN) {
+                uf_writeback(e, e->evict_worker, c, first, n, &wrote);
+                continue;
+            }
             if (r->op == DEACTIVATE) {
                 deactivate(e, c, r);
+                uf_release(e, c, first, n, 1);
                 continue;
             }
             if (r->op == FREE_POOLED) {
@@ -289,6 +298,7 @@ static void evict_until_low(engine_t *e, uctx_t *c)
             }
             uint64_t addr = r->a.base + r->off;
             int err = uf_target_madvise(e, addr, r->len, e->evict_advice);
+            uf_release(e, c, first, n, !err);
             if (err) {
                 for (uint64_t off = r->off; off < r->off + r->len; off += e->page)
                     bit_clear(c->evicting, r->a.first_page + off / e->page);
@@ -310,6 +320,7 @@ static void *evictor_main(void *arg)
 {
     engine_t *e = arg;
     uctx_t *c = e->ctxs;
+    uf_worker_python(e, e->evict_worker, 1); /* write-backs of a Python source take its GIL */
     for (;;) {
         pthread_mutex_lock(&e->lock);
         while (!e->evict_stop && LOAD(e->st->counters[C_resident_pages]) <= e->high_pages) {
@@ -325,9 +336,11 @@ static void *evictor_main(void *arg)
         int stopping = e->evict_stop;
         pthread_mutex_unlock(&e->lock);
         if (stopping)
-            return NULL;
+            break;
         evict_until_low(e, c);
     }
+    uf_worker_python(e, e->evict_worker, 0);
+    return NULL;
 }
 
 int uf_evictor_start(engine_t *e)

@@ -140,7 +140,10 @@ static void ctx_release(engine_t *e, uctx_t *c)
     free(c->evicting);
     free(c->evicted);
     free(c->inactive);
-    c->ref = c->evicting = c->evicted = c->inactive = NULL;
+    free(c->dirty);
+    free(c->wbusy);
+    free(c->deferred);
+    c->ref = c->evicting = c->evicted = c->inactive = c->dirty = c->wbusy = c->deferred = NULL;
     if (c->id)
         ADD(e, children, -1);
 }
@@ -308,7 +311,9 @@ static int serve_fault(engine_t *e, worker_t *w, uctx_t *c, struct uffd_msg *m, 
                     (uint8_t)fault_kind(flags), CAUSE_FAULT, (uint16_t)flags, 0};
     uint64_t seq = uf_log_begin(e, &rec);
     int err = 0;
-    if (flags & UFFD_PAGEFAULT_FLAG_MINOR) {
+    if (flags & UFFD_PAGEFAULT_FLAG_WP) {
+        uf_wp_fault(e, c, a, page_off); /* a first write: the page is dirty now */
+    } else if (flags & UFFD_PAGEFAULT_FLAG_MINOR) {
         /* The page cache holds the page already: just map it. */
         ADD(e, minor_faults, 1);
         struct uffdio_continue cont = {.range = {a->base + page_off, e->page}};

@@ -243,7 +243,7 @@ static const char *native_ptr(engine_t *e, worker_t *w, uint64_t off, uint64_t n
 /* ---- Python sources ---------------------------------------------------------------------- */
 
 /* With the GIL held: the pending exception as "Type: message", cleared. */
-static void take_exception(char *msg, size_t len)
+void uf_take_exception(char *msg, size_t len)
 {
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
@@ -308,7 +308,7 @@ static void python_read(engine_t *e, worker_t *w, area_t *a, run_t *runs, int n)
         b->off = runs[i].buf - b->buf;
         b->len = (Py_ssize_t)runs[i].len;
         if (!(views[i] = PyMemoryView_FromObject((PyObject *)b))) {
-            take_exception(w->msg, sizeof(w->msg));
+            uf_take_exception(w->msg, sizeof(w->msg));
             failed = ENOMEM;
         }
     }
@@ -325,7 +325,7 @@ static void python_read(engine_t *e, worker_t *w, area_t *a, run_t *runs, int n)
             PyObject *res = args[0] ? PyObject_Vectorcall(e->read_into, args, 2, NULL) : NULL;
             Py_XDECREF(args[0]);
             if (!res) {
-                take_exception(w->msg, sizeof(w->msg));
+                uf_take_exception(w->msg, sizeof(w->msg));
                 runs[i].err = EIO;
             } else {
                 runs[i].err = check_count(res, runs[i].len, off, w->msg, sizeof(w->msg));
@@ -348,7 +348,7 @@ static void python_read(engine_t *e, worker_t *w, area_t *a, run_t *runs, int n)
             res = PyObject_CallOneArg(e->read_many, list);
         Py_XDECREF(list);
         if (!res) {
-            take_exception(w->msg, sizeof(w->msg));
+            uf_take_exception(w->msg, sizeof(w->msg));
             for (int i = 0; i < n; i++)
                 if (views[i])
                     runs[i].err = EIO;
@@ -536,7 +536,8 @@ static uint64_t install_once(engine_t *e, worker_t *w, int uffd, area_t *a, uint
         pthread_mutex_lock(&e->lock);
         *err = fill_page_cache(e, w, a, off, n, zero);
         if (!*err) {
-            struct uffdio_continue c = {.range = {dst, n}, .mode = dontwake ? UFFDIO_CONTINUE_MODE_DONTWAKE : 0};
+            struct uffdio_continue c = {.range = {dst, n}, .mode = (dontwake ? UFFDIO_CONTINUE_MODE_DONTWAKE : 0)
+                                                               | (e->writable ? UFFDIO_CONTINUE_MODE_WP : 0)};
             *err = uf_ioctl(uffd, UFFDIO_CONTINUE, &c);
             done = c.mapped;
         }
@@ -551,7 +552,8 @@ static uint64_t install_once(engine_t *e, worker_t *w, int uffd, area_t *a, uint
         }
     } else {
         struct uffdio_copy c = {.dst = dst, .src = (uintptr_t)(zero ? e->zero : data), .len = n,
-                                .mode = dontwake ? UFFDIO_COPY_MODE_DONTWAKE : 0};
+                                .mode = (dontwake ? UFFDIO_COPY_MODE_DONTWAKE : 0)
+                                        | (e->writable ? UFFDIO_COPY_MODE_WP : 0)};
         *err = uf_ioctl(uffd, UFFDIO_COPY, &c);
         done = c.copy;
     }

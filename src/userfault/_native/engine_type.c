@@ -16,8 +16,9 @@
 typedef struct {
     PyObject_HEAD
     engine_t *e;
-    Py_buffer src_view, state_view; /* a buffer source (pinned while served); a shared state */
-    int has_view, has_state;
+    Py_buffer src_view, state_view, wb_view; /* a buffer source (pinned while served); a shared
+                                                 state; a buffer written pages go to */
+    int has_view, has_state, has_wb;
     PyObject *pysource;
     int prefetching; /* prefetch calls in flight (changed with the GIL held) */
 } EngineObject;
@@ -277,6 +278,10 @@ static void engine_free(engine_t *e)
         free(e->st);
     if (e->pool_map)
         munmap(e->pool_map, e->pool_len);
+    if (e->evict_worker) {
+        uf_worker_free(e->evict_worker);
+        free(e->evict_worker);
+    }
     pthread_mutex_destroy(&e->lock);
     pthread_mutex_destroy(&e->stop_lock);
     pthread_mutex_destroy(&e->log_lock);
@@ -284,6 +289,7 @@ static void engine_free(engine_t *e)
     pthread_cond_destroy(&e->evict_cond);
     pthread_mutex_destroy(&e->agent_lock);
     pthread_mutex_destroy(&e->budget_lock);
+    pthread_mutex_destroy(&e->wp_lock);
     free(e);
 }
 
@@ -296,8 +302,12 @@ static void Engine_dealloc(EngineObject *self)
         Py_END_ALLOW_THREADS
         Py_XDECREF(e->read_into);
         Py_XDECREF(e->read_many);
+        Py_XDECREF(e->write_from);
+        Py_XDECREF(e->src_flush);
         engine_free(e);
     }
+    if (self->has_wb)
+        PyBuffer_Release(&self->wb_view);
     if (self->has_view)
         PyBuffer_Release(&self->src_view);
     if (self->has_state)
@@ -368,23 +378,26 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
                              "populate", "threads", "log_capacity", "on_error", "on_remove",
                              "retries", "state", "log_fd", "max_resident", "high_watermark",
                              "low_watermark", "evict_advice", "evict_batch", "agent_fds", "pool_fd",
-                             NULL};
+                             "writable", "write_fd", "write_buffer", "shared", "write_limit", NULL};
     int uffd, kind, install, src_fd = -1, memfd = -1, populate = 0, threads = 1, fail_errno = 0;
     int on_error = ONERR_POISON, on_remove = ONREM_RELOAD, retries = 3, log_fd = 2;
     unsigned long long page, chunk = 0, ra_min = 0, ra_max = 0, piece = 0, log_cap = 0;
     PyObject *areas_obj, *data = Py_None, *pysource = Py_None, *state = Py_None;
     unsigned long long max_resident = 0, high = 0, low = 0, evict_batch = 64;
-    int pool_fd = -1;
+    int pool_fd = -1, writable = 0, write_fd = -1, shared = 0;
+    PyObject *write_buffer = Py_None;
+    unsigned long long write_limit = 0;
     int evict_advice = MADV_DONTNEED, agent_req = -1, agent_done = -1;
     const char *name = "", *fail_message = "";
     Py_buffer pat = {0}, cyc = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iOKii|Oiy*y*iOsisKKKKpiKiiiOiKKKiK(ii)i", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iOKii|Oiy*y*iOsisKKKKpiKiiiOiKKKiK(ii)ipiOpK", kwlist,
                                      &uffd, &areas_obj, &page, &kind, &install, &data, &src_fd, &pat,
                                      &cyc, &memfd, &pysource, &name, &fail_errno, &fail_message,
                                      &chunk, &ra_min, &ra_max, &piece, &populate, &threads, &log_cap,
                                      &on_error, &on_remove, &retries, &state, &log_fd, &max_resident,
                                      &high, &low, &evict_advice, &evict_batch, &agent_req,
-                                     &agent_done, &pool_fd))
+                                     &agent_done, &pool_fd, &writable, &write_fd, &write_buffer,
+                                     &shared, &write_limit))
         return -1;
     if (self->e) {
         PyErr_SetString(PyExc_RuntimeError, "an engine is initialised once");
@@ -405,7 +418,12 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
     pthread_cond_init(&e->evict_cond, NULL);
     pthread_mutex_init(&e->agent_lock, NULL);
     pthread_mutex_init(&e->budget_lock, NULL);
+    pthread_mutex_init(&e->wp_lock, NULL);
     e->pool_fd = pool_fd;
+    e->writable = writable;
+    e->wb_fd = write_fd;
+    e->shared_mem = shared;
+    e->wb_len = write_limit; /* a Python source's size: nothing is written past it */
     e->owner = getpid();
     e->agent_req = agent_req;
     e->agent_done = agent_done;
@@ -455,6 +473,8 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
         BAD("install CONTINUE needs the memfd");
     if ((kind == SRC_PYTHON || kind == SRC_FAIL) && install != INST_COPY)
         BAD("Python and failing sources are installed with COPY");
+    if (writable && (install == INST_ZEROPAGE || install == INST_MOVE))
+        BAD("writable memory is installed with COPY or CONTINUE (write protected)");
     if (!(areas = parse_areas(areas_obj, page)))
         goto done;
     if (max_resident) {
@@ -506,8 +526,27 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
         e->read_many = PyObject_GetAttrString(pysource, "read_many");
         if (!e->read_many)
             PyErr_Clear();
+        if (writable) {
+            if (!(e->write_from = PyObject_GetAttrString(pysource, "write_from")))
+                goto done;
+            if (pool_fd < 0)
+                BAD("a writable Python source needs the pool (pool_fd) to copy pages through");
+            e->src_flush = PyObject_GetAttrString(pysource, "flush");
+            if (!e->src_flush)
+                PyErr_Clear();
+        }
         self->pysource = Py_NewRef(pysource);
     }
+    if (writable && write_buffer != Py_None) {
+        if (PyObject_GetBuffer(write_buffer, &self->wb_view, PyBUF_WRITABLE) < 0)
+            goto done;
+        self->has_wb = 1;
+        e->wb_buf = self->wb_view.buf;
+        e->wb_len = (uint64_t)self->wb_view.len;
+    }
+    if (writable && e->wb_fd < 0 && !e->wb_buf && !e->write_from)
+        BAD("writable memory needs somewhere to write to: write_fd, write_buffer or a Python "
+            "source with write_from");
     if (state != Py_None) {
         if (!(e->st = state_of(state, &self->state_view, 1)))
             goto done;
@@ -528,7 +567,7 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
         PyErr_SetFromErrno(PyExc_OSError);
         goto done;
     }
-    if (e->max_pages && pool_fd >= 0) {
+    if ((e->max_pages || writable) && pool_fd >= 0) {
         uint64_t pages = 0;
         for (int i = 0; i < areas->n; i++)
             pages += areas->a[i].len / page;
@@ -540,7 +579,8 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
             goto done;
         }
     }
-    if (!uf_ctx_new(e, uffd, areas, 0, NULL) || (e->max_pages && uf_budget_alloc(e, e->ctxs))) {
+    if (!uf_ctx_new(e, uffd, areas, 0, NULL) || (e->max_pages && uf_budget_alloc(e, e->ctxs))
+        || (writable && uf_write_alloc(e, e->ctxs))) {
         PyErr_NoMemory();
         goto done;
     }
@@ -561,6 +601,14 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
             goto done;
         }
     }
+    if (e->max_pages) {
+        if (!(e->evict_worker = calloc(1, sizeof(worker_t)))) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        e->evict_worker->e = e;
+        e->evict_worker->slot = UF_EVICTOR_SLOT;
+    }
     ok = 1;
 done:
     free(areas);
@@ -572,8 +620,13 @@ done:
         if (e) {
             Py_CLEAR(e->read_into);
             Py_CLEAR(e->read_many);
+            Py_CLEAR(e->write_from);
+            Py_CLEAR(e->src_flush);
             engine_free(e);
         }
+        if (self->has_wb)
+            PyBuffer_Release(&self->wb_view);
+        self->has_wb = 0;
         if (self->has_view)
             PyBuffer_Release(&self->src_view);
         if (self->has_state)
@@ -708,6 +761,30 @@ static PyObject *Engine_prefetch(EngineObject *self, PyObject *ranges)
     return out;
 }
 
+/* flush() -> (pages, bytes, errno, message): every dirty page home, then made durable. */
+static PyObject *Engine_flush(EngineObject *self, PyObject *unused)
+{
+    ENGINE_OR_RAISE(self)
+    if (e->owner != getpid()) {
+        PyErr_SetString(PyExc_RuntimeError, "a forked copy of an engine cannot flush");
+        return NULL;
+    }
+    worker_t *w = calloc(1, sizeof(worker_t));
+    if (!w)
+        return PyErr_NoMemory();
+    w->e = e;
+    w->slot = UF_PREFETCH_SLOT;
+    uint64_t pages = 0, bytes = 0;
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    err = uf_flush(e, w, &pages, &bytes);
+    Py_END_ALLOW_THREADS
+    PyObject *out = Py_BuildValue("(KKis)", (unsigned long long)pages, (unsigned long long)bytes,
+                                  err, err ? w->msg : "");
+    free(w);
+    return out;
+}
+
 static PyObject *Engine_stats(EngineObject *self, PyObject *unused)
 {
     ENGINE_OR_RAISE(self)
@@ -773,6 +850,8 @@ static PyMethodDef Engine_methods[] = {
     {"stop", (PyCFunction)Engine_stop, METH_NOARGS, "Stop and join the threads."},
     {"prefetch", (PyCFunction)Engine_prefetch, METH_O,
      "prefetch(ranges) -> (installed, poisoned_bytes, poisoned_ranges, errno, message)"},
+    {"flush", (PyCFunction)Engine_flush, METH_NOARGS,
+     "flush() -> (pages, bytes, errno, message): write every dirty page back, durably"},
     {"stats", (PyCFunction)Engine_stats, METH_NOARGS, "Counters as a dict."},
     {"drain_log", (PyCFunction)Engine_drain_log, METH_NOARGS, "Take the logged fault records."},
     {"error", (PyCFunction)Engine_error, METH_NOARGS, "The first error (errno, address, message), or None."},
@@ -829,6 +908,8 @@ static void answer(WatchdogObject *self)
     int err = EINVAL;
     if (m->op == AGENT_MADVISE)
         err = madvise((void *)(uintptr_t)m->addr, m->len, (int)m->arg) ? errno : 0;
+    else if (m->op == AGENT_COPY_OUT && self->pool_map && m->arg + m->len <= self->pool_len)
+        err = (memcpy(self->pool_map + m->arg, (const void *)(uintptr_t)m->addr, m->len), 0);
     else if (m->op == AGENT_DEACTIVATE && self->pool_map
              && (m->arg & ((1ull << 48) - 1)) + m->len <= self->pool_len)
         err = uf_deactivate_local(self->pool_map, m->addr, m->len, m->arg & ((1ull << 48) - 1),

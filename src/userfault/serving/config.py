@@ -106,6 +106,8 @@ class ServeConfig:
             watermark, pages are given back (CLOCK: pages faulted in since the last turn stay)
             until the low watermark; they fault in again from the source.
         watermarks: ``(low, high)`` fractions of ``max_resident`` (default 70 % and 90 %).
+        writable: write the pages written in memory back to the source: on ``flush()``,
+            before a written page is evicted, and on ``close()`` (like ``msync``).
     """
 
     chunk: int = 0
@@ -121,6 +123,7 @@ class ServeConfig:
     max_restarts: int = 20
     max_resident: int = 0
     watermarks: tuple[float, float] = (0.7, 0.9)
+    writable: bool = False
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -156,6 +159,8 @@ class ServeConfig:
             raise ValueError(f"watermarks must be (low, high) fractions with 0 < low < high "
                              f"<= 1, not {wm!r}")
         put(self, "watermarks", (float(wm[0]), float(wm[1])))
+        if not isinstance(self.writable, bool):
+            raise ValueError(f"writable must be True or False, not {self.writable!r}")
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:

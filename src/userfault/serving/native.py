@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import _native
-from .runtime import ServingError, prefetch_result
+from .runtime import ServingError, flush_result, prefetch_result
 
 __all__ = ["InProcessRuntime"]
 
@@ -33,6 +33,10 @@ class InProcessRuntime:
     def prefetch(self, ranges: Sequence[tuple[int, int]]) -> int:
         """Install the ranges in one batch; raise if pages had to be poisoned."""
         return prefetch_result(self.engine.prefetch(list(ranges)))
+
+    def flush(self) -> int:
+        """Write every dirty page back, durably; bytes written."""
+        return flush_result(self.engine.flush())
 
     def counters(self) -> dict[str, Any]:
         """The engine's counters."""

@@ -55,7 +55,7 @@ from .. import _native
 from ..errors import PagerError
 from ..sources.base import PageSource
 from .config import ServeConfig
-from .runtime import ServingError, engine_args, prefetch_result, source_name
+from .runtime import ServingError, engine_args, flush_result, prefetch_result, source_name
 
 __all__ = ["IN_PAGER_PROCESS", "ProcessRuntime", "main"]
 
@@ -83,6 +83,7 @@ class _Setup:
     prepare: dict[str, Any]
     evict_advice: int
     pool_fd: int
+    shared: bool
     agent_fds: tuple[int, int]  # the engine asks this process to madvise through these
 
 
@@ -156,7 +157,8 @@ class ProcessRuntime:
 
     def __init__(self, uffd: int, areas: Sequence[tuple[int, int, int]], page_size: int,
                  source: PageSource, config: ServeConfig, *,
-                 evict_advice: int = mmap.MADV_DONTNEED, pool_fd: int = -1) -> None:
+                 evict_advice: int = mmap.MADV_DONTNEED, pool_fd: int = -1,
+                 shared: bool = False) -> None:
         if os.environ.get(IN_PAGER_PROCESS):
             raise PagerError(
                 "a pager was created while the pager process imported your script to find "
@@ -169,10 +171,10 @@ class ProcessRuntime:
         # A budget evicts with madvise, which only this process can call on its memory.
         self._agent_fds = (os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK),
                            os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)) \
-            if config.max_resident else (-1, -1)
+            if config.max_resident or config.writable else (-1, -1)
         self._setup = _Setup([(int(a), int(n), int(o)) for a, n, o in areas], page_size, config,
                              data, source_name(source), prepare, evict_advice, pool_fd,
-                             self._agent_fds)
+                             shared, self._agent_fds)
         self.state: mmap.mmap | bytearray  # shared with the worker; a copy once stopped
         self._state_fd, self.state = _state_buffer(config.log_faults)
         _native.state_init(self.state, config.log_faults)
@@ -236,6 +238,10 @@ class ProcessRuntime:
     def prefetch(self, ranges: Sequence[tuple[int, int]]) -> int:
         """Install the ranges from the pager process in one batch."""
         return prefetch_result(self._call({"op": "prefetch", "ranges": list(ranges)}))
+
+    def flush(self) -> int:
+        """Write every dirty page back, durably (the worker does it); bytes written."""
+        return flush_result(self._call({"op": "flush"}))
 
     def counters(self) -> dict[str, Any]:
         """The shared counters (no round trip)."""
@@ -337,7 +343,7 @@ def _worker(uffd: int, setup: _Setup, source: PageSource, state: mmap.mmap,
     engine = _native.Engine(uffd, setup.areas, state=state, log_fd=2,
                             **engine_args(source, setup.config, setup.page_size,
                                           evict_advice=setup.evict_advice, pool_fd=setup.pool_fd,
-                                          agent_fds=setup.agent_fds))
+                                          shared=setup.shared, agent_fds=setup.agent_fds))
     engine.start()
     while True:
         request = _recv(ctl)
@@ -345,10 +351,12 @@ def _worker(uffd: int, setup: _Setup, source: PageSource, state: mmap.mmap,
             engine.stop()
             del engine
             os._exit(0)
+        op = request["op"]
         try:
-            _send(ctl, {"result": engine.prefetch(request["ranges"])})
-        except Exception as err:  # reported to the caller of prefetch
-            _send(ctl, {"error": f"prefetch failed: {err}"})
+            result = engine.flush() if op == "flush" else engine.prefetch(request["ranges"])
+            _send(ctl, {"result": result})
+        except Exception as err:  # reported to the caller
+            _send(ctl, {"error": f"{op} failed: {err}"})
 
 
 @dataclass
@@ -447,8 +455,8 @@ class _Supervisor:
         if req is None or req.get("op") == "stop":
             return False
         if self.fallback is not None:
-            _send(self.sock, {"error": "prefetch failed: the pager process gave up serving "
-                                       "(its worker kept dying; see the log)"})
+            _send(self.sock, {"error": f"{req.get('op')} failed: the pager process gave up "
+                                       "serving (its worker kept dying; see the log)"})
         else:
             self.pending = req
             if self.worker is not None:
@@ -496,8 +504,8 @@ class _Supervisor:
         where = "; ".join(f"offset {off:#x}..+{n}" for _, _, off, n, _ in reads)
         what = f"while reading {where} of {self.setup.name}" if where else "(it was not reading)"
         if self.pending is not None:
-            self.pending = None
-            _send(self.sock, {"error": f"prefetch failed: the pager worker {how} {what}"})
+            op, self.pending = self.pending.get("op"), None
+            _send(self.sock, {"error": f"{op} failed: the pager worker {how} {what}"})
         if self.consecutive > self.config.max_restarts:
             self.give_up(f"pager worker {w.pid} {how} {what}")
             return

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from .. import _native
-from ..errors import PrefetchError, error_from_errno
+from ..errors import PagerError, PrefetchError, error_from_errno
 from ..sources.base import PageSource
 from ..sources.native import NativeSource
 from .config import ServeConfig
@@ -110,8 +110,12 @@ class PagerStats:
     evictions: int = 0
     #: evicted pages that faulted in again (thrashing shows as a high rate)
     refaults: int = 0
+    #: pages on probation touched again: installed back from the pool, no source read
+    reactivations: int = 0
     writebacks: int = 0
     writeback_bytes: int = 0
+    #: pages written since they were last written back (writable pagers)
+    dirty_pages: int = 0
     #: bucket ``i`` counts faults served in ``[2**i, 2**(i+1))`` nanoseconds
     latency_histogram: tuple[int, ...] = field(default=(), repr=False)
 
@@ -191,6 +195,9 @@ class Runtime(Protocol):
     def error(self) -> ServingError | None:
         """The first serving error, if any."""
 
+    def flush(self) -> int:
+        """Write every dirty page back, durably; bytes written. Raises PagerError."""
+
     @property
     def process_exited(self) -> bool:
         """Whether the process whose memory is served is gone."""
@@ -204,14 +211,16 @@ def source_name(source: object) -> str:
 
 def engine_args(source: PageSource, config: ServeConfig, page_size: int, *,
                 install: str = "copy", memfd: int = -1, evict_advice: int = mmap.MADV_DONTNEED,
-                pool_fd: int = -1, agent_fds: tuple[int, int] = (-1, -1)) -> dict[str, Any]:
+                pool_fd: int = -1, agent_fds: tuple[int, int] = (-1, -1),
+                shared: bool = False) -> dict[str, Any]:
     """Keyword arguments of ``_native.Engine`` for ``source`` served with ``config``.
 
     ``evict_advice`` gives pages back under a budget (MADV_REMOVE for shared memory); ``pool_fd``
     is a memfd as large as the memory where the evictor keeps pages on probation (see
     engine_budget.c); ``agent_fds`` are
     the eventfds through which an engine in a pager process asks the faulting process to
-    madvise.
+    madvise; ``shared`` says the memory is shared (a memfd): a forked child's writes to it are
+    the parent's too.
     """
     chunk, ra_min, ra_max = config.for_page(page_size)
     max_resident, low, high = config.budget(page_size)
@@ -223,15 +232,27 @@ def engine_args(source: PageSource, config: ServeConfig, page_size: int, *,
         "on_remove": _ON_REMOVE[config.on_remove], "retries": config.retries,
         "name": source_name(source), "max_resident": max_resident, "high_watermark": high,
         "low_watermark": low, "evict_advice": evict_advice, "agent_fds": agent_fds,
-        "pool_fd": pool_fd,
+        "pool_fd": pool_fd, "writable": config.writable, "shared": shared,
     }
     if isinstance(source, NativeSource):
         args["source"] = source.kind
-        args.update(source.engine_args())
+        args.update(source.engine_args(writable=config.writable))
     else:
         args["source"] = _native.SRC_PYTHON
         args["pysource"] = source
+        if config.writable:
+            args["write_limit"] = source.size
     return args
+
+
+def flush_result(raw: tuple[int, int, int, str]) -> int:
+    """Bytes an engine flush wrote back, or :class:`PagerError` naming why some could not be
+    (those pages stay dirty and in memory: nothing is lost, a later flush tries again)."""
+    _pages, written, err, message = raw
+    if err:
+        raise PagerError(f"flush wrote {written} bytes back, then failed: {message} (the "
+                         "pages not written stay dirty and in memory; flush again)")
+    return int(written)
 
 
 def prefetch_result(raw: tuple[int, int, list[tuple[int, int]], int, str]) -> int:
@@ -252,7 +273,8 @@ def prefetch_result(raw: tuple[int, int, list[tuple[int, int]], int, str]) -> in
 def build_runtime(uffd: int, areas: Sequence[tuple[int, int, int]], page_size: int,
                   source: PageSource, config: ServeConfig, *, install: str = "copy",
                   memfd: int = -1, runtime: RuntimeKind = "auto",
-                  evict_advice: int = mmap.MADV_DONTNEED, pool_fd: int = -1) -> Runtime:
+                  evict_advice: int = mmap.MADV_DONTNEED, pool_fd: int = -1,
+                  shared: bool = False) -> Runtime:
     """The runtime that serves ``uffd``'s ``areas`` (address, length, source offset) from
     ``source``: the engine in this process for native sources, a pager process otherwise.
 
@@ -273,7 +295,7 @@ def build_runtime(uffd: int, areas: Sequence[tuple[int, int, int]], page_size: i
         return InProcessRuntime(_native.Engine(
             uffd, list(areas), **engine_args(source, config, page_size, install=install,
                                              memfd=memfd, evict_advice=evict_advice,
-                                             pool_fd=pool_fd)))
+                                             pool_fd=pool_fd, shared=shared)))
     if runtime != "process":
         raise ValueError(f"runtime must be 'auto', 'native' or 'process', not {runtime!r}")
     if install != "copy":
@@ -281,4 +303,4 @@ def build_runtime(uffd: int, areas: Sequence[tuple[int, int, int]], page_size: i
     from .process import ProcessRuntime
 
     return ProcessRuntime(uffd, list(areas), page_size, source, config,
-                          evict_advice=evict_advice, pool_fd=pool_fd)
+                          evict_advice=evict_advice, pool_fd=pool_fd, shared=shared)

@@ -42,8 +42,16 @@ class NativeSource:
         """Size in bytes."""
         return self._size
 
-    def engine_args(self) -> dict[str, Any]:
-        """Keyword arguments for ``_native.Engine`` describing this source."""
+    def engine_args(self, writable: bool = False) -> dict[str, Any]:
+        """Keyword arguments for ``_native.Engine`` describing this source (and, with
+        ``writable``, where written pages go).
+
+        Raises:
+            ValueError: ``writable`` and the source cannot be written.
+        """
+        if writable:
+            raise ValueError(f"{type(self).__name__} cannot be written to: writable=True needs "
+                             "a file, a writable buffer or a source with write_from")
         return {}
 
     def read_into(self, offset: int, buf: memoryview) -> None:
@@ -81,8 +89,8 @@ class PatternSource(NativeSource):
             raise ValueError("the pattern must not be empty")
         self.pattern = bytes(pattern)
 
-    def engine_args(self) -> dict[str, Any]:
-        return {"pattern": self.pattern}
+    def engine_args(self, writable: bool = False) -> dict[str, Any]:
+        return {**super().engine_args(writable), "pattern": self.pattern}
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         n = self._check(offset, buf)
@@ -107,8 +115,8 @@ class CyclingSource(NativeSource):
         self.alphabet = bytes(alphabet)
         self._next = 0
 
-    def engine_args(self) -> dict[str, Any]:
-        return {"cycle": self.alphabet}
+    def engine_args(self, writable: bool = False) -> dict[str, Any]:
+        return {**super().engine_args(writable), "cycle": self.alphabet}
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         n = self._check(offset, buf)
@@ -135,8 +143,11 @@ class BufferSource(NativeSource):
         super().__init__(view.nbytes)
         self._view = view
 
-    def engine_args(self) -> dict[str, Any]:
-        return {"data": self._view}
+    def engine_args(self, writable: bool = False) -> dict[str, Any]:
+        if writable and self._view.readonly:
+            raise ValueError("a read-only buffer cannot be written to: writable=True needs a "
+                             "writable buffer (a bytearray, a writable mmap, a numpy array)")
+        return {"data": self._view, **({"write_buffer": self._view} if writable else {})}
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         n = self._check(offset, buf)
@@ -152,16 +163,18 @@ class FileSource(NativeSource):
     """A file, mapped read-only; the engine copies straight from the page cache.
 
     Files larger than RAM work: only touched pages are read. A file that shrinks while served
-    yields errors (poisoned pages), never zeros in place of data.
+    yields errors (poisoned pages), never zeros in place of data. ``writable=True`` opens it
+    read-write, for a writable pager (written pages go back with ``pwrite``).
     """
 
     kind = KIND_MEMORY
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, writable: bool = False) -> None:
         self.path = os.fspath(path)
+        self.writable = writable
         self._fd = -1
         try:
-            self._fd = open_regular(self.path, advice=_NOT_A_FILE)
+            self._fd = open_regular(self.path, advice=_NOT_A_FILE, writable=writable)
         except OSError as err:
             raise SourceError(f"cannot open {self.path!r}: {err.strerror}",
                               source=self.path) from err
@@ -177,8 +190,12 @@ class FileSource(NativeSource):
             os.close(self._fd)
             raise
 
-    def engine_args(self) -> dict[str, Any]:
-        return {"data": self._map, "src_fd": self._fd}
+    def engine_args(self, writable: bool = False) -> dict[str, Any]:
+        if writable and not self.writable:
+            raise ValueError(f"{self.path!r} was opened read-only: open it with "
+                             "FileSource(path, writable=True)")
+        return {"data": self._map, "src_fd": self._fd, **({"write_fd": self._fd} if writable
+                                                           else {})}
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         n = self._check(offset, buf)
@@ -212,7 +229,7 @@ class FileSource(NativeSource):
         return f"FileSource({self.path!r})"
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path}
+        return {"path": self.path, "writable": self.writable}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"])  # type: ignore[misc]
+        self.__init__(state["path"], writable=state.get("writable", False))  # type: ignore[misc]

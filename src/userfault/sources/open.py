@@ -21,8 +21,9 @@ _UF = ("uf", "ufs", "uf+unix")
 
 def open_source(spec: Any, *, redis_prefix: str | None = None, page_size: int = 4096,
                 secret_file: str | os.PathLike[str] | None = None,
-                tls_ca: str | os.PathLike[str] | None = None) -> PageSource:
-    """The page source ``spec`` names.
+                tls_ca: str | os.PathLike[str] | None = None, writable: bool = False
+                ) -> PageSource:
+    """The page source ``spec`` names (a path opened read-write with ``writable``).
 
     * a :class:`~userfault.sources.base.PageSource` (an object with ``size`` and
       ``read_into``): itself;
@@ -50,7 +51,8 @@ def open_source(spec: Any, *, redis_prefix: str | None = None, page_size: int = 
     if isinstance(spec, NativeSource):
         return spec
     if isinstance(spec, (str, os.PathLike)):
-        return _open_named(os.fspath(spec), redis_prefix, page_size, secret_file, tls_ca)
+        return _open_named(os.fspath(spec), redis_prefix, page_size, secret_file, tls_ca,
+                           writable)
     if isinstance(spec, (bytes, bytearray, memoryview)) or hasattr(spec, "__array_interface__"):
         return BufferSource(spec)
     try:
@@ -71,7 +73,7 @@ def open_source(spec: Any, *, redis_prefix: str | None = None, page_size: int = 
 
 def _open_named(spec: str, redis_prefix: str | None, page_size: int,
                 secret_file: str | os.PathLike[str] | None,
-                tls_ca: str | os.PathLike[str] | None) -> PageSource:
+                tls_ca: str | os.PathLike[str] | None, writable: bool) -> PageSource:
     scheme = urllib.parse.urlsplit(spec).scheme.lower()
     if scheme in _UF:
         from ..remote.source import PageServerSource
@@ -99,7 +101,7 @@ def _open_named(spec: str, redis_prefix: str | None, page_size: int,
         src = SnapshotSource(spec, page_size=page_size)
         _ = src.size  # open now: a bad file fails here, not at the first fault
         return src
-    return FileSource(spec)
+    return FileSource(spec, writable=writable)
 
 
 def _looks_like_snapshot(path: str) -> bool:

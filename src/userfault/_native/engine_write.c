@@ -1,0 +1,284 @@
+/* Writable memory: written pages go home (to a file, a buffer, or a Python source's
+ * write_from) on flush, before they are evicted, and on close.
+ *
+ * Pages are installed write-protected; the first write to one faults (synchronous
+ * UFFDIO_WRITEPROTECT, not WP_ASYNC: a write-back must be able to hold a writer back, and an
+ * asynchronous write protection resolves writes in the kernel without asking). The fault
+ * marks the page dirty and lifts the protection. A write-back protects the pages again first,
+ * then copies them: a write that races it faults, and waits (deferred) until the copy is
+ * taken, or until an evicted page is gone; then it proceeds, and the page is dirty again. So a
+ * write is never lost, and a page is never dropped while dirty.
+ *
+ * In a pager process the engine cannot read the faulting process's memory: the watchdog
+ * thread there copies the pages into the pool memfd, which the engine reads. */
+#define _GNU_SOURCE
+#include "engine.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+int uf_write_alloc(engine_t *e, uctx_t *c)
+{
+    size_t n = c->npages / 8 + 1;
+    c->dirty = calloc(n, 1);
+    c->wbusy = calloc(n, 1);
+    c->deferred = calloc(n, 1);
+    return c->dirty && c->wbusy && c->deferred ? 0 : ENOMEM;
+}
+
+/* Protect (wp) or lift the protection of a range; lifting it wakes its writers. (The kernel
+ * refuses DONTWAKE with WP: protecting wakes nobody anyway.) A lift that fails wakes nobody
+ * either, so the writers are woken by hand: they fault again (EAGAIN while an eviction's
+ * REMOVE is pending, and later they find the page protected, or gone). */
+static int protect(engine_t *e, uctx_t *c, uint64_t addr, uint64_t len, int wp)
+{
+    struct uffdio_writeprotect w = {.range = {addr, len}, .mode = wp ? UFFDIO_WRITEPROTECT_MODE_WP : 0};
+    int err = uf_ioctl(c->uffd, UFFDIO_WRITEPROTECT, &w);
+    if (err && !wp) {
+        struct uffdio_range r = {addr, len};
+        uf_ioctl(c->uffd, UFFDIO_WAKE, &r);
+    }
+    return err;
+}
+
+static void mark_dirty(engine_t *e, uctx_t *c, uint64_t p)
+{
+    if (!bit_test_set(c->dirty, p))
+        ADD(e, dirty_pages, 1);
+}
+
+/* A first write to a protected page. */
+void uf_wp_fault(engine_t *e, uctx_t *c, area_t *a, uint64_t off)
+{
+    uint64_t p = a->first_page + off / e->page;
+    uctx_t *root = e->ctxs;
+    if (c != root || !c->dirty) {
+        /* A forked child's copy: its writes are its own, except in shared memory, where they
+         * are the parent's too. */
+        if (c != root && e->shared_mem && root->dirty) {
+            pthread_mutex_lock(&e->wp_lock);
+            mark_dirty(e, root, p);
+            pthread_mutex_unlock(&e->wp_lock);
+        }
+        protect(e, c, a->base + off, e->page, 0);
+        return;
+    }
+    pthread_mutex_lock(&e->wp_lock);
+    if (bit_get(c->wbusy, p)) {
+        bit_set(c->deferred, p); /* being written back: the writer waits for it */
+    } else {
+        mark_dirty(e, c, p);
+        protect(e, c, a->base + off, e->page, 0); /* lifts it and wakes the writer */
+    }
+    pthread_mutex_unlock(&e->wp_lock);
+}
+
+/* The evictor holds a clean page it will drop: writes to it wait. 0: the page is dirty. */
+int uf_hold(engine_t *e, uctx_t *c, uint64_t p)
+{
+    if (!c->dirty)
+        return 1;
+    pthread_mutex_lock(&e->wp_lock);
+    int clean = !bit_get(c->dirty, p);
+    if (clean)
+        bit_set(c->wbusy, p);
+    pthread_mutex_unlock(&e->wp_lock);
+    return clean;
+}
+
+static area_t *area_of(uctx_t *c, uint64_t p, uint64_t page)
+{
+    for (int i = 0; i < c->areas->n; i++) {
+        area_t *a = &c->areas->a[i];
+        if (p >= a->first_page && p < a->first_page + a->len / page)
+            return a;
+    }
+    return NULL;
+}
+
+/* Let the held pages go; a writer that waited writes again (to the page, or, if it was
+ * dropped, to the page its fault brings back). */
+void uf_release(engine_t *e, uctx_t *c, uint64_t first, uint64_t n, int dropped)
+{
+    if (!c->dirty)
+        return;
+    pthread_mutex_lock(&e->wp_lock);
+    for (uint64_t p = first; p < first + n; p++) {
+        bit_clear(c->wbusy, p);
+        if (!bit_test_clear(c->deferred, p))
+            continue;
+        area_t *a = area_of(c, p, e->page);
+        if (!a)
+            continue;
+        uint64_t addr = a->base + (p - a->first_page) * e->page;
+        if (dropped) {
+            struct uffdio_range r = {addr, e->page};
+            uf_ioctl(c->uffd, UFFDIO_WAKE, &r);
+        } else {
+            mark_dirty(e, c, p);
+            protect(e, c, addr, e->page, 0);
+        }
+    }
+    pthread_mutex_unlock(&e->wp_lock);
+}
+
+/* Copy [off, off+len) of area a home. Returns an errno; w->msg says why. */
+static int write_out(engine_t *e, worker_t *w, area_t *a, uint64_t off, uint64_t len)
+{
+    uint64_t src = a->src_off + off, addr = a->base + off;
+    uint64_t size = e->src_len ? e->src_len : e->wb_len;
+    if (size && src >= size)
+        return 0; /* the zeros past the source's end have no home */
+    if (size && src + len > size)
+        len = size - src;
+    if (e->wb_fd >= 0) {
+        for (uint64_t done = 0; done < len;) {
+            ssize_t r = pwrite(e->wb_fd, (const char *)(uintptr_t)addr + done, len - done, (off_t)(src + done));
+            if (r < 0 && errno == EINTR)
+                continue;
+            if (r <= 0) {
+                int err = r < 0 ? errno : EIO;
+                snprintf(w->msg, sizeof(w->msg), "pwrite: %s", strerror(err));
+                return err;
+            }
+            done += (uint64_t)r;
+        }
+        return 0;
+    }
+    if (e->wb_buf) {
+        memcpy(e->wb_buf + src, (const void *)(uintptr_t)addr, len);
+        return 0;
+    }
+    /* A Python source in a pager process: the faulting process copies the pages into the
+     * pool (free at these pages: a dirty page is never on probation), write_from reads them. */
+    uint64_t pool_off = (a->first_page + off / e->page) * e->page;
+    int err = 0;
+    if (e->agent_req >= 0)
+        err = uf_ask_target(e, AGENT_COPY_OUT, addr, len, pool_off);
+    else
+        memcpy(e->pool_map + pool_off, (const void *)(uintptr_t)addr, len);
+    if (err) {
+        snprintf(w->msg, sizeof(w->msg), "copying the pages out of the faulting process: %s",
+                 strerror(err));
+        return err;
+    }
+    uf_inflight(e, w->slot, src, len, addr);
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyObject *view = PyMemoryView_FromMemory(e->pool_map + pool_off, (Py_ssize_t)len, PyBUF_READ);
+    PyObject *args[2] = {PyLong_FromUnsignedLongLong(src), view};
+    PyObject *res = view && args[0] ? PyObject_Vectorcall(e->write_from, args, 2, NULL) : NULL;
+    if (!res) {
+        uf_take_exception(w->msg, sizeof(w->msg));
+        err = EIO;
+    }
+    Py_XDECREF(res);
+    Py_XDECREF(args[0]);
+    Py_XDECREF(view);
+    PyGILState_Release(g);
+    uf_inflight(e, w->slot, 0, 0, 0);
+    fallocate(e->pool_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)pool_off, (off_t)len);
+    return err;
+}
+
+/* Write the dirty pages among [first, first+n) home (page indices of one area), retrying
+ * with backoff. Pages that cannot be written stay dirty, and resident. */
+int uf_writeback(engine_t *e, worker_t *w, uctx_t *c, uint64_t first, uint64_t n, uint64_t *bytes)
+{
+    area_t *a = area_of(c, first, e->page);
+    int ret = 0;
+    if (!a || !c->dirty)
+        return 0;
+    for (uint64_t p = first; p < first + n;) {
+        if (!bit_get(c->dirty, p)) {
+            p++;
+            continue;
+        }
+        /* take a run of dirty pages: protect them, then they are clean until written again */
+        pthread_mutex_lock(&e->wp_lock);
+        uint64_t q = p;
+        while (q < first + n && bit_get(c->dirty, q) && !bit_get(c->wbusy, q))
+            bit_set(c->wbusy, q++);
+        uint64_t off = (p - a->first_page) * e->page, len = (q - p) * e->page;
+        /* (if it cannot be protected, it is written out while held, and stays dirty) */
+        if (q > p && protect(e, c, a->base + off, len, 1) == 0)
+            for (uint64_t i = p; i < q; i++)
+                if (bit_test_clear(c->dirty, i))
+                    ADD(e, dirty_pages, -1);
+        pthread_mutex_unlock(&e->wp_lock);
+        if (q == p) { /* held by another write-back: it takes care of the page */
+            p++;
+            continue;
+        }
+        int err = 0;
+        for (int round = 0;; round++) {
+            w->msg[0] = 0;
+            if (!(err = write_out(e, w, a, off, len)) || round >= e->retries || LOAD(e->stopping))
+                break;
+            uf_log(e, "writing %#llx..+%llu back to %s failed: %s; retry %d", (unsigned long long)(a->base + off),
+                   (unsigned long long)len, e->name, w->msg, round + 1);
+            ADD(e, retries, 1);
+            struct timespec ts = {0, 5000000L << (round < 7 ? round : 7)};
+            nanosleep(&ts, NULL);
+        }
+        if (err) {
+            uf_log(e, "cannot write %#llx..+%llu (offset %#llx) back to %s: %s; the pages stay "
+                   "dirty and in memory", (unsigned long long)(a->base + off), (unsigned long long)len,
+                   (unsigned long long)(a->src_off + off), e->name, w->msg);
+            uf_state_error(e->st, err, a->base + off, "writing %#llx..+%llu (offset %#llx) back "
+                           "to %s failed: %s; the pages stay dirty", (unsigned long long)(a->base + off),
+                           (unsigned long long)len, (unsigned long long)(a->src_off + off), e->name, w->msg);
+            pthread_mutex_lock(&e->wp_lock);
+            for (uint64_t i = p; i < q; i++)
+                mark_dirty(e, c, i);
+            pthread_mutex_unlock(&e->wp_lock);
+            ret = ret ? ret : err;
+        } else {
+            ADD(e, writebacks, q - p);
+            ADD(e, writeback_bytes, len);
+            *bytes += len;
+        }
+        uf_release(e, c, p, q - p, 0);
+        p = q;
+    }
+    return ret;
+}
+
+/* Everything dirty goes home, then the source is asked to make it durable (fsync, or the
+ * source's flush()). */
+int uf_flush(engine_t *e, worker_t *w, uint64_t *pages, uint64_t *bytes)
+{
+    uctx_t *c = e->ctxs;
+    int ret = 0;
+    *bytes = 0;
+    if (!c || !c->dirty)
+        return 0;
+    uint64_t before = LOAD(e->st->counters[C_writebacks]);
+    for (int i = 0; i < c->areas->n; i++) {
+        area_t *a = &c->areas->a[i];
+        for (uint64_t p = a->first_page; p < a->first_page + a->len / e->page; p += 1024) {
+            uint64_t n = a->first_page + a->len / e->page - p;
+            int err = uf_writeback(e, w, c, p, n < 1024 ? n : 1024, bytes);
+            ret = ret ? ret : err;
+        }
+    }
+    *pages = LOAD(e->st->counters[C_writebacks]) - before;
+    if (e->wb_fd >= 0 && fsync(e->wb_fd) && !ret) {
+        ret = errno;
+        snprintf(w->msg, sizeof(w->msg), "fsync: %s", strerror(ret));
+    }
+    if (e->src_flush && !ret) {
+        PyGILState_STATE g = PyGILState_Ensure();
+        PyObject *res = PyObject_CallNoArgs(e->src_flush);
+        if (!res) {
+            uf_take_exception(w->msg, sizeof(w->msg));
+            ret = EIO;
+        }
+        Py_XDECREF(res);
+        PyGILState_Release(g);
+    }
+    return ret;
+}
