@@ -126,3 +126,20 @@ class PyFile:
         with open(self.path, "rb") as f:
             f.seek(offset)
             return f.readinto(buf)
+
+
+class PyFileRW(PyFile):
+    """:class:`PyFile` that can be written: a writable Python source (``write_from``), and a
+    ``flush`` that makes the writes durable."""
+
+    def write_from(self, offset: int, data: memoryview) -> None:
+        with open(self.path, "r+b") as f:
+            f.seek(offset)
+            f.write(data)
+
+    def flush(self) -> None:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,186 @@
+"""Writable pagers: written pages go home on flush, before eviction and on close, never lost.
+
+Every case is real: files written back with pwrite (native) or through a Python source's
+write_from in the pager process; a writer thread racing flush(); a process SIGKILLed after a
+flush; writes over a file four times the memory budget.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+
+import userfault
+from pager_helpers import run_script, settled
+from py_sources import PyBytes, PyFileRW
+from userfault import FileSource, PagerError, _native
+from userfault.sources.snapshot import SnapshotSource, create_snapshot
+
+PAGE = 4096
+MiB = 1 << 20
+TESTS = os.path.dirname(os.path.abspath(__file__))
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(params=["native", "process"])
+def runtime(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def zeros_file(tmp_path: Path, size: int) -> Path:
+    path = tmp_path / "data.bin"
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def source(runtime: str, path: Path) -> object:
+    return FileSource(path, writable=True) if runtime == "native" else PyFileRW(str(path))
+
+
+def test_flush_writes_what_was_written(tmp_path: Path, runtime: str) -> None:
+    path = zeros_file(tmp_path, 8 * MiB)
+    with userfault.map(source(runtime, path), writable=True) as p:
+        with memoryview(p) as v:
+            v[100:105] = b"hello"
+            v[5 * MiB:5 * MiB + 3] = b"abc"
+        assert p.flush() == 2 * PAGE  # two pages were written
+        assert p.stats().dirty_pages == 0 and p.flush() == 0  # nothing new
+        data = path.read_bytes()
+        assert data[100:105] == b"hello" and data[5 * MiB:5 * MiB + 3] == b"abc"
+        with memoryview(p) as v:
+            v[100:105] = b"HELLO"  # a page written back, then written again
+        assert p.flush() == PAGE
+        with memoryview(p) as v:
+            v[7 * MiB] = 7  # left for close()
+    data = path.read_bytes()
+    assert data[100:105] == b"HELLO" and data[7 * MiB] == 7
+    assert data.count(0) == len(data) - 9  # and nothing else changed
+
+
+def test_a_writable_buffer_is_written_in_place() -> None:
+    buf = bytearray(MiB)
+    with userfault.map(buf, writable=True) as p:
+        with memoryview(p) as v:
+            v[10:13] = b"xyz"
+        assert buf[10:13] == bytes(3)  # not before the flush
+        p.flush()
+        assert buf[10:13] == b"xyz"
+
+
+def test_writes_racing_flush_are_never_lost(tmp_path: Path, runtime: str) -> None:
+    pages = 512
+    path = zeros_file(tmp_path, pages * PAGE)
+    with userfault.map(source(runtime, path), writable=True, readahead=False) as p:
+        stop = threading.Event()
+        written = [0] * pages
+
+        def writer() -> None:
+            n = 0
+            while not stop.is_set() and n < 20000:
+                n += 1
+                page = (n * 37) % pages
+                _native.touch(p.address + page * PAGE, 1, 1, 1, n & 0xFF, False)
+                written[page] = n & 0xFF
+
+        t = threading.Thread(target=writer)
+        t.start()
+        flushes = 0
+        while t.is_alive() and flushes < 200:
+            p.flush()  # each round protects, then copies: a racing write is kept dirty
+            flushes += 1
+        stop.set()
+        t.join()
+        p.flush()
+        with memoryview(p) as v:
+            memory = bytes(v)
+    data = path.read_bytes()
+    assert data == memory
+    assert [data[i * PAGE] for i in range(pages)] == written
+
+
+def test_after_a_flush_a_sigkill_loses_only_what_came_after(tmp_path: Path,
+                                                            runtime: str) -> None:
+    path = zeros_file(tmp_path, 4 * MiB)
+    src = (f"FileSource({str(path)!r}, writable=True)" if runtime == "native"
+           else f"PyFileRW({str(path)!r})")
+    r = run_script(f"""
+        import os, signal, sys
+        sys.path.insert(0, {TESTS!r})
+        import userfault
+        from userfault import FileSource
+        from py_sources import PyFileRW
+        if __name__ == "__main__":
+            p = userfault.map({src}, writable=True)
+            v = memoryview(p)
+            v[0:6] = b"kept:1"
+            v[2 << 20:(2 << 20) + 6] = b"kept:2"
+            p.flush()
+            v[0:6] = b"lost:1"                 # after the flush: not written back
+            v[3 << 20:(3 << 20) + 6] = b"lost:3"
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    data = path.read_bytes()
+    assert data[:6] == b"kept:1" and data[2 * MiB:2 * MiB + 6] == b"kept:2"
+    assert data[3 * MiB:3 * MiB + 6] == bytes(6)
+
+
+def test_writes_over_a_file_four_times_the_budget(tmp_path: Path, runtime: str) -> None:
+    size, budget = 16 * MiB, 4 * MiB
+    path = zeros_file(tmp_path, size)
+    with userfault.map(source(runtime, path), writable=True, max_resident=budget) as p:
+        for off in range(0, size, PAGE):  # dirty every page: evictions must write them back
+            _native.touch(p.address + off, 1, 1, 1, (off // PAGE) & 0xFF, False)
+        s = settled(p)
+        assert s.evictions > 0 and s.writebacks > 0
+        with memoryview(p) as v:  # evicted pages fault back in with what was written
+            assert all(v[off] == (off // PAGE) & 0xFF for off in range(0, size, PAGE))
+    data = path.read_bytes()
+    assert all(data[off] == (off // PAGE) & 0xFF for off in range(0, size, PAGE))
+
+
+def test_a_write_back_that_fails_keeps_the_pages(tmp_path: Path) -> None:
+    path = zeros_file(tmp_path, MiB)
+    with userfault.map(PyFileRW(str(path)), writable=True, retries=0) as p:
+        with memoryview(p) as v:
+            v[0] = 1
+        path.unlink()
+        path.mkdir()  # the path is a directory now: write_from's open(..., "r+b") fails
+        with pytest.raises(PagerError, match=r"flush wrote 0 bytes back, then failed: "
+                           r"IsADirectoryError.*the pages not written stay dirty"):
+            p.flush()
+        assert p.stats().dirty_pages == 1
+        path.rmdir()
+        zeros_file(tmp_path, MiB)
+        assert p.flush() == PAGE  # written now
+    assert path.read_bytes()[0] == 1
+
+
+@pytest.mark.parametrize(("make", "why"), [
+    (lambda tmp: SnapshotSource(_snapshot(tmp)), r"SnapshotSource cannot be written to \(it "
+                                                r"has no write_from\)"),
+    (lambda tmp: b"read only", r"a read-only buffer cannot be written to"),
+    (lambda tmp: userfault.ZeroSource(MiB), r"ZeroSource cannot be written to"),
+    (lambda tmp: FileSource(zeros_file(tmp, MiB)), r"was opened read-only: open it with "
+                                                    r"FileSource\(path, writable=True\)"),
+])
+def test_what_cannot_be_written_is_refused(tmp_path: Path, make: object, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        userfault.map(make(tmp_path), writable=True)  # type: ignore[operator]
+
+
+def _snapshot(tmp_path: Path) -> Path:
+    path = tmp_path / "s.ufs"
+    create_snapshot(bytes(MiB), path)
+    return path
+
+
+def test_flush_needs_a_writable_pager() -> None:
+    with userfault.map(PyBytes(bytes(MiB))) as p, pytest.raises(
+            PagerError, match="flush needs a writable pager: map it with writable=True"):
+        p.flush()
