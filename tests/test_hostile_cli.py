@@ -41,7 +41,7 @@ def fifo(tmp_path: Path) -> Path:
 USAGE: list[tuple[list[str], str]] = [
     ([], "userfault: error: the following arguments are required: COMMAND"),
     (["bogus"], "userfault: error: argument COMMAND: invalid choice: 'bogus' (choose from "
-                "'demo', 'features', 'snapshot', 'firecracker', 'plot', 'stats', "
+                "'demo', 'features', 'snapshot', 'firecracker', 'trace', 'plot', 'stats', "
                 "'workingset', 'serve')"),
     (["demo", "--pages", "abc"], "userfault demo: error: argument --pages: invalid int value: "
                                  "'abc'"),

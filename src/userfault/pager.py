@@ -26,6 +26,7 @@ from ._flags import Feature, RegisterMode
 from .errors import PagerError, PermissionDeniedError, UffdError
 from .region import Region, RegionKind
 from .serving.config import OnError, OnRemove, ServeConfig, SizeLike
+from .serving.observe import Observation, working_set_ranges
 from .serving.runtime import (
     INSTALL_CODES,
     FaultRecord,
@@ -33,11 +34,13 @@ from .serving.runtime import (
     Runtime,
     RuntimeKind,
     build_runtime,
+    source_name,
 )
 from .sources.base import PageSource
 from .sources.native import KIND_ZERO, NativeSource
 from .sources.open import open_source
 from .uffd import Uffd
+from .working_set import WorkingSet
 
 if TYPE_CHECKING:
     import numpy as np
@@ -71,6 +74,15 @@ class Pager(_native.Mapping):
             ``"64K"``). ``readahead`` defaults to a 64 KiB window doubling up to 4 MiB;
             ``on_error="poison"`` makes a page that cannot be read SIGBUS on access, never
             zeros.
+        trace: write every fault and install to this trace file (see :mod:`userfault.trace`;
+            ``$USERFAULT_TRACE`` does the same for every pager of a command, which is what
+            ``userfault trace -o FILE -- CMD`` sets).
+        record: write the pages this pager's faults touched, in first-touch order, to this
+            working-set file when it closes (:mod:`userfault.working_set`).
+        prefetch: a working-set file (recorded by ``record=``) to install in one batch from
+            the first fault on, in first-touch order, on the background threads; the rest is
+            served lazily. A record made for another source or page size is refused; pages
+            beyond the source's end are dropped.
         secret_file, tls_ca: for a page-server URL (``uf://HOST:PORT/NAME``): the shared
             secret, and the CA that the server's TLS certificate must chain to.
 
@@ -105,12 +117,17 @@ class Pager(_native.Mapping):
         max_resident: SizeLike = 0,
         watermarks: tuple[float, float] = (0.7, 0.9),
         writable: bool = False,
+        trace: str | os.PathLike[str] | None = None,
+        record: str | os.PathLike[str] | None = None,
+        prefetch: str | os.PathLike[str] | None = None,
         secret_file: str | os.PathLike[str] | None = None,
         tls_ca: str | os.PathLike[str] | None = None,
     ) -> None:
         self._closed = True
         self._runtime: Runtime | None = None
         self._pool_fd = -1
+        self._observation: Observation | None = None
+        self.working_set: WorkingSet | None = None
         self._owner = os.getpid()
         self.uffd: Uffd
         self.region: Region
@@ -151,13 +168,24 @@ class Pager(_native.Mapping):
                 # their way home from a pager process (see engine_budget.c, engine_write.c)
                 self._pool_fd = os.memfd_create("userfault-pool", os.MFD_CLOEXEC)
                 os.ftruncate(self._pool_fd, self.region.size)
+            name = source_name(src)
+            preload: list[tuple[int, int]] = []
+            if prefetch is not None:
+                self.working_set, preload = working_set_ranges(
+                    prefetch, source=name, source_size=src.size, page_size=page)
+            self._observation = Observation.open(
+                trace, record, source=name, region_size=self.region.size, page_size=page,
+                source_size=src.size)
             self._runtime = build_runtime(
                 self.uffd.fileno(), [(self.region.address, self.region.size, 0)], page, src,
                 self.config, install=self.install, memfd=self.region.memfd,
                 runtime=self.runtime, evict_advice=mmap.MADV_REMOVE if region == "memfd"
-                else mmap.MADV_DONTNEED, pool_fd=self._pool_fd, shared=region == "memfd")
+                else mmap.MADV_DONTNEED, pool_fd=self._pool_fd, shared=region == "memfd",
+                trace_fd=self._observation.fd if self._observation else -1, preload=preload)
             self._runtime.start()
         except BaseException:
+            if self._observation is not None:
+                self._observation.record = None  # a pager that never ran records nothing
             self._teardown()
             raise
         self._closed = False
@@ -337,6 +365,9 @@ class Pager(_native.Mapping):
         if self._runtime is not None:
             self._runtime.stop()
             self._runtime = None  # the engine pins the source's buffer until it is freed
+        if self._observation is not None and os.getpid() == self._owner:
+            observation, self._observation = self._observation, None
+            observation.close()  # the trace is complete now; a recorded working set written
         # Either may be missing when construction failed part-way.
         uffd: Uffd | None = getattr(self, "uffd", None)
         region: Region | None = getattr(self, "region", None)

@@ -35,6 +35,8 @@
 #define UF_ERR_MSG 512
 #define UF_STATE_MAGIC 0x3145544154534655ull /* "UFSTATE1" */
 #define UF_MSG_BATCH 64
+#define UF_STREAMS 8 /* readahead streams followed per context */
+#define UF_TRACE_RECS 1365 /* 64 KiB of records per trace buffer */
 
 enum { SRC_ZERO, SRC_PATTERN, SRC_MEMORY, SRC_CYCLE, SRC_PYTHON, SRC_FAIL };
 enum { INST_COPY, INST_ZEROPAGE, INST_MOVE, INST_CONTINUE };
@@ -51,7 +53,7 @@ enum { CAUSE_FAULT, CAUSE_READAHEAD, CAUSE_PREFETCH, CAUSE_POPULATE, CAUSE_EVICT
     X(zeroed) X(remove_events) X(unmap_events) X(remap_events) X(fork_events) X(children)     \
     X(service_ns) X(service_max_ns) X(errors) X(retries) X(restarts) X(timeouts)             \
     X(log_dropped) X(log_suppressed) X(resident_pages) X(evictions) X(refaults)               \
-    X(writebacks) X(writeback_bytes) X(dirty_pages) X(reactivations)
+    X(writebacks) X(writeback_bytes) X(dirty_pages) X(reactivations) X(trace_dropped)
 #define UF_ENUM(n) C_##n,
 enum { UF_COUNTERS(UF_ENUM) UF_N_COUNTERS };
 #undef UF_ENUM
@@ -106,8 +108,11 @@ typedef struct uctx {
     uint8_t *inactive;            /* on probation in the pool: the next touch installs it back */
     uint8_t *dirty, *wbusy, *deferred; /* writable: written since written back; being written
                                           back; a writer held until that is done */
-    int ra_area;                  /* readahead: area index, next/end offsets in it */
-    uint64_t ra_next, ra_end, ra_window, last_end;
+    /* readahead: the sequential streams the faults follow, forward or backward (glibc's large
+     * memcpy runs backward); area index, the window still to install [next, end), its size,
+     * where the last fault started and ended, direction (+1, -1, 0 not yet known) */
+    struct { int area, dir; uint64_t next, end, window, first, last_end, used; } ra[UF_STREAMS];
+    uint64_t ra_tick;
     struct uctx *next;
 } uctx_t;
 
@@ -181,6 +186,19 @@ struct engine {
     uint64_t wb_len;
     PyObject *write_from, *src_flush;
     pthread_mutex_t wp_lock; /* a page's protection changes under it: written, written back */
+    /* the trace: two buffers, a writer thread (engine_trace.c) */
+    int trace_fd, trace_cur, trace_full, trace_stop, trace_started;
+    uf_rec_t *trace_buf[2];
+    size_t trace_n[2];
+    uint64_t trace_lost;
+    pthread_t trace_thread;
+    pthread_mutex_t trace_lock;
+    pthread_cond_t trace_cond;
+    /* a working set installed by the background threads from the first fault on: (area,
+     * offset, length) runs of the root context, in first-touch order */
+    uint64_t *preload;
+    int npreload, preload_next, preload_armed, preload_inflight, preload_woken;
+    uint64_t preload_off;
     double log_tokens;
     uint64_t log_last_ns, log_quiet;
     retired_t *retired;
@@ -257,6 +275,12 @@ int uf_writeback(engine_t *e, worker_t *w, uctx_t *c, uint64_t first, uint64_t n
 int uf_flush(engine_t *e, worker_t *w, uint64_t *pages, uint64_t *bytes);
 int uf_hold(engine_t *e, uctx_t *c, uint64_t p);
 void uf_release(engine_t *e, uctx_t *c, uint64_t first, uint64_t n, int dropped);
+
+/* engine_trace.c */
+void uf_trace(engine_t *e, const uf_rec_t *r);
+void uf_trace_install(engine_t *e, uint64_t t0, area_t *a, uint64_t off, uint64_t len, int cause);
+int uf_trace_start(engine_t *e);
+void uf_trace_stop(engine_t *e);
 
 /* engine_serve.c */
 area_t *uf_find_area(areas_t *as, uint64_t addr);

@@ -291,13 +291,17 @@ static void evict_until_low(engine_t *e, uctx_t *c)
                 uf_release(e, c, first, n, 1);
                 continue;
             }
+            uint64_t t0 = uf_now_ns();
             if (r->op == FREE_POOLED) {
                 uint64_t at = (r->a.first_page + r->off / e->page) * e->page;
                 fallocate(e->pool_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)at, (off_t)r->len);
+                uf_trace_install(e, t0, &r->a, r->off, r->len, CAUSE_EVICT);
                 continue;
             }
             uint64_t addr = r->a.base + r->off;
             int err = uf_target_madvise(e, addr, r->len, e->evict_advice);
+            if (!err)
+                uf_trace_install(e, t0, &r->a, r->off, r->len, CAUSE_EVICT);
             uf_release(e, c, first, n, !err);
             if (err) {
                 for (uint64_t off = r->off; off < r->off + r->len; off += e->page)

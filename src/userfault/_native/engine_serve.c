@@ -244,29 +244,48 @@ static void probe_children(engine_t *e)
 
 /* ---- faults ------------------------------------------------------------------------------ */
 
-/* A fault at [off, end) of area a: grow the context's readahead window if it continues the
- * last one, reset it otherwise. */
+/* A fault at [off, end) of area a: the stream it continues grows its window; a fault that
+ * continues none starts a stream in the least recently used slot, with no window yet (a
+ * random fault reads nothing ahead). Forward, a fault continues a stream when it starts
+ * within a chunk of the stream's last fault, at most a chunk past its window; backward, when
+ * it ends at most a chunk below the last fault's start (or below the window under it). */
 static void update_readahead(engine_t *e, uctx_t *c, areas_t *as, area_t *a, uint64_t off, uint64_t end)
 {
     if (!e->ra_max)
         return;
     pthread_mutex_lock(&e->lock);
-    int ai = (int)(a - as->a);
-    uint64_t back = c->last_end > e->chunk ? e->chunk : c->last_end;
-    int sequential = ai == c->ra_area && off >= c->last_end - back && off <= c->ra_end + e->chunk;
-    if (sequential) {
-        uint64_t grown = c->ra_window * 2;
-        c->ra_window = grown < e->ra_min ? e->ra_min : grown > e->ra_max ? e->ra_max : grown;
-        if (c->ra_next < end)
-            c->ra_next = end;
-        c->ra_end = end + c->ra_window > a->len ? a->len : end + c->ra_window;
-    } else {
-        c->ra_window = 0; /* a random fault resets readahead */
-        c->ra_area = ai;
-        c->ra_next = c->ra_end = end;
+    int ai = (int)(a - as->a), hit = -1, dir = 0, lru = 0;
+    for (int i = 0; i < UF_STREAMS && hit < 0; i++) {
+        __typeof__(c->ra[0]) *r = &c->ra[i];
+        uint64_t back = r->last_end > e->chunk ? e->chunk : r->last_end;
+        uint64_t below = e->chunk + (r->dir < 0 ? r->window : 0);
+        if (r->area == ai && r->dir >= 0 && off >= r->last_end - back && off <= r->end + e->chunk)
+            hit = i, dir = 1;
+        else if (r->area == ai && r->dir <= 0 && off < r->first && r->first - end <= below)
+            hit = i, dir = -1;
+        else if (r->used < c->ra[lru].used)
+            lru = i;
     }
-    c->last_end = end;
-    if (c->ra_next < c->ra_end)
+    __typeof__(c->ra[0]) *r = &c->ra[hit >= 0 ? hit : lru];
+    if (hit < 0) {
+        *r = (__typeof__(*r)){.area = ai, .next = end, .end = end};
+    } else {
+        uint64_t grown = r->window * 2;
+        r->window = grown < e->ra_min ? e->ra_min : grown > e->ra_max ? e->ra_max : grown;
+        r->dir = dir;
+        if (dir > 0) {
+            if (r->next < end)
+                r->next = end;
+            r->end = end + r->window > a->len ? a->len : end + r->window;
+        } else { /* below the fault, installed from the top down */
+            r->end = off;
+            r->next = off > r->window ? off - r->window : 0;
+        }
+    }
+    r->first = off;
+    r->last_end = end;
+    r->used = ++c->ra_tick;
+    if (r->next < r->end)
         pthread_cond_signal(&e->work_cond);
     pthread_mutex_unlock(&e->lock);
 }
@@ -311,6 +330,12 @@ static int serve_fault(engine_t *e, worker_t *w, uctx_t *c, struct uffd_msg *m, 
                     (uint8_t)fault_kind(flags), CAUSE_FAULT, (uint16_t)flags, 0};
     uint64_t seq = uf_log_begin(e, &rec);
     int err = 0;
+    if (e->npreload && !LOAD(e->preload_armed)) { /* the first fault starts the working set */
+        pthread_mutex_lock(&e->lock);
+        e->preload_armed = 1;
+        pthread_cond_broadcast(&e->work_cond);
+        pthread_mutex_unlock(&e->lock);
+    }
     if (flags & UFFD_PAGEFAULT_FLAG_WP) {
         uf_wp_fault(e, c, a, page_off); /* a first write: the page is dirty now */
     } else if (flags & UFFD_PAGEFAULT_FLAG_MINOR) {
@@ -347,6 +372,10 @@ static int serve_fault(engine_t *e, worker_t *w, uctx_t *c, struct uffd_msg *m, 
     uint64_t t1 = uf_now_ns();
     uf_observe_latency(e, t1 - t0);
     uf_log_end(e, seq, t1 - t0);
+    rec.length = got;
+    rec.service_ns = t1 - t0 > UINT32_MAX ? UINT32_MAX : (uint32_t)(t1 - t0);
+    rec.flags |= (uint16_t)(err == EAGAIN ? 0x200 : !got ? 0x100 : 0); /* EAGAIN, EEXIST */
+    uf_trace(e, &rec);
     return err == ESRCH ? ESRCH : 0;
 }
 
@@ -393,8 +422,7 @@ static void remap(engine_t *e, uctx_t *c, uint64_t from, uint64_t to, uint64_t l
     }
     __atomic_store_n(&c->areas, as, __ATOMIC_RELEASE);
     retire(e, old);
-    c->ra_area = 0;
-    c->ra_next = c->ra_end = c->ra_window = c->last_end = 0;
+    memset(c->ra, 0, sizeof(c->ra));
     pthread_mutex_unlock(&e->lock);
 }
 
@@ -498,11 +526,19 @@ static void *fault_main(void *arg)
 
 /* ---- background work --------------------------------------------------------------------- */
 
+static int preload_left(engine_t *e)
+{
+    return e->npreload && e->preload_armed && e->preload_next < e->npreload;
+}
+
 static int has_background_work(engine_t *e)
 {
+    if (preload_left(e))
+        return 1;
     for (uctx_t *c = e->ctxs; c; c = c->next)
-        if (!c->dead && c->uffd >= 0 && c->ra_next < c->ra_end)
-            return 1;
+        for (int i = 0; !c->dead && c->uffd >= 0 && i < UF_STREAMS; i++)
+            if (c->ra[i].next < c->ra[i].end)
+                return 1;
     return e->populate && e->ctxs && !e->ctxs->dead && e->pop_area < areas_of(e->ctxs)->n;
 }
 
@@ -513,28 +549,54 @@ static uctx_t *claim_piece(engine_t *e, area_t *a, uint64_t *off, uint64_t *n, i
     /* At least a page: pieces of a 2 MiB hugetlb page would start mid-page, and an install
      * there (when the page is not marked installed yet) is EINVAL. */
     uint64_t piece = e->page > e->piece ? e->page : e->piece;
+    uctx_t *root = e->ctxs;
+    while (preload_left(e) && root && !root->dead) {
+        uint64_t *r = &e->preload[3 * e->preload_next];
+        areas_t *as = areas_of(root);
+        if ((int)r[0] >= as->n || e->preload_off >= r[2]) {
+            e->preload_next++;
+            e->preload_off = 0;
+            continue;
+        }
+        *a = as->a[r[0]];
+        *off = r[1] + e->preload_off;
+        *n = r[2] - e->preload_off < piece ? r[2] - e->preload_off : piece;
+        e->preload_off += *n;
+        *cause = CAUSE_PREFETCH;
+        e->preload_inflight++;
+        root->users++;
+        return root;
+    }
     for (uctx_t *c = e->ctxs; c; c = c->next) {
-        if (c->dead || c->uffd < 0 || c->ra_next >= c->ra_end)
+        if (c->dead || c->uffd < 0)
             continue;
         areas_t *as = areas_of(c);
-        if (c->ra_area >= as->n) {
-            c->ra_next = c->ra_end;
-            continue;
+        for (int i = 0; i < UF_STREAMS; i++) {
+            if (c->ra[i].next >= c->ra[i].end)
+                continue;
+            if (c->ra[i].area >= as->n) {
+                c->ra[i].next = c->ra[i].end;
+                continue;
+            }
+            if (e->max_pages && LOAD(e->st->counters[C_resident_pages]) + piece / e->page > e->max_pages) {
+                c->ra[i].next = c->ra[i].end; /* speculative: never past the budget (faults are) */
+                pthread_cond_signal(&e->evict_cond);
+                continue;
+            }
+            *a = as->a[c->ra[i].area];
+            *n = c->ra[i].end - c->ra[i].next < piece ? c->ra[i].end - c->ra[i].next : piece;
+            if (c->ra[i].dir < 0) { /* nearest the fault first: from the top */
+                c->ra[i].end -= *n;
+                *off = c->ra[i].end;
+            } else {
+                *off = c->ra[i].next;
+                c->ra[i].next += *n;
+            }
+            *cause = CAUSE_READAHEAD;
+            c->users++;
+            return c;
         }
-        if (e->max_pages && LOAD(e->st->counters[C_resident_pages]) + piece / e->page > e->max_pages) {
-            c->ra_next = c->ra_end; /* speculative: never past the budget (faults still are) */
-            pthread_cond_signal(&e->evict_cond);
-            continue;
-        }
-        *a = as->a[c->ra_area];
-        *off = c->ra_next;
-        *n = c->ra_end - c->ra_next < piece ? c->ra_end - c->ra_next : piece;
-        c->ra_next += *n;
-        *cause = CAUSE_READAHEAD;
-        c->users++;
-        return c;
     }
-    uctx_t *root = e->ctxs;
     if (e->populate && uf_populate_paused(e))
         e->pop_area = INT32_MAX; /* with a budget, populate fills what fits, then stops */
     while (e->populate && root && !root->dead && e->pop_area < areas_of(root)->n) {
@@ -574,10 +636,19 @@ static void *background_main(void *arg)
             break;
         if (!c)
             continue;
-        int err = uf_install_range(e, w, c, &a, off, n, IR_SKIP_INSTALLED, cause, NO_WAKE, &done);
+        int flags = IR_SKIP_INSTALLED | (cause == CAUSE_PREFETCH ? IR_DONTWAKE : 0);
+        int err = uf_install_range(e, w, c, &a, off, n, flags, cause, NO_WAKE, &done);
         if (err == EAGAIN)
             ADD(e, eagain, 1);
         ctx_leave(e, c, err == ESRCH);
+        if (cause == CAUSE_PREFETCH) { /* the working set is in: one wake for all of it */
+            pthread_mutex_lock(&e->lock);
+            int last = --e->preload_inflight == 0 && e->preload_next >= e->npreload && !e->preload_woken;
+            e->preload_woken |= last;
+            pthread_mutex_unlock(&e->lock);
+            if (last)
+                uf_wake_all(e);
+        }
     }
     uf_worker_python(e, w, 0);
     return NULL;
@@ -588,7 +659,9 @@ static void *background_main(void *arg)
 int uf_engine_start(engine_t *e)
 {
     e->stopping = 0;
-    int er = uf_evictor_start(e);
+    int er = uf_trace_start(e);
+    if (!er)
+        er = uf_evictor_start(e);
     if (er)
         return er;
     for (int i = 0; i < e->nworkers; i++) {
@@ -625,6 +698,7 @@ void uf_engine_stop(engine_t *e)
     }
     for (int i = 0; i < e->nstarted; i++)
         pthread_join(e->workers[i].thread, NULL);
+    uf_trace_stop(e);
     if (read(e->stopfd, &one, sizeof(one)) < 0) {
         /* drained: a restarted engine must not see the old stop request */
     }

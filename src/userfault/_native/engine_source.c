@@ -705,6 +705,8 @@ static void settle(engine_t *e, worker_t *w, uctx_t *c, area_t *a, uint64_t *pag
             }
             if (w->npoisoned < UF_MAX_MARKS)
                 w->poisoned[w->npoisoned++] = (uf_mark_t){src, len};
+            uf_rec_t rec = {uf_now_ns(), src, addr, len, 0, 0, KIND_NONE, CAUSE_POISON, 0, 0};
+            uf_trace(e, &rec);
         }
         i = j;
     }
@@ -772,6 +774,7 @@ int uf_install_range(engine_t *e, worker_t *w, uctx_t *c, area_t *a, uint64_t of
                      int flags, int cause, uint64_t wake_off, uint64_t *installed)
 {
     int nr = collect_runs(e, c, a, off, n, flags & IR_SKIP_INSTALLED, w->runs), ret = 0;
+    uint64_t t0 = e->trace_fd >= 0 ? uf_now_ns() : 0;
     *installed = 0;
     w->msg[0] = 0;
     prepare_runs(e, w, a, w->runs, nr);
@@ -798,5 +801,7 @@ int uf_install_range(engine_t *e, worker_t *w, uctx_t *c, area_t *a, uint64_t of
     case CAUSE_POPULATE: ADD(e, populate_bytes, *installed); break;
     case CAUSE_PREFETCH: ADD(e, prefetch_bytes, *installed); break;
     }
+    if (cause != CAUSE_FAULT) /* faults are traced whole, by serve_fault */
+        uf_trace_install(e, t0, a, off, *installed, cause);
     return ret;
 }

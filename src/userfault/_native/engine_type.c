@@ -290,6 +290,11 @@ static void engine_free(engine_t *e)
     pthread_mutex_destroy(&e->agent_lock);
     pthread_mutex_destroy(&e->budget_lock);
     pthread_mutex_destroy(&e->wp_lock);
+    pthread_mutex_destroy(&e->trace_lock);
+    pthread_cond_destroy(&e->trace_cond);
+    free(e->trace_buf[0]);
+    free(e->trace_buf[1]);
+    free(e->preload);
     free(e);
 }
 
@@ -356,6 +361,45 @@ done:
     return as;
 }
 
+/* The working set to install from the first fault on: (source_offset, length) ranges in
+ * first-touch order, kept as (area index, offset, length) runs of whole pages. */
+static int parse_preload(engine_t *e, PyObject *obj, areas_t *as)
+{
+    PyObject *seq = PySequence_Fast(obj, "preload must be a sequence of (source_offset, length)");
+    if (!seq)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    e->preload = calloc((size_t)(n * as->n + 1), 3 * sizeof(uint64_t));
+    if (!e->preload) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long off, len;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KK;preload range must be "
+                              "(source_offset, length)", &off, &len)) {
+            Py_DECREF(seq);
+            return -1;
+        }
+        for (int k = 0; k < as->n; k++) {
+            area_t *a = &as->a[k];
+            uint64_t lo = off > a->src_off ? off : a->src_off;
+            uint64_t hi = off + len < a->src_off + a->len ? off + len : a->src_off + a->len;
+            if (lo >= hi)
+                continue;
+            lo = (lo - a->src_off) & ~(e->page - 1);
+            hi = ((hi - a->src_off) + e->page - 1) & ~(e->page - 1);
+            uint64_t *r = &e->preload[3 * e->npreload++];
+            r[0] = (uint64_t)k;
+            r[1] = lo;
+            r[2] = hi - lo;
+        }
+    }
+    Py_DECREF(seq);
+    return 0;
+}
+
 static uint64_t mmap_min_addr(void)
 {
     unsigned long long v = 65536;
@@ -378,7 +422,8 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
                              "populate", "threads", "log_capacity", "on_error", "on_remove",
                              "retries", "state", "log_fd", "max_resident", "high_watermark",
                              "low_watermark", "evict_advice", "evict_batch", "agent_fds", "pool_fd",
-                             "writable", "write_fd", "write_buffer", "shared", "write_limit", NULL};
+                             "writable", "write_fd", "write_buffer", "shared", "write_limit",
+                             "trace_fd", "preload", NULL};
     int uffd, kind, install, src_fd = -1, memfd = -1, populate = 0, threads = 1, fail_errno = 0;
     int on_error = ONERR_POISON, on_remove = ONREM_RELOAD, retries = 3, log_fd = 2;
     unsigned long long page, chunk = 0, ra_min = 0, ra_max = 0, piece = 0, log_cap = 0;
@@ -387,17 +432,19 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
     int pool_fd = -1, writable = 0, write_fd = -1, shared = 0;
     PyObject *write_buffer = Py_None;
     unsigned long long write_limit = 0;
+    int trace_fd = -1;
+    PyObject *preload = Py_None;
     int evict_advice = MADV_DONTNEED, agent_req = -1, agent_done = -1;
     const char *name = "", *fail_message = "";
     Py_buffer pat = {0}, cyc = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iOKii|Oiy*y*iOsisKKKKpiKiiiOiKKKiK(ii)ipiOpK", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iOKii|Oiy*y*iOsisKKKKpiKiiiOiKKKiK(ii)ipiOpKiO", kwlist,
                                      &uffd, &areas_obj, &page, &kind, &install, &data, &src_fd, &pat,
                                      &cyc, &memfd, &pysource, &name, &fail_errno, &fail_message,
                                      &chunk, &ra_min, &ra_max, &piece, &populate, &threads, &log_cap,
                                      &on_error, &on_remove, &retries, &state, &log_fd, &max_resident,
                                      &high, &low, &evict_advice, &evict_batch, &agent_req,
                                      &agent_done, &pool_fd, &writable, &write_fd, &write_buffer,
-                                     &shared, &write_limit))
+                                     &shared, &write_limit, &trace_fd, &preload))
         return -1;
     if (self->e) {
         PyErr_SetString(PyExc_RuntimeError, "an engine is initialised once");
@@ -419,6 +466,9 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
     pthread_mutex_init(&e->agent_lock, NULL);
     pthread_mutex_init(&e->budget_lock, NULL);
     pthread_mutex_init(&e->wp_lock, NULL);
+    pthread_mutex_init(&e->trace_lock, NULL);
+    pthread_cond_init(&e->trace_cond, NULL);
+    e->trace_fd = trace_fd;
     e->pool_fd = pool_fd;
     e->writable = writable;
     e->wb_fd = write_fd;
@@ -584,7 +634,14 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
         PyErr_NoMemory();
         goto done;
     }
-    e->nworkers = threads + ((ra_max > 0 || populate) ? UF_BG_THREADS : 0);
+    if (trace_fd >= 0 && (!(e->trace_buf[0] = malloc(UF_TRACE_RECS * sizeof(uf_rec_t)))
+                          || !(e->trace_buf[1] = malloc(UF_TRACE_RECS * sizeof(uf_rec_t))))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (preload != Py_None && parse_preload(e, preload, areas) < 0)
+        goto done;
+    e->nworkers = threads + ((ra_max > 0 || populate || e->npreload) ? UF_BG_THREADS : 0);
     if (!(e->workers = calloc((size_t)e->nworkers, sizeof(worker_t)))) {
         PyErr_NoMemory();
         goto done;

@@ -214,6 +214,7 @@ int uf_writeback(engine_t *e, worker_t *w, uctx_t *c, uint64_t first, uint64_t n
             continue;
         }
         int err = 0;
+        uint64_t t0 = uf_now_ns();
         for (int round = 0;; round++) {
             w->msg[0] = 0;
             if (!(err = write_out(e, w, a, off, len)) || round >= e->retries || LOAD(e->stopping))
@@ -240,6 +241,7 @@ int uf_writeback(engine_t *e, worker_t *w, uctx_t *c, uint64_t first, uint64_t n
             ADD(e, writebacks, q - p);
             ADD(e, writeback_bytes, len);
             *bytes += len;
+            uf_trace_install(e, t0, a, off, len, CAUSE_WRITEBACK);
         }
         uf_release(e, c, p, q - p, 0);
         p = q;

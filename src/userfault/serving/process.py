@@ -84,6 +84,8 @@ class _Setup:
     evict_advice: int
     pool_fd: int
     shared: bool
+    trace_fd: int
+    preload: list[tuple[int, int]]
     agent_fds: tuple[int, int]  # the engine asks this process to madvise through these
 
 
@@ -158,7 +160,8 @@ class ProcessRuntime:
     def __init__(self, uffd: int, areas: Sequence[tuple[int, int, int]], page_size: int,
                  source: PageSource, config: ServeConfig, *,
                  evict_advice: int = mmap.MADV_DONTNEED, pool_fd: int = -1,
-                 shared: bool = False) -> None:
+                 shared: bool = False, trace_fd: int = -1,
+                 preload: Sequence[tuple[int, int]] = ()) -> None:
         if os.environ.get(IN_PAGER_PROCESS):
             raise PagerError(
                 "a pager was created while the pager process imported your script to find "
@@ -174,7 +177,7 @@ class ProcessRuntime:
             if config.max_resident or config.writable else (-1, -1)
         self._setup = _Setup([(int(a), int(n), int(o)) for a, n, o in areas], page_size, config,
                              data, source_name(source), prepare, evict_advice, pool_fd,
-                             shared, self._agent_fds)
+                             shared, trace_fd, list(preload), self._agent_fds)
         self.state: mmap.mmap | bytearray  # shared with the worker; a copy once stopped
         self._state_fd, self.state = _state_buffer(config.log_faults)
         _native.state_init(self.state, config.log_faults)
@@ -197,7 +200,8 @@ class ProcessRuntime:
                 [sys.executable, "-m", "userfault.serving.process", str(theirs.fileno()),
                  str(self._state_fd)],
                 pass_fds=(theirs.fileno(), self._state_fd,
-                          *(fd for fd in (*self._agent_fds, self._setup.pool_fd) if fd >= 0)),
+                          *(fd for fd in (*self._agent_fds, self._setup.pool_fd,
+                                          self._setup.trace_fd) if fd >= 0)),
                 stdin=subprocess.DEVNULL, env=env)
         self._sock = mine
         try:
@@ -343,7 +347,8 @@ def _worker(uffd: int, setup: _Setup, source: PageSource, state: mmap.mmap,
     engine = _native.Engine(uffd, setup.areas, state=state, log_fd=2,
                             **engine_args(source, setup.config, setup.page_size,
                                           evict_advice=setup.evict_advice, pool_fd=setup.pool_fd,
-                                          shared=setup.shared, agent_fds=setup.agent_fds))
+                                          shared=setup.shared, agent_fds=setup.agent_fds,
+                                          trace_fd=setup.trace_fd, preload=setup.preload))
     engine.start()
     while True:
         request = _recv(ctl)

@@ -212,7 +212,8 @@ def source_name(source: object) -> str:
 def engine_args(source: PageSource, config: ServeConfig, page_size: int, *,
                 install: str = "copy", memfd: int = -1, evict_advice: int = mmap.MADV_DONTNEED,
                 pool_fd: int = -1, agent_fds: tuple[int, int] = (-1, -1),
-                shared: bool = False) -> dict[str, Any]:
+                shared: bool = False, trace_fd: int = -1,
+                preload: Sequence[tuple[int, int]] = ()) -> dict[str, Any]:
     """Keyword arguments of ``_native.Engine`` for ``source`` served with ``config``.
 
     ``evict_advice`` gives pages back under a budget (MADV_REMOVE for shared memory); ``pool_fd``
@@ -220,7 +221,10 @@ def engine_args(source: PageSource, config: ServeConfig, page_size: int, *,
     engine_budget.c); ``agent_fds`` are
     the eventfds through which an engine in a pager process asks the faulting process to
     madvise; ``shared`` says the memory is shared (a memfd): a forked child's writes to it are
-    the parent's too.
+    the parent's too; ``trace_fd`` is a trace file the engine appends its records to
+    (:mod:`userfault.serving.observe`); ``preload`` is a working set, ``(source_offset,
+    length)`` ranges in first-touch order, installed by the background threads from the first
+    fault on.
     """
     chunk, ra_min, ra_max = config.for_page(page_size)
     max_resident, low, high = config.budget(page_size)
@@ -233,6 +237,7 @@ def engine_args(source: PageSource, config: ServeConfig, page_size: int, *,
         "name": source_name(source), "max_resident": max_resident, "high_watermark": high,
         "low_watermark": low, "evict_advice": evict_advice, "agent_fds": agent_fds,
         "pool_fd": pool_fd, "writable": config.writable, "shared": shared,
+        "trace_fd": trace_fd, "preload": list(preload) if preload else None,
     }
     if isinstance(source, NativeSource):
         args["source"] = source.kind
@@ -274,7 +279,8 @@ def build_runtime(uffd: int, areas: Sequence[tuple[int, int, int]], page_size: i
                   source: PageSource, config: ServeConfig, *, install: str = "copy",
                   memfd: int = -1, runtime: RuntimeKind = "auto",
                   evict_advice: int = mmap.MADV_DONTNEED, pool_fd: int = -1,
-                  shared: bool = False) -> Runtime:
+                  shared: bool = False, trace_fd: int = -1,
+                  preload: Sequence[tuple[int, int]] = ()) -> Runtime:
     """The runtime that serves ``uffd``'s ``areas`` (address, length, source offset) from
     ``source``: the engine in this process for native sources, a pager process otherwise.
 
@@ -295,7 +301,8 @@ def build_runtime(uffd: int, areas: Sequence[tuple[int, int, int]], page_size: i
         return InProcessRuntime(_native.Engine(
             uffd, list(areas), **engine_args(source, config, page_size, install=install,
                                              memfd=memfd, evict_advice=evict_advice,
-                                             pool_fd=pool_fd, shared=shared)))
+                                             pool_fd=pool_fd, shared=shared,
+                                             trace_fd=trace_fd, preload=preload)))
     if runtime != "process":
         raise ValueError(f"runtime must be 'auto', 'native' or 'process', not {runtime!r}")
     if install != "copy":
@@ -303,4 +310,5 @@ def build_runtime(uffd: int, areas: Sequence[tuple[int, int, int]], page_size: i
     from .process import ProcessRuntime
 
     return ProcessRuntime(uffd, list(areas), page_size, source, config,
-                          evict_advice=evict_advice, pool_fd=pool_fd, shared=shared)
+                          evict_advice=evict_advice, pool_fd=pool_fd, shared=shared,
+                          trace_fd=trace_fd, preload=preload)

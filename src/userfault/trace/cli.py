@@ -1,9 +1,12 @@
-"""``userfault plot``, ``userfault stats`` and ``userfault workingset from-trace|inspect``."""
+"""``userfault trace``, ``plot``, ``stats`` and ``workingset from-trace|inspect``."""
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import os
+import subprocess
 import sys
 import warnings
 from typing import Any
@@ -56,9 +59,41 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from ..serving.observe import TRACE_ENV
+
+    command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
+    if not command:
+        raise ValueError("no command to trace: userfault trace -o FILE -- CMD ARGS...")
+    out = os.path.abspath(args.output)
+    for old in [out, *glob.glob(glob.escape(out) + ".*-*")]:  # this run's pagers claim them anew
+        if os.path.exists(old):
+            os.unlink(old)
+    status = subprocess.call(command, env={**os.environ, TRACE_ENV: out})
+    traces = sorted(p for p in [out, *glob.glob(glob.escape(out) + ".*-*")] if os.path.exists(p))
+    if not traces:
+        print(f"userfault trace: {command[0]} created no pager: nothing was traced",
+              file=sys.stderr)
+    for path in traces:
+        from .stats import summarize
+
+        s = summarize(_read(path))
+        print(f"userfault trace: {path}: {s.records} records over {s.duration_ns / 1e9:.3f} s, "
+              f"{s.distinct_pages} pages ({s.dropped} dropped)", file=sys.stderr)
+    return status
+
+
 def add_trace_commands(subparsers: Any) -> None:
-    """Add ``plot`` and ``stats`` to an argparse ``subparsers`` object (each leaf parser sets
-    ``func``, called as ``func(args) -> int``)."""
+    """Add ``trace``, ``plot`` and ``stats`` to an argparse ``subparsers`` object (each leaf
+    parser sets ``func``, called as ``func(args) -> int``)."""
+    trace = subparsers.add_parser(
+        "trace", help="run a command, tracing every fault of its pagers",
+        description="Run CMD with USERFAULT_TRACE=FILE: every pager it creates writes a trace "
+                    "(the first to FILE, others to FILE.<pid>-<n>). Exits with CMD's status.")
+    trace.add_argument("-o", "--output", required=True, metavar="FILE", help="trace file")
+    trace.add_argument("command_line", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+    trace.set_defaults(func=_cmd_trace)
+
     plot = subparsers.add_parser(
         "plot", help="pictures of a trace (PNG, offline HTML)",
         description="Draw a trace: a heatmap of source offset against time, a service-latency "
