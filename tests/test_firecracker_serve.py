@@ -34,12 +34,8 @@ import pytest
 
 from userfault import Region, Uffd, _native
 from userfault._flags import Feature
-from userfault.firecracker import (
-    FirecrackerPager,
-    coalesce,
-    read_working_set,
-    write_working_set,
-)
+from userfault.firecracker import FirecrackerPager
+from userfault.working_set import WorkingSet, read_working_set, write_working_set
 
 PAGE = 4096
 HUGE = 2 << 20
@@ -448,8 +444,10 @@ def test_record_then_prefetch_faults_far_less(tmp_path: Path, mem_file: Path) ->
         t.start()
         t.join(30)
         (rec,) = srv.stop()
-    page, offsets = read_working_set(record)
-    assert page == PAGE
+    recorded = read_working_set(record)
+    offsets = recorded.offsets
+    assert recorded.page_size == PAGE and recorded.source_size == mem_file.stat().st_size
+    assert recorded.source is not None and str(mem_file) in recorded.source
     # exactly the touched pages (readahead is off while recording), as memory-file offsets
     assert sorted(offsets) == [(8 << 20) + p * PAGE for p in ws]
     assert len(set(offsets)) == len(offsets) == rec["recorded_pages"]
@@ -602,21 +600,19 @@ def test_python_api_in_process(tmp_path: Path, mem_file: Path, child: Any) -> No
     assert rep.as_dict()["regions"][0]["offset"] == 16 << 20
 
 
-def test_working_set_file_format(tmp_path: Path) -> None:
-    path = tmp_path / "ws"
-    assert write_working_set(path, [8192, 0, 4096, 65536], 4096) == 4
-    raw = path.read_bytes()
-    assert raw[:8] == b"UFFCWS1\0" and struct.unpack_from("<QQ", raw, 8) == (4096, 4)
-    assert read_working_set(path) == (4096, [8192, 0, 4096, 65536])
-    assert coalesce([8192, 0, 4096, 65536], 4096) == [(0, 12288), (65536, 4096)]
-    assert coalesce([0, 8192, 65536], 4096, max_gap=4096) == [(0, 12288), (65536, 4096)]
-    assert coalesce([0, 12288], 4096, max_gap=4096) == [(0, 4096), (12288, 4096)]
-    path.write_bytes(raw[:-1])
-    with pytest.raises(ValueError, match="header says 4 offsets"):
-        read_working_set(path)
-    path.write_bytes(b"garbage" * 10)
-    with pytest.raises(ValueError, match="bad magic"):
-        read_working_set(path)
+def test_working_sets_old_and_new_format(tmp_path: Path) -> None:
+    """The pager reads its older UFFCWS1 files and writes userfault.working_set files."""
+    old = tmp_path / "old.ws"
+    old.write_bytes(struct.pack("<8sQQ4Q", b"UFFCWS1\0", PAGE, 4, 8192, 0, 4096, 65536))
+    ws = read_working_set(old)
+    assert (ws.format, ws.page_size, ws.offsets, ws.source) == (
+        "firecracker", PAGE, (8192, 0, 4096, 65536), None)
+    assert ws.ranges(order="sorted") == [(0, 12288), (65536, 4096)]
+    assert ws.ranges() == [(8192, 4096), (0, 8192), (65536, 4096)]
+    assert WorkingSet((0, 8192, 65536), PAGE).ranges(4096) == [(0, 12288), (65536, 4096)]
+    new = tmp_path / "new.ws"
+    assert write_working_set(new, ws) == 4
+    assert new.read_bytes()[:8] == b"UFWSET\0\0" and read_working_set(new).offsets == ws.offsets
 
 
 def test_redis_memory_file(tmp_path: Path, mem_file: Path, redis_server: Any) -> None:

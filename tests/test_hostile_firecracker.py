@@ -9,10 +9,13 @@ test_firecracker_protocol.py; this file does not repeat it.)
 
 from __future__ import annotations
 
+import io
 import os
 import random
+import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -24,7 +27,8 @@ import pytest
 
 from test_firecracker_serve import StandInVMM, _closed_by_peer, check_all, server, touch, vmm
 from userfault import _native
-from userfault.firecracker import FirecrackerPager, write_working_set
+from userfault.firecracker import FirecrackerPager
+from userfault.working_set import WorkingSet, WorkingSetMismatch, write_working_set
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -271,29 +275,43 @@ def fifo(tmp_path: Path) -> Iterator[Path]:
     yield path
 
 
+def _old_format(offsets: list[int], page: int = PAGE) -> bytes:
+    """A working set in the Firecracker pager's older format (still read)."""
+    return struct.pack(f"<8sQQ{len(offsets)}Q", b"UFFCWS1\0", page, len(offsets), *offsets)
+
+
 def test_corrupt_working_sets_are_refused_at_start(tmp_path: Path, mem_file: Path,
                                                    fifo: Path) -> None:
-    good = tmp_path / "good.ws"
-    write_working_set(good, [0, 8192, 4096], PAGE)
-    raw = good.read_bytes()
+    raw = _old_format([0, 8192, 4096])
+    write_working_set(tmp_path / "new.ws", WorkingSet((0, 4096), PAGE, source="x"))
+    new = (tmp_path / "new.ws").read_bytes()
+    advice = "name a working-set file written by record= or --record"
     cases: list[tuple[str, bytes | Path, str]] = [
-        ("garbage", b"garbage" * 10, "{p!r} is not a working-set file (bad magic)"),
+        ("garbage", b"garbage" * 10, "{p!r} is not a working-set file (magic b'garbageg', "
+                                     "expected b'UFWSET\\x00\\x00' or the Firecracker "
+                                     "pager's b'UFFCWS1\\x00')"),
         ("short", raw[:10], "{p!r} is too short to be a working-set file"),
-        ("truncated", raw[:-3], "{p!r}: header says 3 offsets, the file holds 2.625"),
+        ("truncated", raw[:-3], "{p!r}: the header says 3 pages, the file holds 2.625 "
+                                "(truncated or corrupt)"),
         ("huge count", raw[:16] + (1 << 60).to_bytes(8, "little") + raw[24:],
-         "{p!r}: header says 1152921504606846976 offsets, the file holds 3"),
+         "{p!r}: the header says 1152921504606846976 pages, the file holds 3 (truncated or "
+         "corrupt)"),
         ("bad page", raw[:8] + (3000).to_bytes(8, "little") + raw[16:],
-         "{p!r}: page size 3000 is not a power of two >= 4096"),
+         "{p!r}: corrupt working set: page size 3000 is not a power of two >= 4096"),
         ("unaligned", raw[:32] + (8193).to_bytes(8, "little") + raw[40:],
-         "{p!r}: offset 1 (0x2001) is not a multiple of the page size 4096: the file is "
-         "corrupted"),
-        ("past the file", raw[:24] + (8 << 20).to_bytes(8, "little") + raw[32:],
-         "the working set {p!r} has page offset 0x800000, past the end of the memory file "
-         "(8388608 bytes): it was recorded for another memory file"),
-        ("fifo", fifo, "{p!r} is a FIFO (named pipe), not a regular file: name a working-set "
-                       "file written by --record"),
+         "{p!r}: corrupt working set: offset 8193 is not a non-negative multiple of the page "
+         "size 4096"),
+        ("repeated", _old_format([0, 4096, 0]),
+         "{p!r}: corrupt working set: offsets must be unique (a working set lists each page "
+         "once)"),
+        ("new version", new[:8] + (7).to_bytes(4, "little") + new[12:],
+         "{p!r}: working-set format version 7 is not supported (this userfault reads version "
+         "1)"),
+        ("new metadata", new[:16] + b"}" + new[17:],
+         "{p!r}: corrupt working-set metadata (JSONDecodeError("),
+        ("fifo", fifo, "{p!r} is a FIFO (named pipe), not a regular file: " + advice),
         ("zero device", Path("/dev/zero"), "{p!r} is a character device, not a regular file: "
-                                           "name a working-set file written by --record"),
+                                           + advice),
         ("directory", tmp_path, "{p!r} is a directory, not a regular file: name a file in it"),
     ]
     for name, content, message in cases:
@@ -304,8 +322,33 @@ def test_corrupt_working_sets_are_refused_at_start(tmp_path: Path, mem_file: Pat
             path.write_bytes(content)
         res = serve_cmd("--socket", str(tmp_path / "s"), "--mem-file", str(mem_file),
                         "--prefetch", str(path))
-        refused(res, 1, "userfault firecracker: error: " + message.format(p=str(path)))
+        expected = "userfault firecracker: error: " + message.format(p=str(path))
+        if message.endswith("("):  # the decoder's own words follow
+            assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+            assert res.stderr.strip().splitlines()[-1].startswith(expected), res.stderr
+        else:
+            refused(res, 1, expected)
     assert not (tmp_path / "s").exists()
+
+
+def test_working_set_of_another_source_is_refused_drift_is_dropped(tmp_path: Path,
+                                                                   mem_file: Path) -> None:
+    other = tmp_path / "other.ws"
+    write_working_set(other, WorkingSet((0,), PAGE, source="FileSource('/elsewhere.mem')"))
+    with pytest.raises(WorkingSetMismatch, match=re.escape("recorded against \"FileSource('/elsewhere")):
+        FirecrackerPager(tmp_path / "s", mem_file, prefetch=other)
+    assert not (tmp_path / "s").exists()
+    with FirecrackerPager(tmp_path / "s", mem_file, prefetch=other, force_prefetch=True) as pager:
+        assert pager.prefetch_ranges == [(0, PAGE)]
+    # a page past the memory file's end (8 MiB) is drift: dropped, logged, the rest kept
+    drift = tmp_path / "drift.ws"
+    drift.write_bytes(_old_format([8 << 20, 0, 4096]))
+    log = io.StringIO()
+    with FirecrackerPager(tmp_path / "s", mem_file, prefetch=drift, log=log) as pager:
+        assert pager.working_set is not None and pager.working_set.offsets == (0, 4096)
+        assert pager.prefetch_pages == 2 and pager.prefetch_ranges == [(0, 8192)]
+    assert f"working set {str(drift)!r}: 1 of 3 pages lie past the end of the memory file " \
+           "(8388608 bytes) and are not prefetched" in log.getvalue()
 
 
 def test_corrupt_memory_files_are_refused_at_start(tmp_path: Path, fifo: Path) -> None:

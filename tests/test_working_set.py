@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 
 import userfault
 from userfault.cli import main
-from userfault.firecracker import working_set as fc_ws
 from userfault.trace import RECORD_DTYPE, Cause, Kind, TraceMeta, TraceWriter, read
 from userfault.trace.writer import write_fault_log
 from userfault.working_set import (
@@ -64,9 +63,15 @@ def test_file_layout(tmp_path: Path) -> None:
     assert struct.unpack_from("<3Q", data, 16 + meta_len) == (3 * PAGE, PAGE, 2 * PAGE)
 
 
+def _write_old(path: Path, offsets: list[int]) -> None:
+    """A file of the Firecracker pager's older format: magic, page size, count, offsets."""
+    path.write_bytes(struct.pack(f"<8sQQ{len(offsets)}Q", b"UFFCWS1\0", PAGE, len(offsets),
+                                 *offsets))
+
+
 def test_reads_the_old_firecracker_files(tmp_path: Path) -> None:
     path = tmp_path / "vm.ws"
-    fc_ws.write_working_set(path, [5 * PAGE, 0, 9 * PAGE], PAGE)
+    _write_old(path, [5 * PAGE, 0, 9 * PAGE])
     ws = read_working_set(path)
     assert ws.format == "firecracker" and ws.offsets == (5 * PAGE, 0, 9 * PAGE)
     assert ws.page_size == PAGE and ws.source is None and ws.source_size is None
@@ -92,13 +97,14 @@ def test_corrupt_files(tmp_path: Path) -> None:
     good = tmp_path / "good"
     write_working_set(good, ws_of(1, 2))
     data = good.read_bytes()
-    assert _bad(tmp_path, b"nonsense") == (
+    assert _bad(tmp_path, b"nonsense") == "P is too short to be a working-set file"
+    assert _bad(tmp_path, b"nonsense" * 4) == (
         "P is not a working-set file (magic b'nonsense', expected b'UFWSET\\x00\\x00' or the "
         "Firecracker pager's b'UFFCWS1\\x00')")
     assert _bad(tmp_path, data[:8] + struct.pack("<I", 9) + data[12:]) == (
         "P: working-set format version 9 is not supported (this userfault reads version 1)")
     assert _bad(tmp_path, data[:-3]).startswith("P: the header says 2 pages, the file holds ")
-    assert _bad(tmp_path, data[:20]).startswith("P: truncated or corrupt working-set header")
+    assert _bad(tmp_path, data[:40]).startswith("P: truncated or corrupt working-set header")
     misaligned = data[:-8] + struct.pack("<Q", 5)
     assert _bad(tmp_path, misaligned) == (
         "P: corrupt working set: offset 5 is not a non-negative multiple of the page size 4096")
@@ -145,7 +151,7 @@ def test_check_compatible_refuses_other_sources_and_tolerates_drift() -> None:
         ws.check_compatible(10 * PAGE, PAGE, "FileSource('/other')")
     assert str(info.value) == (
         "the working set was recorded against \"HTTPSource('http://h/m.bin')\", not "
-        "\"FileSource('/other')\": record a new one, or force its use (force=True, --force)")
+        "\"FileSource('/other')\": record a new one, or force its use (force_prefetch=True, --force-prefetch)")
     forced = ws.check_compatible(5 * PAGE, PAGE, "FileSource('/other')", force=True)
     assert forced.offsets == (0, 3 * PAGE) and forced.dropped == 2
     with pytest.raises(WorkingSetMismatch, match=r"content changed .* \(fingerprint fp1, now "
@@ -263,7 +269,7 @@ def test_cli_from_trace_and_inspect(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert doc["ranges"] == [[4 * PAGE, 2 * PAGE], [0, PAGE]] and doc["pages"] == 3
 
     old = tmp_path / "vm.ws"
-    fc_ws.write_working_set(old, [0, PAGE], PAGE)
+    _write_old(old, [0, PAGE])
     assert main(["workingset", "inspect", str(old)]) == 0
     out = capsys.readouterr().out
     assert "format:       firecracker (version 1)" in out and "(not recorded)" in out

@@ -81,8 +81,10 @@ class Pager(_native.Mapping):
             working-set file when it closes (:mod:`userfault.working_set`).
         prefetch: a working-set file (recorded by ``record=``) to install in one batch from
             the first fault on, in first-touch order, on the background threads; the rest is
-            served lazily. A record made for another source or page size is refused; pages
-            beyond the source's end are dropped.
+            served lazily. A record made for another source (or content) is refused unless
+            ``force_prefetch``, one for another page size always; pages beyond the source's
+            end are dropped.
+        force_prefetch: use a ``prefetch`` working set recorded against another source.
         secret_file, tls_ca: for a page-server URL (``uf://HOST:PORT/NAME``): the shared
             secret, and the CA that the server's TLS certificate must chain to.
 
@@ -120,6 +122,7 @@ class Pager(_native.Mapping):
         trace: str | os.PathLike[str] | None = None,
         record: str | os.PathLike[str] | None = None,
         prefetch: str | os.PathLike[str] | None = None,
+        force_prefetch: bool = False,
         secret_file: str | os.PathLike[str] | None = None,
         tls_ca: str | os.PathLike[str] | None = None,
     ) -> None:
@@ -172,7 +175,8 @@ class Pager(_native.Mapping):
             preload: list[tuple[int, int]] = []
             if prefetch is not None:
                 self.working_set, preload = working_set_ranges(
-                    prefetch, source=name, source_size=src.size, page_size=page)
+                    prefetch, source=name, source_size=src.size, page_size=page,
+                    force=force_prefetch)
             self._observation = Observation.open(
                 trace, record, source=name, region_size=self.region.size, page_size=page,
                 source_size=src.size)

@@ -19,8 +19,9 @@ File format (little-endian), version 1::
                           order
 
 :func:`read_working_set` also reads the Firecracker pager's older files (magic
-``b"UFFCWS1\\0"``, see :mod:`userfault.firecracker.working_set`), which hold only a page size
-and the offsets: such a set has no source identity, so only its page size is checked.
+``b"UFFCWS1\\0"``: the magic, a u64 page size, a u64 count, then the offsets), which hold
+only a page size and the offsets: such a set has no source identity, so only its page size is
+checked.
 """
 
 from __future__ import annotations
@@ -156,13 +157,13 @@ class WorkingSet:
         if not force and None not in (description, self.source) and description != self.source:
             raise WorkingSetMismatch(
                 f"the working set was recorded against {self.source!r}, not {description!r}: "
-                "record a new one, or force its use (force=True, --force)")
+                "record a new one, or force its use (force_prefetch=True, --force-prefetch)")
         if not force and None not in (fingerprint, self.fingerprint) \
                 and fingerprint != self.fingerprint:
             raise WorkingSetMismatch(
                 f"the source's content changed since the working set was recorded (fingerprint "
                 f"{self.fingerprint}, now {fingerprint}): record a new one, or force its use "
-                "(force=True, --force)")
+                "(force_prefetch=True, --force-prefetch)")
         end = -(-source_size // page_size) * page_size
         kept = tuple(o for o in self.offsets if o < end)
         return replace(self, offsets=kept, dropped=len(self.offsets) - len(kept))
@@ -269,56 +270,67 @@ def _offsets(data: bytes | memoryview, start: int, count: int) -> tuple[int, ...
 def read_working_set(path: str | os.PathLike[str]) -> WorkingSet:
     """Read a working-set file: this module's format or the Firecracker pager's older one.
 
+    The file is checked before anything large is read: a FIFO or device is refused unopened,
+    a count the file cannot hold is refused before the offsets are read.
+
     Raises:
-        ValueError: not a working-set file, an unsupported version, truncated or corrupt.
+        OSError: the file cannot be opened.
+        ValueError: not a regular file, not a working-set file, an unsupported version,
+            truncated or corrupt.
     """
+    from ._files import open_regular
+
     name = os.fspath(path)
-    with open(name, "rb") as f:
-        data = f.read()
-    magic = data[:8]
-    if magic == FIRECRACKER_MAGIC:
-        return _read_firecracker(name, data)
-    if magic != MAGIC:
-        raise ValueError(f"{name!r} is not a working-set file (magic {magic!r}, expected "
-                         f"{MAGIC!r} or the Firecracker pager's {FIRECRACKER_MAGIC!r})")
-    if len(data) < _HEADER.size:
-        raise ValueError(f"{name!r}: truncated working-set header")
-    _, version, meta_len = _HEADER.unpack_from(data)
-    if version != VERSION:
-        raise ValueError(f"{name!r}: working-set format version {version} is not supported "
-                         f"(this userfault reads version {VERSION})")
-    start = _HEADER.size + meta_len
-    if meta_len > _MAX_META or len(data) < start:
-        raise ValueError(f"{name!r}: truncated or corrupt working-set header (metadata of "
-                         f"{meta_len} bytes)")
+    fd = open_regular(os.fsdecode(name), advice="name a working-set file written by record= "
+                      "or --record")
     try:
-        meta: dict[str, Any] = json.loads(data[_HEADER.size:start].decode())
-        count, page = int(meta["count"]), int(meta["page_size"])
-        source = None if meta.get("source") is None else str(meta["source"])
-        size = None if meta.get("source_size") is None else int(meta["source_size"])
-        fp = None if meta.get("fingerprint") is None else str(meta["fingerprint"])
-    except (UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as err:
-        raise ValueError(f"{name!r}: corrupt working-set metadata ({err!r})") from None
-    if len(data) != start + 8 * count:
-        raise ValueError(f"{name!r}: the header says {count} pages, the file holds "
-                         f"{(len(data) - start) / 8:g} (truncated or corrupt)")
-    try:
-        return WorkingSet(_offsets(data, start, count), page, source=source, source_size=size,
-                          fingerprint=fp)
-    except ValueError as err:
-        raise ValueError(f"{name!r}: corrupt working set: {err}") from None
+        size = os.fstat(fd).st_size
 
+        def read(n: int, at: int) -> bytes:
+            data = os.pread(fd, n, at)
+            if len(data) != n:
+                raise ValueError(f"{name!r} changed while being read")
+            return data
 
-def _read_firecracker(name: str, data: bytes) -> WorkingSet:
-    if len(data) < _FC_HEADER.size:
-        raise ValueError(f"{name!r} is too short to be a working-set file")
-    _, page, count = _FC_HEADER.unpack_from(data)
-    if len(data) != _FC_HEADER.size + 8 * count:
-        raise ValueError(f"{name!r}: the header says {count} pages, the file holds "
-                         f"{(len(data) - _FC_HEADER.size) / 8:g} (truncated or corrupt)")
+        if size < _FC_HEADER.size:
+            raise ValueError(f"{name!r} is too short to be a working-set file")
+        head = read(_FC_HEADER.size, 0)
+        if head[:8] == FIRECRACKER_MAGIC:
+            _, page, count = _FC_HEADER.unpack(head)
+            meta: dict[str, Any] = {}
+            start, fmt = _FC_HEADER.size, "firecracker"
+        elif head[:8] == MAGIC:
+            _, version, meta_len = _HEADER.unpack_from(head)
+            if version != VERSION:
+                raise ValueError(f"{name!r}: working-set format version {version} is not "
+                                 f"supported (this userfault reads version {VERSION})")
+            start, fmt = _HEADER.size + meta_len, "userfault"
+            if meta_len > _MAX_META or size < start:
+                raise ValueError(f"{name!r}: truncated or corrupt working-set header "
+                                 f"(metadata of {meta_len} bytes)")
+            try:
+                meta = json.loads(read(meta_len, _HEADER.size).decode())
+                count, page = int(meta["count"]), int(meta["page_size"])
+            except (UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as err:
+                raise ValueError(f"{name!r}: corrupt working-set metadata ({err!r})") from None
+        else:
+            raise ValueError(f"{name!r} is not a working-set file (magic {head[:8]!r}, "
+                             f"expected {MAGIC!r} or the Firecracker pager's "
+                             f"{FIRECRACKER_MAGIC!r})")
+        if size != start + 8 * count:  # checked before reading: no huge reads
+            raise ValueError(f"{name!r}: the header says {count} pages, the file holds "
+                             f"{(size - start) / 8:g} (truncated or corrupt)")
+        offsets = _offsets(read(8 * count, start), 0, count)
+    finally:
+        os.close(fd)
     try:
-        return WorkingSet(_offsets(data, _FC_HEADER.size, count), page, format="firecracker")
-    except ValueError as err:
+        return WorkingSet(offsets, page, format=fmt,
+                          source=None if meta.get("source") is None else str(meta["source"]),
+                          source_size=None if meta.get("source_size") is None
+                          else int(meta["source_size"]),
+                          fingerprint=None if meta.get("fingerprint") is None
+                          else str(meta["fingerprint"]))
+    except (ValueError, TypeError) as err:
         raise ValueError(f"{name!r}: corrupt working set: {err}") from None
 
 

@@ -19,22 +19,17 @@ from .protocol import (
 )
 from .report import VMReport
 from .server import FirecrackerPager, serve
-from .working_set import WORKING_SET_MAGIC, coalesce, read_working_set, write_working_set
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
     "MAX_REGIONS",
     "SUPPORTED_PAGE_SIZES",
-    "WORKING_SET_MAGIC",
     "FirecrackerPager",
     "FirecrackerProtocolError",
     "GuestRegion",
     "PeerCred",
     "VMReport",
-    "coalesce",
     "parse_mappings",
-    "read_working_set",
     "receive_handshake",
     "serve",
-    "write_working_set",
 ]

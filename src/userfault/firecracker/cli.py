@@ -82,6 +82,7 @@ def _serve(args: argparse.Namespace) -> int:
     pager = FirecrackerPager(
         args.socket, args.mem_file, record=args.record, prefetch=args.prefetch,
         prefetch_concurrent=args.prefetch_concurrent, prefetch_gap=args.prefetch_gap,
+        force_prefetch=args.force_prefetch,
         populate=args.populate,
         threads=args.threads, max_vms=args.max_vms, max_connections=args.max_connections,
         once=args.once, chunk=args.chunk,
@@ -124,6 +125,8 @@ def add_firecracker_commands(subparsers: Any) -> argparse.ArgumentParser:
                        help="bridge gaps up to SIZE between working-set pages so the batch "
                        "needs fewer install calls, installing the bridged pages too "
                        "(default 0: exactly the recorded set)")
+    serve.add_argument("--force-prefetch", action="store_true",
+                       help="use a --prefetch working set recorded against another memory file")
     serve.add_argument("--populate", action="store_true",
                        help="fill all guest memory in the background while faults go first")
     serve.add_argument("--json", action="store_true",

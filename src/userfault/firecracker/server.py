@@ -18,7 +18,8 @@ restored VM: its own userfaultfd, its own fault engine and a lifecycle thread th
 4. notices the VMM exiting (its pidfd becomes readable, the connection closes, or the engine
    sees ``ESRCH``), stops the engine and reports the VM's metrics.
 
-Working sets are read and written by :mod:`userfault.firecracker.working_set`.
+Working sets are :mod:`userfault.working_set` files, the same as ``Pager(record=, prefetch=)``
+writes and reads (older ``UFFCWS1`` files of this pager are read too).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from ..serving.config import ServeConfig
-from ..serving.runtime import RECORD, PagerStats, Runtime, build_runtime
+from ..serving.runtime import RECORD, PagerStats, Runtime, build_runtime, source_name
 from ..sources.native import NativeSource
 from ..sources.open import open_source
 from .protocol import (
@@ -49,7 +50,7 @@ from .protocol import (
     receive_handshake,
 )
 from .report import VMReport
-from .working_set import coalesce, read_working_set, write_working_set
+from ..working_set import WorkingSet, WorkingSetMismatch, read_working_set, write_working_set
 
 __all__ = ["FirecrackerPager", "serve"]
 
@@ -73,8 +74,13 @@ class FirecrackerPager:
         record: write the faulted memory-file offsets of each VM here when it ends. Unless
             ``readahead`` is given explicitly, recording disables readahead so the record holds
             exactly the pages the guest touched.
-        prefetch: a working-set file to install in one batch right after the handshake,
-            before faults are served (they wait in the kernel meanwhile, then are answered).
+        prefetch: a working-set file (:mod:`userfault.working_set`, e.g. written by
+            ``record``) to install in one batch right after the handshake, before faults are
+            served (they wait in the kernel meanwhile, then are answered). A set recorded
+            against another memory file is refused (:class:`~userfault.working_set.
+            WorkingSetMismatch`); pages past the memory file's end are dropped and logged; a
+            VM whose page size differs from the set's is served without it.
+        force_prefetch: use a ``prefetch`` set recorded against another memory file.
         prefetch_concurrent: serve faults while the batch is installed instead.
         prefetch_gap: bridge gaps of at most this many bytes between working-set pages, so
             the batch needs fewer install calls. Off by default: measured here, copying a
@@ -112,6 +118,7 @@ class FirecrackerPager:
         prefetch: str | os.PathLike[str] | None = None,
         prefetch_concurrent: bool = False,
         prefetch_gap: int = 0,
+        force_prefetch: bool = False,
         populate: bool = False,
         threads: int = 1,
         max_vms: int | None = None,
@@ -168,8 +175,7 @@ class FirecrackerPager:
         self.handshake_timeout = handshake_timeout
         self.on_report = on_report
         self.prefetch_concurrent = prefetch_concurrent
-        ws_name = "" if prefetch is None else os.fspath(prefetch)
-        ws_page, offsets = (0, []) if prefetch is None else read_working_set(prefetch)
+        recorded_ws = None if prefetch is None else read_working_set(prefetch)
         self.reports: list[VMReport] = []
         self._lock = threading.Lock()
         self._out_lock = threading.Lock()
@@ -183,13 +189,22 @@ class FirecrackerPager:
         try:
             self.native = isinstance(self.source, NativeSource)
             self.mem_size = int(self.source.size)
-            if offsets and max(offsets) + ws_page > self.mem_size:
-                raise ValueError(
-                    f"the working set {ws_name!r} has page offset {max(offsets):#x}, past the "
-                    f"end of the memory file ({self.mem_size} bytes): it was recorded for "
-                    "another memory file")
-            self.prefetch_ranges = coalesce(offsets, ws_page, prefetch_gap) if offsets else []
-            self.prefetch_pages = len(offsets)
+            #: the working set to install into every VM (None: no prefetch)
+            self.working_set: WorkingSet | None = None
+            if recorded_ws is not None:
+                ws = recorded_ws.check_compatible(self.mem_size, recorded_ws.page_size,
+                                                  source_name(self.source),
+                                                  force=force_prefetch)
+                if ws.dropped:
+                    self.log(f"working set {os.fspath(prefetch)!r}: {ws.dropped} of "
+                             f"{len(recorded_ws)} pages lie past the end of the memory file "
+                             f"({self.mem_size} bytes) and are not prefetched")
+                self.working_set = ws if ws.offsets else None
+            # installed before the VM runs: address order makes fewer, larger ranges; beside
+            # a running VM: first-touch order, so the pages it needs first come first
+            self.prefetch_ranges = [] if self.working_set is None else self.working_set.ranges(
+                prefetch_gap, "first-touch" if prefetch_concurrent else "sorted")
+            self.prefetch_pages = 0 if self.working_set is None else len(self.working_set)
             self._bind()
         except BaseException:
             self._close_source()
@@ -386,7 +401,8 @@ class FirecrackerPager:
                          for r in regions))
             try:
                 runtime = self._make_runtime(uffd, regions, page)
-                if self.prefetch_ranges and not self.prefetch_concurrent:
+                prefetch = self._prefetch_for(vm, page)
+                if prefetch and not self.prefetch_concurrent:
                     # REAP: install the working set first, in one batch (COPY + DONTWAKE, then
                     # one WAKE per region); faults taken meanwhile wait in the kernel and are
                     # answered (EEXIST -> wake, or served) once the engine starts.
@@ -402,7 +418,7 @@ class FirecrackerPager:
                     pidfd = os.pidfd_open(report.peer.pid)
                 except OSError:
                     pidfd = -1
-            if self.prefetch_ranges and self.prefetch_concurrent:
+            if prefetch and self.prefetch_concurrent:
                 self._prefetch(vm, runtime, report)
             report.end_reason = self._watch(vm, conn, pidfd, runtime, report, recorded)
         except Exception as err:
@@ -431,14 +447,26 @@ class FirecrackerPager:
             if runtime is not None:
                 if self.record is not None:
                     try:
-                        report.recorded_pages = write_working_set(
-                            self.record, recorded, report.page_size)
+                        report.recorded_pages = write_working_set(self.record, WorkingSet(
+                            tuple(recorded), report.page_size, source=source_name(self.source),
+                            source_size=self.mem_size))
                     except OSError as err:
                         self.log(f"vm {vm}: cannot write the record {self.record}: {err}")
                 self._finish(report)
             with self._lock:
                 self.reports.append(report)
                 self._active.pop(vm, None)
+
+    def _prefetch_for(self, vm: int, page: int) -> bool:
+        """Whether to install the working set into this VM (of ``page``-byte pages)."""
+        if self.working_set is None:
+            return False
+        try:
+            self.working_set.check_compatible(self.mem_size, page)
+        except WorkingSetMismatch as err:
+            self.log(f"vm {vm}: not prefetching: {err}")
+            return False
+        return True
 
     def _prefetch(self, vm: int, runtime: Runtime, report: VMReport) -> None:
         t0 = time.monotonic()
