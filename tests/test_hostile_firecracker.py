@@ -335,7 +335,8 @@ def test_working_set_of_another_source_is_refused_drift_is_dropped(tmp_path: Pat
                                                                    mem_file: Path) -> None:
     other = tmp_path / "other.ws"
     write_working_set(other, WorkingSet((0,), PAGE, source="FileSource('/elsewhere.mem')"))
-    with pytest.raises(WorkingSetMismatch, match=re.escape("recorded against \"FileSource('/elsewhere")):
+    with pytest.raises(WorkingSetMismatch,
+                       match=re.escape("recorded against \"FileSource('/elsewhere")):
         FirecrackerPager(tmp_path / "s", mem_file, prefetch=other)
     assert not (tmp_path / "s").exists()
     with FirecrackerPager(tmp_path / "s", mem_file, prefetch=other, force_prefetch=True) as pager:

@@ -76,6 +76,28 @@ def test_readahead_doubles_while_faults_are_sequential(runtime: str) -> None:
         assert window == hi
 
 
+def test_readahead_follows_faults_going_backward(runtime: str) -> None:
+    # glibc's memcpy copies large blocks from the top down: bytes(view) faults backward
+    lo, hi = 64 << 10, 4 * MiB
+    size = 64 * MiB
+    with userfault.map(source(runtime, data(size)), readahead=(lo, hi)) as p:
+        low = size - PAGE
+        touch(p, low)  # a fault far from every stream: no window yet
+        assert settled(p).readahead_bytes == 0
+        window, expected = 0, 0
+        for faults in range(2, 12):
+            low -= PAGE
+            touch(p, low)  # the page below the last fault or window
+            window = min(max(lo, 2 * window), hi)
+            expected += window
+            s = settled(p, lambda s, e=expected: s.readahead_bytes == e, timeout=20)
+            assert (s.faults, s.readahead_bytes) == (faults, expected)
+            touch(p, low - window, window)  # the window below is there: no fault
+            assert p.stats().faults == faults
+            low -= window
+        assert window == hi
+
+
 def test_random_faults_do_not_read_ahead(runtime: str) -> None:
     size = 32 * MiB
     pages = list(range(size // PAGE))

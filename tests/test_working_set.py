@@ -151,7 +151,8 @@ def test_check_compatible_refuses_other_sources_and_tolerates_drift() -> None:
         ws.check_compatible(10 * PAGE, PAGE, "FileSource('/other')")
     assert str(info.value) == (
         "the working set was recorded against \"HTTPSource('http://h/m.bin')\", not "
-        "\"FileSource('/other')\": record a new one, or force its use (force_prefetch=True, --force-prefetch)")
+        "\"FileSource('/other')\": record a new one, or force its use (force_prefetch=True, "
+        "--force-prefetch)")
     forced = ws.check_compatible(5 * PAGE, PAGE, "FileSource('/other')", force=True)
     assert forced.offsets == (0, 3 * PAGE) and forced.dropped == 2
     with pytest.raises(WorkingSetMismatch, match=r"content changed .* \(fingerprint fp1, now "

@@ -135,6 +135,8 @@ typedef struct {
     uf_mark_t poisoned[UF_MAX_MARKS]; /* prefetch reports the pages it poisoned */
     int npoisoned;
     uint64_t poisoned_bytes;
+    int cause;           /* of the install in progress, and when it began: for the trace */
+    uint64_t t0;
 } worker_t;
 
 typedef struct retired { void *p; struct retired *next; } retired_t;

@@ -595,6 +595,8 @@ static int put_run(engine_t *e, worker_t *w, uctx_t *c, area_t *a, run_t *r, int
         uint64_t p = a->first_page + off / e->page;
         for (uint64_t i = 0; i < done / e->page; i++)
             uf_page_in(e, c, p + i);
+        if (w->cause != CAUSE_FAULT) /* a record per install ioctl (faults: by serve_fault) */
+            uf_trace_install(e, w->t0, a, off, done, w->cause);
         *installed += done;
         off += done;
         if (!err)
@@ -774,7 +776,8 @@ int uf_install_range(engine_t *e, worker_t *w, uctx_t *c, area_t *a, uint64_t of
                      int flags, int cause, uint64_t wake_off, uint64_t *installed)
 {
     int nr = collect_runs(e, c, a, off, n, flags & IR_SKIP_INSTALLED, w->runs), ret = 0;
-    uint64_t t0 = e->trace_fd >= 0 ? uf_now_ns() : 0;
+    w->t0 = e->trace_fd >= 0 ? uf_now_ns() : 0;
+    w->cause = cause;
     *installed = 0;
     w->msg[0] = 0;
     prepare_runs(e, w, a, w->runs, nr);
@@ -801,7 +804,5 @@ int uf_install_range(engine_t *e, worker_t *w, uctx_t *c, area_t *a, uint64_t of
     case CAUSE_POPULATE: ADD(e, populate_bytes, *installed); break;
     case CAUSE_PREFETCH: ADD(e, prefetch_bytes, *installed); break;
     }
-    if (cause != CAUSE_FAULT) /* faults are traced whole, by serve_fault */
-        uf_trace_install(e, t0, a, off, *installed, cause);
     return ret;
 }

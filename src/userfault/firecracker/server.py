@@ -42,6 +42,7 @@ from ..serving.config import ServeConfig
 from ..serving.runtime import RECORD, PagerStats, Runtime, build_runtime, source_name
 from ..sources.native import NativeSource
 from ..sources.open import open_source
+from ..working_set import WorkingSet, WorkingSetMismatch, read_working_set, write_working_set
 from .protocol import (
     FirecrackerProtocolError,
     GuestRegion,
@@ -50,7 +51,6 @@ from .protocol import (
     receive_handshake,
 )
 from .report import VMReport
-from ..working_set import WorkingSet, WorkingSetMismatch, read_working_set, write_working_set
 
 __all__ = ["FirecrackerPager", "serve"]
 
@@ -175,6 +175,7 @@ class FirecrackerPager:
         self.handshake_timeout = handshake_timeout
         self.on_report = on_report
         self.prefetch_concurrent = prefetch_concurrent
+        ws_name = "" if prefetch is None else os.fspath(prefetch)
         recorded_ws = None if prefetch is None else read_working_set(prefetch)
         self.reports: list[VMReport] = []
         self._lock = threading.Lock()
@@ -196,7 +197,7 @@ class FirecrackerPager:
                                                   source_name(self.source),
                                                   force=force_prefetch)
                 if ws.dropped:
-                    self.log(f"working set {os.fspath(prefetch)!r}: {ws.dropped} of "
+                    self.log(f"working set {ws_name!r}: {ws.dropped} of "
                              f"{len(recorded_ws)} pages lie past the end of the memory file "
                              f"({self.mem_size} bytes) and are not prefetched")
                 self.working_set = ws if ws.offsets else None

@@ -204,8 +204,11 @@ class Runtime(Protocol):
 
 
 def source_name(source: object) -> str:
-    """How log lines name a source."""
-    text = repr(source)
+    """How log lines and working sets name a source: its repr, or, where the class has none of
+    its own (``<... object at 0x...>`` differs every run), its class's qualified name."""
+    cls = type(source)
+    text = f"{cls.__module__}.{cls.__qualname__}" if cls.__repr__ is object.__repr__ \
+        else repr(source)
     return text if len(text) <= 200 else text[:197] + "..."
 
 
