@@ -76,6 +76,50 @@ def test_hot_pages_stay_cold_ones_go(runtime: str) -> None:
         assert s.refault_rate < 0.25
 
 
+@pytest.mark.parametrize("region", ["anonymous", "memfd"])
+def test_a_read_only_pager_keeps_what_was_written(runtime: str, region: str) -> None:
+    """Writes to a read-only pager under a budget are the process's own, like a private
+    mapping's: evicting the page would lose them, so it stays; everything else cycles."""
+    size, budget = 32 * MiB, 4 * MiB
+    body = data(size)
+    written = list(range(0, size, 512 * 1024))  # 64 pages spread over the whole file
+    with userfault.map(source(runtime, body), region=region, max_resident=budget,
+                       readahead=False) as p:
+        with memoryview(p) as v:
+            for off in written:
+                v[off:off + 8] = b"written!"
+            for _ in range(2):  # stream the file twice: eight times the budget
+                for off in range(0, size, MiB):
+                    part = bytearray(body[off:off + MiB])
+                    for w in written:
+                        if off <= w < off + MiB:
+                            part[w - off:w - off + 8] = b"written!"
+                    assert v[off:off + MiB] == part, f"MiB at {off:#x} differs"
+        s = settled(p, lambda s: s.resident_bytes <= budget + len(written) * PAGE)
+        assert s.dirty_pages == len(written) and s.evictions > 0
+        with pytest.raises(userfault.PagerError, match="flush needs a writable pager"):
+            p.flush()
+    # a budgeted pager must see writes: an install that cannot track them is refused
+    with pytest.raises(ValueError, match="install='zeropage' cannot track writes: a pager "
+                                         "with max_resident"):
+        userfault.map(userfault.ZeroSource(size), install="zeropage", max_resident=budget)
+
+
+def test_written_pages_over_the_budget_are_kept_and_logged(capfd: pytest.CaptureFixture[str]
+                                                           ) -> None:
+    size, budget = 16 * MiB, 1 * MiB
+    body = data(size)
+    with userfault.map(BufferSource(body), max_resident=budget, readahead=False) as p:
+        with memoryview(p) as v:
+            for off in range(0, 2 * MiB, PAGE):  # twice the budget, written
+                v[off] = 0xEE
+            assert v[4 * MiB:5 * MiB] == body[4 * MiB:5 * MiB]  # still served, slowly
+            assert all(v[off] == 0xEE for off in range(0, 2 * MiB, PAGE))
+        assert settled(p).dirty_pages == 2 * MiB // PAGE
+    # the engine logs to stderr, once
+    assert capfd.readouterr().err.count("fill its budget: they stay in memory") == 1
+
+
 def test_thrashing_is_slower_never_wrong() -> None:
     """A working set larger than the budget: every pass re-faults, every byte is right."""
     size, budget = 16 * MiB, 4 * MiB

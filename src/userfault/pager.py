@@ -155,12 +155,12 @@ class Pager(_native.Mapping):
             self.config.budget(page)  # refuse a budget too small for the pages
             self.chunk, ra_min, ra_max = self.config.for_page(page)
             self.readahead: tuple[int, int] = (ra_min, ra_max)
-            if writable:
-                self._check_writable(src)
+            if self.config.tracks_writes:
+                self._check_tracking(src)
             self.uffd, self.fork_served = self._open_uffd()
             mode = RegisterMode.MISSING | (
                 RegisterMode.MINOR if self.install == "continue" else RegisterMode(0)) | (
-                RegisterMode.WP if writable else RegisterMode(0))
+                RegisterMode.WP if self.config.tracks_writes else RegisterMode(0))
             self.uffd.register(self.region.address, self.region.size, mode)
             if not self.fork_served:
                 # A child would see the registration dropped and read zeros (for a memfd, the
@@ -195,11 +195,15 @@ class Pager(_native.Mapping):
         self._closed = False
         self._attach(self.region.address, self.region.size, False)
 
-    def _check_writable(self, src: PageSource) -> None:
-        """Refuse, before anything is registered, what cannot be written home."""
+    def _check_tracking(self, src: PageSource) -> None:
+        """Refuse, before anything is registered, writes that cannot be seen, or written home."""
         if self.install not in ("copy", "continue"):
-            raise ValueError(f"install={self.install!r} cannot track writes: a writable pager "
-                             "installs with 'copy' (or 'continue')")
+            what = "a writable pager" if self.config.writable else \
+                "a pager with max_resident (it keeps written pages, never drops them)"
+            raise ValueError(f"install={self.install!r} cannot track writes: {what} installs "
+                             "with 'copy' (or 'continue')")
+        if not self.config.writable:
+            return
         if isinstance(src, NativeSource):
             src.engine_args(writable=True)  # raises, naming why
         elif not callable(getattr(src, "write_from", None)):
@@ -213,7 +217,7 @@ class Pager(_native.Mapping):
             Feature.MOVE if self.install == "move" else Feature(0)) | (
             Feature.MINOR_SHMEM if self.install == "continue" else Feature(0))
         features |= Feature.MISSING_SHMEM | Feature.MISSING_HUGETLBFS
-        if self.config.writable:
+        if self.config.tracks_writes:
             features |= Feature.PAGEFAULT_FLAG_WP | Feature.WP_HUGETLBFS_SHMEM
         required = Feature.POISON if self.config.on_error == "poison" else Feature(0)
         try:
@@ -245,8 +249,8 @@ class Pager(_native.Mapping):
             raise ValueError(f"region must be 'anonymous', 'memfd' or 'hugetlb', not {kind!r}")
         zero_source = isinstance(src, NativeSource) and src.kind == KIND_ZERO
         if install == "auto":
-            writable = self.config.writable
-            return "zeropage" if zero_source and kind != "hugetlb" and not writable else "copy"
+            tracked = self.config.tracks_writes
+            return "zeropage" if zero_source and kind != "hugetlb" and not tracked else "copy"
         if install not in INSTALL_CODES:
             raise ValueError(f"install must be one of auto, {', '.join(INSTALL_CODES)}, "
                              f"not {install!r}")

@@ -182,8 +182,10 @@ struct engine {
     char *pool_map;
     uint64_t pool_len;
     pthread_mutex_t budget_lock; /* a page leaving the pool: reactivated or evicted, once */
-    /* writable: where written pages go (a file, a buffer, or a Python write_from) */
-    int writable, shared_mem, wb_fd;
+    /* writable: where written pages go (a file, a buffer, or a Python write_from). Writes
+     * are tracked (pages installed write-protected, dirty bits) when writable, and under a
+     * budget too: there a written page of a read-only pager is kept, never dropped. */
+    int writable, track_writes, shared_mem, wb_fd, pinned_warned;
     char *wb_buf;
     uint64_t wb_len;
     PyObject *write_from, *src_flush;

@@ -67,6 +67,12 @@ void uf_page_out(engine_t *e, uctx_t *c, uint64_t p, int zero)
         ADD(e, resident_pages, -1);
         bit_clear(c->ref, p);
     }
+    if (c->dirty) { /* the process dropped what it wrote itself: nothing is left to keep */
+        pthread_mutex_lock(&e->wp_lock);
+        if (bit_test_clear(c->dirty, p))
+            ADD(e, dirty_pages, -1);
+        pthread_mutex_unlock(&e->wp_lock);
+    }
     if (zero)
         bit_set(c->removed, p); /* like anonymous memory, a removed page reads as zeros */
     else
@@ -99,7 +105,7 @@ int uf_reactivate(engine_t *e, uctx_t *c, area_t *a, uint64_t off, int *err)
     if (!was)
         return 0;
     struct uffdio_copy cp = {.dst = a->base + off, .src = (uintptr_t)(e->pool_map + p * e->page),
-                             .len = e->page, .mode = e->writable ? UFFDIO_COPY_MODE_WP : 0};
+                             .len = e->page, .mode = e->track_writes ? UFFDIO_COPY_MODE_WP : 0};
     *err = uf_ioctl(c->uffd, UFFDIO_COPY, &cp);
     if (*err == EAGAIN || *err == EEXIST) {
         bit_set(c->inactive, p); /* still pooled: a REMOVE is pending, or it is back already */
@@ -239,8 +245,9 @@ static int pick_victims(engine_t *e, uctx_t *c, victim_t *v, int max_runs)
         }
         if (bit_test_clear(c->ref, p))
             continue; /* touched since the hand last came by: spared once */
-        taken++; /* probation costs a copy: it counts towards the batch too */
-        if (!uf_hold(e, c, p)) {
+        if (!uf_hold(e, c, p)) { /* dirty */
+            if (!e->writable)
+                continue; /* written, in a read-only pager: nowhere to write it, so it stays */
             add_run(v, &runs, a, off, e->page, CLEAN);
         } else if (c->inactive && !over) {
             bit_set(c->inactive, p); /* before the drop: a fault after it finds the page pooled */
@@ -249,6 +256,7 @@ static int pick_victims(engine_t *e, uctx_t *c, victim_t *v, int max_runs)
             bit_set(c->evicting, p);
             add_run(v, &runs, a, off, e->page, EVICT);
         }
+        taken++; /* probation costs a copy: it counts towards the batch too */
     }
     return runs;
 }
@@ -270,15 +278,25 @@ static void deactivate(engine_t *e, uctx_t *c, victim_t *r)
             bit_clear(c->evicting, first + i);
 }
 
-static void evict_until_low(engine_t *e, uctx_t *c)
+/* Give pages back until the count is at the low watermark; 0 if there was nothing to give. */
+static int evict_until_low(engine_t *e, uctx_t *c)
 {
     victim_t v[64];
+    int gave = 0;
     while (!LOAD(e->evict_stop) && LOAD(e->st->counters[C_resident_pages]) > e->low_pages) {
         pthread_mutex_lock(&e->lock);
         int runs = pick_victims(e, c, v, 64);
         pthread_mutex_unlock(&e->lock);
+        if (!runs && !e->writable && LOAD(e->st->counters[C_dirty_pages]) && !e->pinned_warned) {
+            e->pinned_warned = 1;
+            uf_log(e, "%llu written pages of this read-only pager of %s fill its budget: they "
+                   "stay in memory (nowhere to write them); map it writable=True to write them "
+                   "back, or raise max_resident",
+                   (unsigned long long)LOAD(e->st->counters[C_dirty_pages]), e->name);
+        }
         if (!runs)
-            return; /* nothing to give back (being evicted already, or all unmapped) */
+            return gave; /* nothing to give back (written, being evicted already, unmapped) */
+        gave = 1;
         for (int i = 0; i < runs; i++) {
             victim_t *r = &v[i];
             uint64_t first = r->a.first_page + r->off / e->page, n = r->len / e->page, wrote = 0;
@@ -311,13 +329,14 @@ static void evict_until_low(engine_t *e, uctx_t *c)
                 uf_state_error(e->st, err, addr, "evicting %#llx..+%llu failed: %s",
                                (unsigned long long)addr, (unsigned long long)r->len, strerror(err));
             if (err)
-                return;
+                return gave;
         }
         /* The REMOVE events were read before madvise returned; wait until they are handled
          * (counted), so the next round sees the count it left. */
         while (__atomic_load_n(&e->in_batch, __ATOMIC_ACQUIRE))
             sched_yield();
     }
+    return gave;
 }
 
 static void *evictor_main(void *arg)
@@ -325,9 +344,14 @@ static void *evictor_main(void *arg)
     engine_t *e = arg;
     uctx_t *c = e->ctxs;
     uf_worker_python(e, e->evict_worker, 1); /* write-backs of a Python source take its GIL */
+    int gave = 1;
     for (;;) {
         pthread_mutex_lock(&e->lock);
-        while (!e->evict_stop && LOAD(e->st->counters[C_resident_pages]) <= e->high_pages) {
+        /* nothing to give back last time (all written, say): wait a beat before looking again */
+        int waited = 0;
+        while (!e->evict_stop && (LOAD(e->st->counters[C_resident_pages]) <= e->high_pages
+                                  || (!gave && !waited))) {
+            waited = 1;
             struct timespec ts;
             clock_gettime(CLOCK_REALTIME, &ts); /* a signal sent just before the wait is lost */
             ts.tv_nsec += 100000000;
@@ -341,7 +365,7 @@ static void *evictor_main(void *arg)
         pthread_mutex_unlock(&e->lock);
         if (stopping)
             break;
-        evict_until_low(e, c);
+        gave = evict_until_low(e, c);
     }
     uf_worker_python(e, e->evict_worker, 0);
     return NULL;

@@ -537,7 +537,7 @@ static uint64_t install_once(engine_t *e, worker_t *w, int uffd, area_t *a, uint
         *err = fill_page_cache(e, w, a, off, n, zero);
         if (!*err) {
             struct uffdio_continue c = {.range = {dst, n}, .mode = (dontwake ? UFFDIO_CONTINUE_MODE_DONTWAKE : 0)
-                                                               | (e->writable ? UFFDIO_CONTINUE_MODE_WP : 0)};
+                                                               | (e->track_writes ? UFFDIO_CONTINUE_MODE_WP : 0)};
             *err = uf_ioctl(uffd, UFFDIO_CONTINUE, &c);
             done = c.mapped;
         }
@@ -553,7 +553,7 @@ static uint64_t install_once(engine_t *e, worker_t *w, int uffd, area_t *a, uint
     } else {
         struct uffdio_copy c = {.dst = dst, .src = (uintptr_t)(zero ? e->zero : data), .len = n,
                                 .mode = (dontwake ? UFFDIO_COPY_MODE_DONTWAKE : 0)
-                                        | (e->writable ? UFFDIO_COPY_MODE_WP : 0)};
+                                        | (e->track_writes ? UFFDIO_COPY_MODE_WP : 0)};
         *err = uf_ioctl(uffd, UFFDIO_COPY, &c);
         done = c.copy;
     }

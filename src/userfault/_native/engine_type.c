@@ -523,8 +523,10 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
         BAD("install CONTINUE needs the memfd");
     if ((kind == SRC_PYTHON || kind == SRC_FAIL) && install != INST_COPY)
         BAD("Python and failing sources are installed with COPY");
-    if (writable && (install == INST_ZEROPAGE || install == INST_MOVE))
-        BAD("writable memory is installed with COPY or CONTINUE (write protected)");
+    e->track_writes = writable || max_resident;
+    if (e->track_writes && (install == INST_ZEROPAGE || install == INST_MOVE))
+        BAD("writable memory, and memory under a budget (max_resident), is installed with COPY "
+            "or CONTINUE: writes to it are tracked (installed write-protected)");
     if (!(areas = parse_areas(areas_obj, page)))
         goto done;
     if (max_resident) {
@@ -630,7 +632,7 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
         }
     }
     if (!uf_ctx_new(e, uffd, areas, 0, NULL) || (e->max_pages && uf_budget_alloc(e, e->ctxs))
-        || (writable && uf_write_alloc(e, e->ctxs))) {
+        || (e->track_writes && uf_write_alloc(e, e->ctxs))) {
         PyErr_NoMemory();
         goto done;
     }

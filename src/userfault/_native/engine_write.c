@@ -256,7 +256,7 @@ int uf_flush(engine_t *e, worker_t *w, uint64_t *pages, uint64_t *bytes)
     uctx_t *c = e->ctxs;
     int ret = 0;
     *bytes = 0;
-    if (!c || !c->dirty)
+    if (!c || !c->dirty || !e->writable) /* a read-only pager's written pages have no home */
         return 0;
     uint64_t before = LOAD(e->st->counters[C_writebacks]);
     for (int i = 0; i < c->areas->n; i++) {

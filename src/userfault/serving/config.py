@@ -104,7 +104,10 @@ class ServeConfig:
             and every fault gets SIGBUS.
         max_resident: the most memory the pager keeps installed (0: no limit). Above the high
             watermark, pages are given back (CLOCK: pages faulted in since the last turn stay)
-            until the low watermark; they fault in again from the source.
+            until the low watermark; they fault in again from the source. Pages written in
+            memory are never given back unwritten: a writable pager writes them home first; a
+            read-only one keeps them (they are the process's own, as a private mapping's
+            written pages are), so they can hold memory above the budget.
         watermarks: ``(low, high)`` fractions of ``max_resident`` (default 70 % and 90 %).
         writable: write the pages written in memory back to the source: on ``flush()``,
             before a written page is evicted, and on ``close()`` (like ``msync``).
@@ -171,6 +174,12 @@ class ServeConfig:
     def from_options(cls, options: dict[str, Any]) -> ServeConfig:
         """A config from the serving options among ``options`` (the rest is left alone)."""
         return cls(**{k: options[k] for k in cls.option_names() if k in options})
+
+    @property
+    def tracks_writes(self) -> bool:
+        """Whether pages are installed write-protected so that writes are seen: to write
+        them back (``writable``), or to keep them under a budget rather than drop them."""
+        return self.writable or self.max_resident > 0
 
     def budget(self, page_size: int) -> tuple[int, int, int]:
         """``(max_resident, low, high)`` in bytes, whole pages (zeros: no budget).
