@@ -184,6 +184,46 @@ def test_parent_closing_first_gives_the_child_sigbus_not_zeros(kind: str) -> Non
     assert "closed while a forked child still used its memory" in r.stderr
 
 
+@pytest.mark.parametrize("kind", ["native", "process"])
+def test_parent_exiting_without_close_gives_the_child_sigbus_not_zeros(kind: str) -> None:
+    """The parent exits with the pager open; its engine dies with it (native) or the pager
+    process stops (a Python source): a child left behind gets SIGBUS on pages it had not
+    loaded, never zeros, and what it had loaded stays readable."""
+    src = "BufferSource(data)" if kind == "native" else "PyBytes(data)"
+    r = run_script(f"""
+        import os, signal, sys, time
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import userfault
+        from userfault import _native, BufferSource
+        from py_sources import PyBytes
+        if __name__ == "__main__":
+            data = b"\\x07" * (1 << 20)
+            p = userfault.map({src}, readahead=False)
+            r, w = os.pipe()
+            done_r, done_w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(w)
+                _native.touch(p.address, 1, 1, 0, 0, False)     # loaded by the child
+                os.write(done_w, b"1")
+                os.read(r, 1)                                   # EOF: the parent is gone
+                time.sleep(0.5)                                 # its pager process too
+                print("child first page", _native.touch(p.address, 1, 1, 0, 0, False),
+                      flush=True)
+                _native.touch(p.address + (512 << 10), 1, 1, 0, 0, False)  # never loaded
+                print("child read a page the parent never loaded", flush=True)
+                os._exit(0)
+            os.read(done_r, 1)
+            print("parent exits, pager open", flush=True)       # no close()
+    """)
+    assert r.returncode == 0, r.stderr
+    assert "parent exits, pager open" in r.stdout
+    # (the child is not the test's to wait for; its output arrives before the pipe closes)
+    assert "child first page 7" in r.stdout, (r.stdout, r.stderr)
+    assert "never loaded" not in r.stdout, (r.stdout, r.stderr)
+    assert "still used its memory: the" in r.stderr
+
+
 def test_unprivileged_child_fails_loudly(child: Callable[..., tuple[int, bytes]]) -> None:
     """Without CAP_SYS_PTRACE there is no EVENT_FORK: the region is not inherited at all
     (MADV_DONTFORK), so a child touching it dies of SIGSEGV instead of reading zeros."""

@@ -230,3 +230,30 @@ def test_an_overloaded_trace_counts_what_it_drops() -> None:
     dropped = sum(rec[3] for rec in records if rec[7] == Cause.DROPPED)
     assert cause.count(Cause.FAULT) + dropped == n == stats["faults"]
     assert dropped == stats["trace_dropped"] > 0
+
+
+def test_a_pager_left_open_at_exit_still_writes_its_trace(tmp_path: Path, runtime: str,
+                                                           data: bytes) -> None:
+    path = tmp_path / "data.bin"
+    path.write_bytes(data)
+    src = "FileSource(path)" if runtime == "native" else "PyFile(path)"
+    script = f"""
+import sys
+sys.path.insert(0, {TESTS!r})
+import userfault
+from userfault import FileSource, _native
+from py_sources import PyFile
+path = {str(path)!r}
+p = userfault.map({src}, readahead=False, trace={str(tmp_path / 't.uftrace')!r},
+                  record={str(tmp_path / 'r.ws')!r})
+for page in (7, 3, 5):
+    _native.touch(p.address + page * {PAGE}, 1, {PAGE}, 0, 0, False)
+print("exiting with the pager open", flush=True)
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0 and "exiting" in res.stdout, res.stderr
+    ev = read(tmp_path / "t.uftrace").events
+    assert ev["offset"][ev["cause"] == Cause.FAULT].tolist() == [7 * PAGE, 3 * PAGE, 5 * PAGE]
+    assert read_working_set(tmp_path / "r.ws").offsets == (7 * PAGE, 3 * PAGE, 5 * PAGE)
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".uftrace.tmp")]

@@ -130,6 +130,30 @@ def test_after_a_flush_a_sigkill_loses_only_what_came_after(tmp_path: Path,
     assert data[3 * MiB:3 * MiB + 6] == bytes(6)
 
 
+def test_a_pager_left_open_at_exit_writes_back(tmp_path: Path, runtime: str) -> None:
+    """Like a shared mapping's writes, those of a pager never closed reach the file when the
+    interpreter exits."""
+    path = zeros_file(tmp_path, 4 * MiB)
+    src = (f"FileSource({str(path)!r}, writable=True)" if runtime == "native"
+           else f"PyFileRW({str(path)!r})")
+    r = run_script(f"""
+        import sys
+        sys.path.insert(0, {TESTS!r})
+        import userfault
+        from userfault import FileSource
+        from py_sources import PyFileRW
+        if __name__ == "__main__":
+            p = userfault.map({src}, writable=True)
+            v = memoryview(p)
+            v[0:6] = b"kept:1"
+            v[3 << 20:(3 << 20) + 6] = b"kept:3"
+            print("exiting, not closed", flush=True)
+    """)
+    assert r.returncode == 0 and "exiting, not closed" in r.stdout, r.stderr
+    data = path.read_bytes()
+    assert data[:6] == b"kept:1" and data[3 * MiB:3 * MiB + 6] == b"kept:3"
+
+
 def test_writes_over_a_file_four_times_the_budget(tmp_path: Path, runtime: str) -> None:
     size, budget = 16 * MiB, 4 * MiB
     path = zeros_file(tmp_path, size)

@@ -15,9 +15,12 @@ A ``Pager`` is itself a buffer: ``memoryview(pager)``, ``numpy.frombuffer(pager)
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import mmap
 import os
+import sys
+import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -193,6 +196,7 @@ class Pager(_native.Mapping):
             self._teardown()
             raise
         self._closed = False
+        _open_pagers.add(self)
         self._attach(self.region.address, self.region.size, False)
 
     def _check_tracking(self, src: PageSource) -> None:
@@ -405,7 +409,10 @@ class Pager(_native.Mapping):
 
         A pager left open at interpreter exit keeps serving until the process ends (other
         atexit handlers and daemon threads may still touch its memory); the kernel then
-        unregisters and unmaps everything.
+        unregisters and unmaps everything. At exit, before that, a writable pager is flushed,
+        its trace written so far and its working set recorded, and the pages a forked child
+        never loaded are poisoned (the child gets SIGBUS there, never zeros, once the serving
+        ends with this process).
         """
         if self._closed:
             return
@@ -413,7 +420,21 @@ class Pager(_native.Mapping):
             self.flush()  # raises (and stays open) if the written pages cannot go home
         self._detach()
         self._closed = True
+        _open_pagers.discard(self)
         self._teardown()
+
+    def _at_exit(self) -> None:
+        """The interpreter exits with this pager open (see :meth:`close`)."""
+        if self._closed or os.getpid() != self._owner or self._runtime is None:
+            return
+        try:
+            if self.config.writable:
+                self.flush()
+            self._runtime.at_exit()
+            if self._observation is not None:
+                self._observation.at_exit()
+        except Exception as err:  # at exit there is no caller to raise to
+            print(f"userfault: at exit, {self!r}: {err}", file=sys.stderr)
 
     def __enter__(self) -> Pager:
         return self
@@ -428,6 +449,16 @@ class Pager(_native.Mapping):
         state = "closed" if self._closed else f"at {self.address:#x}"
         return (f"<Pager {type(self.source).__name__} {self.size} bytes {state} "
                 f"runtime={self.runtime} install={self.install}>")
+
+
+#: pagers not closed yet, for the exit hook
+_open_pagers: weakref.WeakSet[Pager] = weakref.WeakSet()
+
+
+@atexit.register
+def _at_exit() -> None:
+    for pager in list(_open_pagers):
+        pager._at_exit()
 
 
 def map(source: Any, **options: Any) -> Pager:

@@ -285,6 +285,7 @@ void uf_trace(engine_t *e, const uf_rec_t *r);
 void uf_trace_install(engine_t *e, uint64_t t0, area_t *a, uint64_t off, uint64_t len, int cause);
 int uf_trace_start(engine_t *e);
 void uf_trace_stop(engine_t *e);
+void uf_trace_sync(engine_t *e);
 
 /* engine_serve.c */
 area_t *uf_find_area(areas_t *as, uint64_t addr);
@@ -292,6 +293,7 @@ int uf_engine_start(engine_t *e);
 void uf_engine_stop(engine_t *e);
 uctx_t *uf_ctx_new(engine_t *e, int uffd, const areas_t *areas, int own_fd, const uctx_t *from);
 void uf_ctx_free_all(engine_t *e);
+void uf_orphan_children(engine_t *e);
 int uf_prefetch(engine_t *e, worker_t *w, const uint64_t *ranges, Py_ssize_t n, uint64_t *installed);
 void uf_wake_all(engine_t *e);
 

@@ -182,6 +182,17 @@ static void poison_orphan(engine_t *e, uctx_t *c)
                (unsigned long long)poisoned);
 }
 
+/* This process is exiting with the engine running: its threads die with it, and forked
+ * children would read zeros where pages were never loaded. Poison those pages now. */
+void uf_orphan_children(engine_t *e)
+{
+    pthread_mutex_lock(&e->lock);
+    for (uctx_t *c = e->ctxs; c; c = c->next)
+        if (c->id && !c->dead && c->uffd >= 0)
+            poison_orphan(e, c);
+    pthread_mutex_unlock(&e->lock);
+}
+
 void uf_ctx_free_all(engine_t *e)
 {
     for (uctx_t *c = e->ctxs; c; c = c->next)

@@ -104,26 +104,52 @@ int uf_trace_start(engine_t *e)
     return r;
 }
 
-/* After the serving threads stopped: write what is left, the dropped count last. */
-void uf_trace_stop(engine_t *e)
+static void join_writer(engine_t *e)
 {
-    if (!e->trace_started)
-        return;
     pthread_mutex_lock(&e->trace_lock);
     e->trace_stop = 1;
     pthread_cond_signal(&e->trace_cond);
     pthread_mutex_unlock(&e->trace_lock);
     pthread_join(e->trace_thread, NULL);
     e->trace_started = 0;
+}
+
+/* Under trace_lock, or with the serving threads stopped: write both buffers, the older one
+ * first, then the dropped count. */
+static void write_buffers(engine_t *e)
+{
     int cur = e->trace_cur, other = !cur;
     for (int b = 0; b < 2; b++) { /* the older buffer first */
         int i = b ? cur : other;
         write_all(e->trace_fd, (const char *)e->trace_buf[i], e->trace_n[i] * sizeof(uf_rec_t));
         e->trace_n[i] = 0;
     }
+    e->trace_full = 0;
     if (e->trace_lost) {
         uf_rec_t d = {.t_ns = uf_now_ns(), .length = e->trace_lost, .kind = KIND_NONE, .cause = CAUSE_DROPPED};
         write_all(e->trace_fd, (const char *)&d, sizeof(d));
         e->trace_lost = 0;
     }
+}
+
+/* After the serving threads stopped: write what is left, the dropped count last. */
+void uf_trace_stop(engine_t *e)
+{
+    if (!e->trace_started)
+        return;
+    join_writer(e);
+    write_buffers(e);
+}
+
+/* While serving (this process is about to exit): everything recorded so far goes to the
+ * file now; serving threads that record meanwhile wait for the lock. */
+void uf_trace_sync(engine_t *e)
+{
+    if (!e->trace_started)
+        return;
+    join_writer(e);
+    pthread_mutex_lock(&e->trace_lock);
+    write_buffers(e);
+    pthread_mutex_unlock(&e->trace_lock);
+    uf_trace_start(e);
 }

@@ -844,6 +844,28 @@ static PyObject *Engine_flush(EngineObject *self, PyObject *unused)
     return out;
 }
 
+static PyObject *Engine_orphan_children(EngineObject *self, PyObject *unused)
+{
+    ENGINE_OR_RAISE(self)
+    if (e->owner == getpid()) {
+        Py_BEGIN_ALLOW_THREADS
+        uf_orphan_children(e);
+        Py_END_ALLOW_THREADS
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_trace_sync(EngineObject *self, PyObject *unused)
+{
+    ENGINE_OR_RAISE(self)
+    if (e->owner == getpid()) {
+        Py_BEGIN_ALLOW_THREADS
+        uf_trace_sync(e);
+        Py_END_ALLOW_THREADS
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *Engine_stats(EngineObject *self, PyObject *unused)
 {
     ENGINE_OR_RAISE(self)
@@ -909,6 +931,10 @@ static PyMethodDef Engine_methods[] = {
     {"stop", (PyCFunction)Engine_stop, METH_NOARGS, "Stop and join the threads."},
     {"prefetch", (PyCFunction)Engine_prefetch, METH_O,
      "prefetch(ranges) -> (installed, poisoned_bytes, poisoned_ranges, errno, message)"},
+    {"orphan_children", (PyCFunction)Engine_orphan_children, METH_NOARGS,
+     "orphan_children(): this process exits serving: poison what forked children never loaded"},
+    {"trace_sync", (PyCFunction)Engine_trace_sync, METH_NOARGS,
+     "trace_sync(): write every trace record so far to the trace file, while serving"},
     {"flush", (PyCFunction)Engine_flush, METH_NOARGS,
      "flush() -> (pages, bytes, errno, message): write every dirty page back, durably"},
     {"stats", (PyCFunction)Engine_stats, METH_NOARGS, "Counters as a dict."},

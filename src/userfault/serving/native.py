@@ -38,6 +38,12 @@ class InProcessRuntime:
         """Write every dirty page back, durably; bytes written."""
         return flush_result(self.engine.flush())
 
+    def at_exit(self) -> None:
+        """The threads die with this process: write the trace so far, and poison what forked
+        children never loaded."""
+        self.engine.trace_sync()
+        self.engine.orphan_children()
+
     def counters(self) -> dict[str, Any]:
         """The engine's counters."""
         return dict(self.engine.stats())

@@ -67,16 +67,27 @@ class Observation:
             return None
         os.close(self.fd)
         self.fd = -1
+        return self._finish()
+
+    def at_exit(self) -> None:
+        """This process exits serving, and the engine wrote the trace so far: write the
+        working set from it. The file stays open: the engine may still append to it."""
+        if self.fd >= 0:
+            self._finish()
+
+    def _finish(self) -> int | None:
+        record, self.record = self.record, None  # written once
         try:
-            if self.record is None:
+            if record is None:
                 return None
             from ..trace import read
 
             # readahead installs count as touched: a page it brought in is not faulted for
-            return write_working_set(self.record, from_trace(read(self.trace_path),
-                                                             installs=(Cause.READAHEAD,)))
+            return write_working_set(record, from_trace(read(self.trace_path),
+                                                        installs=(Cause.READAHEAD,)))
         finally:
             if self.temporary:
+                self.temporary = False
                 os.unlink(self.trace_path)
 
 

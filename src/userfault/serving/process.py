@@ -247,6 +247,11 @@ class ProcessRuntime:
         """Write every dirty page back, durably (the worker does it); bytes written."""
         return flush_result(self._call({"op": "flush"}))
 
+    def at_exit(self) -> None:
+        """Have the worker write the trace so far. (The pager process sees this process exit
+        and stops the worker, which poisons what forked children never loaded.)"""
+        self._call({"op": "trace_sync"})
+
     def counters(self) -> dict[str, Any]:
         """The shared counters (no round trip)."""
         return dict(_native.state_counters(self.state))
@@ -358,7 +363,10 @@ def _worker(uffd: int, setup: _Setup, source: PageSource, state: mmap.mmap,
             os._exit(0)
         op = request["op"]
         try:
-            result = engine.flush() if op == "flush" else engine.prefetch(request["ranges"])
+            if op == "prefetch":
+                result = engine.prefetch(request["ranges"])
+            else:  # "flush", "trace_sync"
+                result = getattr(engine, op)()
             _send(ctl, {"result": result})
         except Exception as err:  # reported to the caller
             _send(ctl, {"error": f"{op} failed: {err}"})

@@ -198,6 +198,10 @@ class Runtime(Protocol):
     def flush(self) -> int:
         """Write every dirty page back, durably; bytes written. Raises PagerError."""
 
+    def at_exit(self) -> None:
+        """This process exits while serving (no ``close()``): leave no forked child able to
+        read zeros where the serving ends with it."""
+
     @property
     def process_exited(self) -> bool:
         """Whether the process whose memory is served is gone."""
