@@ -2,7 +2,7 @@
 
 A *native* source (zero, pattern, buffer, file) is served by C threads in the faulting
 process. Any other object that follows :class:`PageSource` is a *Python* source: it runs in a
-pager process (see :mod:`userfault.pager_process`), because Python code cannot serve faults of a
+pager process (see :mod:`userfault.serving.process`), because Python code cannot serve faults of a
 process whose faulting thread holds the GIL. Python sources are therefore pickled and sent to
 that process: keep their constructor arguments picklable and open connections lazily.
 """
