@@ -70,8 +70,9 @@ class Misbehaving(PyBytes):
 
     ``how``: ``"raise"`` (an exception), ``"short"`` (returns fewer bytes than asked, having
     written only that many), ``"keep"`` (keeps the buffer it was given), ``"hang"`` (sleeps
-    for an hour), ``"crash"`` (the process exits at once). The bad pages misbehave until the
-    file ``until`` exists (always, without one); create it and they read normally.
+    for an hour), ``"crash"`` (the process exits at once), ``"crash-once"`` (creates ``until``,
+    then exits: the next read is fine). The bad pages misbehave until the file ``until``
+    exists (always, without one); create it and they read normally.
     """
 
     kept: list[memoryview] = []
@@ -103,7 +104,9 @@ class Misbehaving(PyBytes):
             return None
         if self.how == "hang":
             time.sleep(3600)
-        if self.how == "crash":
+        if self.how == "crash-once":
+            open(self.until, "w").close()
+        if self.how in ("crash", "crash-once"):
             os._exit(3)
         raise ValueError(f"unknown misbehaviour {self.how!r}")
 

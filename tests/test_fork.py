@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import signal
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -222,6 +223,37 @@ def test_parent_exiting_without_close_gives_the_child_sigbus_not_zeros(kind: str
     assert "child first page 7" in r.stdout, (r.stdout, r.stderr)
     assert "never loaded" not in r.stdout, (r.stdout, r.stderr)
     assert "still used its memory: the" in r.stderr
+
+
+def test_a_worker_that_dies_keeps_serving_forked_children(tmp_path: Path) -> None:
+    """The pager process's worker holds the forked children's uffds; one that dies must not
+    take them along (the child would read zeros): the next worker serves them."""
+    marker = tmp_path / "crashed"
+    r = run_script(f"""
+        import os, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import userfault
+        from userfault import _native
+        from py_sources import Misbehaving
+        if __name__ == "__main__":
+            page = 4096
+            data = b"".join(i.to_bytes(4, "little") * (page // 4) for i in range(256))
+            src = Misbehaving(data, [40 * page], "crash-once", until={str(marker)!r})
+            p = userfault.map(src, readahead=False)
+            assert _native.touch(p.address, 1, 1, 0, 0, False) == 0
+            pid = os.fork()
+            if pid == 0:
+                first = _native.touch(p.address + 40 * page, 1, 1, 0, 0, False)  # kills it
+                ok = first == 40 and bytes(memoryview(p)) == data
+                os._exit(0 if ok else 1)
+            _, status = os.waitpid(pid, 0)
+            print("child", os.waitstatus_to_exitcode(status), "restarts", p.stats().restarts,
+                  flush=True)
+            p.close()
+    """, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "child 0 restarts 1" in r.stdout, (r.stdout, r.stderr)
+    assert marker.exists() and "restarting it" in r.stderr
 
 
 def test_unprivileged_child_fails_loudly(child: Callable[..., tuple[int, bytes]]) -> None:

@@ -101,6 +101,7 @@ typedef struct { int n; area_t a[]; } areas_t;
 /* A userfaultfd served by the engine: the root, or a forked child's. */
 typedef struct uctx {
     int uffd, id, own_fd, dead, users;
+    uint64_t key; /* a forked child's name for the pager process's supervisor (fork_sock) */
     areas_t *areas; /* replaced whole on REMAP; a reader loads the pointer once */
     uint64_t npages;
     uint8_t *installed, *removed; /* one bit per page */
@@ -186,6 +187,10 @@ struct engine {
      * are tracked (pages installed write-protected, dirty bits) when writable, and under a
      * budget too: there a written page of a read-only pager is kept, never dropped. */
     int writable, track_writes, shared_mem, wb_fd, pinned_warned;
+    /* A pager process's worker tells its supervisor of every forked child's descriptor (so a
+     * worker that dies does not take them along: the child would read zeros) and of its end. */
+    int fork_sock;
+    uint64_t key_base;
     char *wb_buf;
     uint64_t wb_len;
     PyObject *write_from, *src_flush;

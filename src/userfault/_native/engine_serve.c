@@ -19,6 +19,8 @@
 #include <sched.h>
 #include <sys/epoll.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 enum { SERVED, CTX_GONE };
@@ -119,11 +121,51 @@ uctx_t *uf_ctx_new(engine_t *e, int uffd, const areas_t *areas, int own_fd, cons
     return c;
 }
 
+/* To the supervisor (fork_sock): a child's descriptor and areas (kind 1), or its end (2).
+ * Never blocks: a supervisor that cannot take it loses only a restart's hold on the child. */
+static void tell_supervisor(engine_t *e, uctx_t *c, int kind)
+{
+    if (e->fork_sock < 0 || e->owner != getpid())
+        return;
+    areas_t *as = c->areas;
+    int n = kind == 1 && as ? as->n : 0;
+    size_t size = 16 + (size_t)n * 24;
+    uint64_t *msg = uf_alloc(size); /* mmap, not malloc: this may run during a fork (see uf_alloc) */
+    if (!msg)
+        return;
+    msg[0] = (uint64_t)kind | ((uint64_t)n << 32);
+    msg[1] = c->key;
+    for (int i = 0; i < n; i++) {
+        msg[2 + 3 * i] = as->a[i].base;
+        msg[3 + 3 * i] = as->a[i].len;
+        msg[4 + 3 * i] = as->a[i].src_off;
+    }
+    struct iovec iov = {msg, size};
+    union { struct cmsghdr h; char buf[CMSG_SPACE(sizeof(int))]; } ctl;
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
+    if (kind == 1) {
+        memset(&ctl, 0, sizeof(ctl));
+        mh.msg_control = ctl.buf;
+        mh.msg_controllen = sizeof(ctl.buf);
+        struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+        cm->cmsg_level = SOL_SOCKET;
+        cm->cmsg_type = SCM_RIGHTS;
+        cm->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(cm), &c->uffd, sizeof(int));
+    }
+    if (sendmsg(e->fork_sock, &mh, MSG_DONTWAIT | MSG_NOSIGNAL) < 0)
+        uf_log(e, "could not tell the pager process of a forked child (%s): if this worker "
+               "dies, that child's pages not loaded yet read as zeros", strerror(errno));
+    uf_free(msg);
+}
+
 /* Under e->lock, with no thread inside: let go of a dead context's descriptor and memory. */
 static void ctx_release(engine_t *e, uctx_t *c)
 {
     if (c->uffd < 0)
         return;
+    if (c->id)
+        tell_supervisor(e, c, 2);
     /* A forked copy of the engine shares the epoll instance with its parent: only the owner
      * may change it. */
     if (e->epfd >= 0 && e->owner == getpid())
@@ -444,8 +486,11 @@ static void adopt_child(engine_t *e, uctx_t *parent, int fd)
     fcntl(fd, F_SETFD, FD_CLOEXEC);
     pthread_mutex_lock(&e->lock);
     uctx_t *c = uf_ctx_new(e, fd, areas_of(parent), 1, parent);
-    if (c)
+    if (c) {
         ADD(e, children, 1);
+        c->key = e->key_base + (uint64_t)c->id;
+        tell_supervisor(e, c, 1); /* before the fork returns: the child cannot fault yet */
+    }
     pthread_mutex_unlock(&e->lock);
     if (!c) {
         /* Keep the descriptor: closing it would let the child read zeros. Its faults wait. */

@@ -5,6 +5,7 @@
 #include "engine.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stdio.h>
 #include <string.h>
@@ -321,6 +322,39 @@ static void Engine_dealloc(EngineObject *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+static areas_t *parse_areas(PyObject *obj, uint64_t page);
+
+/* children: (uffd, key, areas) of forked children a previous worker served; their page
+ * state is unknown (a present page answers EEXIST and is woken). The descriptors become ours. */
+static int adopt_children(engine_t *e, PyObject *children, uint64_t page)
+{
+    PyObject *seq = PySequence_Fast(children, "children must be a sequence of (uffd, key, areas)");
+    if (!seq)
+        return -1;
+    int ret = 0;
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq) && !ret; i++) {
+        int fd;
+        unsigned long long key;
+        PyObject *areas_obj;
+        areas_t *as = NULL;
+        uctx_t *c = NULL;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iKO;a child is (uffd, key, areas)",
+                              &fd, &key, &areas_obj) || !(as = parse_areas(areas_obj, page))) {
+            ret = -1;
+        } else if (!(c = uf_ctx_new(e, fd, as, 1, NULL))) {
+            PyErr_NoMemory();
+            ret = -1;
+        } else {
+            c->key = key;
+            ADD(e, children, 1);
+            fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+        }
+        free(as);
+    }
+    Py_DECREF(seq);
+    return ret;
+}
+
 static areas_t *parse_areas(PyObject *obj, uint64_t page)
 {
     PyObject *seq = PySequence_Fast(obj, "areas must be a sequence of (address, length, source_offset)");
@@ -423,7 +457,7 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
                              "retries", "state", "log_fd", "max_resident", "high_watermark",
                              "low_watermark", "evict_advice", "evict_batch", "agent_fds", "pool_fd",
                              "writable", "write_fd", "write_buffer", "shared", "write_limit",
-                             "trace_fd", "preload", NULL};
+                             "trace_fd", "preload", "fork_sock", "key_base", "children", NULL};
     int uffd, kind, install, src_fd = -1, memfd = -1, populate = 0, threads = 1, fail_errno = 0;
     int on_error = ONERR_POISON, on_remove = ONREM_RELOAD, retries = 3, log_fd = 2;
     unsigned long long page, chunk = 0, ra_min = 0, ra_max = 0, piece = 0, log_cap = 0;
@@ -433,18 +467,21 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
     PyObject *write_buffer = Py_None;
     unsigned long long write_limit = 0;
     int trace_fd = -1;
-    PyObject *preload = Py_None;
+    PyObject *preload = Py_None, *children = Py_None;
+    int fork_sock = -1;
+    unsigned long long key_base = 0;
     int evict_advice = MADV_DONTNEED, agent_req = -1, agent_done = -1;
     const char *name = "", *fail_message = "";
     Py_buffer pat = {0}, cyc = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iOKii|Oiy*y*iOsisKKKKpiKiiiOiKKKiK(ii)ipiOpKiO", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iOKii|Oiy*y*iOsisKKKKpiKiiiOiKKKiK(ii)ipiOpKiOiKO", kwlist,
                                      &uffd, &areas_obj, &page, &kind, &install, &data, &src_fd, &pat,
                                      &cyc, &memfd, &pysource, &name, &fail_errno, &fail_message,
                                      &chunk, &ra_min, &ra_max, &piece, &populate, &threads, &log_cap,
                                      &on_error, &on_remove, &retries, &state, &log_fd, &max_resident,
                                      &high, &low, &evict_advice, &evict_batch, &agent_req,
                                      &agent_done, &pool_fd, &writable, &write_fd, &write_buffer,
-                                     &shared, &write_limit, &trace_fd, &preload))
+                                     &shared, &write_limit, &trace_fd, &preload, &fork_sock,
+                                     &key_base, &children))
         return -1;
     if (self->e) {
         PyErr_SetString(PyExc_RuntimeError, "an engine is initialised once");
@@ -469,6 +506,8 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
     pthread_mutex_init(&e->trace_lock, NULL);
     pthread_cond_init(&e->trace_cond, NULL);
     e->trace_fd = trace_fd;
+    e->fork_sock = fork_sock;
+    e->key_base = key_base;
     e->pool_fd = pool_fd;
     e->writable = writable;
     e->wb_fd = write_fd;
@@ -642,6 +681,8 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
         goto done;
     }
     if (preload != Py_None && parse_preload(e, preload, areas) < 0)
+        goto done;
+    if (children != Py_None && adopt_children(e, children, page) < 0)
         goto done;
     e->nworkers = threads + ((ra_max > 0 || populate || e->npreload) ? UF_BG_THREADS : 0);
     if (!(e->workers = calloc((size_t)e->nworkers, sizeof(worker_t)))) {

@@ -345,11 +345,21 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
+#: A forked child a worker served: its uffd (the supervisor's copy), key and areas.
+_Child = tuple[int, int, list[tuple[int, int, int]]]
+_FORK_HEAD = struct.Struct("<IIQ")  # kind (1: a child's uffd, 2: its end), areas, key
+_FORK_AREA = struct.Struct("<QQQ")
+
+
 def _worker(uffd: int, setup: _Setup, source: PageSource, state: mmap.mmap,
-            ctl: socket.socket, supervisor: int) -> None:
-    """The worker: the engine over the source, and prefetch requests from the supervisor."""
+            ctl: socket.socket, supervisor: int, forks: socket.socket, generation: int,
+            children: list[_Child]) -> None:
+    """The worker: the engine over the source (and over the forked children an earlier
+    worker served), and requests from the supervisor."""
     _die_with_parent(supervisor)
     engine = _native.Engine(uffd, setup.areas, state=state, log_fd=2,
+                            fork_sock=forks.fileno(), key_base=generation << 32,
+                            children=children,
                             **engine_args(source, setup.config, setup.page_size,
                                           evict_advice=setup.evict_advice, pool_fd=setup.pool_fd,
                                           shared=setup.shared, agent_fds=setup.agent_fds,
@@ -397,17 +407,28 @@ class _Supervisor:
         self.pending: dict[str, Any] | None = None  # a prefetch waiting for the worker
         self.fallback: Any = None
         self.say = _Limiter()
+        # Forked children's uffds, held here so that a worker that dies does not take them
+        # along (the kernel would drop the child's registration: zeros); the next worker
+        # serves them. The worker tells us of each child and of its end.
+        self.forks, self.worker_forks = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.forks.setblocking(False)
+        self.children: dict[int, tuple[int, list[tuple[int, int, int]]]] = {}
+        self.generation = 0
 
     def spawn(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         supervisor = os.getpid()
+        self.generation += 1
+        children = [(fd, key, areas) for key, (fd, areas) in self.children.items()]
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
                 mine.close()
                 self.sock.close()
-                _worker(self.uffd, self.setup, self.source, self.state, theirs, supervisor)
+                self.forks.close()
+                _worker(self.uffd, self.setup, self.source, self.state, theirs, supervisor,
+                        self.worker_forks, self.generation, children)
             except BaseException:
                 log.exception("pager worker failed")
                 code = 1
@@ -424,7 +445,7 @@ class _Supervisor:
         try:
             while True:
                 w = self.worker
-                watched = [self.sock.fileno(), self.parent]
+                watched = [self.sock.fileno(), self.parent, self.forks.fileno()]
                 if w:
                     watched += [w.pidfd, w.ctl.fileno()]
                 timeout = _POLL_S if w else None if self.restart_at is None else max(
@@ -432,6 +453,8 @@ class _Supervisor:
                 ready, _, _ = select.select(watched, [], [], timeout)
                 if self.parent in ready:
                     return 0  # the faulting process is gone: nothing left to serve
+                if self.forks.fileno() in ready:
+                    self.read_forks()
                 if w and w.pidfd in ready:
                     self.worker_died(w)
                 elif w and w.ctl.fileno() in ready:
@@ -447,9 +470,15 @@ class _Supervisor:
 
     def stop_worker(self) -> None:
         """Ask the worker to stop (it poisons what forked children still miss), then kill it
-        if it does not."""
+        if it does not. Without a worker, the children's missing pages are poisoned here."""
         w = self.worker
         if w is None:
+            self.read_forks()
+            if self.children and self.fallback is None:
+                # an engine that never starts: letting it go poisons its children's pages
+                _native.Engine(self.uffd, self.setup.areas, self.page, _native.SRC_FAIL,
+                               _native.INST_COPY, name=self.setup.name, retries=0,
+                               children=self.dup_children())
             return
         w.ctl.close()
         ready, _, _ = select.select([w.pidfd], [], [], 5.0)
@@ -460,6 +489,27 @@ class _Supervisor:
             os.waitpid(w.pid, 0)
         os.close(w.pidfd)
         self.worker = None
+
+    # -- forked children ---------------------------------------------------------------------
+
+    def read_forks(self) -> None:
+        """The workers' news of forked children: a child's uffd to hold, or its end."""
+        while True:
+            try:
+                msg, fds, _, _ = socket.recv_fds(self.forks, 1 << 18, 1)
+            except BlockingIOError:
+                return
+            kind, n, key = _FORK_HEAD.unpack_from(msg)
+            if kind == 1 and fds:
+                areas = [_FORK_AREA.unpack_from(msg, _FORK_HEAD.size + i * _FORK_AREA.size)
+                         for i in range(n)]
+                self.children[key] = (fds[0], [(int(a), int(b), int(c)) for a, b, c in areas])
+            elif kind == 2 and key in self.children:
+                os.close(self.children.pop(key)[0])
+
+    def dup_children(self) -> list[_Child]:
+        """The children, with descriptors of their own (an engine closes those it adopts)."""
+        return [(os.dup(fd), key, areas) for key, (fd, areas) in self.children.items()]
 
     # -- requests from the faulting process --------------------------------------------------
 
@@ -548,20 +598,24 @@ class _Supervisor:
 
     def restart(self) -> None:
         self.restart_at = None
+        self.read_forks()  # every child the dead worker served
         self.spawn()
-        for address, length, _ in self.setup.areas:  # threads whose faults the dead one read
-            with contextlib.suppress(OSError):
-                _native.wake(self.uffd, address, length)
+        # wake the threads whose faults the dead worker had read: they fault again
+        for fd, areas in [(self.uffd, self.setup.areas), *self.children.values()]:
+            for address, length, _ in areas:
+                with contextlib.suppress(OSError):
+                    _native.wake(fd, address, length)
 
     def give_up(self, last: str) -> None:
         msg = (f"the pager worker died {self.consecutive} times in a row (last: {last}): "
                "giving up; faults on pages not loaded yet get SIGBUS")
         self.say.line(logging.ERROR, msg)
         _native.state_set_error(self.state, errno.EIO, msg)
+        self.read_forks()
         self.fallback = _native.Engine(
             self.uffd, self.setup.areas, self.page, _native.SRC_FAIL, _native.INST_COPY,
             fail_errno=errno.EIO, fail_message=f"the pager worker kept dying ({last})",
-            name=self.setup.name, retries=0, state=self.state)
+            name=self.setup.name, retries=0, state=self.state, children=self.dup_children())
         self.fallback.start()
         self.fallback.wake()
 
