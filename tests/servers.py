@@ -394,6 +394,33 @@ class RedisCluster:
     def node(self, port: int) -> RedisServer:
         return next(n for n in self.nodes if n.port == port)
 
+    def node_id(self, port: int) -> str:
+        return self.cli_run(port, "cluster", "myid").strip()
+
+    def move_slot(self, slot: int, to: int) -> None:
+        """Migrate hash slot ``slot`` with its keys to the master on port ``to`` (IMPORTING,
+        MIGRATING, MIGRATE, then SETSLOT NODE on every master), as a resharding does."""
+        owner = next(int(line.split()[1].rpartition(":")[2].split("@")[0])
+                     for line in self.cli_run(to, "cluster", "nodes").splitlines()
+                     if "master" in line.split()[2] and _owns(line.split()[8:], slot))
+        if owner == to:
+            return
+        dst, src = self.node_id(to), self.node_id(owner)
+        def ok(port: int, *args: str) -> None:
+            out = self.cli_run(port, *args).strip()
+            if out != "OK":
+                raise RuntimeError(f"redis-cli -p {port} {' '.join(args[:4])}...: {out[:200]}")
+
+        ok(to, "cluster", "setslot", str(slot), "importing", src)
+        ok(owner, "cluster", "setslot", str(slot), "migrating", dst)
+        for _ in range(100_000):
+            keys = self.cli_run(owner, "cluster", "getkeysinslot", str(slot), "100").split()
+            if not keys:
+                break
+            ok(owner, "migrate", HOST, str(to), "", "0", "5000", "keys", *keys)
+        for m in self.primaries():
+            ok(m.port, "cluster", "setslot", str(slot), "node", dst)
+
     def start(self, timeout: float = 30.0) -> RedisCluster:
         used: set[int] = set()
         for _ in range(self.masters * (1 + self.replicas)):
@@ -463,3 +490,14 @@ class RedisCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _owns(ranges: list[str], slot: int) -> bool:
+    """Whether CLUSTER NODES slot fields (``"0-5460"``, ``"7"``, ``"[..]"``) hold ``slot``."""
+    for r in ranges:
+        if r.startswith("["):
+            continue  # a slot being migrated or imported
+        lo, _, hi = r.partition("-")
+        if int(lo) <= slot <= int(hi or lo):
+            return True
+    return False

@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import socket
 import threading
@@ -406,20 +407,13 @@ class RedisSource:
 
     def _store(self, client: Any, full: list[tuple[str, bytes]],
                partial: list[tuple[str, int, bytes]]) -> list[tuple[str, int]]:
-        """SET and SETRANGE the keys; with ``replicas``, WAIT on each connection that wrote.
-        Returns ``[(node, acknowledgements)]`` of the masters whose replicas fell short."""
-        if not self._cluster or not self._replicas:
-            pipe = client.pipeline(transaction=False)
-            _queue(pipe, full, partial)
-            if not self._replicas:
-                pipe.execute()
-                return []
-            pipe.execute_command("WAIT", self._replicas, self._wait_ms)
-            acked = int(pipe.execute()[-1])
-            return [] if acked >= self._replicas else [(_server_of(self._url), acked)]
-        # A cluster pipeline spreads its commands over connections of its own choosing (and
-        # follows redirections on others): here each master gets a pipeline of its own
-        # keys that ends in WAIT on the same connection.
+        """SET and SETRANGE the keys, one pipeline per server; with ``replicas``, each ends in
+        WAIT. Returns ``[(node, acknowledgements)]`` of the masters whose replicas fell short."""
+        if not self._cluster:
+            return self._store_on(client, _server_of(self._url), full, partial)
+        # Not redis-py's cluster pipeline: it picks connections of its own and follows
+        # redirections on others, so a WAIT in it could vouch for nothing (WAIT counts the
+        # writes of its own connection), and it costs more per call (bench_redis_writeback).
         per_node: dict[str, tuple[Any, list[tuple[str, bytes]], list[tuple[str, int, bytes]]]]
         per_node = {}
         for k, v in full:
@@ -431,19 +425,27 @@ class RedisSource:
         short = []
         try:
             for name, (node, node_full, node_partial) in per_node.items():
-                pipe = client.get_redis_connection(node).pipeline(transaction=False)
-                _queue(pipe, node_full, node_partial)
-                pipe.execute_command("WAIT", self._replicas, self._wait_ms)
-                acked = int(pipe.execute()[-1])
-                if acked < self._replicas:
-                    short.append((name, acked))
+                short += self._store_on(client.get_redis_connection(node), name, node_full,
+                                        node_partial)
         except Exception:
-            # A stale slot map (MOVED, ASK) or a master gone: the retry asks the cluster
-            # again where the keys live.
+            # A stale slot map (MOVED, ASK) or a master gone: the engine's retry asks the
+            # cluster again where the keys live.
             with contextlib.suppress(Exception):
                 client.nodes_manager.initialize()
             raise
         return short
+
+    def _store_on(self, server: Any, name: str, full: list[tuple[str, bytes]],
+                  partial: list[tuple[str, int, bytes]]) -> list[tuple[str, int]]:
+        """One pipeline to one server: the writes, then WAIT on the same connection."""
+        pipe = server.pipeline(transaction=False)
+        _queue(pipe, full, partial)
+        if not self._replicas:
+            pipe.execute()
+            return []
+        pipe.execute_command("WAIT", self._replicas, self._wait_ms)
+        acked = int(pipe.execute()[-1])
+        return [] if acked >= self._replicas else [(name, acked)]
 
     def close(self) -> None:
         """Close the client's connections (the source stays usable)."""
@@ -470,7 +472,7 @@ class RedisSource:
         return SourceError.for_range("RedisSource", self._desc, what, offset, length, cause)
 
     def _redis_error(self, what: str, offset: int, length: int, err: BaseException) -> SourceError:
-        return self._error(what, offset, length, f"{type(err).__name__}: {err}")
+        return self._error(what, offset, length, _describe_error(err))
 
     def _mget(self, order: list[int], views: list[tuple[int, memoryview]],
               dsts: list[memoryview | None] | None) -> Any:
@@ -586,6 +588,18 @@ class RedisSource:
         return (f"the object was uploaded again (generation {was} when this source opened it, "
                 f"{now or 'none'} now): its pages are gone and pages of two uploads must never "
                 "be mixed; open it again to page the new version")
+
+
+# redis-py prefixes an error in a pipeline with the command, page bytes and all.
+_PIPELINE_NOTE = re.compile(r"Command # \d+ \(.*\) of pipeline caused error: ", re.S)
+
+
+def _describe_error(err: BaseException) -> str:
+    slot, host = getattr(err, "slot_id", None), getattr(err, "host", None)
+    if slot is not None and host is not None:  # redis-py's MovedError and AskError
+        port = getattr(err, "port", "?")
+        return f"{type(err).__name__}: hash slot {slot} is served by {host}:{port} now"
+    return f"{type(err).__name__}: {_PIPELINE_NOTE.sub('', str(err))}"
 
 
 def _queue(pipe: Any, full: list[tuple[str, bytes]], partial: list[tuple[str, int, bytes]]
