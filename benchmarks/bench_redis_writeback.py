@@ -13,14 +13,15 @@ Usage: PYTHONPATH=src python benchmarks/bench_redis_writeback.py [--runs 5] [--s
   writes each page in a ``write_from`` of its own (the worst case for a WAIT per call);
 * contiguous: ``--contiguous`` adjacent pages, written back in runs of up to 1024 pages.
 
-Each figure is the median of ``--runs`` flushes (after one warm-up flush) of the same pager,
-its pages written again before each. After the last flush the data is checked through a fresh
-reader.
+Each figure is the median of ``--runs`` flushes (after one warm-up round) of one pager per
+mode, its pages written again before each; the three pagers (all on the same object) take
+turns. After the last round the data is checked through a fresh reader.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -45,28 +46,34 @@ def written_pages(pattern: str, count: int) -> list[int]:
     return list(range(0, 4 * count, 4)) if pattern == "scattered" else list(range(count))
 
 
-def flush_times(url: str, prefix: str, cluster: bool, replicas: int, pages: list[int],
-                runs: int, after: Callable[[], None] | None) -> list[float]:
-    """Seconds of each flush (plus ``after``, when given) of the pages written again."""
-    src = RedisSource(url, prefix=prefix, cluster=cluster, replicas=replicas)
-    times = []
-    with userfault.map(src, writable=True, readahead=False) as pager, pager.view() as v:
+def flush_times(url: str, prefix: str, cluster: bool, pages: list[int], runs: int,
+                modes: list[tuple[str, int, Callable[[], None] | None]]) -> dict[str, float]:
+    """Median seconds of a flush (plus its ``after``, when given) of the pages written again,
+    per mode ``(name, replicas, after)``; the modes take turns, one flush each per round."""
+    times: dict[str, list[float]] = {name: [] for name, _, _ in modes}
+    with contextlib.ExitStack() as stack:
+        pagers = []
+        for name, replicas, after in modes:
+            src = RedisSource(url, prefix=prefix, cluster=cluster, replicas=replicas)
+            pager = stack.enter_context(userfault.map(src, writable=True, readahead=False))
+            pagers.append((name, pager, stack.enter_context(pager.view()), after))
         for run in range(runs + 1):
-            for i in pages:
-                v[i * PAGE: i * PAGE + 8] = b"%08d" % run
-            t0 = time.perf_counter()
-            assert pager.flush() == len(pages) * PAGE
-            if after is not None:
-                after()
-            if run:
-                times.append(time.perf_counter() - t0)
+            for name, pager, v, after in pagers:
+                for i in pages:
+                    v[i * PAGE: i * PAGE + 8] = b"%08d" % run
+                t0 = time.perf_counter()
+                assert pager.flush() == len(pages) * PAGE
+                if after is not None:
+                    after()
+                if run:  # the first round warms up
+                    times[name].append(time.perf_counter() - t0)
     check = RedisSource(url, prefix=prefix, cluster=cluster)
     buf = bytearray(PAGE)
     for i in pages[:: max(1, len(pages) // 16)]:
         check.read_into(i * PAGE, memoryview(buf))
         assert buf[:8] == b"%08d" % runs, (i, bytes(buf[:8]))
     check.close()
-    return times
+    return {name: median(t) for name, t in times.items()}
 
 
 def wait_each(ports: list[int]) -> Callable[[], None]:
@@ -109,13 +116,9 @@ def main() -> None:
                     pages = written_pages(pattern, count)
                     prefix = f"bench:{pattern}:"
                     upload(data, url, prefix, cluster=is_cluster, replicas=0)
-                    res = {}
-                    for mode, replicas, after in (("no WAIT", 0, None),
-                                                  ("WAIT per write_from", 1, None),
-                                                  ("WAIT once per flush", 0,
-                                                   wait_each(masters))):
-                        res[mode] = median(flush_times(url, prefix, is_cluster, replicas,
-                                                       pages, args.runs, after))
+                    res = flush_times(url, prefix, is_cluster, pages, args.runs, [
+                        ("no WAIT", 0, None), ("WAIT per write_from", 1, None),
+                        ("WAIT once per flush", 0, wait_each(masters))])
                     base = res["no WAIT"]
                     for mode, t in res.items():
                         rows.append([name, f"{pattern} {len(pages)}", mode, t * 1e3,

@@ -33,6 +33,14 @@ tag in the prefix (``"{vm1}:"``) to keep one object on one node instead. ``read_
 all the keys of a batch with pipelined ``MGET`` (standalone) or ``mget_nonatomic`` (cluster:
 grouped by hash slot, one pipeline per node).
 
+Writes (``write_from``, what a ``writable=True`` pager calls to write pages back) go to the
+pinned generation, one pipeline of ``SET``/``SETRANGE`` per master. With ``replicas`` > 0
+(the default on a cluster) each of those pipelines ends in ``WAIT``, and the write counts only
+once enough replicas acknowledged it: in their memory, not on disk (docs/pagers.md, "Writing
+back to Redis"). ``WAIT`` is issued per ``write_from``, not in a ``flush()``: the engine
+counts a page written when ``write_from`` returns, and ``WAIT`` vouches only for the writes of
+its own connection.
+
 The source is picklable (constructor arguments only) and fork-safe: the client is created
 lazily in the process that uses it, and again after a fork.
 """
