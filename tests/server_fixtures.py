@@ -27,7 +27,8 @@ if _here not in sys.path:
 
 import servers  # noqa: E402
 
-__all__ = ["fresh_servers", "nginx_server", "redis_cluster", "redis_server", "require_servers"]
+__all__ = ["fresh_servers", "nginx_server", "redis_cluster", "redis_cluster_replicas",
+           "redis_server", "require_servers"]
 
 T = TypeVar("T")
 
@@ -83,6 +84,17 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.
     cluster.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster_replicas(tmp_path_factory: pytest.TempPathFactory
+                           ) -> Iterator[servers.RedisCluster]:
+    """Three real masters with one replica each, every replica synced (``.primaries()``,
+    ``.replicas_of(master)``). Tests that stop or kill a node use ``fresh_servers.cluster``."""
+    work = tmp_path_factory.mktemp("rcluster-replicas")
+    cluster = require_servers(lambda: servers.RedisCluster(work, replicas=1).start())
+    yield cluster
+    cluster.stop()
+
+
 class FreshServers:
     """Private servers for one test (tests that stop, kill or restart them); closed after it."""
 
@@ -102,9 +114,9 @@ class FreshServers:
         self._started.append(srv)
         return srv
 
-    def cluster(self) -> servers.RedisCluster:
+    def cluster(self, replicas: int = 0) -> servers.RedisCluster:
         d = self._tmp / f"cluster{len(self._started)}"
-        srv = require_servers(lambda: servers.RedisCluster(d).start())
+        srv = require_servers(lambda: servers.RedisCluster(d, replicas=replicas).start())
         self._started.append(srv)
         return srv
 
@@ -115,7 +127,8 @@ class FreshServers:
 
 @pytest.fixture
 def fresh_servers(tmp_path: Path) -> Iterator[FreshServers]:
-    """A factory of private servers: ``fresh_servers.nginx()``, ``.redis()``, ``.cluster()``."""
+    """A factory of private servers: ``fresh_servers.nginx()``, ``.redis()``,
+    ``.cluster(replicas=0)``."""
     factory = FreshServers(tmp_path)
     yield factory
     factory.close()

@@ -1,4 +1,5 @@
-"""Real servers for tests and benchmarks: nginx, redis-server and a 3-master Redis Cluster.
+"""Real servers for tests and benchmarks: nginx, redis-server and Redis Cluster (3 masters,
+with or without replicas).
 
 Everything listens on 127.0.0.1 on free ports, lives in a private directory and is stopped by
 :meth:`stop`. Every wait is bounded. No mocks: these are the distribution binaries.
@@ -337,15 +338,19 @@ class RedisServer:
 
 
 class RedisCluster:
-    """Three redis-server masters with ``cluster-enabled yes``, joined by
-    ``redis-cli --cluster create ... --cluster-replicas 0 --cluster-yes``."""
+    """Redis Cluster: ``masters`` redis-server masters with ``cluster-enabled yes``, each with
+    ``replicas`` replicas, joined by ``redis-cli --cluster create ... --cluster-replicas
+    <replicas> --cluster-yes``. :meth:`start` returns once the cluster state is ok on every
+    node and every replica's link to its master is up (fully synced)."""
 
-    def __init__(self, workdir: str | os.PathLike[str] | None = None, masters: int = 3) -> None:
+    def __init__(self, workdir: str | os.PathLike[str] | None = None, masters: int = 3,
+                 replicas: int = 0) -> None:
         self.cli = find_binary("redis-cli")
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="uf-rcluster-"))
         self.nodes: list[RedisServer] = []
         self.masters = masters
+        self.replicas = replicas
 
     @property
     def startup_nodes(self) -> list[tuple[str, int]]:
@@ -353,11 +358,72 @@ class RedisCluster:
 
     @property
     def url(self) -> str:
-        return f"redis://{HOST}:{self.nodes[0].port}/0"
+        return f"redis://{HOST}:{self.nodes[0].port}/0"  # any node: clients discover the rest
+
+    def cli_run(self, port: int, *args: str, timeout: float = 10.0) -> str:
+        """``redis-cli -p port args...`` on one node (no redirects followed): its output."""
+        res = subprocess.run([self.cli, "-h", HOST, "-p", str(port), *args],
+                             capture_output=True, timeout=timeout, check=True)
+        return res.stdout.decode(errors="replace")
+
+    def _roles(self) -> dict[int, int | None]:
+        """port -> the port of its master (``None`` for a master), from CLUSTER NODES of the
+        first running node (a node stopped with SIGSTOP counts as running: ask before)."""
+        live = next(n for n in self.nodes if n.proc is not None and n.proc.poll() is None)
+        ids: dict[str, int] = {}
+        masters: dict[int, str] = {}
+        for line in self.cli_run(live.port, "cluster", "nodes").splitlines():
+            fields = line.split()
+            node_id, addr, flags, master = fields[0], fields[1], fields[2], fields[3]
+            port = int(addr.split("@")[0].rpartition(":")[2])
+            ids[node_id] = port
+            masters[port] = "" if "master" in flags.split(",") else master
+        return {port: (ids[m] if m else None) for port, m in masters.items()}
+
+    def primaries(self) -> list[RedisServer]:
+        """The masters (as the cluster sees them now)."""
+        roles = self._roles()
+        return [n for n in self.nodes if roles.get(n.port, 0) is None]
+
+    def replicas_of(self, master: RedisServer | int) -> list[RedisServer]:
+        """The replicas of ``master`` (a node or its port)."""
+        port = master if isinstance(master, int) else master.port
+        roles = self._roles()
+        return [n for n in self.nodes if roles.get(n.port) == port]
+
+    def node(self, port: int) -> RedisServer:
+        return next(n for n in self.nodes if n.port == port)
+
+    def node_id(self, port: int) -> str:
+        return self.cli_run(port, "cluster", "myid").strip()
+
+    def move_slot(self, slot: int, to: int) -> None:
+        """Migrate hash slot ``slot`` with its keys to the master on port ``to`` (IMPORTING,
+        MIGRATING, MIGRATE, then SETSLOT NODE on every master), as a resharding does."""
+        owner = next(int(line.split()[1].rpartition(":")[2].split("@")[0])
+                     for line in self.cli_run(to, "cluster", "nodes").splitlines()
+                     if "master" in line.split()[2] and _owns(line.split()[8:], slot))
+        if owner == to:
+            return
+        dst, src = self.node_id(to), self.node_id(owner)
+        def ok(port: int, *args: str) -> None:
+            out = self.cli_run(port, *args).strip()
+            if out != "OK":
+                raise RuntimeError(f"redis-cli -p {port} {' '.join(args[:4])}...: {out[:200]}")
+
+        ok(to, "cluster", "setslot", str(slot), "importing", src)
+        ok(owner, "cluster", "setslot", str(slot), "migrating", dst)
+        for _ in range(100_000):
+            keys = self.cli_run(owner, "cluster", "getkeysinslot", str(slot), "100").split()
+            if not keys:
+                break
+            ok(owner, "migrate", HOST, str(to), "", "0", "5000", "keys", *keys)
+        for m in self.primaries():
+            ok(m.port, "cluster", "setslot", str(slot), "node", dst)
 
     def start(self, timeout: float = 30.0) -> RedisCluster:
         used: set[int] = set()
-        for _ in range(self.masters):
+        for _ in range(self.masters * (1 + self.replicas)):
             while True:
                 port = free_port(also_plus=10000)  # the cluster bus listens on port + 10000
                 if port not in used:
@@ -367,28 +433,48 @@ class RedisCluster:
             d.mkdir(parents=True, exist_ok=True)
             node = RedisServer(d, port=port, extra_args=[
                 "--cluster-enabled", "yes", "--cluster-config-file", str(d / "nodes.conf"),
-                "--cluster-node-timeout", "3000"])
+                "--cluster-node-timeout", "3000",
+                # a replica's first full sync starts at once, not 5 s later (the default)
+                "--repl-diskless-sync-delay", "0"])
             self.nodes.append(node)
             node.start()
         cmd = [self.cli, "--cluster", "create", *(f"{HOST}:{n.port}" for n in self.nodes),
-               "--cluster-replicas", "0", "--cluster-yes"]
+               "--cluster-replicas", str(self.replicas), "--cluster-yes"]
         res = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
         if res.returncode != 0:
             self.stop()
             raise RuntimeError(f"redis-cli --cluster create failed: {res.stdout[-2000:]!r} "
                                f"{res.stderr[-2000:]!r}")
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait (bounded) until every live node says cluster_state:ok and every replica's
+        master link is up; raises TimeoutError."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if all(self._state_ok(n.port) for n in self.nodes):
-                return self
+            live = [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+            if all(self._state_ok(n.port) for n in live) and all(
+                    self._synced(r.port) for m in self.primaries() for r in self.replicas_of(m)
+                    if r in live) and sum(len(self.replicas_of(m)) for m in self.primaries()
+                                          ) == self.masters * self.replicas:
+                return
             time.sleep(0.1)
-        self.stop()
-        raise TimeoutError(f"Redis Cluster did not reach cluster_state:ok within {timeout} s")
+        raise TimeoutError(f"Redis Cluster did not reach cluster_state:ok with every replica "
+                           f"synced within {timeout} s")
 
     def _state_ok(self, port: int) -> bool:
         res = subprocess.run([self.cli, "-h", HOST, "-p", str(port), "cluster", "info"],
                              capture_output=True, timeout=10, check=False)
         return b"cluster_state:ok" in res.stdout
+
+    def _synced(self, port: int) -> bool:
+        info = self.cli_run(port, "info", "replication")
+        return "master_link_status:up" in info and "master_sync_in_progress:0" in info
 
     def stop(self) -> None:
         for n in self.nodes:
@@ -404,3 +490,14 @@ class RedisCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _owns(ranges: list[str], slot: int) -> bool:
+    """Whether CLUSTER NODES slot fields (``"0-5460"``, ``"7"``, ``"[..]"``) hold ``slot``."""
+    for r in ranges:
+        if r.startswith("["):
+            continue  # a slot being migrated or imported
+        lo, _, hi = r.partition("-")
+        if int(lo) <= slot <= int(hi or lo):
+            return True
+    return False

@@ -274,7 +274,7 @@ def test_cluster_read_many_and_random_reads(cluster_data: tuple[RedisSource, byt
 def test_cluster_write_and_fork(redis_cluster: RedisCluster,
                                 cluster_data: tuple[RedisSource, bytes]) -> None:
     src, data = cluster_data
-    reader = RedisSource(redis_cluster.url, prefix=src.prefix, cluster=True)
+    reader = RedisSource(redis_cluster.url, prefix=src.prefix, cluster=True, replicas=0)
     assert reader.size == len(data)
     payload = random.Random(2).randbytes(5 * PAGE + 123)
     reader.write_from(100 * PAGE + 7, memoryview(payload))

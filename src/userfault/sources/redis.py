@@ -33,6 +33,14 @@ tag in the prefix (``"{vm1}:"``) to keep one object on one node instead. ``read_
 all the keys of a batch with pipelined ``MGET`` (standalone) or ``mget_nonatomic`` (cluster:
 grouped by hash slot, one pipeline per node).
 
+Writes (``write_from``, what a ``writable=True`` pager calls to write pages back) go to the
+pinned generation, one pipeline of ``SET``/``SETRANGE`` per master. With ``replicas`` > 0
+(the default on a cluster) each of those pipelines ends in ``WAIT``, and the write counts only
+once enough replicas acknowledged it: in their memory, not on disk (docs/pagers.md, "Writing
+back to Redis"). ``WAIT`` is issued per ``write_from``, not in a ``flush()``: the engine
+counts a page written when ``write_from`` returns, and ``WAIT`` vouches only for the writes of
+its own connection.
+
 The source is picklable (constructor arguments only) and fork-safe: the client is created
 lazily in the process that uses it, and again after a fork.
 """
@@ -42,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import socket
 import threading
@@ -109,6 +118,11 @@ class RedisSource:
         missing: ``"error"`` (default) raises :class:`SourceError` for a missing page key;
             ``"zero"`` serves missing pages as zeros (sparse data, explicit opt-in).
         timeout: socket timeout in seconds.
+        replicas: a write (:meth:`write_from`) counts as done only once this many replicas of
+            every master that took its keys acknowledge it (``WAIT``). ``None`` (default) is 1
+            on a cluster, 0 (no ``WAIT``) on a standalone server. See :meth:`write_from`.
+        wait_timeout: seconds ``WAIT`` waits for the replicas (> 0, less than ``timeout``);
+            ``None`` is 1 s, or half of ``timeout`` if that is shorter.
     """
 
     def __init__(
@@ -121,7 +135,10 @@ class RedisSource:
         cluster: bool = False,
         missing: Literal["error", "zero"] = "error",
         timeout: float = 10.0,
+        replicas: int | None = None,
+        wait_timeout: float | None = None,
     ) -> None:
+        replicas, wait_timeout = _wait_options(replicas, wait_timeout, cluster, timeout)
         if missing not in ("error", "zero"):
             raise ValueError(f"missing must be 'error' or 'zero', not {missing!r}")
         if page_size is not None:
@@ -133,6 +150,8 @@ class RedisSource:
         self._cluster = bool(cluster)
         self._missing = missing
         self._timeout = float(timeout)
+        self._replicas = replicas
+        self._wait_timeout = float(wait_timeout)
         self._desc = f"{_describe_url(url)} prefix {prefix!r}"
         self._generation: str | None = None
         self._reset_process_state()
@@ -158,7 +177,8 @@ class RedisSource:
         # The pinned generation travels: a pager process serves the upload this one opened.
         return {"url": self._url, "prefix": self._prefix, "page_size": self._page_size,
                 "size": self._size, "cluster": self._cluster, "missing": self._missing,
-                "timeout": self._timeout, "generation": self._generation}
+                "timeout": self._timeout, "generation": self._generation,
+                "replicas": self._replicas, "wait_timeout": self._wait_timeout}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._url = state["url"]
@@ -169,6 +189,8 @@ class RedisSource:
         self._missing = state["missing"]
         self._timeout = state["timeout"]
         self._generation = state["generation"]
+        self._replicas = state["replicas"]
+        self._wait_timeout = state["wait_timeout"]
         self._keys = (f"{self._prefix}{self._generation}:" if self._generation
                       else self._prefix)
         self._desc = f"{_describe_url(self._url)} prefix {self._prefix!r}"
@@ -207,6 +229,11 @@ class RedisSource:
         return self._prefix
 
     @property
+    def replicas(self) -> int:
+        """How many replicas must acknowledge a write (0: none, no ``WAIT``)."""
+        return self._replicas
+
+    @property
     def generation(self) -> str | None:
         """The upload this source serves (pinned when it opened), or ``None`` for data in the
         unversioned layout."""
@@ -214,7 +241,8 @@ class RedisSource:
 
     def __repr__(self) -> str:
         return (f"RedisSource({self._desc}, size={self._size}, page_size={self._page_size}, "
-                f"cluster={self._cluster}, missing={self._missing!r})")
+                f"cluster={self._cluster}, missing={self._missing!r}, "
+                f"replicas={self._replicas})")
 
     def key(self, index: int) -> str:
         """The key of page ``index`` (of the pinned generation)."""
@@ -324,6 +352,13 @@ class RedisSource:
 
         Whole pages are ``SET`` (an all-zero page as an empty value); parts of pages use
         ``SETRANGE``. With ``missing="error"`` a partial write to a missing page is refused.
+
+        With ``replicas`` > 0 the pipeline of every master that took keys ends in ``WAIT
+        replicas wait_timeout`` on the same connection (``WAIT`` counts that connection's
+        writes only), and the call returns only once every one of them acknowledged: fewer
+        acknowledgements raise :class:`SourceError` naming the node and the count (the
+        master keeps what it was sent: ``WAIT`` rolls nothing back). Replicas acknowledge
+        bytes in memory, not on disk.
         """
         mv = memoryview(data).cast("B") if memoryview(data).format != "B" else memoryview(data)
         if not len(mv):
@@ -359,16 +394,66 @@ class RedisSource:
                 if absent:
                     raise self._error("write", offset, len(mv),
                                       f"partial write to missing page key {absent[0]!r}")
-            pipe = client.pipeline(transaction=False)
-            for k, v in full:
-                pipe.set(k, v)
-            for k, at, v in partial:
-                pipe.setrange(k, at, v)
-            pipe.execute()
+            short = self._store(client, full, partial)
         except SourceError:
             raise
         except Exception as err:
             raise self._redis_error("write", offset, len(mv), err) from err
+        if short:
+            n = self._replicas
+            nodes = "; ".join(f"only {acked} of {n} replica(s) of {node} acknowledged it"
+                              for node, acked in short)
+            raise self._error(
+                "write", offset, len(mv),
+                f"WAIT {n} {self._wait_ms}: {nodes} within {self._wait_timeout:g} s; the "
+                "master has the bytes, but they do not count as written (a replica down or "
+                "lagging? INFO replication on that master says)")
+
+    @property
+    def _wait_ms(self) -> int:
+        return max(1, round(self._wait_timeout * 1000))  # WAIT 0 would wait forever
+
+    def _store(self, client: Any, full: list[tuple[str, bytes]],
+               partial: list[tuple[str, int, bytes]]) -> list[tuple[str, int]]:
+        """SET and SETRANGE the keys, one pipeline per server; with ``replicas``, each ends in
+        WAIT. Returns ``[(node, acknowledgements)]`` of the masters whose replicas fell short."""
+        if not self._cluster:
+            return self._store_on(client, _server_of(self._url), full, partial)
+        # Not redis-py's cluster pipeline: it picks connections of its own and follows
+        # redirections on others, so a WAIT in it could vouch for nothing (WAIT counts the
+        # writes of its own connection), and it costs more per call (bench_redis_writeback).
+        per_node: dict[str, tuple[Any, list[tuple[str, bytes]], list[tuple[str, int, bytes]]]]
+        per_node = {}
+        for k, v in full:
+            node = client.get_node_from_key(k)
+            per_node.setdefault(node.name, (node, [], []))[1].append((k, v))
+        for k, at, v in partial:
+            node = client.get_node_from_key(k)
+            per_node.setdefault(node.name, (node, [], []))[2].append((k, at, v))
+        short = []
+        try:
+            for name, (node, node_full, node_partial) in per_node.items():
+                short += self._store_on(client.get_redis_connection(node), name, node_full,
+                                        node_partial)
+        except Exception:
+            # A stale slot map (MOVED, ASK) or a master gone: the engine's retry asks the
+            # cluster again where the keys live.
+            with contextlib.suppress(Exception):
+                client.nodes_manager.initialize()
+            raise
+        return short
+
+    def _store_on(self, server: Any, name: str, full: list[tuple[str, bytes]],
+                  partial: list[tuple[str, int, bytes]]) -> list[tuple[str, int]]:
+        """One pipeline to one server: the writes, then WAIT on the same connection."""
+        pipe = server.pipeline(transaction=False)
+        _queue(pipe, full, partial)
+        if not self._replicas:
+            pipe.execute()
+            return []
+        pipe.execute_command("WAIT", self._replicas, self._wait_ms)
+        acked = int(pipe.execute()[-1])
+        return [] if acked >= self._replicas else [(name, acked)]
 
     def close(self) -> None:
         """Close the client's connections (the source stays usable)."""
@@ -395,7 +480,7 @@ class RedisSource:
         return SourceError.for_range("RedisSource", self._desc, what, offset, length, cause)
 
     def _redis_error(self, what: str, offset: int, length: int, err: BaseException) -> SourceError:
-        return self._error(what, offset, length, f"{type(err).__name__}: {err}")
+        return self._error(what, offset, length, _describe_error(err))
 
     def _mget(self, order: list[int], views: list[tuple[int, memoryview]],
               dsts: list[memoryview | None] | None) -> Any:
@@ -513,6 +598,50 @@ class RedisSource:
                 "be mixed; open it again to page the new version")
 
 
+# redis-py prefixes an error in a pipeline with the command, page bytes and all.
+_PIPELINE_NOTE = re.compile(r"Command # \d+ \(.*\) of pipeline caused error: ", re.S)
+
+
+def _describe_error(err: BaseException) -> str:
+    slot, host = getattr(err, "slot_id", None), getattr(err, "host", None)
+    if slot is not None and host is not None:  # redis-py's MovedError and AskError
+        port = getattr(err, "port", "?")
+        return f"{type(err).__name__}: hash slot {slot} is served by {host}:{port} now"
+    return f"{type(err).__name__}: {_PIPELINE_NOTE.sub('', str(err))}"
+
+
+def _queue(pipe: Any, full: list[tuple[str, bytes]], partial: list[tuple[str, int, bytes]]
+           ) -> None:
+    for k, v in full:
+        pipe.set(k, v)
+    for k, at, v in partial:
+        pipe.setrange(k, at, v)
+
+
+def _server_of(url: str) -> str:
+    """``host:port`` of a redis URL (for messages)."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.hostname}:{parts.port or 6379}" if parts.hostname else _describe_url(url)
+
+
+def _wait_options(replicas: int | None, wait_timeout: float | None, cluster: bool,
+                  timeout: float) -> tuple[int, float]:
+    """``(replicas, wait_timeout)`` with their defaults, checked."""
+    if replicas is None:
+        replicas = 1 if cluster else 0
+    if wait_timeout is None:
+        wait_timeout = min(1.0, timeout / 2)
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+        raise ValueError(f"replicas must be an int >= 0 (how many replicas must acknowledge a "
+                         f"write; 0: do not wait), not {replicas!r}")
+    if (isinstance(wait_timeout, bool) or not isinstance(wait_timeout, (int, float))
+            or not wait_timeout > 0 or (replicas and wait_timeout >= timeout)):
+        raise ValueError(f"wait_timeout must be a number of seconds > 0 and less than "
+                         f"timeout={timeout:g} (the socket timeout must outlast WAIT), not "
+                         f"{wait_timeout!r}")
+    return replicas, float(wait_timeout)
+
+
 class _Meta(TypedDict):
     size: int
     page_size: int
@@ -575,6 +704,7 @@ def upload(
     cluster: bool = False,
     batch_bytes: int = 4 << 20,
     timeout: float = 30.0,
+    replicas: int | None = None,
 ) -> RedisSource:
     """Store a file or buffer in Redis as a new generation of the object at ``prefix``.
 
@@ -590,11 +720,14 @@ def upload(
             writes no key at all for zero pages: readers then need ``missing="zero"``.
             ``False`` stores every page as is.
         progress: called as ``progress(bytes_done, bytes_total)`` after each batch.
+        replicas: the returned source's ``replicas`` (``None``: 1 on a cluster, else 0). The
+            upload itself does not ``WAIT``.
 
     Returns:
         a :class:`RedisSource` on the uploaded data (``missing="zero"`` if ``skip_zero="omit"``).
     """
     _check_page_size(page_size)
+    replicas = _wait_options(replicas, None, cluster, timeout)[0]  # refused before uploading
     if isinstance(source_bytes_or_path, (str, os.PathLike)):
         total = Path(source_bytes_or_path).stat().st_size
     else:
@@ -640,7 +773,8 @@ def upload(
                           f"{type(err).__name__}: {err}", source=desc, offset=done,
                           length=total - done) from err
     return RedisSource(url, prefix=prefix, page_size=page_size, size=total, cluster=cluster,
-                       missing="zero" if skip_zero == "omit" else "error", timeout=timeout)
+                       missing="zero" if skip_zero == "omit" else "error", timeout=timeout,
+                       replicas=replicas)
 
 
 def _delete_pages(client: Any, keys: str, count: int) -> None:

@@ -1,0 +1,458 @@
+"""Writable pagers on Redis, for real: ``userfault.map(RedisSource(...), writable=True)`` on a
+redis-server, on a standalone master with a replica, and on a Redis Cluster with one replica per
+master, where a page counts as written only once a replica acknowledged it (``WAIT``).
+
+Replicas are paused with SIGSTOP (the master keeps its link and simply hears no
+acknowledgement) or killed and started again; every test that pauses one resumes it."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import redis.cluster
+
+import userfault
+from pager_helpers import wait_until
+from server_fixtures import FreshServers, require_servers
+from servers import HOST, RedisCluster, RedisServer
+from userfault.errors import PagerError
+from userfault.sources.redis import RedisSource, upload
+
+PAGE = 4096
+PAGES = 96
+_prefixes = itertools.count()
+
+
+def new_prefix(tag: str = "") -> str:
+    n = next(_prefixes)
+    return f"{{{tag}{n}}}:" if tag else f"wb{n}:"
+
+
+def make_data(seed: int, pages: int = PAGES) -> bytes:
+    return random.Random(seed).randbytes(pages * PAGE)
+
+
+def read_all(src: RedisSource) -> bytes:
+    buf = bytearray(src.size)
+    src.read_into(0, memoryview(buf))
+    return bytes(buf)
+
+
+def fresh_read(url: str, prefix: str, *, cluster: bool = False) -> bytes:
+    """The object as a new reader sees it."""
+    with RedisSource(url, prefix=prefix, cluster=cluster) as src:
+        return read_all(src)
+
+
+def cli_get(port: int, key: str, *, replica: bool = False) -> bytes:
+    """``GET key`` with redis-cli on one node (on a replica after ``READONLY``)."""
+    cmds = (f"READONLY\nGET {key}\n" if replica else f"GET {key}\n").encode()
+    res = subprocess.run(["redis-cli", "-h", HOST, "-p", str(port), "--no-raw"], input=cmds,
+                         capture_output=True, timeout=10, check=True)
+    lines = res.stdout.decode().splitlines()
+    value = lines[-1]
+    assert value.startswith('"') and value.endswith('"'), lines
+    # --no-raw quotes the value with C escapes: \xNN for bytes outside printable ASCII
+    return value[1:-1].encode("latin-1").decode("unicode_escape").encode("latin-1")
+
+
+def wait_calls(port: int) -> int:
+    """How many WAIT commands the node ran (INFO commandstats)."""
+    r = redis.Redis(host=HOST, port=port, socket_timeout=10)
+    try:
+        stats = r.info("commandstats")
+    finally:
+        r.close()
+    return int(stats.get("cmdstat_wait", {}).get("calls", 0))
+
+
+def master_of(cluster: RedisCluster, key: str) -> int:
+    """The port of the master that owns ``key``'s slot."""
+    rc = redis.cluster.RedisCluster.from_url(cluster.url, socket_timeout=10)
+    try:
+        return int(rc.get_node_from_key(key).port)
+    finally:
+        rc.close()
+
+
+@contextlib.contextmanager
+def paused(node: RedisServer) -> Iterator[None]:
+    """The node stopped (SIGSTOP) inside the block, resumed after it, whatever happens."""
+    assert node.proc is not None
+    os.kill(node.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(node.proc.pid, signal.SIGCONT)
+
+
+def write_page(view: memoryview, index: int, payload: bytes) -> None:
+    view[index * PAGE: index * PAGE + len(payload)] = payload
+
+
+def expect_short(err: pytest.ExceptionInfo[PagerError], port: int, wait: str) -> None:
+    """The flush error names WAIT, the master and the count of acknowledgements."""
+    assert (f"WAIT 1 {int(float(wait) * 1000)}: only 0 of 1 replica(s) of {HOST}:{port} "
+            f"acknowledged it within {wait} s; the master has the bytes, but they do not count "
+            "as written" in str(err.value)), str(err.value)
+    assert "stay dirty" in str(err.value)
+
+
+# -- options ----------------------------------------------------------------------------------
+
+
+def test_replicas_defaults_validation_and_pickling(redis_server: RedisServer,
+                                                   redis_cluster_replicas: RedisCluster) -> None:
+    prefix = new_prefix()
+    src = upload(make_data(1, 4), redis_server.url, prefix)
+    assert src.replicas == 0  # standalone: no WAIT unless asked
+    assert RedisSource(redis_server.url, prefix=prefix, replicas=2).replicas == 2
+    cprefix = new_prefix()
+    csrc = upload(make_data(2, 4), redis_cluster_replicas.url, cprefix, cluster=True)
+    assert csrc.replicas == 1  # a cluster: one replica must have every write
+    assert upload(make_data(2, 4), redis_cluster_replicas.url, new_prefix(), cluster=True,
+                  replicas=0).replicas == 0
+    clone = pickle.loads(pickle.dumps(RedisSource(redis_cluster_replicas.url, prefix=cprefix,
+                                                  cluster=True, wait_timeout=0.25)))
+    assert clone.replicas == 1 and "replicas=1" in repr(clone)
+    for bad in (-1, 1.5, "1", True):
+        with pytest.raises(ValueError) as info:
+            RedisSource(redis_server.url, prefix=prefix, replicas=bad)  # type: ignore[arg-type]
+        assert str(info.value) == ("replicas must be an int >= 0 (how many replicas must "
+                                   f"acknowledge a write; 0: do not wait), not {bad!r}")
+    for bad_wait, timeout in ((0, 10.0), (-1.0, 10.0), (10.0, 10.0), (float("nan"), 10.0)):
+        with pytest.raises(ValueError) as info:
+            RedisSource(redis_server.url, prefix=prefix, replicas=1, wait_timeout=bad_wait,
+                        timeout=timeout)
+        assert str(info.value) == (
+            "wait_timeout must be a number of seconds > 0 and less than timeout=10 (the socket "
+            f"timeout must outlast WAIT), not {bad_wait!r}")
+    refused = new_prefix()
+    with pytest.raises(ValueError, match="replicas must be an int"):
+        upload(make_data(3, 1), redis_server.url, refused, replicas=-1)
+    r = redis.Redis.from_url(redis_server.url)
+    assert r.keys(f"{refused}*") == []  # refused before anything was written
+    r.close()
+
+
+# -- a standalone server -----------------------------------------------------------------------
+
+
+def test_flush_and_close_write_pages_home(redis_server: RedisServer) -> None:
+    prefix = new_prefix()
+    data = bytearray(make_data(10))
+    src = upload(bytes(data), redis_server.url, prefix)
+    waits = wait_calls(redis_server.port)
+    pager = userfault.map(src, writable=True, readahead=False)
+    try:
+        with pager.view() as v:
+            assert bytes(v[5 * PAGE: 6 * PAGE]) == data[5 * PAGE: 6 * PAGE]
+            writes = [(3 * PAGE, b"three" * 100), (7 * PAGE + 1000, b"mid-page"),
+                      (20 * PAGE - 5, b"across two pages"), (40 * PAGE, bytes(PAGE))]
+            for off, payload in writes:
+                v[off: off + len(payload)] = payload
+                data[off: off + len(payload)] = payload
+            assert pager.flush() == 5 * PAGE  # pages 3, 7, 19, 20 and 40
+            assert fresh_read(redis_server.url, prefix) == data
+            assert cli_get(redis_server.port, src.key(7))[1000:1008] == b"mid-page"
+            assert cli_get(redis_server.port, src.key(40)) == b""  # a zero page: empty value
+            assert pager.flush() == 0  # nothing written since
+            # A page written again after a flush is written again on the next one.
+            v[3 * PAGE: 3 * PAGE + 5] = b"again"
+            data[3 * PAGE: 3 * PAGE + 5] = b"again"
+            assert pager.flush() == PAGE
+            assert fresh_read(redis_server.url, prefix) == data
+            # close() flushes what is left.
+            v[90 * PAGE: 90 * PAGE + 4] = b"last"
+            data[90 * PAGE: 90 * PAGE + 4] = b"last"
+    finally:
+        pager.close()
+    assert pager.closed and fresh_read(redis_server.url, prefix) == data
+    assert wait_calls(redis_server.port) == waits  # replicas=0: writes never WAIT
+
+
+def test_standalone_master_with_a_replica_waits(tmp_path: Path) -> None:
+    master = require_servers(lambda: RedisServer(
+        tmp_path / "master", extra_args=["--repl-diskless-sync-delay", "0"]).start())
+    replica: RedisServer | None = None
+    try:
+        replica = RedisServer(tmp_path / "replica", extra_args=[
+            "--replicaof", HOST, str(master.port)]).start()
+        r = redis.Redis(host=HOST, port=replica.port, socket_timeout=10)
+        assert wait_until(lambda: r.info("replication")["master_link_status"] == "up", 20)
+        prefix = new_prefix()
+        data = bytearray(make_data(11, 16))
+        src = upload(bytes(data), master.url, prefix, replicas=1)
+        pager = userfault.map(RedisSource(master.url, prefix=prefix, replicas=1,
+                                          wait_timeout=0.5), writable=True, retries=1)
+        try:
+            with pager.view() as v:
+                write_page(v, 2, b"replicated")
+                data[2 * PAGE: 2 * PAGE + 10] = b"replicated"
+                waits = wait_calls(master.port)
+                assert pager.flush() == PAGE
+                assert wait_calls(master.port) > waits
+                # WAIT returned 1: the replica has the bytes (it answers reads itself).
+                assert r.get(src.key(2)) == bytes(data[2 * PAGE: 3 * PAGE])
+                with paused(replica):
+                    write_page(v, 5, b"not yet")
+                    data[5 * PAGE: 5 * PAGE + 7] = b"not yet"
+                    with pytest.raises(PagerError) as info:
+                        pager.flush()
+                    expect_short(info, master.port, "0.5")
+                    assert pager.stats().dirty_pages == 1
+                assert pager.flush() == PAGE  # the replica is back: the page goes home now
+                assert pager.stats().dirty_pages == 0
+                assert r.get(src.key(5)) == bytes(data[5 * PAGE: 6 * PAGE])
+        finally:
+            pager.close()
+        assert fresh_read(master.url, prefix) == data
+        r.close()
+    finally:
+        if replica is not None:
+            replica.stop()
+        master.stop()
+
+
+def test_writes_keep_to_the_generation_they_opened(redis_server: RedisServer) -> None:
+    prefix = new_prefix()
+    data = make_data(12, 8)
+    src = upload(data, redis_server.url, prefix)
+    r = redis.Redis.from_url(redis_server.url)
+    meta = r.get(f"{prefix}meta")
+    pager = userfault.map(src, writable=True, retries=1)
+    try:
+        with pager.view() as v:
+            write_page(v, 1, b"first generation")
+            assert pager.flush() == PAGE
+            newer = make_data(13, 8)
+            new_gen = upload(newer, redis_server.url, prefix).generation
+            write_page(v, 2, b"too late")
+            with pytest.raises(PagerError) as info:
+                pager.flush()
+            assert (f"the object was uploaded again (generation {src.generation} when this "
+                    f"source opened it, {new_gen} now)") in str(info.value)
+            assert "nothing was written" in str(info.value)
+            assert pager.stats().dirty_pages == 1
+            assert fresh_read(redis_server.url, prefix) == newer  # never mixed
+            # Put the old generation's meta key back (its page keys are gone; page 2 is all
+            # this write needs): the page that stayed dirty is written on close.
+            r.set(f"{prefix}meta", meta)
+    finally:
+        pager.close()
+    assert r.get(src.key(2))[:8] == b"too late"
+    r.close()
+
+
+# -- Redis Cluster with replicas ---------------------------------------------------------------
+
+
+def test_cluster_flush_waits_on_every_master_that_took_keys(
+        redis_cluster_replicas: RedisCluster) -> None:
+    cluster = redis_cluster_replicas
+    prefix = new_prefix()
+    data = bytearray(make_data(20))
+    src = upload(bytes(data), cluster.url, prefix, cluster=True)
+    owner = {i: master_of(cluster, src.key(i)) for i in range(PAGES)}
+    masters = [m.port for m in cluster.primaries()]
+    assert set(owner.values()) == set(masters)  # the pages spread over all three masters
+    # Two pages of each master, never adjacent (each page is a write-back of its own).
+    chosen = [i for m in masters for i in [j for j in range(0, PAGES, 2) if owner[j] == m][:2]]
+    waits = {m: wait_calls(m) for m in masters}
+    pager = userfault.map(src, writable=True, readahead=False)
+    try:
+        with pager.view() as v:
+            for i in chosen:
+                payload = f"page {i} on {owner[i]}".encode()
+                write_page(v, i, payload)
+                data[i * PAGE: i * PAGE + len(payload)] = payload
+            assert pager.flush() == len(chosen) * PAGE
+            for m in masters:
+                assert wait_calls(m) > waits[m], f"no WAIT on master {m}"
+            # Acknowledged: every written page is on its master's replica.
+            for i in chosen:
+                (replica,) = cluster.replicas_of(owner[i])
+                assert cli_get(replica.port, src.key(i), replica=True) == bytes(
+                    data[i * PAGE: (i + 1) * PAGE])
+            assert fresh_read(cluster.url, prefix, cluster=True) == data
+            v[chosen[0] * PAGE: chosen[0] * PAGE + 5] = b"again"
+            data[chosen[0] * PAGE: chosen[0] * PAGE + 5] = b"again"
+            assert pager.flush() == PAGE
+            v[PAGES * PAGE - 4:] = b"tail"
+            data[-4:] = b"tail"
+    finally:
+        pager.close()
+    assert fresh_read(cluster.url, prefix, cluster=True) == data
+
+
+def test_cluster_paused_replica_keeps_the_page_dirty(
+        redis_cluster_replicas: RedisCluster) -> None:
+    cluster = redis_cluster_replicas
+    prefix = new_prefix("p")  # a hash tag: every page on one master
+    data = bytearray(make_data(21, 16))
+    src = upload(bytes(data), cluster.url, prefix, cluster=True)
+    master = master_of(cluster, src.key(0))
+    (replica,) = cluster.replicas_of(master)
+    pager = userfault.map(RedisSource(cluster.url, prefix=prefix, cluster=True,
+                                      wait_timeout=0.5), writable=True, retries=1)
+    try:
+        with pager.view() as v:
+            try:
+                with paused(replica):
+                    write_page(v, 4, b"unacknowledged")
+                    data[4 * PAGE: 4 * PAGE + 14] = b"unacknowledged"
+                    with pytest.raises(PagerError) as info:
+                        pager.flush()
+                    expect_short(info, master, "0.5")
+                    assert pager.stats().dirty_pages == 1
+                    # WAIT rolls nothing back: the master has the bytes.
+                    assert cli_get(master, src.key(4))[:14] == b"unacknowledged"
+                    with pytest.raises(PagerError, match="only 0 of 1 replica"):
+                        pager.flush()  # still dirty: written again, refused again
+            finally:
+                cluster.wait_ready(30)
+            assert pager.flush() == PAGE
+            assert pager.stats().dirty_pages == 0
+            assert cli_get(replica.port, src.key(4), replica=True) == bytes(
+                data[4 * PAGE: 5 * PAGE])
+    finally:
+        pager.close()
+    assert fresh_read(cluster.url, prefix, cluster=True) == data
+
+
+@pytest.mark.timeout(120)
+def test_cluster_killed_replica_then_restarted(fresh_servers: FreshServers) -> None:
+    cluster = fresh_servers.cluster(replicas=1)  # private: this test kills a replica
+    prefix = new_prefix("k")
+    data = bytearray(make_data(22, 16))
+    src = upload(bytes(data), cluster.url, prefix, cluster=True)
+    master = master_of(cluster, src.key(0))
+    (replica,) = cluster.replicas_of(master)
+    pager = userfault.map(RedisSource(cluster.url, prefix=prefix, cluster=True,
+                                      wait_timeout=0.5), writable=True, retries=1)
+    try:
+        with pager.view() as v:
+            replica.kill()
+            write_page(v, 9, b"while the replica is down")
+            data[9 * PAGE: 9 * PAGE + 25] = b"while the replica is down"
+            with pytest.raises(PagerError) as info:
+                pager.flush()
+            expect_short(info, master, "0.5")
+            assert pager.stats().dirty_pages == 1
+            replica.start()  # rejoins from its nodes.conf and syncs in full
+            cluster.wait_ready(30)
+            assert pager.flush() == PAGE
+            assert cli_get(replica.port, src.key(9), replica=True) == bytes(
+                data[9 * PAGE: 10 * PAGE])
+    finally:
+        pager.close()
+    assert fresh_read(cluster.url, prefix, cluster=True) == data
+
+
+def test_cluster_eviction_writes_back_through_wait(redis_cluster_replicas: RedisCluster) -> None:
+    cluster = redis_cluster_replicas
+    prefix = new_prefix()
+    data = bytearray(make_data(23, 64))
+    src = upload(bytes(data), cluster.url, prefix, cluster=True)
+    with userfault.map(src, writable=True, readahead=False, max_resident=16 * PAGE) as pager:
+        with pager.view() as v:
+            for i in range(64):  # four times the budget: dirty pages are written to be evicted
+                payload = f"evicted {i}".encode()
+                write_page(v, i, payload)
+                data[i * PAGE: i * PAGE + len(payload)] = payload
+            assert bytes(v) == data  # evicted pages fault in again from Redis
+        pager.flush()
+        stats = pager.stats()
+        assert stats.evictions >= 48 and stats.writebacks >= 64
+    assert fresh_read(cluster.url, prefix, cluster=True) == data
+
+
+# -- crashes -----------------------------------------------------------------------------------
+
+_WRITER = """
+    import sys, time, userfault
+    from userfault.sources.redis import RedisSource
+    src = RedisSource({url!r}, prefix={prefix!r}, cluster={cluster!r})
+    pager = userfault.map(src, writable=True, readahead=False)
+    view = pager.view()
+    view[{a}: {a} + 7] = b"flushed"
+    print("flushed", pager.flush(), flush=True)
+    view[{b}: {b} + 9] = b"unflushed"
+    print("written", flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("kind", ["standalone", "cluster"])
+def test_sigkilled_writer_after_a_flush(kind: str, redis_server: RedisServer,
+                                        redis_cluster_replicas: RedisCluster) -> None:
+    cluster = kind == "cluster"
+    url = redis_cluster_replicas.url if cluster else redis_server.url
+    prefix = new_prefix()
+    data = bytearray(make_data(30, 32))
+    upload(bytes(data), url, prefix, cluster=cluster)
+    code = textwrap.dedent(_WRITER.format(url=url, prefix=prefix, cluster=cluster,
+                                          a=3 * PAGE + 10, b=20 * PAGE))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == f"flushed {PAGE}\n"
+        assert proc.stdout.readline() == "written\n"
+        proc.kill()
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == -signal.SIGKILL
+    data[3 * PAGE + 10: 3 * PAGE + 17] = b"flushed"
+    # The flushed page is there; the unflushed write is lost, and nothing else changed.
+    assert fresh_read(url, prefix, cluster=cluster) == data
+    if cluster:
+        key = f"{RedisSource(url, prefix=prefix, cluster=True).key(3)}"
+        (replica,) = redis_cluster_replicas.replicas_of(master_of(redis_cluster_replicas, key))
+        assert cli_get(replica.port, key, replica=True)[10:17] == b"flushed"
+
+
+def test_cluster_write_after_its_slot_moved(fresh_servers: FreshServers) -> None:
+    cluster = fresh_servers.cluster(replicas=1)  # private: this test reshards it
+    prefix = new_prefix()
+    data = bytearray(make_data(24, 16))
+    src = upload(bytes(data), cluster.url, prefix, cluster=True)
+    rc = redis.cluster.RedisCluster.from_url(cluster.url, socket_timeout=10)
+    slot = rc.keyslot(src.key(2))
+    assert rc.keyslot(f"{prefix}meta") != slot  # (reading the meta key would learn the move)
+    rc.close()
+    before = master_of(cluster, src.key(2))
+    after = next(m.port for m in cluster.primaries() if m.port != before)
+    pager = userfault.map(src, writable=True, readahead=False)
+    try:
+        with pager.view() as v:
+            write_page(v, 2, b"before the move")
+            data[2 * PAGE: 2 * PAGE + 15] = b"before the move"
+            assert pager.flush() == PAGE
+            cluster.move_slot(slot, after)
+            assert master_of(cluster, src.key(2)) == after
+            # The pager process's slot map is stale now: MOVED, then a retry on the new owner.
+            write_page(v, 2, b"after the move")
+            data[2 * PAGE: 2 * PAGE + 14] = b"after the move"
+            assert pager.flush() == PAGE
+            assert pager.stats().retries >= 1
+            (replica,) = cluster.replicas_of(after)
+            assert cli_get(replica.port, src.key(2), replica=True)[:14] == b"after the move"
+    finally:
+        pager.close()
+    assert fresh_read(cluster.url, prefix, cluster=True) == data
