@@ -146,3 +146,17 @@ class PyFileRW(PyFile):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+class FlushFails(PyFileRW):
+    """:class:`PyFileRW` whose ``flush`` (making writes durable) fails until ``until``
+    exists."""
+
+    def __init__(self, path: str, until: str) -> None:
+        super().__init__(path)
+        self.until = until
+
+    def flush(self) -> None:
+        if not os.path.exists(self.until):
+            raise OSError("the disk is gone (injected)")
+        super().flush()

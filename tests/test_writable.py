@@ -16,7 +16,7 @@ import pytest
 
 import userfault
 from pager_helpers import run_script, settled
-from py_sources import PyBytes, PyFileRW
+from py_sources import FlushFails, PyBytes, PyFileRW
 from userfault import FileSource, PagerError, _native
 from userfault.sources.snapshot import SnapshotSource, create_snapshot
 
@@ -176,13 +176,36 @@ def test_a_write_back_that_fails_keeps_the_pages(tmp_path: Path) -> None:
         path.unlink()
         path.mkdir()  # the path is a directory now: write_from's open(..., "r+b") fails
         with pytest.raises(PagerError, match=r"flush wrote 0 bytes back, then failed: "
-                           r"IsADirectoryError.*the pages not written stay dirty"):
+                           r"IsADirectoryError.*every page not known to be durable stays "
+                           r"dirty"):
             p.flush()
         assert p.stats().dirty_pages == 1
         path.rmdir()
         zeros_file(tmp_path, MiB)
         assert p.flush() == PAGE  # written now
     assert path.read_bytes()[0] == 1
+
+
+def test_a_flush_that_is_not_durable_writes_the_pages_again(tmp_path: Path) -> None:
+    """The source's flush() fails: the pages were written but are not known durable, so they
+    are dirty again and the next flush writes them again."""
+    path = zeros_file(tmp_path, MiB)
+    fixed = tmp_path / "fixed"
+    with userfault.map(FlushFails(str(path), str(fixed)), writable=True) as p:
+        with memoryview(p) as v:
+            v[0] = 1
+            v[5 * PAGE] = 5
+        with pytest.raises(PagerError, match=r"flush wrote 8192 bytes back, then failed: "
+                           r"OSError: the disk is gone \(injected\) \(every page not known "
+                           r"to be durable stays dirty"):
+            p.flush()
+        assert p.stats().dirty_pages == 2
+        fixed.touch()
+        assert p.flush() == 2 * PAGE  # written again, and durable now
+        s = p.stats()
+        assert (s.dirty_pages, s.writebacks) == (0, 4)
+    data = path.read_bytes()
+    assert data[0] == 1 and data[5 * PAGE] == 5
 
 
 @pytest.mark.parametrize(("make", "why"), [

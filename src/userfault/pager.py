@@ -335,8 +335,9 @@ class Pager(_native.Mapping):
         flushed copy or kept dirty for the next flush: never lost.
 
         Raises:
-            PagerError: the pager is not writable, or writing back failed (the pages that were
-                not written stay dirty and in memory).
+            PagerError: the pager is not writable, or writing back failed: every page not
+                written, or written but not made durable (fsync, the source's ``flush()``
+                failed), stays dirty and in memory for the next flush.
         """
         self._check_open()
         if not self.config.writable:

@@ -280,7 +280,8 @@ int uf_deactivate_local(char *pool_map, uint64_t addr, uint64_t len, uint64_t po
 /* engine_write.c */
 int uf_write_alloc(engine_t *e, uctx_t *c);
 void uf_wp_fault(engine_t *e, uctx_t *c, area_t *a, uint64_t off);
-int uf_writeback(engine_t *e, worker_t *w, uctx_t *c, uint64_t first, uint64_t n, uint64_t *bytes);
+int uf_writeback(engine_t *e, worker_t *w, uctx_t *c, uint64_t first, uint64_t n, uint64_t *bytes,
+                 uint8_t *written);
 int uf_flush(engine_t *e, worker_t *w, uint64_t *pages, uint64_t *bytes);
 int uf_hold(engine_t *e, uctx_t *c, uint64_t p);
 void uf_release(engine_t *e, uctx_t *c, uint64_t first, uint64_t n, int dropped);

@@ -301,7 +301,7 @@ static int evict_until_low(engine_t *e, uctx_t *c)
             victim_t *r = &v[i];
             uint64_t first = r->a.first_page + r->off / e->page, n = r->len / e->page, wrote = 0;
             if (r->op == CLEAN) {
-                uf_writeback(e, e->evict_worker, c, first, n, &wrote);
+                uf_writeback(e, e->evict_worker, c, first, n, &wrote, NULL);
                 continue;
             }
             if (r->op == DEACTIVATE) {

@@ -185,8 +185,10 @@ static int write_out(engine_t *e, worker_t *w, area_t *a, uint64_t off, uint64_t
 }
 
 /* Write the dirty pages among [first, first+n) home (page indices of one area), retrying
- * with backoff. Pages that cannot be written stay dirty, and resident. */
-int uf_writeback(engine_t *e, worker_t *w, uctx_t *c, uint64_t first, uint64_t n, uint64_t *bytes)
+ * with backoff. Pages that cannot be written stay dirty, and resident. Pages written are set
+ * in `written` (if not NULL). */
+int uf_writeback(engine_t *e, worker_t *w, uctx_t *c, uint64_t first, uint64_t n, uint64_t *bytes,
+                 uint8_t *written)
 {
     area_t *a = area_of(c, first, e->page);
     int ret = 0;
@@ -240,6 +242,8 @@ int uf_writeback(engine_t *e, worker_t *w, uctx_t *c, uint64_t first, uint64_t n
         } else {
             ADD(e, writebacks, q - p);
             ADD(e, writeback_bytes, len);
+            for (uint64_t i = p; written && i < q; i++)
+                bit_set(written, i);
             *bytes += len;
             uf_trace_install(e, t0, a, off, len, CAUSE_WRITEBACK);
         }
@@ -250,7 +254,8 @@ int uf_writeback(engine_t *e, worker_t *w, uctx_t *c, uint64_t first, uint64_t n
 }
 
 /* Everything dirty goes home, then the source is asked to make it durable (fsync, or the
- * source's flush()). */
+ * source's flush()). If that fails, the pages written this time are dirty again: a later
+ * flush writes them again (after a failed fsync the kernel may have dropped them). */
 int uf_flush(engine_t *e, worker_t *w, uint64_t *pages, uint64_t *bytes)
 {
     uctx_t *c = e->ctxs;
@@ -258,12 +263,17 @@ int uf_flush(engine_t *e, worker_t *w, uint64_t *pages, uint64_t *bytes)
     *bytes = 0;
     if (!c || !c->dirty || !e->writable) /* a read-only pager's written pages have no home */
         return 0;
+    uint8_t *written = calloc(c->npages / 8 + 1, 1);
+    if (!written) {
+        snprintf(w->msg, sizeof(w->msg), "out of memory");
+        return ENOMEM;
+    }
     uint64_t before = LOAD(e->st->counters[C_writebacks]);
     for (int i = 0; i < c->areas->n; i++) {
         area_t *a = &c->areas->a[i];
         for (uint64_t p = a->first_page; p < a->first_page + a->len / e->page; p += 1024) {
             uint64_t n = a->first_page + a->len / e->page - p;
-            int err = uf_writeback(e, w, c, p, n < 1024 ? n : 1024, bytes);
+            int err = uf_writeback(e, w, c, p, n < 1024 ? n : 1024, bytes, written);
             ret = ret ? ret : err;
         }
     }
@@ -282,5 +292,13 @@ int uf_flush(engine_t *e, worker_t *w, uint64_t *pages, uint64_t *bytes)
         Py_XDECREF(res);
         PyGILState_Release(g);
     }
+    if (ret && *bytes) { /* not durable: written again next time */
+        pthread_mutex_lock(&e->wp_lock);
+        for (uint64_t p = 0; p < c->npages; p++)
+            if (bit_get(written, p) && bit_get(c->installed, p))
+                mark_dirty(e, c, p);
+        pthread_mutex_unlock(&e->wp_lock);
+    }
+    free(written);
     return ret;
 }

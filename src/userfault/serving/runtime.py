@@ -262,8 +262,8 @@ def flush_result(raw: tuple[int, int, int, str]) -> int:
     (those pages stay dirty and in memory: nothing is lost, a later flush tries again)."""
     _pages, written, err, message = raw
     if err:
-        raise PagerError(f"flush wrote {written} bytes back, then failed: {message} (the "
-                         "pages not written stay dirty and in memory; flush again)")
+        raise PagerError(f"flush wrote {written} bytes back, then failed: {message} (every "
+                         "page not known to be durable stays dirty and in memory; flush again)")
     return int(written)
 
 
