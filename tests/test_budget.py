@@ -61,6 +61,25 @@ def test_a_stream_four_times_the_budget_stays_within_it(runtime: str, region: st
         assert s.resident_bytes <= budget and p.check() is None
 
 
+def test_a_hugetlb_region_stays_within_its_budget(runtime: str, hugepages: int) -> None:
+    huge = 2 * MiB
+    size, budget = 8 * huge, 4 * huge
+    body = data(size)
+    with userfault.map(source(runtime, body), region="hugetlb", max_resident=budget,
+                       readahead=False) as p:
+        assert p.region.page_size == huge
+        with memoryview(p) as v:
+            v[3 * huge + 5] = 0xAB  # a written huge page is kept, not dropped
+            for _ in range(2):
+                for off in range(0, size, huge):
+                    want = bytearray(body[off:off + huge])
+                    if off == 3 * huge:
+                        want[5] = 0xAB
+                    assert v[off:off + huge] == want, f"huge page at {off:#x} differs"
+        s = settled(p, lambda s: s.resident_bytes <= budget)
+        assert s.evictions > 0 and s.dirty_pages == 1 and p.check() is None
+
+
 def test_hot_pages_stay_cold_ones_go(runtime: str) -> None:
     size, budget = 32 * MiB, 8 * MiB
     body = data(size)
