@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import textwrap
 import threading
 from pathlib import Path
 
@@ -103,12 +105,11 @@ def test_writes_racing_flush_are_never_lost(tmp_path: Path, runtime: str) -> Non
     assert [data[i * PAGE] for i in range(pages)] == written
 
 
-def test_after_a_flush_a_sigkill_loses_only_what_came_after(tmp_path: Path,
-                                                            runtime: str) -> None:
-    path = zeros_file(tmp_path, 4 * MiB)
+def run_writer(runtime: str, path: Path, body: str) -> subprocess.CompletedProcess[str]:
+    """A script mapping ``path`` writable as ``p`` (``v`` its memoryview), then ``body``."""
     src = (f"FileSource({str(path)!r}, writable=True)" if runtime == "native"
            else f"PyFileRW({str(path)!r})")
-    r = run_script(f"""
+    return run_script(f"""
         import os, signal, sys
         sys.path.insert(0, {TESTS!r})
         import userfault
@@ -117,12 +118,19 @@ def test_after_a_flush_a_sigkill_loses_only_what_came_after(tmp_path: Path,
         if __name__ == "__main__":
             p = userfault.map({src}, writable=True)
             v = memoryview(p)
-            v[0:6] = b"kept:1"
-            v[2 << 20:(2 << 20) + 6] = b"kept:2"
-            p.flush()
-            v[0:6] = b"lost:1"                 # after the flush: not written back
-            v[3 << 20:(3 << 20) + 6] = b"lost:3"
-            os.kill(os.getpid(), signal.SIGKILL)
+""" + textwrap.indent(textwrap.dedent(body), " " * 12))
+
+
+def test_after_a_flush_a_sigkill_loses_only_what_came_after(tmp_path: Path,
+                                                            runtime: str) -> None:
+    path = zeros_file(tmp_path, 4 * MiB)
+    r = run_writer(runtime, path, """
+        v[0:6] = b"kept:1"
+        v[2 << 20:(2 << 20) + 6] = b"kept:2"
+        p.flush()
+        v[0:6] = b"lost:1"                 # after the flush: not written back
+        v[3 << 20:(3 << 20) + 6] = b"lost:3"
+        os.kill(os.getpid(), signal.SIGKILL)
     """)
     assert r.returncode == -signal.SIGKILL, r.stderr
     data = path.read_bytes()
@@ -134,20 +142,10 @@ def test_a_pager_left_open_at_exit_writes_back(tmp_path: Path, runtime: str) -> 
     """Like a shared mapping's writes, those of a pager never closed reach the file when the
     interpreter exits."""
     path = zeros_file(tmp_path, 4 * MiB)
-    src = (f"FileSource({str(path)!r}, writable=True)" if runtime == "native"
-           else f"PyFileRW({str(path)!r})")
-    r = run_script(f"""
-        import sys
-        sys.path.insert(0, {TESTS!r})
-        import userfault
-        from userfault import FileSource
-        from py_sources import PyFileRW
-        if __name__ == "__main__":
-            p = userfault.map({src}, writable=True)
-            v = memoryview(p)
-            v[0:6] = b"kept:1"
-            v[3 << 20:(3 << 20) + 6] = b"kept:3"
-            print("exiting, not closed", flush=True)
+    r = run_writer(runtime, path, """
+        v[0:6] = b"kept:1"
+        v[3 << 20:(3 << 20) + 6] = b"kept:3"
+        print("exiting, not closed", flush=True)
     """)
     assert r.returncode == 0 and "exiting, not closed" in r.stdout, r.stderr
     data = path.read_bytes()

@@ -885,26 +885,26 @@ static PyObject *Engine_flush(EngineObject *self, PyObject *unused)
     return out;
 }
 
-static PyObject *Engine_orphan_children(EngineObject *self, PyObject *unused)
+/* fn(e) without the GIL, in the engine's own process only (a forked copy does nothing). */
+static PyObject *in_owner(EngineObject *self, void (*fn)(engine_t *))
 {
     ENGINE_OR_RAISE(self)
     if (e->owner == getpid()) {
         Py_BEGIN_ALLOW_THREADS
-        uf_orphan_children(e);
+        fn(e);
         Py_END_ALLOW_THREADS
     }
     Py_RETURN_NONE;
 }
 
+static PyObject *Engine_orphan_children(EngineObject *self, PyObject *unused)
+{
+    return in_owner(self, uf_orphan_children);
+}
+
 static PyObject *Engine_trace_sync(EngineObject *self, PyObject *unused)
 {
-    ENGINE_OR_RAISE(self)
-    if (e->owner == getpid()) {
-        Py_BEGIN_ALLOW_THREADS
-        uf_trace_sync(e);
-        Py_END_ALLOW_THREADS
-    }
-    Py_RETURN_NONE;
+    return in_owner(self, uf_trace_sync);
 }
 
 static PyObject *Engine_stats(EngineObject *self, PyObject *unused)
