@@ -123,6 +123,13 @@ def child() -> Callable[..., tuple[int, bytes]]:
     return run_in_child
 
 
+@pytest.fixture(params=["native", "process"])
+def runtime(request: pytest.FixtureRequest) -> str:
+    """Each runtime in turn: a native source in this process, or a Python source served by
+    the pager process (see ``pager_helpers.bytes_source``)."""
+    return str(request.param)
+
+
 @pytest.fixture
 def hugepages() -> Iterator[int]:
     """Reserve 16 huge pages for the test; restore the pool size afterwards."""

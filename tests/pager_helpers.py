@@ -9,6 +9,20 @@ import time
 from collections.abc import Callable
 
 import userfault
+from py_sources import PyBytes
+
+PAGE = 4096
+
+
+def page_data(n: int) -> bytes:
+    """``n`` bytes in which every page differs from every other one (its index, repeated)."""
+    return b"".join(i.to_bytes(4, "little") * (PAGE // 4) for i in range(n // PAGE))
+
+
+def bytes_source(runtime: str, body: bytes) -> object:
+    """``body`` as a native source (``runtime="native"``) or as a Python one (the pager
+    process serves it)."""
+    return userfault.BufferSource(body) if runtime == "native" else PyBytes(body)
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> bool:

@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 
 import userfault
-from pager_helpers import settled
-from py_sources import PyBytes
+from pager_helpers import bytes_source, page_data, settled
 from userfault import BufferSource, _native
 
 PAGE = 4096
@@ -32,24 +31,14 @@ CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 pytestmark = pytest.mark.timeout(120)
 
 
-def data(n: int) -> bytes:
-    return b"".join(i.to_bytes(4, "little") * (PAGE // 4) for i in range(n // PAGE))
 
-
-@pytest.fixture(params=["native", "process"])
-def runtime(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-def source(runtime: str, body: bytes) -> object:
-    return BufferSource(body) if runtime == "native" else PyBytes(body)
 
 
 @pytest.mark.parametrize("region", ["anonymous", "memfd"])
 def test_a_stream_four_times_the_budget_stays_within_it(runtime: str, region: str) -> None:
     size, budget = 64 * MiB, 16 * MiB
-    body = data(size)
-    with userfault.map(source(runtime, body), region=region, max_resident=budget) as p:
+    body = page_data(size)
+    with userfault.map(bytes_source(runtime, body), region=region, max_resident=budget) as p:
         h = hashlib.sha256()
         with memoryview(p) as v:
             for off in range(0, size, MiB):
@@ -64,8 +53,8 @@ def test_a_stream_four_times_the_budget_stays_within_it(runtime: str, region: st
 def test_a_hugetlb_region_stays_within_its_budget(runtime: str, hugepages: int) -> None:
     huge = 2 * MiB
     size, budget = 8 * huge, 4 * huge
-    body = data(size)
-    with userfault.map(source(runtime, body), region="hugetlb", max_resident=budget,
+    body = page_data(size)
+    with userfault.map(bytes_source(runtime, body), region="hugetlb", max_resident=budget,
                        readahead=False) as p:
         assert p.region.page_size == huge
         with memoryview(p) as v:
@@ -82,9 +71,9 @@ def test_a_hugetlb_region_stays_within_its_budget(runtime: str, hugepages: int) 
 
 def test_hot_pages_stay_cold_ones_go(runtime: str) -> None:
     size, budget = 32 * MiB, 8 * MiB
-    body = data(size)
+    body = page_data(size)
     hot = 2 * MiB
-    with userfault.map(source(runtime, body), max_resident=budget, readahead=False) as p:
+    with userfault.map(bytes_source(runtime, body), max_resident=budget, readahead=False) as p:
         with memoryview(p) as v:
             for off in range(hot, size, MiB):  # a cold stream, with the hot part read between
                 assert v[off:off + MiB] == body[off:off + MiB]
@@ -100,9 +89,9 @@ def test_a_read_only_pager_keeps_what_was_written(runtime: str, region: str) -> 
     """Writes to a read-only pager under a budget are the process's own, like a private
     mapping's: evicting the page would lose them, so it stays; everything else cycles."""
     size, budget = 32 * MiB, 4 * MiB
-    body = data(size)
+    body = page_data(size)
     written = list(range(0, size, 512 * 1024))  # 64 pages spread over the whole file
-    with userfault.map(source(runtime, body), region=region, max_resident=budget,
+    with userfault.map(bytes_source(runtime, body), region=region, max_resident=budget,
                        readahead=False) as p:
         with memoryview(p) as v:
             for off in written:
@@ -127,7 +116,7 @@ def test_a_read_only_pager_keeps_what_was_written(runtime: str, region: str) -> 
 def test_written_pages_over_the_budget_are_kept_and_logged(capfd: pytest.CaptureFixture[str]
                                                            ) -> None:
     size, budget = 16 * MiB, 1 * MiB
-    body = data(size)
+    body = page_data(size)
     with userfault.map(BufferSource(body), max_resident=budget, readahead=False) as p:
         with memoryview(p) as v:
             for off in range(0, 2 * MiB, PAGE):  # twice the budget, written
@@ -142,7 +131,7 @@ def test_written_pages_over_the_budget_are_kept_and_logged(capfd: pytest.Capture
 def test_thrashing_is_slower_never_wrong() -> None:
     """A working set larger than the budget: every pass re-faults, every byte is right."""
     size, budget = 16 * MiB, 4 * MiB
-    body = data(size)
+    body = page_data(size)
     with userfault.map(body, max_resident=budget, readahead=False) as p:
         with memoryview(p) as v:
             for _ in range(3):
@@ -153,9 +142,9 @@ def test_thrashing_is_slower_never_wrong() -> None:
 
 
 def test_close_while_evicting_does_not_deadlock(runtime: str) -> None:
-    body = data(32 * MiB)
+    body = page_data(32 * MiB)
     for _ in range(3):
-        p = userfault.map(source(runtime, body), max_resident=4 * MiB)
+        p = userfault.map(bytes_source(runtime, body), max_resident=4 * MiB)
         _native.touch(p.address, p.size, PAGE, 0, 0, False)  # the evictor is busy now
         p.close()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import userfault
-from pager_helpers import run_script, settled
+from pager_helpers import page_data, run_script, settled
 from py_sources import BatchFails, Misbehaving, PyBatched, PyFile
 from userfault import PagerError, PrefetchError
 
@@ -26,8 +26,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def data(n: int = MiB) -> bytes:
-    """Every page differs from every other one."""
-    return b"".join(i.to_bytes(4, "little") * (PAGE // 4) for i in range(n // PAGE))
+    return page_data(n)
 
 
 def child(body: str, timeout: float = 45) -> tuple[int, str, str]:

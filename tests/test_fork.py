@@ -21,9 +21,8 @@ import pytest
 import fork_tasks
 import userfault
 from conftest import reserve_hugepages
-from pager_helpers import run_script, settled, wait_until
-from py_sources import PyBytes
-from userfault import BufferSource, PagerError
+from pager_helpers import bytes_source, run_script, settled, wait_until
+from userfault import PagerError
 
 np = pytest.importorskip("numpy")
 
@@ -36,13 +35,6 @@ def numbered(n: int) -> bytes:
     return np.arange(n // 8, dtype=np.uint64).tobytes()
 
 
-@pytest.fixture(params=["native", "process"])
-def runtime(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-def source(runtime: str, data: bytes) -> object:
-    return BufferSource(data) if runtime == "native" else PyBytes(data)
 
 
 @pytest.fixture(params=["anonymous", "memfd", "hugetlb"])
@@ -60,7 +52,7 @@ def test_child_reads_pages_never_loaded(runtime: str, region: str,
                                         child: Callable[..., tuple[int, bytes]]) -> None:
     size = 8 * MiB
     data = numbered(size)
-    with userfault.map(source(runtime, data), region=region, readahead=False) as p:
+    with userfault.map(bytes_source(runtime, data), region=region, readahead=False) as p:
         assert p.fork_served
         with memoryview(p) as v:
             assert v[:PAGE] == data[:PAGE]  # one page loaded before the fork
@@ -83,7 +75,7 @@ def test_child_reads_pages_never_loaded(runtime: str, region: str,
 
 def test_grandchild_is_served_too(runtime: str, child: Callable[..., tuple[int, bytes]]) -> None:
     data = numbered(4 * MiB)
-    with userfault.map(source(runtime, data), readahead=False) as p:
+    with userfault.map(bytes_source(runtime, data), readahead=False) as p:
         def body(wfd: int) -> None:
             r, w = os.pipe()
             pid = os.fork()
@@ -105,7 +97,7 @@ def test_grandchild_is_served_too(runtime: str, child: Callable[..., tuple[int, 
 def test_multiprocessing_fork_pool_over_an_array(runtime: str) -> None:
     n = 1 << 20  # uint64 values 0..n-1, 8 MiB
     data = np.arange(n, dtype=np.uint64).tobytes()
-    with userfault.map(source(runtime, data), readahead=False) as p:
+    with userfault.map(bytes_source(runtime, data), readahead=False) as p:
         fork_tasks.ARRAY = p.array("uint64")
         try:
             with multiprocessing.get_context("fork").Pool(2) as pool:
@@ -135,7 +127,7 @@ def test_prefetch_from_a_child_is_refused(child: Callable[..., tuple[int, bytes]
 def test_child_closing_its_copy_leaves_the_parent_serving(
         runtime: str, child: Callable[..., tuple[int, bytes]]) -> None:
     data = numbered(2 * MiB)
-    with userfault.map(source(runtime, data), readahead=False) as p:
+    with userfault.map(bytes_source(runtime, data), readahead=False) as p:
         def body(wfd: int) -> None:
             with memoryview(p) as v:
                 first = bytes(v[:PAGE])
@@ -287,7 +279,7 @@ def test_unprivileged_child_fails_loudly(child: Callable[..., tuple[int, bytes]]
 
 def test_children_of_many_forks_are_all_dropped(runtime: str) -> None:
     data = numbered(MiB)
-    with userfault.map(source(runtime, data), readahead=False) as p:
+    with userfault.map(bytes_source(runtime, data), readahead=False) as p:
         pids = []
         for i in range(8):
             pid = os.fork()

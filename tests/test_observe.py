@@ -39,10 +39,6 @@ def data() -> bytes:
     return random.Random(12).randbytes(PAGES * PAGE)
 
 
-@pytest.fixture(params=["native", "process"])
-def runtime(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
 
 def make_source(runtime: str, data: bytes, tmp_path: Path) -> object:
     """The same bytes as a native file source or as a Python source (a pager process)."""

@@ -16,9 +16,8 @@ import threading
 import pytest
 
 import userfault
-from pager_helpers import settled
-from py_sources import PyBytes
-from userfault import BufferSource, _native
+from pager_helpers import bytes_source, page_data, settled
+from userfault import _native
 
 PAGE = 4096
 MiB = 1 << 20
@@ -26,17 +25,7 @@ MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 pytestmark = pytest.mark.timeout(60)
 
 
-def data(n: int) -> bytes:
-    return b"".join(i.to_bytes(4, "little") * (PAGE // 4) for i in range(n // PAGE))
 
-
-@pytest.fixture(params=["native", "process"])
-def runtime(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-def source(runtime: str, body: bytes) -> object:
-    return BufferSource(body) if runtime == "native" else PyBytes(body)
 
 
 def touch(p: userfault.Pager, offset: int, length: int = 1, stride: int = PAGE) -> int:
@@ -46,7 +35,7 @@ def touch(p: userfault.Pager, offset: int, length: int = 1, stride: int = PAGE) 
 @pytest.mark.parametrize("chunk", [PAGE, 16 * PAGE, MiB + 5])
 def test_one_fault_installs_one_chunk(runtime: str, chunk: int) -> None:
     size = 8 * MiB
-    with userfault.map(source(runtime, data(size)), chunk=chunk, readahead=False) as p:
+    with userfault.map(bytes_source(runtime, page_data(size)), chunk=chunk, readahead=False) as p:
         touch(p, 4 * p.chunk - PAGE)  # the last page of chunk 3
         s = settled(p, lambda s: s.bytes_installed == p.chunk)
         assert (s.faults, s.fault_bytes) == (1, p.chunk)
@@ -56,13 +45,13 @@ def test_one_fault_installs_one_chunk(runtime: str, chunk: int) -> None:
         s = settled(p, lambda s: s.bytes_installed == size)
         assert s.faults == -(-size // p.chunk)  # the last chunk is cut at the region's end
         with memoryview(p) as v:
-            assert v == data(size)
+            assert v == page_data(size)
 
 
 def test_readahead_doubles_while_faults_are_sequential(runtime: str) -> None:
     lo, hi = 64 << 10, 4 * MiB
     size = 64 * MiB
-    with userfault.map(source(runtime, data(size)), readahead=(lo, hi)) as p:
+    with userfault.map(bytes_source(runtime, page_data(size)), readahead=(lo, hi)) as p:
         end, window, expected = 0, 0, 0
         for faults in range(1, 11):
             touch(p, end)  # the page after the last window
@@ -80,7 +69,7 @@ def test_readahead_follows_faults_going_backward(runtime: str) -> None:
     # glibc's memcpy copies large blocks from the top down: bytes(view) faults backward
     lo, hi = 64 << 10, 4 * MiB
     size = 64 * MiB
-    with userfault.map(source(runtime, data(size)), readahead=(lo, hi)) as p:
+    with userfault.map(bytes_source(runtime, page_data(size)), readahead=(lo, hi)) as p:
         low = size - PAGE
         touch(p, low)  # a fault far from every stream: no window yet
         assert settled(p).readahead_bytes == 0
@@ -102,7 +91,7 @@ def test_random_faults_do_not_read_ahead(runtime: str) -> None:
     size = 32 * MiB
     pages = list(range(size // PAGE))
     random.Random(1).shuffle(pages)
-    with userfault.map(source(runtime, data(size)), readahead=(64 << 10, 4 * MiB)) as p:
+    with userfault.map(bytes_source(runtime, page_data(size)), readahead=(64 << 10, 4 * MiB)) as p:
         for i in pages[:300]:
             touch(p, i * PAGE)
         s = settled(p)
@@ -111,8 +100,8 @@ def test_random_faults_do_not_read_ahead(runtime: str) -> None:
 
 
 def test_prefetch_installs_in_one_batch_then_no_faults(runtime: str) -> None:
-    body = data(8 * MiB)
-    with userfault.map(source(runtime, body), readahead=False) as p:
+    body = page_data(8 * MiB)
+    with userfault.map(bytes_source(runtime, body), readahead=False) as p:
         ranges = [(0, MiB), (4 * MiB + 100, 256 << 10), (len(body) - PAGE, PAGE)]
         done = p.prefetch(ranges)
         assert done == MiB + (256 << 10) + PAGE + PAGE  # an unaligned range rounds out
@@ -128,8 +117,8 @@ def test_prefetch_installs_in_one_batch_then_no_faults(runtime: str) -> None:
 
 def test_populate_fills_everything_faults_first(runtime: str) -> None:
     size = 16 * MiB
-    body = data(size)
-    with userfault.map(source(runtime, body), populate=True, readahead=False) as p:
+    body = page_data(size)
+    with userfault.map(bytes_source(runtime, body), populate=True, readahead=False) as p:
         touch(p, size - PAGE)  # served by a fault, or populate got there first
         s = settled(p, lambda s: s.bytes_installed == size, timeout=30)
         assert s.populate_bytes + s.fault_bytes == size
@@ -139,8 +128,8 @@ def test_populate_fills_everything_faults_first(runtime: str) -> None:
 
 def test_many_threads_each_page_faults_once(runtime: str) -> None:
     size = 16 * MiB
-    body = data(size)
-    with userfault.map(source(runtime, body), readahead=False, threads=2) as p:
+    body = page_data(size)
+    with userfault.map(bytes_source(runtime, body), readahead=False, threads=2) as p:
         def run(t: int) -> None:
             touch(p, t * PAGE, size - t * PAGE, 4 * PAGE)  # threads take interleaved pages
 
@@ -156,8 +145,8 @@ def test_many_threads_each_page_faults_once(runtime: str) -> None:
 
 
 def test_the_fault_log(runtime: str) -> None:
-    body = data(MiB)
-    with userfault.map(source(runtime, body), readahead=False, log_faults=64) as p:
+    body = page_data(MiB)
+    with userfault.map(bytes_source(runtime, body), readahead=False, log_faults=64) as p:
         for i in (3, 1, 7):
             touch(p, i * PAGE + 5)
         settled(p, lambda s: s.faults == 3)
@@ -171,8 +160,8 @@ def test_the_fault_log(runtime: str) -> None:
 
 @pytest.mark.parametrize("region", ["anonymous", "memfd"])
 def test_removed_pages_reload_from_the_source(runtime: str, region: str) -> None:
-    body = data(2 * MiB)
-    with userfault.map(source(runtime, body), region=region, readahead=False) as p:
+    body = page_data(2 * MiB)
+    with userfault.map(bytes_source(runtime, body), region=region, readahead=False) as p:
         with memoryview(p) as v:
             assert v == body
             v[:PAGE] = b"W" * PAGE
@@ -188,7 +177,7 @@ def test_removed_pages_reload_from_the_source(runtime: str, region: str) -> None
 def test_a_remapped_region_keeps_being_served(runtime: str) -> None:
     size = 4 * MiB
     half = size // 2
-    body = data(size)
+    body = page_data(size)
 
     def move(frm: int, length: int, to: int) -> None:
         got, err = _native.mremap(frm, length, length, MREMAP_MAYMOVE | MREMAP_FIXED, to)
@@ -197,7 +186,7 @@ def test_a_remapped_region_keeps_being_served(runtime: str) -> None:
     def page_sum(addr: int, off: int) -> bool:
         return _native.touch(addr, PAGE, 1, 0, 0, False) == sum(body[off:off + PAGE])
 
-    with userfault.map(source(runtime, body), readahead=False) as p:
+    with userfault.map(bytes_source(runtime, body), readahead=False) as p:
         old = p.address
         touch(p, 0)
         new, err = _native.mmap(0, size, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
@@ -223,8 +212,8 @@ def test_a_remapped_region_keeps_being_served(runtime: str) -> None:
 
 def test_unmapped_pages_are_forgotten(runtime: str) -> None:
     size = 2 * MiB
-    body = data(size)
-    with userfault.map(source(runtime, body), readahead=False) as p:
+    body = page_data(size)
+    with userfault.map(bytes_source(runtime, body), readahead=False) as p:
         touch(p, 0, size)
         settled(p, lambda s: s.bytes_installed == size)
         assert _native.munmap(p.address + size - PAGE, PAGE) == 0  # close unmaps the rest

@@ -28,10 +28,6 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(params=["native", "process"])
-def runtime(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
 
 def zeros_file(tmp_path: Path, size: int) -> Path:
     path = tmp_path / "data.bin"
