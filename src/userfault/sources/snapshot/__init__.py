@@ -1,15 +1,18 @@
 """Compressed snapshots: a chunked, zstd-compressed, randomly readable file of page-able data.
 
-:func:`create_snapshot` writes one (``*.ufs``) from a file or a buffer, :class:`SnapshotSource`
-serves its pages to a pager, :func:`inspect_snapshot` describes and verifies it. The file
-format is documented in :mod:`userfault.sources.snapshot.format`.
+:func:`create_snapshot` writes one (``*.ufs``) from a file or a buffer, or a delta holding only
+the pages written since a base snapshot (``base=``, ``written=`` from write tracking, saved for
+the command line by :func:`save_written`); :class:`SnapshotSource` serves its pages to a pager
+(a delta: its whole chain), :func:`inspect_snapshot` and :func:`inspect_chain` describe and
+verify it. The file format is documented in :mod:`userfault.sources.snapshot.format`.
 """
 
 from __future__ import annotations
 
 from .format import DEFAULT_CHUNK_SIZE, MAGIC, SnapshotInfo
-from .reader import CacheStats, SnapshotReader, SnapshotSource, inspect_snapshot
+from .reader import CacheStats, SnapshotReader, SnapshotSource, inspect_chain, inspect_snapshot
 from .writer import create_snapshot
+from .written import load_written, save_written
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -19,5 +22,8 @@ __all__ = [
     "SnapshotReader",
     "SnapshotSource",
     "create_snapshot",
+    "inspect_chain",
     "inspect_snapshot",
+    "load_written",
+    "save_written",
 ]
