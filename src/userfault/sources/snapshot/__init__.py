@@ -4,14 +4,15 @@
 the pages written since a base snapshot (``base=``, ``written=`` from write tracking, saved for
 the command line by :func:`save_written`); :class:`SnapshotSource` serves its pages to a pager
 (a delta: its whole chain), :func:`inspect_snapshot` and :func:`inspect_chain` describe and
-verify it. The file format is documented in :mod:`userfault.sources.snapshot.format`.
+verify it, :func:`flatten_snapshot` turns a chain into one full snapshot. The file format is
+documented in :mod:`userfault.sources.snapshot.format`.
 """
 
 from __future__ import annotations
 
 from .format import DEFAULT_CHUNK_SIZE, MAGIC, SnapshotInfo
 from .reader import CacheStats, SnapshotReader, SnapshotSource, inspect_chain, inspect_snapshot
-from .writer import create_snapshot
+from .writer import create_snapshot, flatten_snapshot
 from .written import load_written, save_written
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "SnapshotReader",
     "SnapshotSource",
     "create_snapshot",
+    "flatten_snapshot",
     "inspect_chain",
     "inspect_snapshot",
     "load_written",

@@ -43,7 +43,7 @@ from .format import (
 )
 from .reader import SnapshotReader
 
-__all__ = ["create_snapshot"]
+__all__ = ["create_snapshot", "flatten_snapshot"]
 
 
 class _FileInput:
@@ -184,6 +184,25 @@ class _BufferInput:
         self.view.release()
 
 
+class _ReaderInput:
+    """A snapshot (a delta: its whole chain) read chunk by chunk, for :func:`flatten_snapshot`."""
+
+    def __init__(self, reader: SnapshotReader) -> None:
+        self.name = reader.path
+        self.reader = reader
+        self.size = reader.size
+
+    def is_hole(self, start: int, end: int) -> bool:
+        return self.reader.chunk_kind(start // self.reader.chunk_size) == KIND_ZERO
+
+    def read(self, start: int, n: int) -> bytearray:
+        return bytearray(self.reader.read_chunk(start // self.reader.chunk_size))
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+_Input: TypeAlias = "_FileInput | _StreamInput | _BufferInput | _ReaderInput"
 _Encoded: TypeAlias = "tuple[int, bytes | bytearray, int, int]"
 #: what a loader gives :func:`_encoded_chunks` for a chunk: bytes to encode, or its encoding
 _Loaded: TypeAlias = "bytearray | _Encoded"
@@ -318,7 +337,45 @@ def create_snapshot(
         stack.close()
 
 
-def _full_loader(inp: _FileInput | _StreamInput | _BufferInput,
+def flatten_snapshot(
+    path: str | os.PathLike[str],
+    dest_path: str | os.PathLike[str],
+    *,
+    level: int = 3,
+    progress: Progress | None = None,
+    threads: int = 0,
+    base: str | os.PathLike[str] | None = None,
+) -> SnapshotInfo:
+    """Write the bytes of the snapshot ``path`` (a delta: its whole chain) as one full
+    snapshot ``dest_path``, with the same chunk size; the chain is left as it is.
+
+    ``base`` names the delta's base (see :class:`SnapshotReader`); ``level``, ``progress``,
+    ``threads`` and the atomic write are those of :func:`create_snapshot`.
+
+    Raises:
+        SnapshotError: a link of the chain cannot be read or is not the one it should be.
+        ValueError: ``dest_path`` is a directory or a link of the chain.
+        OSError: the destination cannot be written.
+    """
+    check_level(level)
+    if not isinstance(threads, int) or threads < -1:
+        raise ValueError(f"threads must be -1, 0 or a positive integer, got {threads!r}")
+    started = time.perf_counter()
+    dest = os.fspath(dest_path)
+    if os.path.isdir(dest):
+        raise ValueError(f"the destination {dest!r} is a directory: name the snapshot file")
+    inp = _ReaderInput(SnapshotReader(path, base=base))
+    try:
+        for link in inp.reader.chain:
+            _refuse_same_file(os.stat(link.path), link.path, dest, what="the snapshot")
+        return _write(dest, inp.size, inp.reader.chunk_size, level,
+                      _full_loader(inp, inp.reader.chunk_size), zstd(),
+                      os.cpu_count() or 1 if threads == -1 else threads, progress, started)
+    finally:
+        inp.close()
+
+
+def _full_loader(inp: _Input,
                  chunk_size: int) -> Callable[[int], _Loaded]:
     def load(i: int) -> _Loaded:
         start = i * chunk_size
@@ -328,7 +385,7 @@ def _full_loader(inp: _FileInput | _StreamInput | _BufferInput,
 
 
 def _written_chunks(written: Iterable[tuple[int, int]],
-                    inp: _FileInput | _StreamInput | _BufferInput,
+                    inp: _Input,
                     reader: SnapshotReader) -> dict[int, list[tuple[int, int]]]:
     """The byte ranges written, cut at the base's size, merged, by chunk index."""
     cs, size = reader.chunk_size, reader.size
@@ -359,7 +416,7 @@ def _written_chunks(written: Iterable[tuple[int, int]],
     return merged
 
 
-def _delta_loader(inp: _FileInput | _StreamInput | _BufferInput, reader: SnapshotReader,
+def _delta_loader(inp: _Input, reader: SnapshotReader,
                   chunks: dict[int, list[tuple[int, int]]]) -> Callable[[int], _Loaded]:
     cs, size = reader.chunk_size, reader.size
 
