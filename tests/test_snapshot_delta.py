@@ -19,6 +19,7 @@ import userfault
 from userfault import PAGE_SIZE, Region
 from userfault.errors import SnapshotError
 from userfault.sources.snapshot import (
+    DeltaSource,
     SnapshotReader,
     SnapshotSource,
     create_snapshot,
@@ -109,6 +110,66 @@ def test_a_chain_of_deltas_from_tracked_writes_restores_through_a_pager(
         [str(base_path)]
     assert all(link.verified for link in chain) and not chain[-1].base
     assert chain[0].file_bytes < chain[-1].file_bytes
+
+
+@pytest.mark.parametrize("budget", [0, 16 * PAGE_SIZE])
+def test_a_writable_pager_over_a_snapshot_commits_the_pages_written(
+        tmp_path: Path, base: tuple[Path, bytearray], budget: int) -> None:
+    """A pager maps the base lazily with writes tracked by the engine (write-protected
+    installs); the delta holds the chunks written, and the next round maps that delta. Under a
+    budget the written pages are written back, dropped and read again from the scratch file."""
+    base_path, data = base
+    rng = random.Random(11)
+    expected = bytearray(data)
+    prev = base_path
+    for round_ in range(2):
+        source = DeltaSource(prev, tmp_path / f"scratch{round_}")
+        touched: list[tuple[int, int]] = []
+        with userfault.map(source, writable=True, max_resident=budget) as mem:
+            view = memoryview(mem)
+            for _ in range(30):
+                off = rng.randrange(SIZE)
+                n = min(rng.choice([1, 100, PAGE_SIZE + 7]), SIZE - off)
+                chunk = rng.randbytes(n)
+                view[off:off + n] = chunk
+                expected[off:off + n] = chunk
+                touched.append((off, n))
+            assert bytes(view[:SIZE]) == bytes(expected)  # read back, through the budget
+            view.release()
+        written = source.written_ranges()
+        assert chunks_of(written) == chunks_of(touched)  # the engine saw exactly those pages
+        dest = tmp_path / f"d{round_}.ufs"
+        info = source.commit(dest)
+        source.close()
+        assert info.stored_chunks == len(chunks_of(touched)) and info.base == str(prev)
+        assert restore(dest) == bytes(expected)
+        prev = dest
+    assert len(inspect_chain(prev, verify=True)) == 3
+    r = cli("create", "--base", str(tmp_path / "d0.ufs"), "--changed",
+            str(tmp_path / "scratch1.written"), str(tmp_path / "scratch1"),
+            str(tmp_path / "again.ufs"))  # the scratch pair, on the command line
+    assert r.returncode == 0, r.stderr
+    assert restore(tmp_path / "again.ufs") == bytes(expected)
+
+
+def test_a_delta_source_in_this_process(tmp_path: Path, base: tuple[Path, bytearray]) -> None:
+    """Pages written in part keep the snapshot's other bytes; the temporary scratch goes."""
+    base_path, data = base
+    source = DeltaSource(base_path)
+    source.write_from(PAGE_SIZE + 10, memoryview(b"abc"))
+    buf = bytearray(2 * PAGE_SIZE)
+    source.read_into(0, memoryview(buf))
+    assert buf == data[:PAGE_SIZE + 10] + b"abc" + data[PAGE_SIZE + 13:2 * PAGE_SIZE]
+    assert source.written_ranges() == [(PAGE_SIZE + 10, 3)]
+    copy = pickle.loads(pickle.dumps(source))  # another process would learn the pages so
+    other = bytearray(PAGE_SIZE)
+    copy.read_into(PAGE_SIZE, memoryview(other))
+    assert other == buf[PAGE_SIZE:]
+    copy.close()
+    info = source.commit(tmp_path / "d.ufs")
+    assert info.stored_chunks == 1
+    source.close()
+    assert not os.path.exists(source.scratch) and not os.path.exists(source.written_file)
 
 
 def test_only_the_tracked_pages_are_taken_from_the_source(
