@@ -66,6 +66,7 @@ class CacheStats:
     bytes_read: int
     cached_chunks: int
 
+
 class SnapshotReader:
     """Random access to the bytes of a snapshot file.
 
