@@ -90,12 +90,14 @@ def bench_deltas(src: str, d: str, size: int, fraction: float, runs: int) -> Non
             os.fsync(fd)
             os.close(fd)
             full_s, delta_s, full, delta = [], [], None, None
+            # Not interleaved: a delta's fsync would wait for the full file's write-back.
             for _ in range(runs):
-                full = create_snapshot(image, os.path.join(d, "full.ufs"), chunk_size=cs)
-                full_s.append(full.seconds)
                 delta = create_snapshot(image, os.path.join(d, "delta.ufs"), base=base,
                                         written=ranges)
                 delta_s.append(delta.seconds)
+            for _ in range(runs):
+                full = create_snapshot(image, os.path.join(d, "full.ufs"), chunk_size=cs)
+                full_s.append(full.seconds)
             assert full is not None and delta is not None
             offs = [random.Random(5).randrange(size // 4096) * 4096 for _ in range(2000)]
             reads: dict[str, list[float]] = {"full.ufs": [], "delta.ufs": []}
