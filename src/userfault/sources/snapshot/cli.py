@@ -30,10 +30,9 @@ def _cmd_create(args: argparse.Namespace) -> int:
     from ...cli import error_text
 
     if (args.base is None) != (args.changed is None):
-        text = NEEDS_CHANGED if args.changed is None else \
-            "--changed needs --base BASE.ufs: the snapshot the written ranges are relative to"
-        print(f"userfault snapshot create: error: {text}", file=sys.stderr)
-        return 2
+        args.create_parser.error(  # exits 2, after the usage
+            NEEDS_CHANGED if args.changed is None else
+            "--changed needs --base BASE.ufs: the snapshot the written ranges are relative to")
     try:
         written = None if args.changed is None else load_written(args.changed)
         with progress("compressing", enabled=False if args.quiet else args.progress) as bar:
@@ -166,7 +165,7 @@ def add_snapshot_commands(subparsers: Any) -> argparse.ArgumentParser:
     create.add_argument("--quiet", "-q", action="store_true",
                         help="no progress bar and no summary")
     create.add_argument("--json", action="store_true", help="print the summary as JSON")
-    create.set_defaults(func=_cmd_create)
+    create.set_defaults(func=_cmd_create, create_parser=create)
 
     inspect = sub.add_parser("inspect", help="describe (and verify) a snapshot or a chain",
                              description="Describe the snapshot FILE; of a delta, every link "
