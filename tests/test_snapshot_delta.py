@@ -205,6 +205,10 @@ def test_a_delta_and_its_base_move_together_or_the_base_is_named(
     shutil.move(tmp_path / "d.ufs", moved / "d.ufs")
     shutil.move(base_path, moved / "base.ufs")  # recorded relative: still found
     assert restore(moved / "d.ufs") == bytes(changed)
+    with userfault.map(str(moved / "d.ufs")) as mem:  # a path: recognised by its magic
+        view = memoryview(mem)
+        assert bytes(view[:SIZE]) == bytes(changed)
+        view.release()
     shutil.move(moved / "base.ufs", tmp_path / "renamed.ufs")
     assert restore(moved / "d.ufs", base=tmp_path / "renamed.ufs") == bytes(changed)
     source = SnapshotSource(moved / "d.ufs", base=tmp_path / "renamed.ufs")
@@ -323,6 +327,24 @@ def test_a_loop_and_malformed_deltas_are_refused(
     base_path.write_bytes(bytes(raw))
     with pytest.raises(SnapshotError, match="unknown flags 0x1 for version 1"):
         SnapshotReader(base_path)
+
+
+def test_every_metadata_byte_of_a_delta_is_checked(
+        tmp_path: Path, base: tuple[Path, bytearray]) -> None:
+    """Header, base block (the base's identity and path), index and footer: one bit flipped
+    anywhere is refused when the delta opens, never read as another base or other chunks."""
+    base_path, data = base
+    delta = _delta(tmp_path, base_path, data)
+    good = delta.read_bytes()
+    base_len = struct.unpack_from("<I", good, 44)[0]
+    index_offset = struct.unpack_from("<Q", good, len(good) - FOOTER.size)[0]
+    bad = tmp_path / "bad.ufs"
+    for pos in [*range(HEADER.size + base_len), *range(index_offset, len(good))]:
+        blob = bytearray(good)
+        blob[pos] ^= 0x01
+        bad.write_bytes(blob)
+        with pytest.raises(SnapshotError, match=r"corrupted|truncated|not a userfault|version"):
+            SnapshotReader(bad)
 
 
 def test_bad_delta_arguments_are_refused(tmp_path: Path, base: tuple[Path, bytearray]) -> None:
