@@ -16,12 +16,12 @@ from .written import load_written
 
 #: why ``create --base`` needs ``--changed``
 NEEDS_CHANGED = (
-    "--base needs --changed FILE: a delta holds the pages written since the base, and only "
-    "write tracking knows which those are (userfault never finds them by comparing bytes, "
-    "which would miss nothing but cost reading and decompressing the whole base). Save the "
-    "written ranges where the memory is tracked: "
-    "save_written(FILE, WriteTracker(region).written_ranges()) from "
-    "userfault.sources.snapshot, one 'OFFSET LENGTH' line per range")
+    "--base needs --changed FILE: a delta holds the pages written since the base as write "
+    "tracking found them (userfault does not find them by comparing SRC with the base, which "
+    "would read and decompress all of both). Save the ranges where the memory is tracked: "
+    "save_written(FILE, tracker.written_ranges()) (userfault.sources.snapshot, with a "
+    "userfault.tracking.WriteTracker), or give the SCRATCH.written file of a DeltaSource; one "
+    "'OFFSET LENGTH' line per range")
 
 __all__ = ["add_snapshot_commands"]
 
@@ -106,7 +106,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         ("chunks", f"{info.chunk_count} ({kinds})"),
         ("compressed", f"{info.compressed_bytes} bytes ({human(info.compressed_bytes)})"),
         ("file size", f"{info.file_bytes} bytes ({human(info.file_bytes)})"),
-        ("ratio", f"{info.ratio:.2f}x"),
+        ("ratio", f"{info.ratio:.2f}x" + (" (the whole size over this file's: a delta holds "
+                                          "only its chunks)" if info.base else "")),
         ("zstd level", str(info.level)),
     ]
     if len(chain) > 1:
