@@ -46,7 +46,7 @@ USAGE: list[tuple[list[str], str]] = [
     (["demo", "--pages", "abc"], "userfault demo: error: argument --pages: invalid int value: "
                                  "'abc'"),
     (["snapshot"], "userfault snapshot: error: the following arguments are required: "
-                   "{create,inspect}"),
+                   "{create,inspect,flatten}"),
     (["snapshot", "create", "a"], "userfault snapshot create: error: the following arguments "
                                   "are required: DEST"),
     (["snapshot", "create", "a", "b", "--size", "-1"],

@@ -116,6 +116,12 @@ class WriteTracker:
             start = walk_end
         return out
 
+    def written_ranges(self, *, reset: bool = True) -> list[tuple[int, int]]:
+        """Like :meth:`collect`, as ``(offset, length)`` pairs from the region's start: the
+        ``written=`` of a delta snapshot
+        (:func:`~userfault.sources.snapshot.create_snapshot` with ``base=``)."""
+        return [(r.start - self.region.address, r.length) for r in self.collect(reset=reset)]
+
     def written_bytes(self, *, reset: bool = True) -> int:
         """Bytes written since the last reset."""
         return sum(r.length for r in self.collect(reset=reset))
