@@ -113,10 +113,10 @@ class PyPattern:
         return self._size
 
     def read_into(self, offset: int, buf: memoryview) -> None:
-        block = self._block
+        block = memoryview(self._block)  # slices of it are views, not copies
         for at in range(0, len(buf), len(block)):
-            piece = buf[at: at + len(block)]
-            piece[:] = block[: len(piece)]
+            n = min(len(block), len(buf) - at)
+            buf[at: at + n] = block[:n]
 
 
 class Bench:
