@@ -2,6 +2,8 @@
 
 * :func:`build_reference` compiles ``ref_handler.c`` with the system ``cc`` into
   ``benchmarks/build/`` (gitignored), both as a program and as a shared library.
+* :func:`page_order` / :func:`touch_pages` run the reference's C touch loop (``ref_touch``)
+  over a region, timing every touch in C when asked.
 * :func:`median` / :func:`median_runs` summarise repetitions.
 * :func:`table` renders rows as an aligned text (and Markdown) table.
 * :func:`machine` describes the machine for a results header.
@@ -18,6 +20,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,6 +64,36 @@ def load_reference_lib(lib: Path) -> ctypes.CDLL:
                               ctypes.c_int, ctypes.POINTER(ctypes.c_uint64)]
     dll.ref_touch.restype = ctypes.c_uint64
     return dll
+
+
+def page_order(lib: ctypes.CDLL, size: int, seed: int = 0, pages: int | None = None
+               ) -> tuple[Any, int]:
+    """Page indices of a ``size``-byte region for ``ref_touch``: in order (``seed`` 0) or a
+    fixed shuffle (``ref_shuffle``), ``pages`` of them (all by default)."""
+    total = size // PAGE
+    n = min(pages or total, total)
+    idx = (ctypes.c_uint32 * n)()
+    if lib.ref_shuffle(total, seed, idx, n):
+        raise MemoryError("ref_shuffle")
+    return idx, n
+
+
+def touch_pages(lib: ctypes.CDLL, address: int, idx: Any, n: int, latency: bool
+                ) -> dict[str, float]:
+    """``ref_touch`` over the pages ``idx`` of the region at ``address`` (per page a write at
+    byte 0, a read of byte 64): seconds, µs per touch, GB/s, the checksum and, with
+    ``latency``, the p50 and p99 of the touches (each timed in C)."""
+    lat = (ctypes.c_uint64 * n)() if latency else None
+    t0 = time.perf_counter_ns()
+    checksum = lib.ref_touch(address, idx, n, 1, lat)
+    secs = (time.perf_counter_ns() - t0) / 1e9
+    out = {"seconds": secs, "per_touch_us": secs * 1e6 / n, "gbps": n * PAGE / secs / 1e9,
+           "checksum": checksum}
+    if lat is not None:
+        vals = sorted(lat)
+        out["p50_us"] = vals[n // 2] / 1e3
+        out["p99_us"] = vals[n * 99 // 100] / 1e3
+    return out
 
 
 def run_json(cmd: Sequence[str]) -> dict[str, Any]:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import subprocess
@@ -52,10 +51,12 @@ from _common import (
     load_reference_lib,
     machine,
     median,
+    page_order,
     progress,
     rss_bytes,
     run_json,
     table,
+    touch_pages,
 )
 
 import userfault
@@ -83,25 +84,10 @@ class Bench:
     # -- page orders and the touch loop ---------------------------------------------------
 
     def order(self, size: int, random: bool, pages: int | None = None) -> tuple[Any, int]:
-        total = size // PAGE
-        n = min(pages or total, total)
-        idx = (ctypes.c_uint32 * n)()
-        if self.lib.ref_shuffle(total, SEED if random else 0, idx, n):
-            raise MemoryError("ref_shuffle")
-        return idx, n
+        return page_order(self.lib, size, SEED if random else 0, pages)
 
     def touch(self, address: int, idx: Any, n: int, latency: bool) -> dict[str, float]:
-        lat = (ctypes.c_uint64 * n)() if latency else None
-        t0 = time.perf_counter_ns()
-        checksum = self.lib.ref_touch(address, idx, n, 1, lat)
-        secs = (time.perf_counter_ns() - t0) / 1e9
-        out = {"seconds": secs, "per_touch_us": secs * 1e6 / n, "gbps": n * PAGE / secs / 1e9,
-               "checksum": checksum}
-        if lat is not None:
-            vals = sorted(lat)
-            out["p50_us"] = vals[n // 2] / 1e3
-            out["p99_us"] = vals[n * 99 // 100] / 1e3
-        return out
+        return touch_pages(self.lib, address, idx, n, latency)
 
     def engine_run(self, make_source: Any, size: int, idx: Any, n: int, *, latency: bool = False,
                    placement: str = "any", **options: Any) -> dict[str, float]:

@@ -65,6 +65,23 @@ class BatchFails(PyBytes):
         super().read_into(offset, buf)
 
 
+class SlowPieces(PyBytes):
+    """Reads of more than one page (readahead pieces) take ``delay`` seconds, then fail if
+    ``fail``; reads of one page (faults) are served at once."""
+
+    def __init__(self, data: bytes, delay: float, fail: bool) -> None:
+        super().__init__(data)
+        self.delay = delay
+        self.fail = fail
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        if len(buf) > PAGE:
+            time.sleep(self.delay)
+            if self.fail:
+                raise ConnectionError(f"the piece at {offset}+{len(buf)} failed")
+        super().read_into(offset, buf)
+
+
 class Misbehaving(PyBytes):
     """:class:`PyBytes` except on the pages in ``bad`` (source offsets of pages).
 

@@ -21,6 +21,7 @@ import pytest
 
 import userfault
 from pager_helpers import run_script, settled
+from py_sources import SlowPieces
 from userfault.errors import PagerError
 from userfault.sources.http import HTTPSource
 from userfault.sources.redis import RedisSource, upload
@@ -66,6 +67,21 @@ def test_snapshot_served_while_the_faulting_thread_holds_the_gil(
         records = pager.faults()
         assert records and records[0].offset == 0
         assert records[0].thread_id == __import__("threading").get_native_id()
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["piece-served", "piece-failed"])
+def test_faults_inside_a_readahead_piece_being_read_are_served(fail: bool) -> None:
+    """A fault in a readahead piece another thread is reading waits for that piece; if the
+    piece fails, the fault is served on its own. Either way every byte is right."""
+    data = _data(4 << 20)
+    source = SlowPieces(data, delay=0.05, fail=fail)
+    with userfault.Pager(source, readahead=(64 << 10, 1 << 20), piece=256 << 10) as pager:
+        view = memoryview(pager)
+        assert bytes(view) == data  # sequential, while the pieces ahead are still being read
+        view.release()
+        stats = pager.stats()
+        assert stats.poisoned == 0
+        pager.check()  # no serving error recorded
 
 
 def test_random_access_faults_once_per_page_without_readahead(

@@ -138,6 +138,11 @@ typedef struct {
     uint64_t poisoned_bytes;
     int cause;           /* of the install in progress, and when it began: for the trace */
     uint64_t t0;
+    /* A background thread's readahead piece being read, [ra_addr, +ra_len) of ra_ctx (under
+     * e->lock); ra_waiters: a fault there was left to it (Python sources: serve_fault). */
+    uctx_t *ra_ctx;
+    uint64_t ra_addr, ra_len;
+    int ra_waiters;
 } worker_t;
 
 typedef struct retired { void *p; struct retired *next; } retired_t;

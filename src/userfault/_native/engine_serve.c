@@ -3,7 +3,9 @@
  * Fault threads wait on one epoll set holding every context's uffd and the stop eventfd; each
  * serves a fault by installing its chunk, then feeds the readahead window. Two background
  * threads (when readahead or populate is on) install readahead windows, then populate, a
- * piece at a time; they never read a uffd, so a fault never waits behind background work.
+ * piece at a time; they never read a uffd, so a fault never waits behind background work
+ * (except, for a Python source, on the readahead piece being read for its very page: one
+ * round trip less).
  *
  * Contexts: UFFD_EVENT_FORK hands us a new uffd for a forked child's copy of the registered
  * ranges; it becomes a context served from the same source, with a copy of its parent's page
@@ -352,6 +354,24 @@ static int fault_kind(uint64_t flags)
     return flags & UFFD_PAGEFAULT_FLAG_WRITE ? KIND_WRITE : KIND_READ;
 }
 
+/* A Python source's read is a round trip: a fault in a readahead piece being read already is
+ * left to the background thread reading it, which wakes the whole piece when it is done
+ * (installed or not: a page it could not install faults again and is served then). */
+static int left_to_readahead(engine_t *e, uctx_t *c, uint64_t addr)
+{
+    if (e->kind != SRC_PYTHON)
+        return 0;
+    int found = 0;
+    pthread_mutex_lock(&e->lock);
+    for (int i = e->nthreads; i < e->nworkers && !found; i++) {
+        worker_t *b = &e->workers[i];
+        if (b->ra_ctx == c && addr - b->ra_addr < b->ra_len)
+            found = ++b->ra_waiters;
+    }
+    pthread_mutex_unlock(&e->lock);
+    return found;
+}
+
 /* Serve one page fault. Returns ESRCH when the context's process is gone, else 0. */
 static int serve_fault(engine_t *e, worker_t *w, uctx_t *c, struct uffd_msg *m, uint64_t t0)
 {
@@ -408,6 +428,8 @@ static int serve_fault(engine_t *e, worker_t *w, uctx_t *c, struct uffd_msg *m, 
             uf_page_in(e, c, a->first_page + page_off / e->page);
     } else if (uf_reactivate(e, c, a, page_off, &err)) {
         got = err ? 0 : e->page; /* back from the pool, no source read */
+    } else if (left_to_readahead(e, c, addr)) {
+        update_readahead(e, c, as, a, off, off + n); /* the piece's thread wakes this one */
     } else {
         /* A COPY wakes what it installs; install_range wakes the faulting page itself if it was
          * present already (EEXIST), and failed pages get on_error. */
@@ -687,6 +709,8 @@ static void *background_main(void *arg)
             pthread_cond_wait(&e->work_cond, &e->lock);
         uctx_t *c = e->stopping ? NULL : claim_piece(e, &a, &off, &n, &cause);
         int stopping = e->stopping;
+        if (c && cause == CAUSE_READAHEAD)
+            w->ra_ctx = c, w->ra_addr = a.base + off, w->ra_len = n, w->ra_waiters = 0;
         pthread_mutex_unlock(&e->lock);
         if (stopping)
             break;
@@ -696,6 +720,15 @@ static void *background_main(void *arg)
         int err = uf_install_range(e, w, c, &a, off, n, flags, cause, NO_WAKE, &done);
         if (err == EAGAIN)
             ADD(e, eagain, 1);
+        if (cause == CAUSE_READAHEAD) {
+            pthread_mutex_lock(&e->lock);
+            int waiters = w->ra_waiters;
+            w->ra_ctx = NULL;
+            pthread_mutex_unlock(&e->lock);
+            struct uffdio_range r = {w->ra_addr, w->ra_len};
+            if (waiters && err != ESRCH)
+                uf_ioctl(c->uffd, UFFDIO_WAKE, &r);
+        }
         ctx_leave(e, c, err == ESRCH);
         if (cause == CAUSE_PREFETCH) { /* the working set is in: one wake for all of it */
             pthread_mutex_lock(&e->lock);
