@@ -26,3 +26,13 @@ def test_quickstart_output_matches_the_readme() -> None:
                          capture_output=True, text=True, timeout=50)
     assert run.returncode == 0, run.stderr
     assert run.stdout == shown.group(1)
+
+
+@pytest.mark.timeout(120)
+def test_the_out_of_core_example_doubles_a_matrix_four_times_its_budget() -> None:
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "out_of_core_numpy.py"),
+                          "--size", "16M", "--budget", "4M"],
+                         capture_output=True, text=True, timeout=110)
+    assert run.returncode == 0, run.stderr
+    assert "column sums doubled, in memory and in the file: ok" in run.stdout
+    assert "evictions 0," not in run.stdout  # the budget was exceeded, and held

@@ -262,6 +262,7 @@ int uf_marked(const uf_mark_t *marks, uint64_t n, uint64_t off, uint64_t len);
 #define IR_SKIP_INSTALLED 1
 #define IR_DONTWAKE 2
 #define NO_WAKE UINT64_MAX
+void uf_source_willneed(engine_t *e, uint64_t at, uint64_t len);
 int uf_install_range(engine_t *e, worker_t *w, uctx_t *c, area_t *a, uint64_t off, uint64_t n,
                      int flags, int cause, uint64_t wake_off, uint64_t *installed);
 int uf_worker_buffers(engine_t *e, worker_t *w);

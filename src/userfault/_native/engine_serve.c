@@ -322,6 +322,7 @@ static void update_readahead(engine_t *e, uctx_t *c, areas_t *as, area_t *a, uin
             lru = i;
     }
     __typeof__(c->ra[0]) *r = &c->ra[hit >= 0 ? hit : lru];
+    uint64_t ahead = 0, ahead_end = 0; /* what the window grew by, read ahead in one request */
     if (hit < 0) {
         *r = (__typeof__(*r)){.area = ai, .next = end, .end = end};
     } else {
@@ -331,7 +332,9 @@ static void update_readahead(engine_t *e, uctx_t *c, areas_t *as, area_t *a, uin
         if (dir > 0) {
             if (r->next < end)
                 r->next = end;
+            ahead = r->end > end ? r->end : end;
             r->end = end + r->window > a->len ? a->len : end + r->window;
+            ahead_end = r->end;
         } else { /* below the fault, installed from the top down */
             r->end = off;
             r->next = off > r->window ? off - r->window : 0;
@@ -342,7 +345,10 @@ static void update_readahead(engine_t *e, uctx_t *c, areas_t *as, area_t *a, uin
     r->used = ++c->ra_tick;
     if (r->next < r->end)
         pthread_cond_signal(&e->work_cond);
+    uint64_t src_off = a->src_off;
     pthread_mutex_unlock(&e->lock);
+    if (ahead_end > ahead)
+        uf_source_willneed(e, src_off + ahead, ahead_end - ahead);
 }
 
 static int fault_kind(uint64_t flags)

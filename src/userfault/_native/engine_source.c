@@ -417,6 +417,20 @@ static int source_check(engine_t *e, worker_t *w, area_t *a, run_t *r)
 /* Before installing the runs of a range: a Python source reads all of them at once, each
  * into its own part of the bounce buffer (kept by the run even when it cannot be read, for
  * its retries). Native sources are read run by run as they are installed. */
+/* A file source is mapped with MADV_RANDOM (sources/native.py): the kernel's read-around
+ * would read its whole window (read_ahead_kb, up to megabytes) around every miss, random ones
+ * too. So the engine's own readahead decides: a readahead window is asked for in one read as
+ * it grows, and so is a run of more than a page (a chunk, a populate piece, a prefetch) before
+ * it is copied. */
+void uf_source_willneed(engine_t *e, uint64_t at, uint64_t len)
+{
+    if (e->kind != SRC_MEMORY || e->src_fd < 0 || len <= e->page || at >= e->src_len)
+        return;
+    if (len > e->src_len - at)
+        len = e->src_len - at;
+    madvise((void *)(uintptr_t)(e->src + at), len, MADV_WILLNEED); /* advice: no error */
+}
+
 static void prepare_runs(engine_t *e, worker_t *w, area_t *a, run_t *runs, int n)
 {
     uint64_t pos = 0;
@@ -427,6 +441,7 @@ static void prepare_runs(engine_t *e, worker_t *w, area_t *a, run_t *runs, int n
         r->err = 0;
         if (r->zero)
             continue;
+        uf_source_willneed(e, a->src_off + r->off, r->len);
         if (e->kind == SRC_PYTHON && !bounce_err) {
             r->buf = w->bounce + pos;
             pos += r->len;
