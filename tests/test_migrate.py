@@ -65,7 +65,7 @@ def test_migrate_under_writes_loopback(region: Region) -> None:
     with MigrationSender(region, secret=SECRET, name="mem", pause=writer.pause,
                          max_rounds=5, max_dirty=64 << 10) as sender:
         ep = sender.start("tcp://127.0.0.1:0")[0]
-        with receive(f"uf://127.0.0.1:{ep.port}/mem", secret=SECRET) as incoming:
+        with receive(f"uf://127.0.0.1:{ep.port}/mem", secret=SECRET, digest=True) as incoming:
             assert writer.stopped.is_set()  # receive returns in post-copy, after the pause
             report = incoming.wait(60)
             incoming.verify()

@@ -54,6 +54,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import SourceError
 from .pager import Pager
 from .region import Region
 from .remote.address import Endpoint, parse_url
@@ -85,8 +86,8 @@ _COMMAND = struct.Struct("<4sHHI")
 # sender -> destination, the first bytes of NAME.ctl: magic, kind, flags, round, page size,
 # pages in the set, region size, digest; the page bitmap follows
 _REPLY = struct.Struct("<4sHHIIQQ32s")
-_OP_NEXT, _OP_RUNNING, _OP_COMPLETE, _OP_DIGEST = 1, 2, 3, 4
-_KIND_ROUND, _KIND_FINAL, _KIND_DIGEST, _KIND_DONE = 1, 2, 3, 4
+_OP_NEXT, _OP_RUNNING, _OP_COMPLETE, _OP_REPORT = 1, 2, 3, 4
+_KIND_ROUND, _KIND_FINAL, _KIND_DONE = 1, 2, 3
 _FLAG_ALL = 1
 _READ_BATCH = 64 << 20  # pre-copy: bytes asked for in one read_many
 _REPORT_ROOM = 64 << 10  # room in NAME.ctl for the final report (JSON)
@@ -232,6 +233,7 @@ class _Session:
         self.running_at = 0.0
         self.dirty_at_stop = 0
         self.stats: dict[str, Any] = {}
+        self.digest = b""
 
     # page accounting (event loop)
     def sent(self, offset: int, n: int) -> None:
@@ -298,20 +300,22 @@ class _Session:
         elif op == _OP_RUNNING:
             if not self.running_at:
                 self.running_at = now
-        elif op == _OP_DIGEST:
-            if not self.paused_at:
-                raise ValueError("a digest is asked for before the sender stopped")
-            digest = hashlib.blake2b(memoryview(self.region), digest_size=32).digest()
-            self._set_reply(_KIND_DIGEST, 0, index, 0, None, digest)
-        elif op == _OP_COMPLETE:
+        elif op == _OP_REPORT:
             if not self.running_at:
                 raise ValueError("the destination says it is complete before running")
-            self.stats = json.loads(payload.decode("utf-8")) if payload else {}
-            last = self.rounds[-1]
-            last.ended = now
-            last.remote_faults = int(self.stats.get("remote_faults", 0))
+            if not self.stats:
+                self.stats = json.loads(payload.decode("utf-8"))
+                last = self.rounds[-1]
+                last.ended = now
+                last.remote_faults = int(self.stats.get("remote_faults", 0))
+                if self.stats.get("digest"):  # the memory is still, the writers stopped
+                    self.digest = hashlib.blake2b(memoryview(self.region),
+                                                  digest_size=32).digest()
             body = json.dumps(self.report().as_dict()).encode()
-            self._set_reply(_KIND_DONE, 0, index, len(body), body)
+            self._set_reply(_KIND_DONE, 0, index, len(body), body, self.digest)
+        elif op == _OP_COMPLETE:
+            if not self.stats:
+                raise ValueError("the destination completes before asking for the report")
             self.done.set()
         else:
             raise ValueError(f"unknown migration command {op}")
@@ -576,13 +580,18 @@ class Incoming:
     def __init__(self, url: str, *, secret: bytes | None = None,
                  secret_file: str | os.PathLike[str] | None = None,
                  tls_ca: str | os.PathLike[str] | None = None, timeout: float = 10.0,
-                 reconnect_timeout: float = 30.0, **pager_options: Any) -> None:
+                 reconnect_timeout: float = 30.0, digest: bool = False,
+                 **pager_options: Any) -> None:
         parsed = parse_url(url)
         ctl_url = url.replace(f"/{parsed.export}", f"/{parsed.export}.ctl", 1)
         options: dict[str, Any] = {"secret": secret, "secret_file": secret_file,
                                    "tls_ca": tls_ca, "timeout": timeout,
                                    "reconnect_timeout": reconnect_timeout}
         self.url = url
+        self._options = options
+        self._reconnect_timeout = reconnect_timeout
+        self._want_digest = digest
+        self._digest = b""
         self.memory: Pager | None = None
         self._staging: _Staging | None = None
         self._memfd = -1
@@ -703,14 +712,40 @@ class Incoming:
                 return
             while (c := st.counters())[1] != c[2]:  # a fault's pull still in flight
                 time.sleep(0.001)
-            stats = json.dumps({"remote_faults": st.counters()[0]}).encode()
-            length = self._command(_OP_COMPLETE, self._index, stats)[5]
+            stats = json.dumps({"remote_faults": st.counters()[0],
+                                "digest": self._want_digest}).encode()
+            reply = self._command(_OP_REPORT, self._index, stats)
+            length, self._digest = reply[5], reply[7]
             self._report = _report_from(json.loads(self._body(length).decode()))
+            self._complete()
         except BaseException as err:
             log.error("migration from %s: the background transfer failed: %s", self.url, err)
             self._failure = err
         finally:
             self._done.set()
+
+    def _complete(self) -> None:
+        """Release the sender: the last message, whose answer may be lost (the sender may
+        close at once), so it is sent once on a connection of its own, without retries."""
+        deadline = time.monotonic() + self._reconnect_timeout
+        delay = 0.05
+        while True:
+            try:
+                last = PageServerSource(self._ctl.url, **{**self._options,
+                                                           "reconnect_timeout": 0})
+                break
+            except SourceError:
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        try:
+            last.write_from(0, memoryview(_COMMAND.pack(_MAGIC, _OP_COMPLETE, 0, self._index)))
+        except SourceError as err:
+            log.info("migration from %s: the sender left before answering the last message "
+                     "(%s)", self.url, err)
+        finally:
+            last.close()
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -732,13 +767,16 @@ class Incoming:
         return self._report
 
     def verify(self) -> None:
-        """Compare a digest of :attr:`memory` with the sender's (only meaningful before this
-        side writes to it); raises :class:`MigrationError` if they differ."""
+        """Compare a digest of :attr:`memory` with the one the sender computed once stopped
+        (``receive(..., digest=True)``; meaningful only before this side writes to the
+        memory); raises :class:`MigrationError` if they differ."""
         self.wait()
-        digest = self._command(_OP_DIGEST, self._index)[7]
+        if not self._want_digest:
+            raise ValueError("verify() needs receive(..., digest=True)")
         assert self.memory is not None
-        mine = hashlib.blake2b(memoryview(self.memory), digest_size=32).digest()
-        if mine != digest:
+        with memoryview(self.memory) as view:
+            mine = hashlib.blake2b(view, digest_size=32).digest()
+        if mine != self._digest:
             raise MigrationError(f"the memory received from {self.url} differs from the "
                                  "sender's (digests do not match)")
 
@@ -771,7 +809,9 @@ def receive(url: str, **options: Any) -> Incoming:
     """Start receiving the region the sender at ``url`` (``uf://HOST:PORT/NAME``) migrates;
     returns once this side may run (post-copy). ``options``: ``secret`` or ``secret_file``,
     ``tls_ca``, ``timeout``, ``reconnect_timeout`` (seconds to keep reconnecting to a sender
-    that went away, before its stale pages SIGBUS), and any :class:`~userfault.Pager` option.
+    that went away, before its stale pages SIGBUS), ``digest`` (the sender hashes its stopped
+    memory at the end, for :meth:`Incoming.verify`), and any :class:`~userfault.Pager`
+    option.
 
     Raises:
         AuthenticationError: the secret does not match.
