@@ -10,9 +10,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from remote_helpers import SECRET
+from remote_helpers import OTHER_SECRET, SECRET, connect_raw, recv_hello, recv_until_closed
 from userfault import Region
 from userfault.migrate import MigrationSender, receive
+from userfault.remote import AuthenticationError
+from userfault.remote.auth import auth_message, new_nonce
+from userfault.remote.protocol import FRAME, WELCOME, ErrorCode, FrameType
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -85,3 +88,27 @@ def test_migrate_under_writes_loopback(region: Region) -> None:
     assert report.rounds[-1].pages >= report.dirty_at_stop
     assert 0 <= report.downtime <= report.total_time
     assert all(r.remote_faults == 0 for r in report.rounds[:-1])
+
+
+def test_unauthenticated_clients_get_nothing(region: Region) -> None:
+    with MigrationSender(region, secret=SECRET, name="mem") as sender:
+        ep = sender.start("tcp://127.0.0.1:0")[0]
+        with pytest.raises(AuthenticationError, match="secret does not match"):
+            receive(f"uf://127.0.0.1:{ep.port}/mem", secret=OTHER_SECRET)
+        s = connect_raw(ep.port)
+        try:
+            hello = recv_hello(s)
+            s.sendall(auth_message(OTHER_SECRET, hello, new_nonce()))
+            s.sendall(FRAME.pack(FrameType.OPEN, 0, 0, 1, 0, 3, 0) + b"mem"
+                      + FRAME.pack(FrameType.READ, 0, 0, 2, 1, 4096, 0))
+            rest = recv_until_closed(s)
+        finally:
+            s.close()
+        assert len(rest) == WELCOME.size
+        assert WELCOME.unpack(rest)[0] == ErrorCode.AUTH_FAILED
+        # the migration was not disturbed: a destination with the secret still gets it all
+        with receive(f"uf://127.0.0.1:{ep.port}/mem", secret=SECRET) as incoming:
+            incoming.wait(60)
+            assert incoming.memory is not None
+            assert bytes(memoryview(incoming.memory)) == bytes(memoryview(region))
+        assert sender.wait(5).rounds[0].index == 0
