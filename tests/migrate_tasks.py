@@ -69,7 +69,7 @@ def send(args: argparse.Namespace) -> int:
             writes += 1
             ahead = writes / args.rate - (time.monotonic() - t0)
             if ahead > 0:
-                time.sleep(min(ahead, 0.01))
+                stop.wait(min(ahead, 0.01))
         stopped.set()
 
     def pause() -> None:

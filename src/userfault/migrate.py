@@ -47,6 +47,7 @@ import json
 import logging
 import mmap
 import os
+import re
 import struct
 import threading
 import time
@@ -89,6 +90,7 @@ _REPLY = struct.Struct("<4sHHIIQQ32s")
 _OP_NEXT, _OP_RUNNING, _OP_COMPLETE, _OP_REPORT = 1, 2, 3, 4
 _KIND_ROUND, _KIND_FINAL, _KIND_DONE = 1, 2, 3
 _FLAG_ALL = 1
+_NONZERO = re.compile(rb"[^\x00]+")
 _READ_BATCH = 64 << 20  # pre-copy: bytes asked for in one read_many
 _REPORT_ROOM = 64 << 10  # room in NAME.ctl for the final report (JSON)
 
@@ -294,12 +296,12 @@ class _Session:
                 self.pause()
             count = self._collect(bitmap)
             self.dirty_at_stop = count
-            self.tracker.close()  # nothing writes any more
             self.rounds.append(_Round(index, "post-copy", time.perf_counter()))
             self._set_reply(_KIND_FINAL, 0, index, count, bitmap)
         elif op == _OP_RUNNING:
             if not self.running_at:
                 self.running_at = now
+                self.tracker.close()  # nothing writes any more (not done in the downtime)
         elif op == _OP_REPORT:
             if not self.running_at:
                 raise ValueError("the destination says it is complete before running")
@@ -551,21 +553,28 @@ def _runs(st: _Staging, p0: int, p1: int) -> list[tuple[int, int]]:
     return out
 
 
-def _bitmap_runs(bitmap: bytes | bytearray, npages: int) -> list[tuple[int, int]]:
+def _bitmap_runs(bitmap: memoryview, npages: int) -> list[tuple[int, int]]:
     """The ``(first, end)`` page runs whose bits are set."""
     runs: list[tuple[int, int]] = []
-    for i, byte in enumerate(bitmap):
-        if not byte:
-            continue
-        for bit in range(8):
-            if byte >> bit & 1:
-                p = i * 8 + bit
-                if p >= npages:
-                    break
-                if runs and runs[-1][1] == p:
-                    runs[-1] = (runs[-1][0], p + 1)
+    for m in _NONZERO.finditer(bitmap):
+        for i in range(m.start(), m.end()):
+            byte = bitmap[i]
+            if byte == 0xFF:
+                first, end = i * 8, i * 8 + 8
+                if runs and runs[-1][1] == first:
+                    runs[-1] = (runs[-1][0], end)
                 else:
-                    runs.append((p, p + 1))
+                    runs.append((first, end))
+                continue
+            for bit in range(8):
+                if byte >> bit & 1:
+                    p = i * 8 + bit
+                    if runs and runs[-1][1] == p:
+                        runs[-1] = (runs[-1][0], p + 1)
+                    else:
+                        runs.append((p, p + 1))
+    if runs and runs[-1][1] > npages:
+        runs[-1] = (runs[-1][0], npages)
     return runs
 
 
@@ -610,23 +619,20 @@ class Incoming:
 
     # -- the exchange --------------------------------------------------------------------------
 
-    def _command(self, op: int, index: int, payload: bytes = b"") -> tuple[Any, ...]:
+    def _command(self, op: int, index: int, payload: bytes = b"", *, body: int = 0
+                 ) -> tuple[tuple[Any, ...], memoryview]:
+        """Send a command; its reply's header fields and the ``body`` bytes after them, read
+        in one request."""
         self._ctl.write_from(0, memoryview(_COMMAND.pack(_MAGIC, op, 0, index) + payload))
-        head = bytearray(_REPLY.size)
-        self._ctl.read_into(0, memoryview(head), urgent=True)
-        fields = _REPLY.unpack(head)
+        reply = memoryview(bytearray(_REPLY.size + body))
+        self._ctl.read_into(0, reply, urgent=True)
+        fields = _REPLY.unpack(reply[:_REPLY.size])
         if fields[0] != _MAGIC:
             raise MigrationError(f"{self._ctl.url}: not a migration control export")
-        return fields  # type: ignore[no-any-return]
-
-    def _body(self, length: int) -> bytearray:
-        body = bytearray(length)
-        if length:
-            self._ctl.read_into(_REPLY.size, memoryview(body), urgent=True)
-        return body
+        return fields, reply[_REPLY.size:]
 
     def _start(self, pager_options: dict[str, Any]) -> None:
-        _, kind, flags, index, page, _, size, _ = self._command(_OP_NEXT, 0)
+        _, kind, flags, index, page, _, size, _ = self._command(_OP_NEXT, 0)[0]
         if kind != _KIND_ROUND or not flags & _FLAG_ALL or size != self._pages.size:
             raise MigrationError(f"{self.url}: the sender's first round is not a full copy of "
                                  "the export")
@@ -640,15 +646,17 @@ class Incoming:
         while True:
             self._pull(runs)
             index += 1
-            kind = self._command(_OP_NEXT, index)[1]
-            runs = _bitmap_runs(self._body((staging.npages + 7) // 8), staging.npages)
+            fields, bitmap = self._command(_OP_NEXT, index, body=(staging.npages + 7) // 8)
+            kind = fields[1]
+            runs = _bitmap_runs(bitmap, staging.npages)
             if kind == _KIND_FINAL:
                 break
             if kind != _KIND_ROUND:
                 raise MigrationError(f"{self.url}: unexpected reply {kind} to round {index}")
         for first, end in runs:
             staging.state[first:end] = bytes(end - first)
-        self._command(_OP_RUNNING, index)
+        # this side runs from here on: the sender counts its downtime up to this message
+        self._ctl.write_from(0, memoryview(_COMMAND.pack(_MAGIC, _OP_RUNNING, 0, index)))
         self._index = index
         self._thread = threading.Thread(target=self._background, name="userfault-migrate",
                                         daemon=True)
@@ -714,9 +722,9 @@ class Incoming:
                 time.sleep(0.001)
             stats = json.dumps({"remote_faults": st.counters()[0],
                                 "digest": self._want_digest}).encode()
-            reply = self._command(_OP_REPORT, self._index, stats)
-            length, self._digest = reply[5], reply[7]
-            self._report = _report_from(json.loads(self._body(length).decode()))
+            fields, body = self._command(_OP_REPORT, self._index, stats, body=_REPORT_ROOM)
+            length, self._digest = fields[5], fields[7]
+            self._report = _report_from(json.loads(bytes(body[:length]).decode()))
             self._complete()
         except BaseException as err:
             log.error("migration from %s: the background transfer failed: %s", self.url, err)
