@@ -181,6 +181,21 @@ class _RegionExport(BufferExport):
         return n
 
 
+class _PackedExport(BufferExport):
+    """``NAME.round``: the pages of the current pre-copy round, packed in page order."""
+
+    kind = "migration round"
+
+    def __init__(self, name: str, session: _Session) -> None:
+        super().__init__(name, session.packed)
+        self._session = session
+
+    def _read_nowait(self, offset: int, view: memoryview) -> int:
+        n = super()._read_nowait(offset, view)
+        self._session.sent_packed(offset, n)
+        return n
+
+
 class _ControlExport(Export):
     """``NAME.ctl``: a command is a WRITE at offset 0, its answer the bytes read after it."""
 
@@ -227,6 +242,8 @@ class _Session:
         self.bitmap_len = (self.npages + 7) // 8
         self.reply = bytearray(_REPLY.size + max(self.bitmap_len, _REPORT_ROOM))
         self.sent_once = bytearray(self.npages)
+        self.packed = Region.anonymous(region.size)  # pages are allocated as rounds use them
+        self.packed_pages: list[int] = []
         self.rounds: list[_Round] = []
         self.lock = threading.Lock()
         self.done = threading.Event()
@@ -247,6 +264,33 @@ class _Session:
         r.pages += p1 - p0
         r.resent += self.sent_once.count(1, p0, p1)
         self.sent_once[p0:p1] = b"\x01" * (p1 - p0)
+
+    def sent_packed(self, offset: int, n: int) -> None:
+        if not n or not self.rounds:
+            return
+        r = self.rounds[-1]
+        pages = self.packed_pages[offset // self.page:-(-(offset + n) // self.page)]
+        r.bytes += n
+        r.pages += len(pages)
+        for p in pages:
+            r.resent += self.sent_once[p]
+            self.sent_once[p] = 1
+
+    def _pack(self, bitmap: bytearray) -> None:
+        """Copy the pages of ``bitmap`` to the start of the packed buffer, in page order."""
+        page = self.page
+        pages: list[int] = []
+        pos = 0
+        with memoryview(self.region) as src, memoryview(self.packed) as dst:
+            for a, b in _bitmap_runs(memoryview(bitmap), self.npages):
+                n = (b - a) * page
+                dst[pos:pos + n] = src[a * page:b * page]
+                pos += n
+                pages.extend(range(a, b))
+        old = len(self.packed_pages) * page
+        if old > pos:  # give back what the last round used beyond this one
+            self.packed.madvise(mmap.MADV_DONTNEED, pos, old - pos)
+        self.packed_pages = pages
 
     # commands (worker threads)
     def command(self, raw: bytes) -> None:
@@ -289,6 +333,7 @@ class _Session:
             count = self._collect(bitmap)
             if count > self.max_dirty_pages and index < self.max_rounds:
                 self.rounds.append(_Round(index, "pre-copy", now))
+                self._pack(bitmap)
                 self._set_reply(_KIND_ROUND, 0, index, count, bitmap)
                 return
             self.paused_at = time.perf_counter()
@@ -370,11 +415,15 @@ class MigrationSender:
         self.server = server if server is not None else PageServer(secret)  # type: ignore[arg-type]
         tracker = WriteTracker(region)
         self._session = _Session(region, tracker, pause, max_rounds, max_dirty)
+        self._exports: list[str] = []
         try:
-            self.server.add_export(_RegionExport(name, region, self._session))
-            self.server.add_export(_ControlExport(f"{name}.ctl", self._session))
+            for export in (_RegionExport(name, region, self._session),
+                           _PackedExport(f"{name}.round", self._session),
+                           _ControlExport(f"{name}.ctl", self._session)):
+                self.server.add_export(export)
+                self._exports.append(export.name)
         except BaseException:
-            tracker.close()
+            self.close()
             raise
 
     def start(self, *listen: str | Endpoint) -> list[Endpoint]:
@@ -399,11 +448,12 @@ class MigrationSender:
 
     def close(self) -> None:
         """Withdraw the exports (and stop the server made here); stop tracking."""
-        for export in (self.name, f"{self.name}.ctl"):
-            self.server.unexport(export)
+        while self._exports:
+            self.server.unexport(self._exports.pop())
         if self._own_server:
             self.server.close()
         self._session.tracker.close()
+        self._session.packed.close()
 
     def __enter__(self) -> MigrationSender:
         return self
@@ -450,20 +500,22 @@ class _Staging:
             values[i] += 1
             self.COUNTERS.pack_into(self.map, self.counters_at, *values)
 
-    def stale_runs(self, start: int = 0) -> list[tuple[int, int]]:
-        """``(first, end)`` page runs not current, from page ``start`` on."""
+    def stale_runs(self, start: int, limit: int) -> list[tuple[int, int]]:
+        """``(first, end)`` runs of pages not current, from page ``start`` on, ``limit``
+        pages at most."""
         runs: list[tuple[int, int]] = []
         state = self.map
         base, n = self.state_at, self.npages
         i = start
-        while i < n:
+        while i < n and limit > 0:
             j = state.find(b"\x00", base + i, base + n)
             if j < 0:
                 break
             j -= base
-            k = state.find(b"\x01", base + j, base + n)
-            k = n if k < 0 else k - base
+            k = state.find(b"\x01", base + j, base + min(n, j + limit))
+            k = min(n, j + limit) if k < 0 else k - base
             runs.append((j, k))
+            limit -= k - j
             i = k
         return runs
 
@@ -612,6 +664,8 @@ class Incoming:
         self._ctl = PageServerSource(ctl_url, **options)
         try:
             self._pages = PageServerSource(url, **options)
+            self._round = PageServerSource(
+                url.replace(f"/{parsed.export}", f"/{parsed.export}.round", 1), **options)
             self._start(pager_options)
         except BaseException:
             self.close()
@@ -642,9 +696,8 @@ class Incoming:
         # Made before the copy, so that its start is not part of the downtime.
         self.memory = Pager(MigrationSource(path, size, page, self._pages), size=size,
                             runtime="process", **pager_options)
-        runs = [(0, staging.npages)]
+        self._pull_all()
         while True:
-            self._pull(runs)
             index += 1
             fields, bitmap = self._command(_OP_NEXT, index, body=(staging.npages + 7) // 8)
             kind = fields[1]
@@ -653,6 +706,7 @@ class Incoming:
                 break
             if kind != _KIND_ROUND:
                 raise MigrationError(f"{self.url}: unexpected reply {kind} to round {index}")
+            self._pull_packed(runs)
         for first, end in runs:
             staging.state[first:end] = bytes(end - first)
         # this side runs from here on: the sender counts its downtime up to this message
@@ -662,34 +716,44 @@ class Incoming:
                                         daemon=True)
         self._thread.start()
 
-    def _pull(self, runs: Sequence[tuple[int, int]]) -> None:
-        """Pre-copy: pull the pages of ``runs`` into the staging file."""
+    def _pull_all(self) -> None:
+        """Round 0: the whole region, in big requests, straight into the staging file."""
         assert self._staging is not None
         st, page = self._staging, self._staging.page
-        batch: list[tuple[int, memoryview]] = []
-        marks: list[tuple[int, int]] = []
-        total = 0
-        step = _READ_BATCH // page
+        for off in range(0, st.size, _READ_BATCH):
+            end = min(st.size, off + _READ_BATCH)
+            self._pages.read_many([(off, st.data[off:end])], urgent=False)
+            st.state[off // page:end // page] = b"\x01" * ((end - off) // page)
 
-        def flush() -> None:
-            nonlocal total
-            if batch:
-                self._pages.read_many(batch, urgent=False)
-                for a, b in marks:
-                    st.state[a:b] = b"\x01" * (b - a)
-            batch.clear()
-            marks.clear()
-            total = 0
-
-        for first, end in runs:
-            for a in range(first, end, step):
-                b = min(end, a + step)
-                batch.append((a * page, st.data[a * page:b * page]))
-                marks.append((a, b))
-                total += (b - a) * page
-                if total >= _READ_BATCH:
-                    flush()
-        flush()
+    def _pull_packed(self, runs: Sequence[tuple[int, int]]) -> None:
+        """A later pre-copy round: the sender packed the round's pages, in page order, at the
+        start of ``NAME.round``; read them in big requests and put each where it belongs."""
+        assert self._staging is not None
+        st, page = self._staging, self._staging.page
+        buf = memoryview(bytearray(min(_READ_BATCH, sum(b - a for a, b in runs) * page)))
+        per_batch = len(buf) // page
+        queue = list(runs)
+        i = pos = 0
+        while i < len(queue):
+            pieces: list[tuple[int, int]] = []
+            n = 0
+            while i < len(queue) and n < per_batch:
+                a, b = queue[i]
+                take = min(b - a, per_batch - n)
+                pieces.append((a, a + take))
+                n += take
+                if a + take < b:
+                    queue[i] = (a + take, b)
+                else:
+                    i += 1
+            self._round.read_many([(pos, buf[:n * page])], urgent=False)
+            k = 0
+            for a, b in pieces:
+                length = (b - a) * page
+                st.data[a * page:b * page] = buf[k:k + length]
+                st.state[a:b] = b"\x01" * (b - a)
+                k += length
+            pos += n * page
 
     def _background(self) -> None:
         """Post-copy: pull what is stale, in growing chunks; then release the sender."""
@@ -698,24 +762,22 @@ class Incoming:
         try:
             chunk = CHUNK_MIN
             seen = st.counters()[0]
+            cursor = 0
             while not self._stop.is_set():
-                runs = st.stale_runs()
-                if not runs:
-                    break
-                for first, end in runs:
-                    a = first
-                    while a < end and not self._stop.is_set():
-                        b = min(end, a + max(1, chunk // page))
-                        if st.state[a]:  # a fault got it meanwhile
-                            a += 1
-                            continue
-                        self._pages.read_many([(a * page, st.data[a * page:b * page])],
-                                              urgent=False)
-                        st.state[a:b] = b"\x01" * (b - a)
-                        a = b
-                        faults = st.counters()[0]
-                        chunk = CHUNK_MIN if faults != seen else min(chunk * 2, CHUNK_MAX)
-                        seen = faults
+                pieces = st.stale_runs(cursor, limit=max(1, chunk // page))
+                if not pieces:
+                    if cursor == 0:
+                        break
+                    cursor = 0  # one more pass: nothing should be left
+                    continue
+                self._pages.read_many([(a * page, st.data[a * page:b * page])
+                                       for a, b in pieces], urgent=False)
+                for a, b in pieces:
+                    st.state[a:b] = b"\x01" * (b - a)
+                cursor = pieces[-1][1]
+                faults = st.counters()[0]
+                chunk = CHUNK_MIN if faults != seen else min(chunk * 2, CHUNK_MAX)
+                seen = faults
             if self._stop.is_set():
                 return
             while (c := st.counters())[1] != c[2]:  # a fault's pull still in flight
@@ -802,7 +864,7 @@ class Incoming:
         if self._memfd >= 0:
             os.close(self._memfd)
             self._memfd = -1
-        for src in (getattr(self, "_pages", None), self._ctl):
+        for src in (getattr(self, "_pages", None), getattr(self, "_round", None), self._ctl):
             if src is not None:
                 src.close()
 
