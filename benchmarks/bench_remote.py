@@ -405,7 +405,10 @@ class Migration:
         if got["digest"] != expected(self.size, 1, sent["writes"], 0):
             raise SystemExit("the migrated memory differs from the sender's")
         r = sent["report"]
+        progress("  " + ", ".join(f"round {x['index']} {x['phase']}: {x['pages']} pages in "
+                                  f"{x['seconds']:.3f} s" for x in r["rounds"]))
         return {"downtime_ms": r["downtime"] * 1e3, "total_s": r["total_time"],
+                "round0_s": r["rounds"][0]["seconds"],
                 "sent_mib": r["bytes_sent"] / MiB, "rounds": len(r["rounds"]),
                 "dirty_at_stop": r["dirty_at_stop"], "remote_faults": r["remote_faults"],
                 "writes": sent["writes"]}
@@ -444,6 +447,7 @@ def bench_migration(args: argparse.Namespace, work: Path,
           f"(median of {args.repeat})\n")
     rows = [["migration: downtime (ms)", m["downtime_ms"], ""],
             ["migration: total time (s)", m["total_s"], m["total_s"] / c],
+            ["migration: round 0, the full copy (s)", m["round0_s"], m["round0_s"] / c],
             ["migration: MiB sent", m["sent_mib"], ""],
             ["migration: rounds (pre-copy + post-copy)", m["rounds"], ""],
             ["migration: pages dirty at the stop", m["dirty_at_stop"], ""],
