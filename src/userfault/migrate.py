@@ -167,7 +167,9 @@ class MigrationReport:
 
 
 class _RegionExport(BufferExport):
-    """The region, read live, with every page read counted in the current round."""
+    """The region, read live, with every page read counted in the current round. In round 0,
+    the tracking of a piece is reset just before it is copied: a page written before its copy
+    is sent once, with those writes, not again in round 1."""
 
     kind = "migration"
 
@@ -176,8 +178,14 @@ class _RegionExport(BufferExport):
         self._session = session
 
     def _read_nowait(self, offset: int, view: memoryview) -> int:
+        session = self._session
+        if session.rounds and session.rounds[-1].index == 0 and len(view):
+            page = session.page
+            start = offset // page * page
+            session.tracker.collect(offset=start,
+                                    length=-(-(offset + len(view)) // page) * page - start)
         n = super()._read_nowait(offset, view)
-        self._session.sent(offset, n)
+        session.sent(offset, n)
         return n
 
 
@@ -346,7 +354,6 @@ class _Session:
         elif op == _OP_RUNNING:
             if not self.running_at:
                 self.running_at = now
-                self.tracker.close()  # nothing writes any more (not done in the downtime)
         elif op == _OP_REPORT:
             if not self.running_at:
                 raise ValueError("the destination says it is complete before running")
@@ -717,13 +724,11 @@ class Incoming:
         self._thread.start()
 
     def _pull_all(self) -> None:
-        """Round 0: the whole region, in big requests, straight into the staging file."""
+        """Round 0: the whole region, straight into the staging file (one pipelined read)."""
         assert self._staging is not None
-        st, page = self._staging, self._staging.page
-        for off in range(0, st.size, _READ_BATCH):
-            end = min(st.size, off + _READ_BATCH)
-            self._pages.read_many([(off, st.data[off:end])], urgent=False)
-            st.state[off // page:end // page] = b"\x01" * ((end - off) // page)
+        st = self._staging
+        self._pages.read_many([(0, st.data)], urgent=False)
+        st.state[:] = b"\x01" * st.npages
 
     def _pull_packed(self, runs: Sequence[tuple[int, int]]) -> None:
         """A later pre-copy round: the sender packed the round's pages, in page order, at the
