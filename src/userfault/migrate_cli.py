@@ -55,6 +55,9 @@ def _send(args: argparse.Namespace) -> int:
                 _print_report(sender.wait(args.timeout), args.json)
             except MigrationError as err:
                 return _failed(args, err)
+            # the destination's connections are still open, as they should be: closing them
+            # is not worth a warning each
+            logging.getLogger("userfault.remote.server").setLevel(logging.ERROR)
     return 0
 
 
