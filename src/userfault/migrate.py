@@ -15,13 +15,15 @@ as soon as the sender has stopped::
         report = incoming.wait()                # every page is here; the sender may go
 
 How it goes (everything travels on authenticated page-server connections; the sender is a
-:class:`~userfault.remote.PageServer` with two exports, ``NAME`` (the region, read live) and
-``NAME.ctl`` (the migration's control messages, WRITEs and READs of a small export)):
+:class:`~userfault.remote.PageServer` with three exports: ``NAME`` (the region, read live),
+``NAME.round`` (the pages of a pre-copy round, packed) and ``NAME.ctl`` (the migration's
+commands: WRITEs of a small export, answered by the bytes read from it afterwards)):
 
 1. **Pre-copy.** A :class:`~userfault.tracking.WriteTracker` write-protects the region
-   (``WP_ASYNC``). Round 0 sends every page; each later round sends the pages written since
-   the previous round began (``PAGEMAP_SCAN``). The destination pulls the pages of a round into
-   a staging file in ``/dev/shm`` on the bulk lane.
+   (``WP_ASYNC``). Round 0 sends every page (resetting each piece's tracking just before its
+   copy); each later round sends the pages written since the previous collect
+   (``PAGEMAP_SCAN``), packed. The destination pulls them on the bulk lane into a staging
+   memfd, shared with its pager process.
 2. **Stop.** When a round's dirty set is at most ``max_dirty`` bytes, or after ``max_rounds``
    rounds, the sender calls its ``pause`` hook (which must stop every writer of the region and
    keep them stopped until :meth:`MigrationSender.wait` returns) and collects the last dirty set.
@@ -397,7 +399,8 @@ class MigrationSender:
     Args:
         region: the memory to move (anonymous or memfd; tracked from now on).
         secret: the shared secret destinations must prove they hold; or
-        server: a :class:`~userfault.remote.PageServer` of your own to add the two exports to.
+        server: a :class:`~userfault.remote.PageServer` of your own to add the three exports
+            to (``NAME``, ``NAME.round``, ``NAME.ctl``).
         name: the export name (the destination's URL ends with it).
         pause: called once, on a server thread, when pre-copy ends: stop every writer of
             ``region`` and keep them stopped (the destination now owns the memory). ``None``
@@ -785,7 +788,10 @@ class Incoming:
                 seen = faults
             if self._stop.is_set():
                 return
-            while (c := st.counters())[1] != c[2]:  # a fault's pull still in flight
+            # Let a fault's pull still in flight finish before the sender goes (it would be
+            # retried and served from here anyway, but only once its reconnecting gave up).
+            deadline = time.monotonic() + self._options["timeout"]
+            while (c := st.counters())[1] != c[2] and time.monotonic() < deadline:
                 time.sleep(0.001)
             stats = json.dumps({"remote_faults": st.counters()[0],
                                 "digest": self._want_digest}).encode()
