@@ -56,9 +56,11 @@ class Writer:
         self.stopped.wait(10)
 
 
-@pytest.fixture
-def region() -> Iterator[Region]:
-    with Region.anonymous(64 << 20) as r:
+@pytest.fixture(params=["anonymous", "memfd"])
+def region(request: pytest.FixtureRequest) -> Iterator[Region]:
+    size = 64 << 20
+    with Region.anonymous(size) if request.param == "anonymous" else \
+            Region.shared_memfd(size) as r:
         memoryview(r)[:] = random.Random(3).randbytes(len(r))
         yield r
 
