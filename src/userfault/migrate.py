@@ -719,9 +719,7 @@ class Incoming:
             self._pull_packed(runs)
         for first, end in runs:
             staging.state[first:end] = bytes(end - first)
-        # this side runs from here on: the sender counts its downtime up to this message
-        self._ctl.write_from(0, memoryview(_COMMAND.pack(_MAGIC, _OP_RUNNING, 0, index)))
-        self._index = index
+        self._index = index  # this side runs from here on
         self._thread = threading.Thread(target=self._background, name="userfault-migrate",
                                         daemon=True)
         self._thread.start()
@@ -768,6 +766,9 @@ class Incoming:
         assert self._staging is not None
         st, page = self._staging, self._staging.page
         try:
+            # The sender counts its downtime up to this message, sent once this side runs.
+            self._ctl.write_from(0, memoryview(_COMMAND.pack(_MAGIC, _OP_RUNNING, 0,
+                                                             self._index)))
             chunk = CHUNK_MIN
             seen = st.counters()[0]
             cursor = 0
