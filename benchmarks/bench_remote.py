@@ -24,6 +24,16 @@ Cases, each repeated ``--repeat`` times round-robin with its reference; figures 
   with ``recv_into``. ``--tls`` adds ``ufs://`` rows (a throwaway certificate made with openssl).
 
 Every transfer is checked against the file (sha256, or the sum of the bytes touched).
+
+``--only migration`` (root: two network namespaces joined by a veth pair, tests/netns.py,
+shaped with tbf to ``--link`` (1 Gbit/s by default)): live migration (:mod:`userfault.migrate`)
+of ``--migrate-size`` (1 GiB) from host A to host B while a thread on A writes ``--dirty``
+percent of the pages a second (tests/migrate_tasks.py; the pause hook stops it). Figures from
+the sender's report: downtime, total time, bytes sent, rounds, remote faults. The reference:
+the same number of bytes sent A -> B as one plain TCP full copy (``sendall`` of a buffer,
+``recv_into`` on B: an ``scp``-like copy minus ssh) through the same shaped link. Every
+migration is checked: the destination's digest must equal the contents rebuilt from the
+writer's seed and count.
 """
 
 from __future__ import annotations
@@ -303,6 +313,154 @@ class Bench:
         self.verdicts.append((target, ok, value))
 
 
+_COPY_SEND = r"""
+import socket, sys
+size = int(sys.argv[2])
+buf = bytearray(size)
+srv = socket.create_server((sys.argv[1], 0))
+print(srv.getsockname()[1], flush=True)
+c, _ = srv.accept()
+c.sendall(buf)
+c.close()
+"""
+
+_COPY_RECV = r"""
+import socket, sys, time
+size = int(sys.argv[3])
+buf = bytearray(size)
+view = memoryview(buf)
+t0 = time.perf_counter()
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+got = 0
+while got < size:
+    k = c.recv_into(view[got:])
+    if not k:
+        sys.exit(f"closed after {got} bytes")
+    got += k
+print(time.perf_counter() - t0, flush=True)
+"""
+
+_LINK_BITS = {"k": 1e3, "m": 1e6, "g": 1e9}
+
+
+def link_bytes_per_second(rate: str) -> float:
+    """``"1gbit"`` -> bytes a second."""
+    num = rate.lower().removesuffix("bit")
+    scale = _LINK_BITS.get(num[-1:], 1.0)
+    return float(num.rstrip("kmg")) * scale / 8
+
+
+class Migration:
+    """Migrations between two namespaced hosts over a shaped link, and the plain copy."""
+
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        tests = Path(__file__).resolve().parent.parent / "tests"
+        sys.path.insert(0, str(tests))
+        from netns import TwoHosts  # the tests' namespaced hosts
+
+        if os.geteuid() != 0:
+            raise SystemExit("--only migration needs root (network namespaces)")
+        self.args = args
+        self.size = args.migrate_size
+        self.tasks = str(tests / "migrate_tasks.py")
+        self.secret = work / "migrate.secret"
+        self.secret.write_bytes(SECRET)
+        self.secret.chmod(0o600)
+        self.hosts = TwoHosts().create()
+        self.hosts.shape(rate=args.link, burst="1mb")
+        self.rate = int(self.size // PAGE * args.dirty / 100)
+
+    def close(self) -> None:
+        self.hosts.destroy()
+
+    def _line(self, p: subprocess.Popen[str], what: str) -> str:
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        if not line:
+            raise SystemExit(f"{what} exited ({p.wait()}) without a line")
+        return line.strip()
+
+    def migrate_run(self) -> dict[str, float]:
+        import json
+
+        from migrate_tasks import expected
+
+        h = self.hosts
+        sender = h.popen(h.a, [sys.executable, self.tasks, "send", "--listen",
+                               f"tcp://{h.address_a}:0", "--secret-file", str(self.secret),
+                               "--size", str(self.size), "--rate", str(self.rate),
+                               "--max-dirty", str(self.args.max_dirty)],
+                         stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        port = int(self._line(sender, "sender").rsplit(":", 1)[1])
+        receiver = h.popen(h.b, [sys.executable, self.tasks, "receive",
+                                 f"uf://{h.address_a}:{port}/mem", "--secret-file",
+                                 str(self.secret)],
+                           stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        assert self._line(sender, "sender") == "paused"
+        assert self._line(receiver, "receiver") == "running"
+        got = json.loads(self._line(receiver, "receiver"))
+        sent = json.loads(self._line(sender, "sender"))
+        if receiver.wait(60) or sender.wait(60):
+            raise SystemExit("a side of the migration failed")
+        if got["digest"] != expected(self.size, 1, sent["writes"], 0):
+            raise SystemExit("the migrated memory differs from the sender's")
+        r = sent["report"]
+        progress("  " + ", ".join(f"round {x['index']} {x['phase']}: {x['pages']} pages in "
+                                  f"{x['seconds']:.3f} s" for x in r["rounds"]))
+        return {"downtime_ms": r["downtime"] * 1e3, "total_s": r["total_time"],
+                "round0_s": r["rounds"][0]["seconds"],
+                "sent_mib": r["bytes_sent"] / MiB, "rounds": len(r["rounds"]),
+                "dirty_at_stop": r["dirty_at_stop"], "remote_faults": r["remote_faults"],
+                "writes": sent["writes"]}
+
+    def copy_run(self) -> dict[str, float]:
+        h = self.hosts
+        srv = h.popen(h.a, [sys.executable, "-c", _COPY_SEND, h.address_a, str(self.size)],
+                      stdout=subprocess.PIPE, text=True)
+        port = self._line(srv, "copy sender")
+        cli = h.run(h.b, [sys.executable, "-c", _COPY_RECV, h.address_a, port,
+                          str(self.size)], timeout=600)
+        srv.wait(60)
+        if cli.returncode:
+            raise SystemExit(f"the plain copy failed: {cli.stderr}")
+        return {"total_s": float(cli.stdout.strip())}
+
+
+def bench_migration(args: argparse.Namespace, work: Path,
+                    verdict: Callable[[str, bool, str], None]) -> None:
+    mig = Migration(args, work)
+    try:
+        runs: dict[str, list[dict[str, float]]] = {"migrate": [], "copy": []}
+        for rep in range(args.repeat):
+            progress(f"  rep {rep + 1}/{args.repeat}: migration of {args.migrate_size // MiB} "
+                     f"MiB, {args.dirty:g} %/s dirtied")
+            runs["migrate"].append(mig.migrate_run())
+            progress(f"  rep {rep + 1}/{args.repeat}: plain full copy")
+            runs["copy"].append(mig.copy_run())
+    finally:
+        mig.close()
+    m = {k: median([r[k] for r in runs["migrate"]]) for k in runs["migrate"][0]}
+    c = median([r["total_s"] for r in runs["copy"]])
+    ideal = args.migrate_size / link_bytes_per_second(args.link)
+    print(f"\n## Live migration of {args.migrate_size // MiB} MiB between two netns hosts, "
+          f"link {args.link} (tbf), {args.dirty:g} %/s of the pages dirtied "
+          f"(median of {args.repeat})\n")
+    rows = [["migration: downtime (ms)", m["downtime_ms"], ""],
+            ["migration: total time (s)", m["total_s"], m["total_s"] / c],
+            ["migration: round 0, the full copy (s)", m["round0_s"], m["round0_s"] / c],
+            ["migration: MiB sent", m["sent_mib"], ""],
+            ["migration: rounds (pre-copy + post-copy)", m["rounds"], ""],
+            ["migration: pages dirty at the stop", m["dirty_at_stop"], ""],
+            ["migration: remote faults", m["remote_faults"], ""],
+            ["migration: writes during the migration", m["writes"], ""],
+            ["reference: plain full copy, one TCP stream (s)", c, 1.0],
+            ["size / link bandwidth (s)", ideal, ideal / c]]
+    print(table(["figure", "value", "x copy"], rows, markdown=args.markdown), flush=True)
+    verdict("migration downtime <= 50 ms", m["downtime_ms"] <= 50, f"{m['downtime_ms']:.1f} ms")
+    verdict("migration total <= 1.2 x size/bandwidth", m["total_s"] <= 1.2 * ideal,
+            f"{m['total_s']:.2f} s = {m['total_s'] / ideal:.2f} x {ideal:.2f} s")
+
+
 def make_cert(work: Path) -> tuple[Path, Path, Path]:
     openssl = shutil.which("openssl")
     if openssl is None:
@@ -323,21 +481,29 @@ def main() -> None:
     ap.add_argument("--tls", action="store_true")
     ap.add_argument("--only", default="latency,throughput")
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--migrate-size", type=parse_size, default=parse_size("1G"))
+    ap.add_argument("--dirty", type=float, default=1.0, help="%% of the pages written a second")
+    ap.add_argument("--link", default="1gbit", help="tbf rate of the netns link")
+    ap.add_argument("--max-dirty", type=parse_size, default=parse_size("1M"),
+                    help="the sender stops pre-copy at this dirty set")
     args = ap.parse_args()
     info = machine()
     print("# bench_remote: " + ", ".join(f"{k} {v}" for k, v in info.items()))
     with tempfile.TemporaryDirectory(prefix="bench-remote-") as tmp:
-        bench = Bench(args, Path(tmp))
-        try:
-            if "latency" in args.only:
-                bench.bench_latency()
-            if "throughput" in args.only:
-                bench.bench_throughput()
-        finally:
-            bench.close()
+        if "latency" in args.only or "throughput" in args.only:
+            bench = Bench(args, Path(tmp))
+            try:
+                if "latency" in args.only:
+                    bench.bench_latency()
+                if "throughput" in args.only:
+                    bench.bench_throughput()
+            finally:
+                bench.close()
+        if "migration" in args.only:
+            bench_migration(args, Path(tmp), lambda *v: Bench.verdicts.append(v))
     print("\n## Targets (issue 11)\n")
     print(table(["target", "measured", "met"],
-                [[t, v, "yes" if ok else "NO"] for t, ok, v in bench.verdicts],
+                [[t, v, "yes" if ok else "NO"] for t, ok, v in Bench.verdicts],
                 markdown=args.markdown))
     print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 

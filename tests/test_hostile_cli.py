@@ -42,7 +42,10 @@ USAGE: list[tuple[list[str], str]] = [
     ([], "userfault: error: the following arguments are required: COMMAND"),
     (["bogus"], "userfault: error: argument COMMAND: invalid choice: 'bogus' (choose from "
                 "'demo', 'features', 'snapshot', 'firecracker', 'trace', 'plot', 'stats', "
-                "'workingset', 'serve')"),
+                "'workingset', 'serve', 'migrate')"),
+    (["migrate"], "userfault migrate: error: the following arguments are required: SIDE"),
+    (["migrate", "receive", "uf://h:1/m", "--secret-file", "s"],
+     "userfault migrate receive: error: the following arguments are required: --output/-o"),
     (["demo", "--pages", "abc"], "userfault demo: error: argument --pages: invalid int value: "
                                  "'abc'"),
     (["snapshot"], "userfault snapshot: error: the following arguments are required: "

@@ -1,5 +1,5 @@
-"""The `userfault` command: demo, features, snapshot, firecracker, serve, plot, stats,
-workingset."""
+"""The `userfault` command: demo, features, snapshot, firecracker, serve, migrate, plot,
+stats, workingset."""
 
 from __future__ import annotations
 
@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .remote.cli import add_serve_command
 
     add_serve_command(sub)
+    from .migrate_cli import add_migrate_commands
+
+    add_migrate_commands(sub)
     return parser
 
 

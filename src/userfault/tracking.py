@@ -99,13 +99,22 @@ class WriteTracker:
             self.uffd.close()
             raise
 
-    def collect(self, *, reset: bool = True) -> list[PageRange]:
-        """Written ranges since the last reset; ``reset`` write-protects them again."""
+    def collect(self, *, reset: bool = True, offset: int = 0,
+                length: int | None = None) -> list[PageRange]:
+        """Written ranges since the last reset; ``reset`` write-protects them again.
+
+        ``offset`` and ``length`` (page aligned) limit the scan to part of the region.
+        """
         if self._pagemap < 0:
             raise ValueError("the tracker is closed")
+        size = self.region.size - offset if length is None else length
+        if offset < 0 or size <= 0 or offset + size > self.region.size:
+            raise ValueError(f"[{offset}, {offset + size}) is not a part of the "
+                             f"{self.region.size}-byte region")
         flags = ScanFlag.CHECK_WPASYNC | (ScanFlag.WP_MATCHING if reset else ScanFlag(0))
         out: list[PageRange] = []
-        start, end = self.region.address, self.region.address + self.region.size
+        start = self.region.address + offset
+        end = start + size
         while start < end:
             ranges, walk_end = pagemap_scan(
                 start, end, flags=flags, category_mask=PageCategory.WRITTEN,
