@@ -726,13 +726,18 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="userfault pager: %(message)s")
     sock = socket.socket(fileno=int(args[0]))
-    if "--spare" in args[1:]:
+    spare = "--spare" in args[1:]
+    if spare:
+        # a Ctrl-C meant for your program must not end a spare with a traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         # waiting anyway: import the modules of the sources open_source makes, which
         # unpickling the source would import on the way to the first fault
         for name in _SOURCE_MODULES:
             with contextlib.suppress(ImportError):
                 importlib.import_module(name)
     _, fds, _, _ = socket.recv_fds(sock, 16, 8)
+    if spare:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as a supervisor started now
     if len(fds) < 2:
         return 0  # a spare nobody took: its process exited
     uffd, state_fd = fds[0], fds[1]
