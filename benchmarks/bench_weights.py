@@ -3,6 +3,7 @@ from nginx (HTTP), Redis and a compressed snapshot, against downloading it first
 
 Usage: PYTHONPATH=src python benchmarks/bench_weights.py [--size 2G] [--runs 3]
            [--subset 0.15] [--only http,redis,snapshot] [--dir DIR] [--no-verify]
+           [--tuned piece=4M,readahead=1M:32M]
 
 The checkpoint (float16 tensors shaped like a transformer's, written by the ``safetensors``
 package; see examples/weights_over_http.py) is served by a private nginx and redis-server on
@@ -10,12 +11,24 @@ loopback (tests/servers.py) and compressed into a snapshot. Each run measures, p
 
 * ``stream``: what the source alone delivers, reading the whole file sequentially with its
   ``read_many`` (4 MiB chunks, 8 per call) into a reused buffer;
-* ``lazy``: ``userfault.map`` + the safetensors header parsed from the mapping (``map+header``)
-  + every tensor copied out in file order: time to the first tensor, time to all, bytes
-  fetched;
-* ``subset lazy`` / ``subset ws``: the tensors "a model touches" (a seeded random
-  ``--subset`` fraction, read in file order), plainly lazily, and after
-  ``pager.prefetch(their byte ranges)`` (a working set installed in one batch);
+* ``cold``: ``userfault.map`` + the safetensors header parsed from the mapping, with no pager
+  process started ahead (an interpreter starts and imports userfault on the way);
+* ``lazy``: the same with a spare pager process ready (``userfault.prestart()``, called once
+  at the start; each map takes the spare and starts the next), + every tensor copied out in
+  file order: ``map+header``, time to the first tensor (from the ``map`` call to its bytes
+  copied out), time to all, bytes fetched; with the pager defaults (one serving thread, two
+  background threads installing 256 KiB pieces, readahead 64 KiB doubling to 4 MiB);
+* ``tuned``: ``lazy`` with ``--tuned`` options (default: 4 MiB pieces, readahead 1 MiB
+  doubling to 32 MiB, so that each background read is one ``read_many`` large enough for
+  the HTTP source to split over its connections);
+* ``subset lazy`` / ``subset prefetch`` / ``subset ws``: the tensors "a model touches" (a
+  seeded random ``--subset`` fraction, read in file order), plainly lazily, after
+  ``pager.prefetch(their byte ranges)``, and with a working set recorded once beforehand
+  (``record=``) and installed from the first fault on by the background threads
+  (``prefetch=``: one batch, DONTWAKE then one WAKE, in first-touch order); the lazy case
+  with the pager defaults, the other two with the ``--tuned`` piece size (a large readahead
+  window would fetch far past the small tensors' ends). The working set is recorded with
+  readahead off, so that it holds the pages touched and no others;
 * the reference, once per run: a plain HTTP GET of the whole file to a local file, then
   ``safetensors.numpy.load_file`` (time to the first tensor = time to all).
 
@@ -44,8 +57,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import fmt, machine, median, progress, table
 
+import userfault
 from servers import NginxServer, RedisServer
 from userfault._units import human, parse_size
+from userfault.serving import process
 from userfault.sources.open import open_source
 from userfault.sources.redis import upload
 from userfault.sources.snapshot import create_snapshot
@@ -89,9 +104,30 @@ def stream_rate(spec: str, size: int) -> float:
     return size / dt
 
 
-def lazy_all(spec: str) -> dict[str, float]:
+def parse_options(text: str) -> dict[str, Any]:
+    """``piece=4M,readahead=1M:32M,threads=2`` -> Pager keyword arguments."""
+    out: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        out[key] = tuple(value.split(":")) if ":" in value else \
+            int(value) if value.isdigit() else value
+    return out
+
+
+def map_cold(spec: str) -> dict[str, float]:
+    """map + header with no spare pager process (then one is started again for the rest)."""
+    process.prestart(False)
     t0 = time.perf_counter()
-    with EX.LazyCheckpoint(spec) as ckpt:
+    with EX.LazyCheckpoint(spec):
+        dt = time.perf_counter() - t0
+    userfault.prestart()
+    time.sleep(2)  # its imports done before the next case
+    return {"open_s": dt}
+
+
+def lazy_all(spec: str, **options: Any) -> dict[str, float]:
+    t0 = time.perf_counter()
+    with EX.LazyCheckpoint(spec, **options) as ckpt:
         t_open = time.perf_counter() - t0
         first = EX.read_all(ckpt, ckpt.names)
         t_all = time.perf_counter() - t0
@@ -101,10 +137,15 @@ def lazy_all(spec: str) -> dict[str, float]:
             "rate": size / t_all}
 
 
-def subset(spec: str, names: list[str], prefetch: bool) -> dict[str, float]:
+def subset(spec: str, names: list[str], how: str, ws: Path,
+           **options: Any) -> dict[str, float]:
+    """The subset read lazily (``how="lazy"``), after ``pager.prefetch`` of its ranges
+    (``"prefetch"``) or with the working set at ``ws`` (``"ws"``)."""
+    if how == "ws":
+        options = {**options, "prefetch": str(ws)}
     t0 = time.perf_counter()
-    with EX.LazyCheckpoint(spec) as ckpt:
-        if prefetch:
+    with EX.LazyCheckpoint(spec, **options) as ckpt:
+        if how == "prefetch":
             ckpt.prefetch(names)
         EX.read_all(ckpt, names)
         dt = time.perf_counter() - t0
@@ -159,7 +200,11 @@ def main() -> int:
     ap.add_argument("--dir", help="work directory (kept; an existing checkpoint of the same "
                                   "size is reused)")
     ap.add_argument("--no-verify", action="store_true", help="skip the byte-exact checks")
+    ap.add_argument("--tuned", default="piece=4M,readahead=1M:32M",
+                    help="pager options of the tuned and subset cases")
     args = ap.parse_args()
+    tuned = parse_options(args.tuned)
+    big_pieces = {k: v for k, v in tuned.items() if k == "piece"}
     size = parse_size(args.size)
     only = set(args.only.split(","))
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="uf-weights-"))
@@ -209,16 +254,30 @@ def main() -> int:
         if not args.no_verify:
             for what, spec in specs.items():
                 verify(spec, ckpt, what)
+        ws_files: dict[str, Path] = {}
+        for i, (what, spec) in enumerate(specs.items()):
+            ws_files[what] = work / f"subset.{i}.uws"
+            # readahead off: every page the subset touches faults, and nothing else is in the
+            # set (a recording counts readahead installs as touched)
+            with EX.LazyCheckpoint(spec, record=str(ws_files[what]), readahead=False) as rec:
+                EX.read_all(rec, sub)
+        progress("working sets recorded; a spare pager process started")
+        userfault.prestart()
+        time.sleep(2)
 
         results: dict[tuple[str, str], list[dict[str, float]]] = {}
         dl_path = work / "downloaded.safetensors"
         for run in range(args.runs):
             cases: list[tuple[str, str, Callable[[], dict[str, float]]]] = []
             for what, spec in specs.items():
+                ws = ws_files[what]
                 cases += [(what, "stream", lambda spec=spec: {"rate": stream_rate(spec, fsize)}),
+                          (what, "cold", lambda spec=spec: map_cold(spec)),
                           (what, "lazy", lambda spec=spec: lazy_all(spec)),
-                          (what, "subset lazy", lambda spec=spec: subset(spec, sub, False)),
-                          (what, "subset ws", lambda spec=spec: subset(spec, sub, True))]
+                          (what, "tuned", lambda spec=spec: lazy_all(spec, **tuned))]
+                cases += [(what, f"subset {how}", lambda spec=spec, how=how, ws=ws: subset(
+                               spec, sub, how, ws, **({} if how == "lazy" else big_pieces)))
+                          for how in ("lazy", "prefetch", "ws")]
             cases.append(("download first", "get+load_file", lambda: download_first(url, dl_path)))
             for what, case, fn in cases:
                 r = fn()
@@ -227,6 +286,7 @@ def main() -> int:
                          + ", ".join(f"{k} {fmt(v)}" for k, v in r.items()))
             dl_path.unlink(missing_ok=True)
     finally:
+        process.prestart(False)
         for s in reversed(servers):
             s.stop()
         if not args.dir:
@@ -237,26 +297,38 @@ def main() -> int:
 
     ref = "download first"
     ref_all = med(ref, "get+load_file", "all_s")
-    rows = []
+    rows, sub_rows = [], []
     for what in specs:
         stream = med(what, "stream", "rate")
         first, all_s = med(what, "lazy", "first_s"), med(what, "lazy", "all_s")
-        lazy_sub, ws_sub = med(what, "subset lazy", "s"), med(what, "subset ws", "s")
-        rows.append([what, stream / MiB, med(what, "lazy", "open_s") * 1e3, first * 1e3, all_s,
-                     fsize / all_s / MiB,
-                     f"{fsize / all_s / stream * 100:.0f} %",
-                     human(med(what, "lazy", "fetched")), lazy_sub, ws_sub,
-                     f"{lazy_sub / ws_sub:.2f}x", f"{ref_all / (first):.0f}x",
-                     f"{ref_all / all_s:.2f}x"])
+        t_first, t_all = med(what, "tuned", "first_s"), med(what, "tuned", "all_s")
+        rows.append([what, stream / MiB, med(what, "cold", "open_s") * 1e3,
+                     med(what, "lazy", "open_s") * 1e3, first * 1e3, all_s,
+                     f"{fsize / all_s / stream * 100:.0f} %", t_first * 1e3, t_all,
+                     f"{fsize / t_all / stream * 100:.0f} %",
+                     human(med(what, "lazy", "fetched")), f"{ref_all / min(first, t_first):.0f}x",
+                     f"{ref_all / min(all_s, t_all):.2f}x"])
+        lazy_sub = med(what, "subset lazy", "s")
+        pf_sub, ws_sub = med(what, "subset prefetch", "s"), med(what, "subset ws", "s")
+        sub_rows.append([what, lazy_sub, pf_sub, ws_sub, f"{lazy_sub / pf_sub:.2f}x",
+                         f"{lazy_sub / ws_sub:.2f}x", human(med(what, "subset ws", "fetched")),
+                         f"{lazy_sub * stream / sub_bytes:.2f}x"])
     rows.append([f"{ref} (GET {med(ref, 'get+load_file', 'get_rate') / MiB:.0f} MiB/s)",
-                 med(ref, "get+load_file", "get_rate") / MiB, "-", ref_all * 1e3, ref_all,
-                 fsize / ref_all / MiB, "-", human(fsize), ref_all, ref_all, "-", "1x", "1x"])
-    headers = ["source", "stream MiB/s", "map+header ms", "first tensor ms", "all s", "all MiB/s",
-               "all / stream", "fetched", "subset lazy s", "subset ws s", "lazy / ws",
-               "ref / first", "ref / all"]
+                 med(ref, "get+load_file", "get_rate") / MiB, "-", "-", ref_all * 1e3, ref_all,
+                 "-", "-", "-", "-", human(fsize), "1x", "1x"])
+    headers = ["source", "stream MiB/s", "map+header cold ms", "map+header ms",
+               "first tensor ms", "all s", "all / stream", "tuned: first ms", "tuned: all s",
+               "tuned: all / stream", "fetched", "ref / first", "ref / all"]
+    sub_headers = ["source", "subset lazy s", "subset prefetch s", "subset ws s",
+                   "lazy / prefetch", "lazy / ws", "ws fetched",
+                   "ceiling: lazy / stream time"]
     print(table(headers, rows))
     print()
     print(table(headers, rows, markdown=True))
+    print()
+    print(table(sub_headers, sub_rows))
+    print()
+    print(table(sub_headers, sub_rows, markdown=True))
     print(f"\n# /proc/loadavg at end: {Path('/proc/loadavg').read_text().strip()}")
     print("# targets: first tensor <= 50 ms (4 GiB); all / stream >= 90 %; lazy / ws >= 4x")
     return 0

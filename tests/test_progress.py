@@ -10,6 +10,7 @@ import select
 
 import pytest
 
+from userfault import _progress
 from userfault._progress import Progress, ProgressBar, add_progress_arguments, progress
 
 
@@ -53,9 +54,16 @@ def test_plain_bar_units_and_throttle() -> None:
     assert frames[1].startswith("[##########] 100.0%") and out.getvalue().count("\n") == 1
 
 
-def test_auto_on_a_terminal_prefers_rich_then_tqdm() -> None:
+def test_auto_on_a_terminal_prefers_rich_then_tqdm(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("rich")
+    pytest.importorskip("tqdm")
     assert progress(stream=Tty()).backend == "rich"
+    real = _progress._import
+    monkeypatch.setattr(_progress, "_import",
+                        lambda name: None if name.startswith("rich") else real(name))
+    assert progress(stream=Tty()).backend == "tqdm"  # rich missing
+    monkeypatch.setattr(_progress, "_import", lambda name: None)
+    assert progress(stream=Tty()).backend == "plain"  # neither
 
 
 @pytest.mark.parametrize("backend", ["rich", "tqdm"])

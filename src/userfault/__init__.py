@@ -15,6 +15,8 @@ Quick start::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._events import Event, Fork, Pagefault, Remap, Remove, Unmap, parse_messages
 from ._flags import (
     ContinueMode,
@@ -59,6 +61,9 @@ from .sources.native import (
 )
 from .tracking import PageRange, WriteTracker, pagemap_scan
 from .uffd import DEFAULT_FEATURES, PAGE_SIZE, Uffd, offered_features, recv_uffd, send_uffd
+
+if TYPE_CHECKING:
+    from .serving.process import prestart
 
 __version__ = "0.1.0"
 
@@ -122,6 +127,7 @@ __all__ = [
     "offered_features",
     "pagemap_scan",
     "parse_messages",
+    "prestart",
     "recv_uffd",
     "send_uffd",
 ]
@@ -131,9 +137,14 @@ _LAZY_SUBMODULES = ("trace", "working_set")
 
 def __getattr__(name: str) -> object:
     """``userfault.trace`` and ``userfault.working_set`` are imported on first use (they pull
-    in numpy)."""
+    in numpy), and :func:`~userfault.serving.process.prestart` with the pager process's
+    module."""
     if name in _LAZY_SUBMODULES:
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")
+    if name == "prestart":
+        from .serving.process import prestart
+
+        return prestart
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

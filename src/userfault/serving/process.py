@@ -27,7 +27,13 @@ A source class may be defined in your script (``__main__``) or in a module besid
 your script as ``__mp_main__`` (so code that maps memory at import must sit under
 ``if __name__ == "__main__":``).
 
-``python -m userfault.serving.process SOCK_FD STATE_FD`` is the supervisor's entry point.
+Starting a pager process costs an interpreter and its imports (~0.1 s, more on a loaded
+machine), paid by the first fault's wait unless it is paid ahead: :func:`prestart` starts a
+*spare* supervisor that imports everything and waits; the next pager of a Python source takes
+it (and starts the next spare), so that ``userfault.map`` only hands it the uffd.
+
+``python -m userfault.serving.process SOCK_FD`` is the supervisor's entry point; the uffd,
+the shared state and the other descriptors come over ``SOCK_FD`` (SCM_RIGHTS).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import importlib
 import logging
 import mmap
 import multiprocessing.spawn
@@ -46,9 +53,10 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .. import _native
@@ -57,7 +65,7 @@ from ..sources.base import PageSource
 from .config import ServeConfig
 from .runtime import ServingError, engine_args, flush_result, prefetch_result, source_name
 
-__all__ = ["IN_PAGER_PROCESS", "ProcessRuntime", "main"]
+__all__ = ["IN_PAGER_PROCESS", "ProcessRuntime", "main", "prestart"]
 
 log = logging.getLogger("userfault.pager")
 
@@ -69,6 +77,8 @@ _PR_SET_PDEATHSIG = 1
 _POLL_S = 0.05          # how often the supervisor looks for reads that hang
 _LIVED_S = 10.0         # a worker that lived this long resets the restart backoff
 _BACKOFF_S = (0.05, 5.0)
+_SOURCE_MODULES = ("userfault.sources.http", "userfault.sources.redis",
+                   "userfault.sources.snapshot")
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,20 @@ class _Setup:
     trace_fd: int
     preload: list[tuple[int, int]]
     agent_fds: tuple[int, int]  # the engine asks this process to madvise through these
+
+
+def _setup_fds(setup: _Setup) -> tuple[int, ...]:
+    """The descriptors a setup names besides the uffd and the state (-1: none), in the order
+    they are sent."""
+    return (*setup.agent_fds, setup.pool_fd, setup.trace_fd)
+
+
+def _with_received_fds(setup: _Setup, fds: list[int]) -> _Setup:
+    """``setup`` naming the descriptors as received here (``fds``, in :func:`_setup_fds`
+    order, only those that were not -1)."""
+    it = iter(fds)
+    agent0, agent1, pool, trace = (next(it) if fd >= 0 else -1 for fd in _setup_fds(setup))
+    return replace(setup, agent_fds=(agent0, agent1), pool_fd=pool, trace_fd=trace)
 
 
 def _send(sock: socket.socket, obj: object) -> None:
@@ -150,6 +174,88 @@ def _state_buffer(log_capacity: int, fd: int | None = None) -> tuple[int, mmap.m
     return fd, buf
 
 
+@dataclass
+class _Spare:
+    """A supervisor started ahead: its imports done (or under way), waiting on ``sock``."""
+
+    proc: subprocess.Popen[bytes]
+    sock: socket.socket
+    env: dict[str, str]
+    owner: int
+
+
+_spare: _Spare | None = None
+_spare_lock = threading.Lock()
+
+
+def _spawn_supervisor(env: dict[str, str], *, spare: bool = False
+                      ) -> tuple[subprocess.Popen[bytes], socket.socket]:
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with theirs:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "userfault.serving.process", str(theirs.fileno()),
+             *(["--spare"] if spare else [])],
+            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env)
+    return proc, mine
+
+
+def _pager_env() -> dict[str, str]:
+    return dict(os.environ, **{IN_PAGER_PROCESS: "1"})
+
+
+def _drop_spare(spare: _Spare) -> None:
+    spare.sock.close()
+    spare.proc.kill()  # it serves nothing yet
+    spare.proc.wait()
+
+
+def prestart(keep: bool = True) -> None:
+    """Start a pager process ahead, so that the next pager of a Python source (HTTP, Redis,
+    a snapshot, your own) does not wait for an interpreter to start and import userfault:
+    it takes this spare, and a new spare is started for the one after. Call it early (while
+    your program does other work); calling it again is harmless. ``prestart(False)`` stops
+    the spare and keeping one. A spare exits with this process.
+
+    Example::
+
+        userfault.prestart()
+        ...                                   # parse arguments, build the model, ...
+        weights = userfault.map("http://host/model.safetensors")   # starts in milliseconds
+    """
+    global _spare
+    if os.environ.get(IN_PAGER_PROCESS):
+        return
+    with _spare_lock:
+        spare = _spare
+        if spare is not None and spare.owner == os.getpid() and spare.proc.poll() is None \
+                and keep:
+            return
+        _spare = None
+        if spare is not None and spare.owner == os.getpid():
+            _drop_spare(spare)
+        if keep:
+            env = _pager_env()
+            proc, sock = _spawn_supervisor(env, spare=True)
+            _spare = _Spare(proc, sock, env, os.getpid())
+
+
+def _take_supervisor() -> tuple[subprocess.Popen[bytes], socket.socket, bool]:
+    """The spare if :func:`prestart` left one that fits, else a supervisor started now; and
+    whether it was the spare."""
+    global _spare
+    env = _pager_env()
+    with _spare_lock:
+        spare, _spare = _spare, None
+    if spare is not None and spare.owner != os.getpid():
+        spare = None  # the parent's (this is a forked child): not ours to use or stop
+    elif spare is not None and (spare.env != env or spare.proc.poll() is not None):
+        _drop_spare(spare)  # started under another environment, or gone
+        spare = None
+    if spare is None:
+        return (*_spawn_supervisor(env), False)
+    return spare.proc, spare.sock, True
+
+
 class ProcessRuntime:
     """Serves ``uffd`` from a Python source through a pager process (a :class:`Runtime`).
 
@@ -192,20 +298,13 @@ class ProcessRuntime:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        """Spawn the supervisor, hand it the uffd and wait until its worker serves."""
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = dict(os.environ, **{IN_PAGER_PROCESS: "1"})
-        with theirs:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "userfault.serving.process", str(theirs.fileno()),
-                 str(self._state_fd)],
-                pass_fds=(theirs.fileno(), self._state_fd,
-                          *(fd for fd in (*self._agent_fds, self._setup.pool_fd,
-                                          self._setup.trace_fd) if fd >= 0)),
-                stdin=subprocess.DEVNULL, env=env)
+        """Spawn the supervisor (or take the spare, see :func:`prestart`), hand it the uffd
+        and the other descriptors, and wait until its worker serves."""
+        self.proc, mine, spare = _take_supervisor()
         self._sock = mine
         try:
-            socket.send_fds(mine, [b"U"], [self._uffd])
+            socket.send_fds(mine, [b"U"], [self._uffd, self._state_fd, *(
+                fd for fd in _setup_fds(self._setup) if fd >= 0)])
             _send(mine, self._setup)
             mine.settimeout(START_TIMEOUT)
             reply = _recv(mine)
@@ -220,6 +319,8 @@ class ProcessRuntime:
         self._watchdog = _native.Watchdog(
             self._pidfd, self._standby, self.proc.pid, agent_fds=self._agent_fds,
             pool_fd=self._setup.pool_fd, pool_len=sum(n for _, n, _ in self._setup.areas))
+        if spare:
+            prestart()  # the next one
 
     def _check_owner(self, what: str) -> None:
         if os.getpid() != self._owner:
@@ -621,16 +722,29 @@ class _Supervisor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Supervisor entry point: ``SOCK_FD STATE_FD``."""
+    """Supervisor entry point: ``SOCK_FD [--spare]``."""
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="userfault pager: %(message)s")
     sock = socket.socket(fileno=int(args[0]))
-    state_fd = int(args[1])
-    _, fds, _, _ = socket.recv_fds(sock, 16, 1)
-    if not fds:
+    spare = "--spare" in args[1:]
+    if spare:
+        # a Ctrl-C meant for your program must not end a spare with a traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # waiting anyway: import the modules of the sources open_source makes, which
+        # unpickling the source would import on the way to the first fault
+        for name in _SOURCE_MODULES:
+            with contextlib.suppress(ImportError):
+                importlib.import_module(name)
+    _, fds, _, _ = socket.recv_fds(sock, 16, 8)
+    if spare:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as a supervisor started now
+    if len(fds) < 2:
+        return 0  # a spare nobody took: its process exited
+    uffd, state_fd = fds[0], fds[1]
+    setup: _Setup | None = _recv(sock)
+    if setup is None:
         return 1
-    uffd = fds[0]
-    setup: _Setup = _recv(sock)
+    setup = _with_received_fds(setup, fds[2:])
     try:
         multiprocessing.spawn.prepare(setup.prepare)
         source: PageSource = pickle.loads(setup.source)

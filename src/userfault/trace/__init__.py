@@ -13,6 +13,8 @@ Example::
     print(len(trace), trace.dropped, trace["offset"][:10])
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .format import (
     MAGIC,
     RECORD,
@@ -26,8 +28,23 @@ from .format import (
     create_trace,
     encode_header,
 )
-from .reader import RECORD_DTYPE, Trace, TruncatedTraceWarning, read
 from .writer import TraceWriter, records_from_fault_log, write_fault_log
+
+if TYPE_CHECKING:
+    from .reader import RECORD_DTYPE, Trace, TruncatedTraceWarning, read
+
+_READER = ("RECORD_DTYPE", "Trace", "TruncatedTraceWarning", "read")
+
+
+def __getattr__(name: str) -> Any:
+    """The reader's names, imported on first use: the reader needs numpy, whose import would
+    otherwise slow every ``import userfault`` (and so the start of every pager process)."""
+    if name in _READER:
+        from . import reader
+
+        return getattr(reader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "MAGIC",

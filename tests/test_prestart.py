@@ -1,0 +1,93 @@
+"""A pager process started ahead (``userfault.prestart``): the next pager of a Python source
+takes it, with every descriptor it needs, and a new spare is started; a spare that does not
+fit (another environment) is not used; one nobody takes exits with its process."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import userfault
+from pager_helpers import run_script, wait_until
+from py_sources import PyBytes
+from userfault.serving import process
+from userfault.trace import Cause, read
+
+PAGE = userfault.PAGE_SIZE
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(autouse=True)
+def no_spare_left() -> Iterator[None]:
+    yield
+    process.prestart(False)
+
+
+def _spare_pid() -> int:
+    spare = process._spare
+    assert spare is not None
+    return spare.proc.pid
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_the_next_pager_takes_the_spare_and_a_new_one_is_started(tmp_path: Path) -> None:
+    data = b"".join(i.to_bytes(4, "little") * (PAGE // 4) for i in range(64))
+    userfault.prestart()
+    first = _spare_pid()
+    userfault.prestart()  # again: the same spare
+    assert _spare_pid() == first
+    trace = tmp_path / "run.uftrace"
+    # a budget (agent eventfds, the pool memfd) and a trace: every descriptor goes across
+    with userfault.Pager(PyBytes(data), max_resident=16 * PAGE, readahead=False,
+                         trace=trace) as pager:
+        assert pager._runtime.proc.pid == first  # type: ignore[union-attr]
+        view = memoryview(pager)
+        assert bytes(view) == data  # four times the budget: the evictor gives pages back
+        assert wait_until(lambda: pager.stats().evictions > 0, 10)
+        assert bytes(view) == data  # and they come back
+        view.release()
+        second = _spare_pid()
+        assert second != first
+    faults = read(trace).records
+    assert (faults["cause"] == Cause.FAULT).sum() >= len(data) // PAGE
+    userfault.prestart(False)
+    assert process._spare is None
+    assert wait_until(lambda: _gone(second), 10)
+
+
+def test_a_spare_started_under_another_environment_is_not_used(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    userfault.prestart()
+    stale = _spare_pid()
+    monkeypatch.setenv("USERFAULT_TEST_PRESTART", "changed")
+    with userfault.Pager(PyBytes(b"x" * PAGE)) as pager:
+        assert bytes(memoryview(pager)[:1]) == b"x"
+        assert pager._runtime.proc.pid != stale  # type: ignore[union-attr]
+    assert wait_until(lambda: _gone(stale), 10)
+    assert process._spare is None  # a spare is kept only after one was taken
+
+
+def test_a_spare_nobody_takes_exits_with_its_process() -> None:
+    result = run_script("""
+        import os, userfault
+        from userfault.serving import process
+        userfault.prestart()
+        print(process._spare.proc.pid, flush=True)
+        os._exit(0)                              # no atexit, no close
+    """)
+    pid = int(result.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while not _gone(pid):  # an exited child of the dead parent is reaped by init
+        assert time.monotonic() < deadline, f"spare pager process {pid} outlived its parent"
+        time.sleep(0.05)
