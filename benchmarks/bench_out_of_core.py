@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import mmap
 import os
@@ -64,23 +63,23 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import numpy as np
 from _common import PAGE, MiB, machine, median, progress, table
 
 import userfault
+from cgroups import memory_cgroup, memory_cgroups_available
 from userfault import _native
 from userfault._units import human, parse_size
 from userfault.region import Region
 from userfault.tracking import WriteTracker
 
-CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
-_groups = itertools.count()
 #: the evictor's unit: at least 64 pages, at least two background pieces (engine_type.c)
 EVICT_BATCH = max(64, 2 * _native.UF_DEFAULT_PIECE // PAGE) * PAGE
 READ_AT = 64  # the byte of each page read (byte 0 is the one the mix writes)
@@ -234,30 +233,6 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 # -- the parent -----------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def memory_cgroup(limit: int) -> Iterator[Path]:
-    """A cgroup v1 memory cgroup limited to ``limit`` bytes, removed afterwards."""
-    if os.geteuid() != 0 or not (CGROUP_ROOT / "memory.limit_in_bytes").exists():
-        raise SystemExit("needs root and the cgroup v1 memory controller at "
-                         f"{CGROUP_ROOT}")
-    group = CGROUP_ROOT / f"userfault-bench-ooc-{os.getpid()}-{next(_groups)}"
-    group.mkdir()
-    try:
-        (group / "memory.limit_in_bytes").write_text(str(limit))
-        with contextlib.suppress(OSError):  # no swap here; where there is, no escape into it
-            (group / "memory.memsw.limit_in_bytes").write_text(str(limit))
-        yield group
-    finally:
-        for _ in range(100):
-            try:
-                group.rmdir()
-                break
-            except OSError:  # the last child is still leaving
-                time.sleep(0.1)
-        else:
-            print(f"could not remove {group}: remove it by hand (rmdir)", file=sys.stderr)
-
-
 def device_of(directory: str | None) -> str:
     """The block device under ``directory`` and its read_ahead_kb (what mmap reads around)."""
     dev = os.stat(directory or tempfile.gettempdir()).st_dev
@@ -317,7 +292,7 @@ class Bench:
 
     def spawn(self, spec: dict[str, Any]) -> dict[str, Any]:
         """One run in a child, in a fresh memory cgroup (nothing charged to it yet)."""
-        with memory_cgroup(self.limit) as group:
+        with memory_cgroup(self.limit, "userfault-bench-ooc") as group:
             spec = {**spec, "path": str(self.path), "col": str(self.col_path),
                     "budget": self.budget, "cgroup": str(group)}
             cmd = ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh",
@@ -522,6 +497,8 @@ def main() -> None:
     args.pages = args.pages or args.budget // PAGE * 5 // 4
     args.repeat = args.repeat or (1 if args.quick else 3)
     args.only = set(args.only.split(","))
+    if not memory_cgroups_available():
+        raise SystemExit("needs root and the cgroup v1 memory controller at /sys/fs/cgroup/memory")
     m = machine()
     print(f"{m['date']}: kernel {m['kernel']}, {m['nproc']} CPUs ({m['cpu']}), {m['memory']}, "
           f"python {m['python']}, numpy {np.__version__}, load {m['load']}", flush=True)

@@ -8,26 +8,24 @@ fine there, and so must the pager, every byte right.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import userfault
+from cgroups import memory_cgroup, memory_cgroups_available
 from pager_helpers import bytes_source, page_data, settled
 from userfault import BufferSource, _native
 
 PAGE = 4096
 MiB = 1 << 20
 TESTS = os.path.dirname(os.path.abspath(__file__))
-CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -159,28 +157,6 @@ def test_a_budget_too_small_is_refused() -> None:
 # -- a real memory limit ---------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def memory_cgroup(limit: int) -> Iterator[Path]:
-    if os.geteuid() != 0 or not (CGROUP_ROOT / "memory.limit_in_bytes").exists():
-        pytest.skip("needs root and the cgroup v1 memory controller")
-    group = CGROUP_ROOT / f"userfault-test-{os.getpid()}"
-    group.mkdir()
-    try:
-        (group / "memory.limit_in_bytes").write_text(str(limit))
-        with contextlib.suppress(OSError):  # no swap here, but where there is, no escape
-            (group / "memory.memsw.limit_in_bytes").write_text(str(limit))
-        yield group
-    finally:
-        for _ in range(50):
-            try:
-                group.rmdir()
-                break
-            except OSError:  # the last process is still leaving
-                import time
-
-                time.sleep(0.1)
-
-
 _READER = """
     import hashlib, mmap, sys
     sys.path.insert(0, {tests!r})
@@ -221,6 +197,8 @@ def test_a_gib_file_in_a_512_mib_limit(tmp_path: Path) -> None:
             h.update(block)
             f.write(block)
     want = h.hexdigest()
+    if not memory_cgroups_available():
+        pytest.skip("needs root and the cgroup v1 memory controller")
     with memory_cgroup(512 * MiB) as group:
         kernel = run_limited(group, "mmap", str(path))
         assert (kernel.returncode, kernel.stdout.split()[-1:]) == (0, [want]), kernel.stderr

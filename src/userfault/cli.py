@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .remote.cli import add_serve_command
 
     add_serve_command(sub)
-    from .migrate_cli import add_migrate_commands
+    from .migrate.cli import add_migrate_commands
 
     add_migrate_commands(sub)
     return parser

@@ -125,6 +125,18 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_writing_options(parser: argparse.ArgumentParser) -> None:
+    """The options of every command that writes a snapshot: compression, progress, summary."""
+    parser.add_argument("--level", type=int, default=3, metavar="N",
+                        help="zstd level (default 3)")
+    parser.add_argument("--threads", type=int, default=0, metavar="N",
+                        help="compression threads: 0 = none (default), -1 = one per CPU")
+    add_progress_arguments(parser)
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="no progress bar and no summary")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
 def add_snapshot_commands(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``snapshot create``, ``inspect`` and ``flatten`` to an argparse ``subparsers`` object.
 
@@ -158,14 +170,7 @@ def add_snapshot_commands(subparsers: Any) -> argparse.ArgumentParser:
     create.add_argument("--changed", metavar="FILE", default=None,
                         help="with --base: the ranges written since BASE, from write tracking "
                         "(one 'OFFSET LENGTH' line per range, as save_written writes them)")
-    create.add_argument("--level", type=int, default=3, metavar="N",
-                        help="zstd level (default 3)")
-    create.add_argument("--threads", type=int, default=0, metavar="N",
-                        help="compression threads: 0 = none (default), -1 = one per CPU")
-    add_progress_arguments(create)
-    create.add_argument("--quiet", "-q", action="store_true",
-                        help="no progress bar and no summary")
-    create.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_writing_options(create)
     create.set_defaults(func=_cmd_create, create_parser=create)
 
     inspect = sub.add_parser("inspect", help="describe (and verify) a snapshot or a chain",
@@ -186,13 +191,6 @@ def add_snapshot_commands(subparsers: Any) -> argparse.ArgumentParser:
     flatten.add_argument("dest", metavar="DEST")
     flatten.add_argument("--base", metavar="BASE.ufs", default=None,
                          help="FILE's base, instead of the path it records")
-    flatten.add_argument("--level", type=int, default=3, metavar="N",
-                         help="zstd level (default 3)")
-    flatten.add_argument("--threads", type=int, default=0, metavar="N",
-                         help="compression threads: 0 = none (default), -1 = one per CPU")
-    add_progress_arguments(flatten)
-    flatten.add_argument("--quiet", "-q", action="store_true",
-                         help="no progress bar and no summary")
-    flatten.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_writing_options(flatten)
     flatten.set_defaults(func=_cmd_flatten)
     return snap  # type: ignore[no-any-return]

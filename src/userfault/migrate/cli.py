@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any
 
-from .region import Region
+from ..region import Region
 
 __all__ = ["add_migrate_commands"]
 
@@ -34,8 +34,8 @@ def _failed(args: argparse.Namespace, err: BaseException) -> int:
 
 
 def _send(args: argparse.Namespace) -> int:
-    from .migrate import MigrationError, MigrationSender
-    from .remote.auth import load_secret
+    from . import MigrationError, MigrationSender
+    from ..remote.auth import load_secret
 
     _log_setup(args.verbose)
     secret = load_secret(args.secret_file)
@@ -62,7 +62,7 @@ def _send(args: argparse.Namespace) -> int:
 
 
 def _receive(args: argparse.Namespace) -> int:
-    from .migrate import MigrationError, receive
+    from . import MigrationError, receive
 
     _log_setup(args.verbose)
     try:

@@ -57,14 +57,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import SourceError
-from .pager import Pager
-from .region import Region
-from .remote.address import Endpoint, parse_url
-from .remote.exports import BufferExport, Export
-from .remote.server import PageServer
-from .remote.source import PageServerSource
-from .tracking import WriteTracker
+from ..errors import SourceError
+from ..pager import Pager
+from ..region import Region
+from ..remote.address import Endpoint, parse_url
+from ..remote.exports import BufferExport, Export
+from ..remote.server import PageServer
+from ..remote.source import PageServerSource
+from ..tracking import WriteTracker
 
 __all__ = [
     "CHUNK_MAX",
