@@ -34,8 +34,8 @@ def _failed(args: argparse.Namespace, err: BaseException) -> int:
 
 
 def _send(args: argparse.Namespace) -> int:
-    from . import MigrationError, MigrationSender
     from ..remote.auth import load_secret
+    from . import MigrationError, MigrationSender
 
     _log_setup(args.verbose)
     secret = load_secret(args.secret_file)
