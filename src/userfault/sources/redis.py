@@ -66,6 +66,7 @@ from userfault.errors import SourceError
 __all__ = ["RedisSource", "upload"]
 
 _MGET_BATCH = 512  # keys per MGET in a pipeline
+_SLOTS = 16384  # hash slots of a Redis Cluster
 # A server trickling a reply slower than this (after the timeout's grace) fails the read.
 _MIN_RATE = 16 << 10
 
@@ -205,6 +206,8 @@ class RedisSource:
         # waits on them; redis-py costs ~50 us per call here); everything else uses redis-py.
         self._lean = _lean_target(self._url)
         self._lean_idle: dict[tuple[str, int], list[_RespConn]] = {}
+        # On a cluster: the master (host, port) of each hash slot, None for a slot not covered.
+        self._slot_table: list[tuple[str, int] | None] | None = None
 
     def _client(self) -> Any:
         if self._pid != os.getpid():
@@ -526,6 +529,7 @@ class RedisSource:
                 if attempt:
                     raise err.cause from err.cause.__cause__
                 if self._cluster:
+                    self._slot_table = None
                     with contextlib.suppress(Exception):
                         self._client().nodes_manager.initialize()
         raise AssertionError("unreachable")
@@ -539,15 +543,26 @@ class RedisSource:
             sizes = [min(_MGET_BATCH, n - s) for s in range(0, n, _MGET_BATCH)]
             return [((self._lean[0], self._lean[1]), list(range(n)), sizes)]
         key_slot = _import_redis().crc.key_slot
-        nodes = self._client().nodes_manager
+        table = self._slot_table
+        if table is None:
+            # The masters of redis-py's slot map, looked up without its lock and arguments.
+            table = [None] * _SLOTS
+            for at, nodes in self._client().nodes_manager.slots_cache.items():
+                if nodes:
+                    table[at] = (nodes[0].host, int(nodes[0].port))
+            self._slot_table = table
         prefix = self._keys.encode()
         slots: dict[int, list[int]] = {}
         for k, i in enumerate(order):
             slots.setdefault(key_slot(b"%s%d" % (prefix, i)), []).append(k)
         per_server: dict[tuple[str, int], tuple[list[int], list[int]]] = {}
         for slot, ks in slots.items():
-            node = nodes.get_node_from_slot(slot)
-            at, sizes = per_server.setdefault((node.host, int(node.port)), ([], []))
+            server = table[slot]
+            if server is None:
+                raise _Retry(ConnectionError(
+                    f"hash slot {slot} is served by no master of the cluster (CLUSTER SLOTS "
+                    "on a node says which are covered)"))
+            at, sizes = per_server.setdefault(server, ([], []))
             at += ks
             sizes += [min(_MGET_BATCH, len(ks) - s) for s in range(0, len(ks), _MGET_BATCH)]
         return [(server, at, sizes) for server, (at, sizes) in per_server.items()]
