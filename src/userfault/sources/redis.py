@@ -522,9 +522,11 @@ class RedisSource:
         refreshes the slot map and retries once."""
         if self._pid != os.getpid():
             self._reset_process_state()
+        prefix = self._keys.encode()
+        keys = [b"%s%d" % (prefix, i) for i in order]
         for attempt in (0, 1):
             try:
-                return self._exchange(self._plan(order), order, dsts)
+                return self._exchange(self._plan(keys), order, dsts)
             except _Retry as err:
                 if attempt:
                     raise err.cause from err.cause.__cause__
@@ -534,14 +536,15 @@ class RedisSource:
                         self._client().nodes_manager.initialize()
         raise AssertionError("unreachable")
 
-    def _plan(self, order: list[int]) -> list[tuple[tuple[str, int], list[int], list[int]]]:
-        """``[(server, positions in order, keys per MGET)]``: everything to the one server of
-        a standalone source; on a cluster the pages of each master, one MGET per hash slot."""
+    def _plan(self, keys: list[bytes]) -> list[_Pipeline]:
+        """What to send where: everything to the one server of a standalone source; on a
+        cluster the keys of each master, one MGET per hash slot."""
         if not self._cluster:
             assert self._lean is not None
-            n = len(order)
+            n = len(keys)
             sizes = [min(_MGET_BATCH, n - s) for s in range(0, n, _MGET_BATCH)]
-            return [((self._lean[0], self._lean[1]), list(range(n)), sizes)]
+            return [((self._lean[0], self._lean[1]), list(range(n)), sizes,
+                     _mget_request(keys, sizes))]
         key_slot = _import_redis().crc.key_slot
         table = self._slot_table
         if table is None:
@@ -551,10 +554,9 @@ class RedisSource:
                 if nodes:
                     table[at] = (nodes[0].host, int(nodes[0].port))
             self._slot_table = table
-        prefix = self._keys.encode()
         slots: dict[int, list[int]] = {}
-        for k, i in enumerate(order):
-            slots.setdefault(key_slot(b"%s%d" % (prefix, i)), []).append(k)
+        for k, key in enumerate(keys):
+            slots.setdefault(key_slot(key), []).append(k)
         per_server: dict[tuple[str, int], tuple[list[int], list[int]]] = {}
         for slot, ks in slots.items():
             server = table[slot]
@@ -565,17 +567,16 @@ class RedisSource:
             at, sizes = per_server.setdefault(server, ([], []))
             at += ks
             sizes += [min(_MGET_BATCH, len(ks) - s) for s in range(0, len(ks), _MGET_BATCH)]
-        return [(server, at, sizes) for server, (at, sizes) in per_server.items()]
+        return [(server, at, sizes, _mget_request([keys[k] for k in at], sizes))
+                for server, (at, sizes) in per_server.items()]
 
-    def _exchange(self, plan: list[tuple[tuple[str, int], list[int], list[int]]],
+    def _exchange(self, plan: list[_Pipeline],
                   order: list[int], dsts: list[memoryview | None]
                   ) -> list[tuple[int, bytes | int | None]]:
         """Send every server its pipeline, then read the replies; see :meth:`_mget_lean`.
         Raises :class:`_Retry` when trying again may succeed."""
         assert self._lean is not None
         _, _, db, user, password = self._lean
-        prefix = self._keys
-        lp = len(prefix.encode())
         deadline = time.monotonic() + self._timeout + len(order) * self._page_size / _MIN_RATE
         zero = bytes(self._page_size)
         # Sent to and not yet read: (connection, server, positions, sizes, fresh).
@@ -584,14 +585,7 @@ class RedisSource:
         c: _RespConn | None = None
         fresh = False
         try:
-            for server, at, sizes in plan:
-                cmds = []
-                s = 0
-                for count in sizes:
-                    part = [str(order[k]) for k in at[s: s + count]]
-                    s += count
-                    cmds.append(f"*{count + 1}\r\n$4\r\nMGET\r\n" + "".join([
-                        f"${lp + len(i)}\r\n{prefix}{i}\r\n" for i in part]))
+            for server, at, sizes, request in plan:
                 with self._lock:
                     idle = self._lean_idle.get(server)
                     c = idle.pop() if idle else None
@@ -599,7 +593,7 @@ class RedisSource:
                 if c is None:
                     c = _RespConn(*server, db, user, password, self._timeout)
                 c.deadline = deadline
-                c.sock.sendall("".join(cmds).encode())
+                c.sock.sendall(request)
                 busy.append((c, server, at, sizes, fresh))
                 c = None
             while busy:
@@ -898,6 +892,22 @@ def _lean_target(url: str) -> tuple[str, int, int, str | None, str | None] | Non
         return parts.hostname, parts.port or 6379, db, user, password
     except ValueError:
         return None
+
+
+#: One server's share of a lean read: (host, port), the positions of its keys in the batch,
+#: the keys of each of its pipelined MGETs, and the request.
+_Pipeline = tuple[tuple[str, int], list[int], list[int], bytes]
+
+
+def _mget_request(keys: list[bytes], sizes: list[int]) -> bytes:
+    """Pipelined MGETs of ``keys``, ``sizes`` keys each."""
+    out = []
+    s = 0
+    for count in sizes:
+        out.append(b"*%d\r\n$4\r\nMGET\r\n" % (count + 1))
+        out += [b"$%d\r\n%s\r\n" % (len(k), k) for k in keys[s: s + count]]
+        s += count
+    return b"".join(out)
 
 
 class _RespClosed(ConnectionError):
