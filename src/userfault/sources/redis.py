@@ -30,8 +30,11 @@ uploaded, was evicted, or its node is gone, and serving zeros would be silent co
 
 On a cluster the page keys spread over all masters (data bigger than one machine); put a hash
 tag in the prefix (``"{vm1}:"``) to keep one object on one node instead. ``read_many`` fetches
-all the keys of a batch with pipelined ``MGET`` (standalone) or ``mget_nonatomic`` (cluster:
-grouped by hash slot, one pipeline per node).
+all the keys of a batch with pipelined ``MGET`` over a lean RESP client of its own (pooled raw
+connections): on a cluster one ``MGET`` per hash slot (CRC16 of the key, hash tags honoured),
+one pipeline per master, all sent before any reply is read. A ``MOVED``/``ASK`` reply or a
+master unreachable refreshes the slot map (redis-py's) and retries once. (``rediss://`` and
+other URLs the lean client does not speak are read through redis-py.)
 
 Writes (``write_from``, what a ``writable=True`` pager calls to write pages back) go to the
 pinned generation, one pipeline of ``SET``/``SETRANGE`` per master. With ``replicas`` > 0
@@ -202,8 +205,9 @@ class RedisSource:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._client_obj: Any = None
-        # Reads on a standalone redis:// server use a lean RESP client of our own (a page fault
-        # waits on them; redis-py costs ~50 us per call here); everything else uses redis-py.
+        # Reads on redis:// servers (standalone or cluster) use a lean RESP client of our own
+        # (a page fault waits on them; redis-py costs ~50 us per call here); everything else
+        # uses redis-py.
         self._lean = _lean_target(self._url)
         self._lean_idle: dict[tuple[str, int], list[_RespConn]] = {}
         # On a cluster: the master (host, port) of each hash slot, None for a slot not covered.
