@@ -20,8 +20,8 @@ process of its own (src/userfault/serving/process.py), calling a Python source's
            sequential throughput over the whole file (readahead on, the defaults).
 * redis    RedisSource on one real redis-server (keys of ``--redis-page-sizes`` bytes, uploaded
            with ``upload``): the same.
-* cluster  RedisSource on a Redis Cluster of ``--masters`` masters (redis-py's cluster client;
-           the keys spread over every master): the same.
+* cluster  RedisSource on a Redis Cluster of ``--masters`` masters (the keys spread over
+           every master; one pipelined read per master): the same.
 
 The faulting workload is C: ``ref_touch`` from the reference built as a shared library
 (per page a write at byte 0 and a read of byte 64, every touch timed with ``clock_gettime``;

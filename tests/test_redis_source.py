@@ -16,6 +16,7 @@ import redis.cluster
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import userfault
 from server_fixtures import FreshServers, require_servers
 from servers import RedisCluster, RedisServer
 from userfault.errors import SourceError
@@ -285,6 +286,40 @@ def test_cluster_write_and_fork(redis_cluster: RedisCluster,
     assert _fork_read(pickle.loads(pickle.dumps(reader))) == hashlib.sha256(before).hexdigest()
     before[:PAGE] = b"child!" + bytes(PAGE - 6)
     assert read(src, 0, len(data)) == bytes(before)
+
+
+@pytest.mark.parametrize("prefix, page_size", [("pg:", 4096), ("{obj}pg:", 65536)],
+                         ids=["spread", "hashtag-64k"])
+def test_cluster_pager_serves_every_byte(redis_cluster: RedisCluster, prefix: str,
+                                         page_size: int) -> None:
+    # Through a pager process (the lean reader: one pipeline per master); a hash tag puts
+    # every key in one slot, so its keys must hash by the tag alone.
+    data = make_data(seed=21, size=3 * 1024 * 1024 + 999)
+    src = upload(data, redis_cluster.url, f"{prefix}{new_prefix()}", page_size=page_size,
+                 cluster=True)
+    with userfault.map(src) as pager:
+        view = memoryview(pager)
+        assert hashlib.sha256(view[:len(data)]).digest() == hashlib.sha256(data).digest()
+        view.release()
+
+
+def test_cluster_read_after_its_slot_moved(fresh_servers: FreshServers) -> None:
+    cluster = fresh_servers.cluster()  # private: this test reshards it
+    data = make_data(seed=23, size=64 * PAGE)
+    src = upload(data, cluster.url, new_prefix(), cluster=True)
+    assert read(src, 0, len(data)) == data  # the source has the slot map and connections now
+    rc = redis.cluster.RedisCluster.from_url(cluster.url, socket_timeout=10)
+    slot = rc.keyslot(src.key(2))
+    assert rc.keyslot(f"{src.prefix}meta") != slot
+    before = rc.get_node_from_key(src.key(2)).port
+    rc.close()
+    after = next(m.port for m in cluster.primaries() if m.port != before)
+    cluster.move_slot(slot, after)
+    moved = redis.Redis(port=after)
+    assert moved.get(src.key(2)) == data[2 * PAGE: 3 * PAGE]  # the page lives there now
+    moved.close()
+    # The source's slot map is stale: MOVED from the old owner, a new map, a retry.
+    assert read(src, 0, len(data)) == data
 
 
 def test_cluster_node_down_raises(fresh_servers: FreshServers) -> None:

@@ -30,8 +30,11 @@ uploaded, was evicted, or its node is gone, and serving zeros would be silent co
 
 On a cluster the page keys spread over all masters (data bigger than one machine); put a hash
 tag in the prefix (``"{vm1}:"``) to keep one object on one node instead. ``read_many`` fetches
-all the keys of a batch with pipelined ``MGET`` (standalone) or ``mget_nonatomic`` (cluster:
-grouped by hash slot, one pipeline per node).
+all the keys of a batch with pipelined ``MGET`` over a lean RESP client of its own (pooled raw
+connections): on a cluster one ``MGET`` per hash slot (CRC16 of the key, hash tags honoured),
+one pipeline per master, all sent before any reply is read. A ``MOVED``/``ASK`` reply or a
+master unreachable refreshes the slot map (redis-py's) and retries once. (``rediss://`` and
+other URLs the lean client does not speak are read through redis-py.)
 
 Writes (``write_from``, what a ``writable=True`` pager calls to write pages back) go to the
 pinned generation, one pipeline of ``SET``/``SETRANGE`` per master. With ``replicas`` > 0
@@ -66,6 +69,7 @@ from userfault.errors import SourceError
 __all__ = ["RedisSource", "upload"]
 
 _MGET_BATCH = 512  # keys per MGET in a pipeline
+_SLOTS = 16384  # hash slots of a Redis Cluster
 # A server trickling a reply slower than this (after the timeout's grace) fails the read.
 _MIN_RATE = 16 << 10
 
@@ -77,6 +81,7 @@ def _import_redis() -> Any:
     try:
         import redis
         import redis.cluster
+        import redis.crc
     except ImportError as err:
         raise ImportError(
             "RedisSource needs the redis package: pip install userfault[redis]") from err
@@ -200,10 +205,13 @@ class RedisSource:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._client_obj: Any = None
-        # Reads on a standalone redis:// server use a lean RESP client of our own (a page fault
-        # waits on them; redis-py costs ~50 us per call here); everything else uses redis-py.
-        self._lean = None if self._cluster else _lean_target(self._url)
-        self._lean_idle: list[_RespConn] = []
+        # Reads on redis:// servers (standalone or cluster) use a lean RESP client of our own
+        # (a page fault waits on them; redis-py costs ~50 us per call here); everything else
+        # uses redis-py.
+        self._lean = _lean_target(self._url)
+        self._lean_idle: dict[tuple[str, int], list[_RespConn]] = {}
+        # On a cluster: the master (host, port) of each hash slot, None for a slot not covered.
+        self._slot_table: list[tuple[str, int] | None] | None = None
 
     def _client(self) -> Any:
         if self._pid != os.getpid():
@@ -461,9 +469,10 @@ class RedisSource:
             self._reset_process_state()
             return
         with self._lock:
-            idle, self._lean_idle = self._lean_idle, []
-        for c in idle:
-            c.close()
+            idle, self._lean_idle = self._lean_idle, {}
+        for conns in idle.values():
+            for c in conns:
+                c.close()
         if self._client_obj is not None:
             client, self._client_obj = self._client_obj, None
             client.close()
@@ -510,52 +519,123 @@ class RedisSource:
 
     def _mget_lean(self, order: list[int],
                    dsts: list[memoryview | None]) -> list[tuple[int, bytes | int | None]]:
-        """MGET over a pooled raw connection, batches pipelined; a reused connection that the
-        server closed while idle is retried once on a fresh one."""
+        """MGET over pooled raw connections, batches pipelined: one pipeline to a standalone
+        server, or on a cluster one per master (``MGET`` per hash slot), all sent before any
+        is read. A reused connection that the server closed while idle is retried once on a
+        fresh one; on a cluster a redirection (``MOVED``, ``ASK``) or a master unreachable
+        refreshes the slot map and retries once."""
         if self._pid != os.getpid():
             self._reset_process_state()
-        prefix = self._keys
-        lp = len(prefix.encode())
-        cmds = []
-        for s in range(0, len(order), _MGET_BATCH):
-            part = order[s: s + _MGET_BATCH]
-            cmds.append(f"*{len(part) + 1}\r\n$4\r\nMGET\r\n" + "".join([
-                f"${lp + len(i)}\r\n{prefix}{i}\r\n" for i in map(str, part)]))
-        request = "".join(cmds).encode()
-        sizes = [min(_MGET_BATCH, len(order) - s) for s in range(0, len(order), _MGET_BATCH)]
-        zero = bytes(self._page_size)
-        with self._lock:
-            c = self._lean_idle.pop() if self._lean_idle else None
+        prefix = self._keys.encode()
+        keys = [b"%s%d" % (prefix, i) for i in order]
         for attempt in (0, 1):
-            fresh = c is None
             try:
-                if c is None:
-                    assert self._lean is not None
-                    c = _RespConn(*self._lean, self._timeout)
-                c.deadline = time.monotonic() + self._timeout + len(order) * self._page_size / (
-                    _MIN_RATE)
-                c.sock.sendall(request)
-                left = c.read_mget_into(sizes, dsts, zero)
-            except (_RespClosed, ConnectionResetError, BrokenPipeError,
-                    ConnectionAbortedError) as err:
-                if c is not None:
-                    c.close()
-                c = None
-                if attempt == 0 and not fresh:
-                    continue
-                raise ConnectionError(str(err) or type(err).__name__) from err
-            except _TooLong as err:
-                assert c is not None
-                c.close()  # the rest of the stream cannot be trusted to be in step
-                return [(order[k], v) for k, v in err.left] + [(order[err.index], err.length)]
-            except BaseException:
-                if c is not None:
-                    c.close()  # its stream may be mid-reply
-                raise
-            with self._lock:
-                self._lean_idle.append(c)
-            return [(order[k], v) for k, v in left]
+                return self._exchange(self._plan(keys), order, dsts)
+            except _Retry as err:
+                if attempt:
+                    raise err.cause from err.cause.__cause__
+                if self._cluster:
+                    self._slot_table = None
+                    with contextlib.suppress(Exception):
+                        self._client().nodes_manager.initialize()
         raise AssertionError("unreachable")
+
+    def _plan(self, keys: list[bytes]) -> list[_Pipeline]:
+        """What to send where: everything to the one server of a standalone source; on a
+        cluster the keys of each master, one MGET per hash slot."""
+        if not self._cluster:
+            assert self._lean is not None
+            n = len(keys)
+            sizes = [min(_MGET_BATCH, n - s) for s in range(0, n, _MGET_BATCH)]
+            return [((self._lean[0], self._lean[1]), list(range(n)), sizes,
+                     _mget_request(keys, sizes))]
+        key_slot = _import_redis().crc.key_slot
+        table = self._slot_table
+        if table is None:
+            # The masters of redis-py's slot map, looked up without its lock and arguments.
+            table = [None] * _SLOTS
+            for at, nodes in self._client().nodes_manager.slots_cache.items():
+                if nodes:
+                    table[at] = (nodes[0].host, int(nodes[0].port))
+            self._slot_table = table
+        slots: dict[int, list[int]] = {}
+        for k, key in enumerate(keys):
+            slots.setdefault(key_slot(key), []).append(k)
+        per_server: dict[tuple[str, int], tuple[list[int], list[int]]] = {}
+        for slot, ks in slots.items():
+            server = table[slot]
+            if server is None:
+                raise _Retry(ConnectionError(
+                    f"hash slot {slot} is served by no master of the cluster (CLUSTER SLOTS "
+                    "on a node says which are covered)"))
+            at, sizes = per_server.setdefault(server, ([], []))
+            at += ks
+            sizes += [min(_MGET_BATCH, len(ks) - s) for s in range(0, len(ks), _MGET_BATCH)]
+        return [(server, at, sizes, _mget_request([keys[k] for k in at], sizes))
+                for server, (at, sizes) in per_server.items()]
+
+    def _exchange(self, plan: list[_Pipeline],
+                  order: list[int], dsts: list[memoryview | None]
+                  ) -> list[tuple[int, bytes | int | None]]:
+        """Send every server its pipeline, then read the replies; see :meth:`_mget_lean`.
+        Raises :class:`_Retry` when trying again may succeed."""
+        assert self._lean is not None
+        _, _, db, user, password = self._lean
+        deadline = time.monotonic() + self._timeout + len(order) * self._page_size / _MIN_RATE
+        zero = bytes(self._page_size)
+        # Sent to and not yet read: (connection, server, positions, sizes, fresh).
+        busy: list[tuple[_RespConn, tuple[str, int], list[int], list[int], bool]] = []
+        left: list[tuple[int, bytes | int | None]] = []
+        c: _RespConn | None = None
+        fresh = False
+        try:
+            for server, at, sizes, request in plan:
+                with self._lock:
+                    idle = self._lean_idle.get(server)
+                    c = idle.pop() if idle else None
+                fresh = c is None
+                if c is None:
+                    c = _RespConn(*server, db, user, password, self._timeout)
+                c.deadline = deadline
+                c.sock.sendall(request)
+                busy.append((c, server, at, sizes, fresh))
+                c = None
+            while busy:
+                c, server, at, sizes, fresh = busy[0]
+                try:
+                    got = c.read_mget_into(sizes, [dsts[k] for k in at], zero)
+                except _TooLong as err:
+                    # The rest of this stream cannot be trusted to be in step; the caller
+                    # fails the read on the page too long, so the other replies do not matter.
+                    return [(order[at[k]], v) for k, v in err.left] + [
+                        (order[at[err.index]], err.length)]
+                busy.pop(0)
+                with self._lock:
+                    self._lean_idle.setdefault(server, []).append(c)
+                c = None
+                left += [(order[at[k]], v) for k, v in got]
+            return left
+        except (OSError, RedisErrorReply) as err:
+            if isinstance(err, _CLOSED):
+                cause: BaseException = ConnectionError(str(err) or type(err).__name__)
+                cause.__cause__ = err
+                retry = self._cluster or not fresh
+            else:
+                cause = err
+                retry = self._cluster and (
+                    (isinstance(err, RedisErrorReply) and str(err).startswith(_REDIRECTED))
+                    or (isinstance(err, OSError) and not isinstance(err, TimeoutError)))
+            if retry:
+                raise _Retry(cause) from err
+            if cause is err:
+                raise
+            raise cause from err
+        finally:
+            # Whatever was not read to the end: its stream may be mid-reply.
+            if c is not None:
+                c.close()
+            for b in busy:
+                b[0].close()
 
     def _read_meta(self, *, required: bool) -> _Meta | None:
         key = f"{self._prefix}meta"
@@ -818,8 +898,39 @@ def _lean_target(url: str) -> tuple[str, int, int, str | None, str | None] | Non
         return None
 
 
+#: One server's share of a lean read: (host, port), the positions of its keys in the batch,
+#: the keys of each of its pipelined MGETs, and the request.
+_Pipeline = tuple[tuple[str, int], list[int], list[int], bytes]
+
+
+def _mget_request(keys: list[bytes], sizes: list[int]) -> bytes:
+    """Pipelined MGETs of ``keys``, ``sizes`` keys each."""
+    out = []
+    s = 0
+    for count in sizes:
+        out.append(b"*%d\r\n$4\r\nMGET\r\n" % (count + 1))
+        out += [b"$%d\r\n%s\r\n" % (len(k), k) for k in keys[s: s + count]]
+        s += count
+    return b"".join(out)
+
+
 class _RespClosed(ConnectionError):
     """The server closed the connection (before or in the middle of a reply)."""
+
+
+# A connection that broke under a read: the server closed it, or reset it.
+_CLOSED = (_RespClosed, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+# Error replies of a cluster whose slot map changed (or is changing) under a read.
+_REDIRECTED = ("MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN")
+
+
+class _Retry(Exception):
+    """A lean read failed in a way that trying once more (on a fresh connection, after
+    refreshing the slot map) may cure; ``cause`` is the error to raise if it does not."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class RedisErrorReply(Exception):
