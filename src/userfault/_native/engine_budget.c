@@ -130,7 +130,50 @@ int uf_reactivate(engine_t *e, uctx_t *c, area_t *a, uint64_t off, int *err)
     return 1;
 }
 
-/* Put [addr, addr+len) on probation: copy it into the pool, then drop it from the memory. */
+/* The evictor's madvise raises the mm's mmap_changing until it runs again after its REMOVE
+ * event is read: until then every install into that memory fails with EAGAIN. A fault woken
+ * on EAGAIN faults straight back, and userfaultfd hands out faults before events, so under
+ * load those re-faults spin (taking the CPU the madvise waits for). Instead such a fault is
+ * held, not woken, until the madvise returns (madvise_end wakes it; it faults again then).
+ * Returns 1 if held, 0 if the caller must wake it (no eviction running: the EAGAIN is the
+ * process's own madvise or mremap; or the list is full). */
+int uf_park(engine_t *e, uctx_t *c, uint64_t addr)
+{
+    if (!e->max_pages || c != e->ctxs)
+        return 0; /* the evictor drops pages of the root's memory only */
+    pthread_mutex_lock(&e->budget_lock);
+    int held = e->evict_madvising && e->nparked < UF_PARKED;
+    if (held)
+        e->parked[e->nparked++] = addr;
+    pthread_mutex_unlock(&e->budget_lock);
+    return held;
+}
+
+static void madvise_begin(engine_t *e)
+{
+    pthread_mutex_lock(&e->budget_lock);
+    e->evict_madvising = 1;
+    pthread_mutex_unlock(&e->budget_lock);
+}
+
+/* The madvise returned (its REMOVE was read and mmap_changing is down): wake the held faults. */
+static void madvise_end(engine_t *e, uctx_t *c)
+{
+    uint64_t held[UF_PARKED];
+    pthread_mutex_lock(&e->budget_lock);
+    int n = e->nparked;
+    memcpy(held, e->parked, (size_t)n * sizeof(held[0]));
+    e->nparked = 0;
+    e->evict_madvising = 0;
+    pthread_mutex_unlock(&e->budget_lock);
+    for (int i = 0; i < n; i++) {
+        struct uffdio_range r = {held[i], e->page};
+        uf_ioctl(c->uffd, UFFDIO_WAKE, &r);
+    }
+}
+
+/* Put [addr, addr+len) on probation: copy it into the pool, then drop it from the memory
+ * (the faulting process's watchdog, for a pager process). */
 int uf_deactivate_local(char *pool_map, uint64_t addr, uint64_t len, uint64_t pool_off, int advice)
 {
     memcpy(pool_map + pool_off, (const void *)(uintptr_t)addr, len);
@@ -177,11 +220,25 @@ int uf_target_madvise(engine_t *e, uint64_t addr, uint64_t len, int advice)
     return uf_ask_target(e, AGENT_MADVISE, addr, len, (uint64_t)advice);
 }
 
-static int target_deactivate(engine_t *e, uint64_t addr, uint64_t len, uint64_t pool_off)
+/* The evictor's madvise, holding the faults it makes fail meanwhile (uf_park). Only around a
+ * madvise: a copy of the pages may fault, and a fault of the thread that will wake the held
+ * ones must never be held. */
+static int evict_madvise(engine_t *e, uctx_t *c, uint64_t addr, uint64_t len)
 {
-    if (e->agent_req < 0)
-        return uf_deactivate_local(e->pool_map, addr, len, pool_off, e->evict_advice);
-    /* the advice travels in the high bits of arg, the pool offset in the low 48 */
+    madvise_begin(e);
+    int err = uf_target_madvise(e, addr, len, e->evict_advice);
+    madvise_end(e, c);
+    return err;
+}
+
+static int target_deactivate(engine_t *e, uctx_t *c, uint64_t addr, uint64_t len, uint64_t pool_off)
+{
+    if (e->agent_req < 0) {
+        memcpy(e->pool_map + pool_off, (const void *)(uintptr_t)addr, len);
+        return evict_madvise(e, c, addr, len);
+    }
+    /* The watchdog copies and drops in one request: nothing is held (its copy may fault).
+     * The advice travels in the high bits of arg, the pool offset in the low 48. */
     return uf_ask_target(e, AGENT_DEACTIVATE, addr, len, pool_off | ((uint64_t)e->evict_advice << 48));
 }
 
@@ -266,14 +323,14 @@ static int pick_victims(engine_t *e, uctx_t *c, victim_t *v, int max_runs)
 static void deactivate(engine_t *e, uctx_t *c, victim_t *r)
 {
     uint64_t first = r->a.first_page + r->off / e->page, n = r->len / e->page;
-    int err = target_deactivate(e, r->a.base + r->off, r->len, first * e->page);
+    int err = target_deactivate(e, c, r->a.base + r->off, r->len, first * e->page);
     if (!err)
         return;
     for (uint64_t i = 0; i < n; i++) {
         bit_clear(c->inactive, first + i);
         bit_set(c->evicting, first + i);
     }
-    if (uf_target_madvise(e, r->a.base + r->off, r->len, e->evict_advice))
+    if (evict_madvise(e, c, r->a.base + r->off, r->len))
         for (uint64_t i = 0; i < n; i++)
             bit_clear(c->evicting, first + i);
 }
@@ -317,7 +374,7 @@ static int evict_until_low(engine_t *e, uctx_t *c)
                 continue;
             }
             uint64_t addr = r->a.base + r->off;
-            int err = uf_target_madvise(e, addr, r->len, e->evict_advice);
+            int err = evict_madvise(e, c, addr, r->len);
             if (!err)
                 uf_trace_install(e, t0, &r->a, r->off, r->len, CAUSE_EVICT);
             uf_release(e, c, first, n, !err);
