@@ -133,8 +133,11 @@ int uf_reactivate(engine_t *e, uctx_t *c, area_t *a, uint64_t off, int *err)
 /* The evictor's madvise raises the mm's mmap_changing until it runs again after its REMOVE
  * event is read: until then every install into that memory fails with EAGAIN. A fault woken
  * on EAGAIN faults straight back, and userfaultfd hands out faults before events, so under
- * load those re-faults spin (taking the CPU the madvise waits for). Instead such a fault is
- * held, not woken, until the madvise returns (madvise_end wakes it; it faults again then).
+ * load those re-faults spin (taking the CPU the madvise waits for); woken when the madvise
+ * returns, it meets the next one of the round. Instead such a fault is held, not woken, until
+ * the evictor's round of madvise calls is over (wake_held; it faults again then). Held only
+ * while a madvise runs: never a fault of the evictor's own copies (or of the watchdog's). A
+ * held thread holds no lock (the kernel dropped the mm's before it slept).
  * Returns 1 if held, 0 if the caller must wake it (no eviction running: the EAGAIN is the
  * process's own madvise or mremap; or the list is full). */
 int uf_park(engine_t *e, uctx_t *c, uint64_t addr)
@@ -149,22 +152,22 @@ int uf_park(engine_t *e, uctx_t *c, uint64_t addr)
     return held;
 }
 
-static void madvise_begin(engine_t *e)
+static void set_madvising(engine_t *e, int on)
 {
     pthread_mutex_lock(&e->budget_lock);
-    e->evict_madvising = 1;
+    e->evict_madvising = on;
     pthread_mutex_unlock(&e->budget_lock);
 }
 
-/* The madvise returned (its REMOVE was read and mmap_changing is down): wake the held faults. */
-static void madvise_end(engine_t *e, uctx_t *c)
+/* The round's madvise calls returned (their REMOVEs were read, mmap_changing is down): wake
+ * the held faults. */
+static void wake_held(engine_t *e, uctx_t *c)
 {
     uint64_t held[UF_PARKED];
     pthread_mutex_lock(&e->budget_lock);
     int n = e->nparked;
     memcpy(held, e->parked, (size_t)n * sizeof(held[0]));
     e->nparked = 0;
-    e->evict_madvising = 0;
     pthread_mutex_unlock(&e->budget_lock);
     for (int i = 0; i < n; i++) {
         struct uffdio_range r = {held[i], e->page};
@@ -223,19 +226,19 @@ int uf_target_madvise(engine_t *e, uint64_t addr, uint64_t len, int advice)
 /* The evictor's madvise, holding the faults it makes fail meanwhile (uf_park). Only around a
  * madvise: a copy of the pages may fault, and a fault of the thread that will wake the held
  * ones must never be held. */
-static int evict_madvise(engine_t *e, uctx_t *c, uint64_t addr, uint64_t len)
+static int evict_madvise(engine_t *e, uint64_t addr, uint64_t len)
 {
-    madvise_begin(e);
+    set_madvising(e, 1);
     int err = uf_target_madvise(e, addr, len, e->evict_advice);
-    madvise_end(e, c);
+    set_madvising(e, 0);
     return err;
 }
 
-static int target_deactivate(engine_t *e, uctx_t *c, uint64_t addr, uint64_t len, uint64_t pool_off)
+static int target_deactivate(engine_t *e, uint64_t addr, uint64_t len, uint64_t pool_off)
 {
     if (e->agent_req < 0) {
         memcpy(e->pool_map + pool_off, (const void *)(uintptr_t)addr, len);
-        return evict_madvise(e, c, addr, len);
+        return evict_madvise(e, addr, len);
     }
     /* The watchdog copies and drops in one request: nothing is held (its copy may fault).
      * The advice travels in the high bits of arg, the pool offset in the low 48. */
@@ -323,14 +326,14 @@ static int pick_victims(engine_t *e, uctx_t *c, victim_t *v, int max_runs)
 static void deactivate(engine_t *e, uctx_t *c, victim_t *r)
 {
     uint64_t first = r->a.first_page + r->off / e->page, n = r->len / e->page;
-    int err = target_deactivate(e, c, r->a.base + r->off, r->len, first * e->page);
+    int err = target_deactivate(e, r->a.base + r->off, r->len, first * e->page);
     if (!err)
         return;
     for (uint64_t i = 0; i < n; i++) {
         bit_clear(c->inactive, first + i);
         bit_set(c->evicting, first + i);
     }
-    if (evict_madvise(e, c, r->a.base + r->off, r->len))
+    if (evict_madvise(e, r->a.base + r->off, r->len))
         for (uint64_t i = 0; i < n; i++)
             bit_clear(c->evicting, first + i);
 }
@@ -358,6 +361,7 @@ static int evict_until_low(engine_t *e, uctx_t *c)
             victim_t *r = &v[i];
             uint64_t first = r->a.first_page + r->off / e->page, n = r->len / e->page, wrote = 0;
             if (r->op == CLEAN) {
+                wake_held(e, c); /* a write-back may take a GIL a held thread holds */
                 uf_writeback(e, e->evict_worker, c, first, n, &wrote, NULL);
                 continue;
             }
@@ -374,7 +378,7 @@ static int evict_until_low(engine_t *e, uctx_t *c)
                 continue;
             }
             uint64_t addr = r->a.base + r->off;
-            int err = evict_madvise(e, c, addr, r->len);
+            int err = evict_madvise(e, addr, r->len);
             if (!err)
                 uf_trace_install(e, t0, &r->a, r->off, r->len, CAUSE_EVICT);
             uf_release(e, c, first, n, !err);
@@ -385,9 +389,12 @@ static int evict_until_low(engine_t *e, uctx_t *c)
             if (err && err != ECANCELED)
                 uf_state_error(e->st, err, addr, "evicting %#llx..+%llu failed: %s",
                                (unsigned long long)addr, (unsigned long long)r->len, strerror(err));
-            if (err)
+            if (err) {
+                wake_held(e, c);
                 return gave;
+            }
         }
+        wake_held(e, c);
         /* The REMOVE events were read before madvise returned; wait until they are handled
          * (counted), so the next round sees the count it left. */
         while (__atomic_load_n(&e->in_batch, __ATOMIC_ACQUIRE))
