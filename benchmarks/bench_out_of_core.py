@@ -225,7 +225,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
                            "max_resident": sampler.max_resident,
                            "written": pages[writes].tolist() if workload == "mix" else []}
     if st is not None:
-        out.update(faults=st.faults, evictions=st.evictions, refaults=st.refaults,
+        out.update(faults=st.faults, eagain=st.eagain, evictions=st.evictions, refaults=st.refaults,
                    reactivations=st.reactivations, writebacks=st.writebacks)
     return out
 
@@ -352,6 +352,8 @@ class Bench:
             t_rand = t.get("mmap-random", float("nan"))
             rows.append([label, count, t["mmap"] * 1e3, t_rand * 1e3, t["userfault"] * 1e3,
                          t["mmap"] / t["userfault"], t_rand / t["userfault"],
+                         median([r["faults"] for r in uf]),
+                         median([r["eagain"] for r in uf]),
                          median([r["evictions"] for r in uf]),
                          median([r["refaults"] for r in uf]),
                          median([r["writebacks"] for r in uf]),
@@ -365,7 +367,7 @@ class Bench:
             f"limit {human(self.limit)}; ms, median of {self.args.repeat}; x = mmap ms / "
             "userfault ms (above 1: userfault faster)",
             ["workload", "pages", "mmap ms", "mmap MADV_RANDOM ms", "userfault ms", "x mmap",
-             "x mmap MADV_RANDOM", "evictions", "re-faults", "write-backs",
+             "x mmap MADV_RANDOM", "faults", "EAGAIN", "evictions", "re-faults", "write-backs",
              "mmap cgroup max MiB", "userfault cgroup max MiB"], rows)
         self.add_table(
             f"Resident memory, sampled every 2 ms (budget {human(self.budget)}, one eviction "

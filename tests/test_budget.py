@@ -14,7 +14,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,9 +29,6 @@ PAGE = 4096
 MiB = 1 << 20
 TESTS = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.timeout(120)
-
-
-
 
 
 @pytest.mark.parametrize("region", ["anonymous", "memfd"])
@@ -137,6 +136,40 @@ def test_thrashing_is_slower_never_wrong() -> None:
         s = settled(p)
         assert s.refaults >= size // PAGE  # the second and third passes fault again
         assert s.refault_rate > 0.5 and p.check() is None
+
+
+def test_random_faults_racing_evictions_read_every_byte_right(runtime: str) -> None:
+    """Four threads fault random pages (numpy gathers, the GIL released) into a budget an
+    eighth of the memory: faults keep meeting evictions in flight (installs answered EAGAIN,
+    held until the eviction's madvise returns). Every page read is the source's."""
+    np = pytest.importorskip("numpy")
+    size, budget = 32 * MiB, 4 * MiB
+    body = page_data(size)
+    want = np.frombuffer(body, dtype=np.uint8).reshape(-1, PAGE)
+    errors: list[str] = []
+    with userfault.map(bytes_source(runtime, body), max_resident=budget, readahead=False,
+                       threads=4) as p:
+        got = np.frombuffer(p, dtype=np.uint8).reshape(-1, PAGE)
+
+        def reader(got: Any, seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            for _ in range(8):
+                idx = rng.integers(0, size // PAGE, 512)
+                bad = np.flatnonzero((got[idx] != want[idx]).any(axis=1))
+                if bad.size:
+                    errors.append(f"reader {seed}: pages {idx[bad][:5].tolist()} differ")
+
+        threads = [threading.Thread(target=reader, args=(got, i)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        del got, threads  # the last exports of the memory
+        assert not errors
+        with memoryview(p) as v:
+            assert v == body  # and a stream through it all afterwards
+        s = settled(p, lambda s: s.resident_bytes <= budget)
+        assert s.evictions > 0 and s.resident_bytes <= budget and p.check() is None
 
 
 def test_close_while_evicting_does_not_deadlock(runtime: str) -> None:

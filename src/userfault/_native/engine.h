@@ -35,6 +35,7 @@
 #define UF_ERR_MSG 512
 #define UF_STATE_MAGIC 0x3145544154534655ull /* "UFSTATE1" */
 #define UF_MSG_BATCH 64
+#define UF_PARKED 64 /* faults held while an eviction's REMOVE is pending */
 #define UF_STREAMS 8 /* readahead streams followed per context */
 #define UF_TRACE_RECS 1365 /* 64 KiB of records per trace buffer */
 
@@ -188,6 +189,10 @@ struct engine {
     char *pool_map;
     uint64_t pool_len;
     pthread_mutex_t budget_lock; /* a page leaving the pool: reactivated or evicted, once */
+    /* Faults answered EAGAIN while the evictor's madvise runs, held (not woken) until it
+     * returns (under budget_lock; engine_budget.c). */
+    int evict_madvising, nparked;
+    uint64_t parked[UF_PARKED];
     /* writable: where written pages go (a file, a buffer, or a Python write_from). Writes
      * are tracked (pages installed write-protected, dirty bits) when writable, and under a
      * budget too: there a written page of a read-only pager is kept, never dropped. */
@@ -274,6 +279,7 @@ void uf_take_exception(char *msg, size_t len);
 /* engine_budget.c */
 void uf_page_in(engine_t *e, uctx_t *c, uint64_t p);
 int uf_reactivate(engine_t *e, uctx_t *c, area_t *a, uint64_t off, int *err);
+int uf_park(engine_t *e, uctx_t *c, uint64_t addr);
 void uf_page_out(engine_t *e, uctx_t *c, uint64_t p, int zero);
 int uf_budget_alloc(engine_t *e, uctx_t *c);
 int uf_evictor_start(engine_t *e);

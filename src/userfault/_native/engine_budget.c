@@ -130,7 +130,53 @@ int uf_reactivate(engine_t *e, uctx_t *c, area_t *a, uint64_t off, int *err)
     return 1;
 }
 
-/* Put [addr, addr+len) on probation: copy it into the pool, then drop it from the memory. */
+/* The evictor's madvise raises the mm's mmap_changing until it runs again after its REMOVE
+ * event is read: until then every install into that memory fails with EAGAIN. A fault woken
+ * on EAGAIN faults straight back, and userfaultfd hands out faults before events, so under
+ * load those re-faults spin (taking the CPU the madvise waits for); woken when the madvise
+ * returns, it meets the next one of the round. Instead such a fault is held, not woken, until
+ * the evictor's round of madvise calls is over (wake_held; it faults again then). Held only
+ * while a madvise runs: never a fault of the evictor's own copies (or of the watchdog's). A
+ * held thread holds no lock (the kernel dropped the mm's before it slept).
+ * Returns 1 if held, 0 if the caller must wake it (no eviction running: the EAGAIN is the
+ * process's own madvise or mremap; or the list is full). */
+int uf_park(engine_t *e, uctx_t *c, uint64_t addr)
+{
+    if (!e->max_pages || c != e->ctxs)
+        return 0; /* the evictor drops pages of the root's memory only */
+    pthread_mutex_lock(&e->budget_lock);
+    int held = e->evict_madvising && e->nparked < UF_PARKED;
+    if (held)
+        e->parked[e->nparked++] = addr;
+    pthread_mutex_unlock(&e->budget_lock);
+    return held;
+}
+
+static void set_madvising(engine_t *e, int on)
+{
+    pthread_mutex_lock(&e->budget_lock);
+    e->evict_madvising = on;
+    pthread_mutex_unlock(&e->budget_lock);
+}
+
+/* The round's madvise calls returned (their REMOVEs were read, mmap_changing is down): wake
+ * the held faults. */
+static void wake_held(engine_t *e, uctx_t *c)
+{
+    uint64_t held[UF_PARKED];
+    pthread_mutex_lock(&e->budget_lock);
+    int n = e->nparked;
+    memcpy(held, e->parked, (size_t)n * sizeof(held[0]));
+    e->nparked = 0;
+    pthread_mutex_unlock(&e->budget_lock);
+    for (int i = 0; i < n; i++) {
+        struct uffdio_range r = {held[i], e->page};
+        uf_ioctl(c->uffd, UFFDIO_WAKE, &r);
+    }
+}
+
+/* Put [addr, addr+len) on probation: copy it into the pool, then drop it from the memory
+ * (the faulting process's watchdog, for a pager process). */
 int uf_deactivate_local(char *pool_map, uint64_t addr, uint64_t len, uint64_t pool_off, int advice)
 {
     memcpy(pool_map + pool_off, (const void *)(uintptr_t)addr, len);
@@ -177,11 +223,25 @@ int uf_target_madvise(engine_t *e, uint64_t addr, uint64_t len, int advice)
     return uf_ask_target(e, AGENT_MADVISE, addr, len, (uint64_t)advice);
 }
 
+/* The evictor's madvise, holding the faults it makes fail meanwhile (uf_park). Only around a
+ * madvise: a copy of the pages may fault, and a fault of the thread that will wake the held
+ * ones must never be held. */
+static int evict_madvise(engine_t *e, uint64_t addr, uint64_t len)
+{
+    set_madvising(e, 1);
+    int err = uf_target_madvise(e, addr, len, e->evict_advice);
+    set_madvising(e, 0);
+    return err;
+}
+
 static int target_deactivate(engine_t *e, uint64_t addr, uint64_t len, uint64_t pool_off)
 {
-    if (e->agent_req < 0)
-        return uf_deactivate_local(e->pool_map, addr, len, pool_off, e->evict_advice);
-    /* the advice travels in the high bits of arg, the pool offset in the low 48 */
+    if (e->agent_req < 0) {
+        memcpy(e->pool_map + pool_off, (const void *)(uintptr_t)addr, len);
+        return evict_madvise(e, addr, len);
+    }
+    /* The watchdog copies and drops in one request: nothing is held (its copy may fault).
+     * The advice travels in the high bits of arg, the pool offset in the low 48. */
     return uf_ask_target(e, AGENT_DEACTIVATE, addr, len, pool_off | ((uint64_t)e->evict_advice << 48));
 }
 
@@ -273,7 +333,7 @@ static void deactivate(engine_t *e, uctx_t *c, victim_t *r)
         bit_clear(c->inactive, first + i);
         bit_set(c->evicting, first + i);
     }
-    if (uf_target_madvise(e, r->a.base + r->off, r->len, e->evict_advice))
+    if (evict_madvise(e, r->a.base + r->off, r->len))
         for (uint64_t i = 0; i < n; i++)
             bit_clear(c->evicting, first + i);
 }
@@ -301,6 +361,7 @@ static int evict_until_low(engine_t *e, uctx_t *c)
             victim_t *r = &v[i];
             uint64_t first = r->a.first_page + r->off / e->page, n = r->len / e->page, wrote = 0;
             if (r->op == CLEAN) {
+                wake_held(e, c); /* a write-back may take a GIL a held thread holds */
                 uf_writeback(e, e->evict_worker, c, first, n, &wrote, NULL);
                 continue;
             }
@@ -317,7 +378,7 @@ static int evict_until_low(engine_t *e, uctx_t *c)
                 continue;
             }
             uint64_t addr = r->a.base + r->off;
-            int err = uf_target_madvise(e, addr, r->len, e->evict_advice);
+            int err = evict_madvise(e, addr, r->len);
             if (!err)
                 uf_trace_install(e, t0, &r->a, r->off, r->len, CAUSE_EVICT);
             uf_release(e, c, first, n, !err);
@@ -328,9 +389,12 @@ static int evict_until_low(engine_t *e, uctx_t *c)
             if (err && err != ECANCELED)
                 uf_state_error(e->st, err, addr, "evicting %#llx..+%llu failed: %s",
                                (unsigned long long)addr, (unsigned long long)r->len, strerror(err));
-            if (err)
+            if (err) {
+                wake_held(e, c);
                 return gave;
+            }
         }
+        wake_held(e, c);
         /* The REMOVE events were read before madvise returned; wait until they are handled
          * (counted), so the next round sees the count it left. */
         while (__atomic_load_n(&e->in_batch, __ATOMIC_ACQUIRE))

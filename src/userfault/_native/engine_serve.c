@@ -444,11 +444,13 @@ static int serve_fault(engine_t *e, worker_t *w, uctx_t *c, struct uffd_msg *m, 
             update_readahead(e, c, as, a, off, off + n);
     }
     if (err == EAGAIN) {
-        /* The mapping is changing (a REMOVE or REMAP is pending): wake the thread so that it
-         * faults again once the event is read; that fault is served then. */
+        /* The mapping is changing (a REMOVE or REMAP is pending): the thread faults again once
+         * the event is handled; that fault is served then. Held until an eviction's madvise
+         * returns, else woken now. */
         struct uffdio_range r = {a->base + page_off, e->page};
         ADD(e, eagain, 1);
-        uf_ioctl(c->uffd, UFFDIO_WAKE, &r);
+        if (!uf_park(e, c, r.start))
+            uf_ioctl(c->uffd, UFFDIO_WAKE, &r);
     }
     uint64_t t1 = uf_now_ns();
     uf_observe_latency(e, t1 - t0);
