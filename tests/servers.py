@@ -397,9 +397,11 @@ class RedisCluster:
     def node_id(self, port: int) -> str:
         return self.cli_run(port, "cluster", "myid").strip()
 
-    def move_slot(self, slot: int, to: int) -> None:
+    def move_slot(self, slot: int, to: int, *, finish: bool = True) -> None:
         """Migrate hash slot ``slot`` with its keys to the master on port ``to`` (IMPORTING,
-        MIGRATING, MIGRATE, then SETSLOT NODE on every master), as a resharding does."""
+        MIGRATING, MIGRATE, then SETSLOT NODE on every master), as a resharding does.
+        ``finish=False`` stops before SETSLOT NODE: the keys have moved, the slot is still
+        the old owner's, which answers ASK for them (a resharding in progress)."""
         owner = next(int(line.split()[1].rpartition(":")[2].split("@")[0])
                      for line in self.cli_run(to, "cluster", "nodes").splitlines()
                      if "master" in line.split()[2] and _owns(line.split()[8:], slot))
@@ -418,6 +420,8 @@ class RedisCluster:
             if not keys:
                 break
             ok(owner, "migrate", HOST, str(to), "", "0", "5000", "keys", *keys)
+        if not finish:
+            return
         for m in self.primaries():
             ok(m.port, "cluster", "setslot", str(slot), "node", dst)
 

@@ -322,6 +322,27 @@ def test_cluster_read_after_its_slot_moved(fresh_servers: FreshServers) -> None:
     assert read(src, 0, len(data)) == data
 
 
+def test_cluster_read_while_its_slot_is_migrating(fresh_servers: FreshServers) -> None:
+    cluster = fresh_servers.cluster()  # private: this test leaves a slot half-moved
+    data = make_data(seed=29, size=64 * PAGE)
+    src = upload(data, cluster.url, new_prefix(), cluster=True)
+    assert read(src, 0, len(data)) == data
+    rc = redis.cluster.RedisCluster.from_url(cluster.url, socket_timeout=10)
+    slot = rc.keyslot(src.key(5))
+    assert rc.keyslot(f"{src.prefix}meta") != slot
+    before = rc.get_node_from_key(src.key(5)).port
+    rc.close()
+    after = next(m.port for m in cluster.primaries() if m.port != before)
+    cluster.move_slot(slot, after, finish=False)
+    old_owner = redis.Redis(port=before)
+    with pytest.raises(redis.exceptions.AskError):
+        old_owner.get(src.key(5))  # the page's key has left: its old owner answers ASK
+    old_owner.close()
+    # The slot map is unchanged (the old owner still owns the slot), so a refresh cannot
+    # help: the page is read where ASK points, every byte right.
+    assert read(src, 0, len(data)) == data
+
+
 def test_cluster_node_down_raises(fresh_servers: FreshServers) -> None:
     data = make_data(seed=8, size=64 * PAGE)
     cluster = fresh_servers.cluster()  # a private cluster: this test kills one of its masters

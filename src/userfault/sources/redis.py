@@ -523,7 +523,8 @@ class RedisSource:
         server, or on a cluster one per master (``MGET`` per hash slot), all sent before any
         is read. A reused connection that the server closed while idle is retried once on a
         fresh one; on a cluster a redirection (``MOVED``, ``ASK``) or a master unreachable
-        refreshes the slot map and retries once."""
+        refreshes the slot map and retries once, and a slot still being moved (``ASK``,
+        ``TRYAGAIN`` again) is read through redis-py, which follows the migration."""
         if self._pid != os.getpid():
             self._reset_process_state()
         prefix = self._keys.encode()
@@ -532,6 +533,12 @@ class RedisSource:
             try:
                 return self._exchange(self._plan(keys), order, dsts)
             except _Retry as err:
+                if attempt and _migrating(err.cause):
+                    # A slot half-way through a resharding answers ASK (or TRYAGAIN) whatever
+                    # the slot map says: redis-py's cluster client follows those (ASKING to
+                    # the importing node); every value comes back to be placed by the caller.
+                    values = self._client().mget_nonatomic([self.key(i) for i in order])
+                    return list(zip(order, values, strict=True))
                 if attempt:
                     raise err.cause from err.cause.__cause__
                 if self._cluster:
@@ -922,6 +929,11 @@ class _RespClosed(ConnectionError):
 _CLOSED = (_RespClosed, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 # Error replies of a cluster whose slot map changed (or is changing) under a read.
 _REDIRECTED = ("MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN")
+
+
+def _migrating(err: BaseException) -> bool:
+    """A cluster's reply for a slot being moved: the keys asked for are on their way."""
+    return isinstance(err, RedisErrorReply) and str(err).startswith(("ASK ", "TRYAGAIN"))
 
 
 class _Retry(Exception):
