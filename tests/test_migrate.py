@@ -114,3 +114,10 @@ def test_unauthenticated_clients_get_nothing(region: Region) -> None:
             assert incoming.memory is not None
             assert bytes(memoryview(incoming.memory)) == bytes(memoryview(region))
         assert sender.wait(5).rounds[0].index == 0
+
+
+def test_receive_refuses_populate() -> None:
+    # Refused before any connection: the URL need not answer.
+    with pytest.raises(ValueError, match=r"receive\(\) takes no populate=: it would install "
+                       r"pages before the last pre-copy round"):
+        receive("uf://127.0.0.1:9/migration", secret=b"s" * 32, populate=True)

@@ -414,9 +414,6 @@ static int source_check(engine_t *e, worker_t *w, area_t *a, run_t *r)
     return 0;
 }
 
-/* Before installing the runs of a range: a Python source reads all of them at once, each
- * into its own part of the bounce buffer (kept by the run even when it cannot be read, for
- * its retries). Native sources are read run by run as they are installed. */
 /* A file source is mapped with MADV_RANDOM (sources/native.py): the kernel's read-around
  * would read its whole window (read_ahead_kb, up to megabytes) around every miss, random ones
  * too. So the engine's own readahead decides: a readahead window is asked for in one read as
@@ -431,6 +428,9 @@ void uf_source_willneed(engine_t *e, uint64_t at, uint64_t len)
     madvise((void *)(uintptr_t)(e->src + at), len, MADV_WILLNEED); /* advice: no error */
 }
 
+/* Before installing the runs of a range: a Python source reads all of them at once, each
+ * into its own part of the bounce buffer (kept by the run even when it cannot be read, for
+ * its retries). Native sources are read run by run as they are installed. */
 static void prepare_runs(engine_t *e, worker_t *w, area_t *a, run_t *runs, int n)
 {
     uint64_t pos = 0;

@@ -653,6 +653,12 @@ class Incoming:
                  tls_ca: str | os.PathLike[str] | None = None, timeout: float = 10.0,
                  reconnect_timeout: float = 30.0, digest: bool = False,
                  **pager_options: Any) -> None:
+        if pager_options.get("populate"):
+            # The pager starts before the pre-copy rounds end; populating would install
+            # pages the sender is still writing, and nothing fetches an installed page again.
+            raise ValueError("receive() takes no populate=: it would install pages before "
+                             "the last pre-copy round and keep their old bytes; call "
+                             "incoming.memory.prefetch() once receive() has returned")
         parsed = parse_url(url)
         ctl_url = url.replace(f"/{parsed.export}", f"/{parsed.export}.ctl", 1)
         options: dict[str, Any] = {"secret": secret, "secret_file": secret_file,

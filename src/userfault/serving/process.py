@@ -320,7 +320,10 @@ class ProcessRuntime:
             self._pidfd, self._standby, self.proc.pid, agent_fds=self._agent_fds,
             pool_fd=self._setup.pool_fd, pool_len=sum(n for _, n, _ in self._setup.areas))
         if spare:
-            prestart()  # the next one
+            try:
+                prestart()  # the next one
+            except (OSError, subprocess.SubprocessError) as err:  # this pager is up: say so, go on
+                log.warning("userfault: could not start the next spare pager process: %s", err)
 
     def _check_owner(self, what: str) -> None:
         if os.getpid() != self._owner:

@@ -187,7 +187,7 @@ class FileSource(NativeSource):
             super().__init__(size)
             self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
             # No kernel read-around (its whole read_ahead_kb window around every miss, random
-            # ones too): the engine reads ahead itself (engine_source.c, file_willneed).
+            # ones too): the engine reads ahead itself (engine_source.c, uf_source_willneed).
             self._map.madvise(mmap.MADV_RANDOM)
         except BaseException:
             os.close(self._fd)

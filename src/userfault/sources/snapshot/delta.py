@@ -88,6 +88,9 @@ class DeltaSource:
         """This process's reader, files and pages written (opened on first use, after fork)."""
         with self._lock:
             if self._pid != os.getpid() or self._reader is None:
+                for fd in (self._fd, self._log):  # forked: our copies of the parent's files
+                    if fd >= 0:
+                        os.close(fd)
                 self._reader = SnapshotReader(self.base, cache_chunks=self.cache_chunks,
                                               page_size=self.page_size)
                 self._fd = os.open(self.scratch, os.O_RDWR | os.O_CLOEXEC)
