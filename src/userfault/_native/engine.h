@@ -210,6 +210,7 @@ struct engine {
     uf_rec_t *trace_buf[2];
     size_t trace_n[2];
     uint64_t trace_lost;
+    int faults_serving; /* serve_fault calls under way: their threads may be woken, not traced yet */
     pthread_t trace_thread;
     pthread_mutex_t trace_lock;
     pthread_cond_t trace_cond;

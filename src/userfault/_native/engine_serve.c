@@ -574,9 +574,17 @@ static int serve_ctx(engine_t *e, worker_t *w, uctx_t *c, struct uffd_msg *msgs)
             if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
                 handle_event(e, c, &msgs[i]);
         __atomic_sub_fetch(&e->in_batch, 1, __ATOMIC_ACQ_REL);
-        for (size_t i = 0; i < count; i++)
-            if (msgs[i].event == UFFD_EVENT_PAGEFAULT && serve_fault(e, w, c, &msgs[i], t0) == ESRCH)
+        for (size_t i = 0; i < count; i++) {
+            if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
+                continue;
+            /* counted while under way: the install wakes the thread before the fault is
+             * traced, and a trace_sync must not miss a fault whose thread already went on */
+            __atomic_add_fetch(&e->faults_serving, 1, __ATOMIC_ACQ_REL);
+            int gone = serve_fault(e, w, c, &msgs[i], t0) == ESRCH;
+            __atomic_sub_fetch(&e->faults_serving, 1, __ATOMIC_ACQ_REL);
+            if (gone)
                 return CTX_GONE;
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 
 #include <errno.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 static void write_all(int fd, const char *p, size_t n)
@@ -142,11 +143,16 @@ void uf_trace_stop(engine_t *e)
 }
 
 /* While serving (this process is about to exit): everything recorded so far goes to the
- * file now; serving threads that record meanwhile wait for the lock. */
+ * file now; serving threads that record meanwhile wait for the lock. A fault's thread is woken
+ * by its install, before the fault is traced: the faults under way are waited for first (at
+ * most 200 ms: one may be stuck on a slow source, and its thread is not past it either). */
 void uf_trace_sync(engine_t *e)
 {
     if (!e->trace_started)
         return;
+    struct timespec ms = {0, 1000000};
+    for (int i = 0; i < 200 && __atomic_load_n(&e->faults_serving, __ATOMIC_ACQUIRE); i++)
+        nanosleep(&ms, NULL);
     join_writer(e);
     pthread_mutex_lock(&e->trace_lock);
     write_buffers(e);
