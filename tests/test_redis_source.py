@@ -303,18 +303,26 @@ def test_cluster_pager_serves_every_byte(redis_cluster: RedisCluster, prefix: st
         view.release()
 
 
+def move_page_slot(cluster: RedisCluster, src: RedisSource, page: int, *,
+                   finish: bool = True) -> tuple[int, int]:
+    """Move the hash slot of ``src``'s page ``page`` (not the meta key's) to another master;
+    returns the ports of its old and new owners."""
+    rc = redis.cluster.RedisCluster.from_url(cluster.url, socket_timeout=10)
+    slot = rc.keyslot(src.key(page))
+    assert rc.keyslot(f"{src.prefix}meta") != slot
+    before = rc.get_node_from_key(src.key(page)).port
+    rc.close()
+    after = next(m.port for m in cluster.primaries() if m.port != before)
+    cluster.move_slot(slot, after, finish=finish)
+    return before, after
+
+
 def test_cluster_read_after_its_slot_moved(fresh_servers: FreshServers) -> None:
     cluster = fresh_servers.cluster()  # private: this test reshards it
     data = make_data(seed=23, size=64 * PAGE)
     src = upload(data, cluster.url, new_prefix(), cluster=True)
     assert read(src, 0, len(data)) == data  # the source has the slot map and connections now
-    rc = redis.cluster.RedisCluster.from_url(cluster.url, socket_timeout=10)
-    slot = rc.keyslot(src.key(2))
-    assert rc.keyslot(f"{src.prefix}meta") != slot
-    before = rc.get_node_from_key(src.key(2)).port
-    rc.close()
-    after = next(m.port for m in cluster.primaries() if m.port != before)
-    cluster.move_slot(slot, after)
+    _, after = move_page_slot(cluster, src, 2)
     moved = redis.Redis(port=after)
     assert moved.get(src.key(2)) == data[2 * PAGE: 3 * PAGE]  # the page lives there now
     moved.close()
@@ -327,13 +335,7 @@ def test_cluster_read_while_its_slot_is_migrating(fresh_servers: FreshServers) -
     data = make_data(seed=29, size=64 * PAGE)
     src = upload(data, cluster.url, new_prefix(), cluster=True)
     assert read(src, 0, len(data)) == data
-    rc = redis.cluster.RedisCluster.from_url(cluster.url, socket_timeout=10)
-    slot = rc.keyslot(src.key(5))
-    assert rc.keyslot(f"{src.prefix}meta") != slot
-    before = rc.get_node_from_key(src.key(5)).port
-    rc.close()
-    after = next(m.port for m in cluster.primaries() if m.port != before)
-    cluster.move_slot(slot, after, finish=False)
+    before, _ = move_page_slot(cluster, src, 5, finish=False)
     old_owner = redis.Redis(port=before)
     with pytest.raises(redis.exceptions.AskError):
         old_owner.get(src.key(5))  # the page's key has left: its old owner answers ASK

@@ -297,16 +297,24 @@ def test_cluster_flush_waits_on_every_master_that_took_keys(
     assert fresh_read(cluster.url, prefix, cluster=True) == data
 
 
-def test_cluster_paused_replica_keeps_the_page_dirty(
-        redis_cluster_replicas: RedisCluster) -> None:
-    cluster = redis_cluster_replicas
-    prefix = new_prefix("p")  # a hash tag: every page on one master
-    data = bytearray(make_data(21, 16))
+def pager_over_one_master(cluster: RedisCluster, seed: int, tag: str
+                          ) -> tuple[bytearray, RedisSource, int, RedisServer, userfault.Pager]:
+    """Pages uploaded under a hash tag (all on one master) and a writable pager over them that
+    waits 0.5 s for a replica: ``(data, source, master's port, its replica, pager)``."""
+    prefix = new_prefix(tag)
+    data = bytearray(make_data(seed, 16))
     src = upload(bytes(data), cluster.url, prefix, cluster=True)
     master = master_of(cluster, src.key(0))
     (replica,) = cluster.replicas_of(master)
     pager = userfault.map(RedisSource(cluster.url, prefix=prefix, cluster=True,
                                       wait_timeout=0.5), writable=True, retries=1)
+    return data, src, master, replica, pager
+
+
+def test_cluster_paused_replica_keeps_the_page_dirty(
+        redis_cluster_replicas: RedisCluster) -> None:
+    cluster = redis_cluster_replicas
+    data, src, master, replica, pager = pager_over_one_master(cluster, 21, "p")
     try:
         with pager.view() as v:
             try:
@@ -329,19 +337,13 @@ def test_cluster_paused_replica_keeps_the_page_dirty(
                 data[4 * PAGE: 5 * PAGE])
     finally:
         pager.close()
-    assert fresh_read(cluster.url, prefix, cluster=True) == data
+    assert fresh_read(cluster.url, src.prefix, cluster=True) == data
 
 
 @pytest.mark.timeout(120)
 def test_cluster_killed_replica_then_restarted(fresh_servers: FreshServers) -> None:
     cluster = fresh_servers.cluster(replicas=1)  # private: this test kills a replica
-    prefix = new_prefix("k")
-    data = bytearray(make_data(22, 16))
-    src = upload(bytes(data), cluster.url, prefix, cluster=True)
-    master = master_of(cluster, src.key(0))
-    (replica,) = cluster.replicas_of(master)
-    pager = userfault.map(RedisSource(cluster.url, prefix=prefix, cluster=True,
-                                      wait_timeout=0.5), writable=True, retries=1)
+    data, src, master, replica, pager = pager_over_one_master(cluster, 22, "k")
     try:
         with pager.view() as v:
             replica.kill()
@@ -358,7 +360,7 @@ def test_cluster_killed_replica_then_restarted(fresh_servers: FreshServers) -> N
                 data[9 * PAGE: 10 * PAGE])
     finally:
         pager.close()
-    assert fresh_read(cluster.url, prefix, cluster=True) == data
+    assert fresh_read(cluster.url, src.prefix, cluster=True) == data
 
 
 def test_cluster_eviction_writes_back_through_wait(redis_cluster_replicas: RedisCluster) -> None:
