@@ -2,7 +2,7 @@
 
 Usage: .venv/bin/python benchmarks/bench_pager_process.py [--quick] [--repeat N]
            [--only fault,http,redis,cluster] [--pages N] [--size 256M]
-           [--redis-page-sizes 4096,65536] [--masters 3] [--markdown]
+           [--redis-page-sizes 4096,65536] [--masters 3] [--pieces 256K] [--markdown]
 
 The pager process is the one C engine (src/userfault/_native/engine_*.c) running in a worker
 process of its own (src/userfault/serving/process.py), calling a Python source's
@@ -17,7 +17,9 @@ process of its own (src/userfault/serving/process.py), calling a Python source's
            p50 / p99 per touch, each touch timed in C.
 * http     HTTPSource on a real nginx (tests/servers.py) serving a ``--size`` file of random
            bytes: first-touch latency of ``--pages`` distinct random pages (readahead off), then
-           sequential throughput over the whole file (readahead on, the defaults).
+           sequential throughput over the whole file (readahead on, the defaults), and again
+           with each ``--pieces`` size as ``piece=`` (the background install unit; the
+           engine's default for a Python source is ``UF_PYTHON_PIECE``), in the same rounds.
 * redis    RedisSource on one real redis-server (keys of ``--redis-page-sizes`` bytes, uploaded
            with ``upload``): the same.
 * cluster  RedisSource on a Redis Cluster of ``--masters`` masters (the keys spread over
@@ -246,9 +248,9 @@ class Bench:
         times.sort()
         return {"p50_us": percentile(times, 50), "p99_us": percentile(times, 99)}
 
-    def sequential_run(self, make: Callable[[], Any], size: int, checksum: int
-                       ) -> dict[str, float]:
-        with userfault.Pager(make(), size=size) as pager:
+    def sequential_run(self, make: Callable[[], Any], size: int, checksum: int,
+                       piece: int = 0) -> dict[str, float]:
+        with userfault.Pager(make(), size=size, piece=piece) as pager:
             secs, got = touch_all(pager.address, size)
             st = pager.stats()
         if got != checksum:
@@ -269,14 +271,19 @@ class Bench:
             ("pager", lambda: self.first_touch_run(make, size, next(it), data)),
             ("source", lambda: self.source_run(make, size, next(it2))),
             ("seq", lambda: self.sequential_run(make, size, checksum)),
-        ]
+        ] + [(f"seq piece={p // 1024}K",
+              lambda p=p: self.sequential_run(make, size, checksum, piece=p))
+             for p in self.args.pieces]
         got = self.interleave(cases)
         ft, so, seq = got["pager"], got["source"], got["seq"]
         self.results[name] = got
         self.net_rows.append([
             name, ft["p50_us"], ft["p99_us"], ft["service_us"], so["p50_us"], ft["floor_us"],
             seq["gbps"], seq["faults"], f"≥ {target:g}: " + (
-                "met" if seq["gbps"] >= target else "missed")])
+                "met" if seq["gbps"] >= target else "missed")] + [
+            f"{got[f'seq piece={p // 1024}K']['gbps']:.3g} "
+            f"(x{seq['gbps'] / got[f'seq piece={p // 1024}K']['gbps']:.2f})"
+            for p in self.args.pieces])
 
     def bench_redis(self, name: str, url: str, cluster: bool, size: int, data: bytes) -> None:
         for ps in self.args.redis_page_sizes:
@@ -314,7 +321,9 @@ class Bench:
                 f"{self.repeat}",
                 ["source", "first touch p50 µs", "p99 µs", "pager service mean µs",
                  "source.read_into p50 µs", "timer floor µs", "sequential GB/s",
-                 "sequential faults", "sequential target GB/s"], self.net_rows)
+                 "sequential faults", "sequential target GB/s"] + [
+                     f"sequential GB/s with piece={p // 1024}K (x default)"
+                     for p in self.args.pieces], self.net_rows)
 
 
 def flush_all(url: str, cluster: bool) -> None:
@@ -339,9 +348,13 @@ def main() -> None:
     ap.add_argument("--redis-page-sizes", default="4096,65536",
                     help="Redis key sizes to measure (bytes, comma-separated)")
     ap.add_argument("--masters", type=int, default=3, help="masters of the Redis Cluster")
+    ap.add_argument("--pieces", default="",
+                    help="also read sequentially with these piece= sizes (comma-separated, "
+                         "e.g. 256K: the native sources' default), in the same rounds")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     args.redis_page_sizes = [int(p) for p in args.redis_page_sizes.split(",")]
+    args.pieces = [parse_size(p) for p in args.pieces.split(",") if p]
     only = set(args.only.split(","))
     m = machine()
     print(f"{m['date']}: kernel {m['kernel']}, {m['nproc']} CPUs ({m['cpu']}), {m['memory']}, "

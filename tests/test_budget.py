@@ -76,8 +76,11 @@ def test_hot_pages_stay_cold_ones_go(runtime: str) -> None:
                 assert v[off:off + MiB] == body[off:off + MiB]
                 assert v[:hot] == body[:hot]
         s = settled(p)
-        # the hot pages fault in again at most once each: installed, they are spared
-        assert s.refaults <= hot // PAGE
+        # Hot pages are spared: FIFO would read every one of them again after each cold MiB
+        # (30 rounds of 512 pages). How often CLOCK's hand passes a hot page twice between
+        # two reads of it (probation, then freed) is the scheduler's choice, hence the margin.
+        rounds = (size - hot) // MiB
+        assert s.refaults <= 4 * hot // PAGE < rounds * hot // PAGE
         assert s.refault_rate < 0.25
 
 

@@ -29,6 +29,9 @@
 #define UF_MAX_CHUNK (64ull << 20)
 #define UF_MAX_PIECE (64ull << 20)
 #define UF_DEFAULT_PIECE (256ull << 10)
+/* a Python source pays a call (and the pager process's GIL) per piece: larger pieces amortise it
+ * (BENCHMARKS.md, "piece"; Redis and HTTP sequential reads ran 15-35 % faster at 512 KiB) */
+#define UF_PYTHON_PIECE (512ull << 10)
 #define UF_MAX_AREAS 4096
 #define UF_MAX_RETRIES 100
 #define UF_MAX_MARKS 64              /* condemned pages, suspect ranges */

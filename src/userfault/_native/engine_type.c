@@ -526,7 +526,7 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
     e->chunk = chunk ? chunk : page;
     e->ra_min = ra_min;
     e->ra_max = ra_max;
-    e->piece = piece ? piece : UF_DEFAULT_PIECE;
+    e->piece = piece ? piece : kind == SRC_PYTHON ? UF_PYTHON_PIECE : UF_DEFAULT_PIECE;
     e->populate = populate;
     e->nthreads = threads;
     e->on_error = on_error;

@@ -59,6 +59,7 @@ PyMODINIT_FUNC PyInit__native(void)
     ADD_INT(m, UF_MAX_CHUNK);
     ADD_INT(m, UF_MAX_PIECE);
     ADD_INT(m, UF_DEFAULT_PIECE);
+    ADD_INT(m, UF_PYTHON_PIECE);
     ADD_INT(m, UF_MAX_LOG);
     ADD_INT(m, UF_MAX_RETRIES);
     ADD_INT(m, UF_MAX_MARKS);

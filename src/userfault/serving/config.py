@@ -99,7 +99,9 @@ class ServeConfig:
         on_remove: what a page given back with ``MADV_DONTNEED`` or ``MADV_REMOVE`` reads
             afterwards: ``"reload"`` (from the source; the default) or ``"zero"`` (zeros, as a
             balloon-inflated guest page should).
-        piece: bytes per background install (readahead, populate; 0: the engine's default).
+        piece: bytes per background install (readahead, populate, prefetch; 0: the engine's
+            default, ``UF_DEFAULT_PIECE`` = 256 KiB for native sources and ``UF_PYTHON_PIECE``
+            = 512 KiB for Python sources, which pay a call per piece).
         max_restarts: worker deaths in a row after which a pager process stops replacing it
             and every fault gets SIGBUS.
         max_resident: the most memory the pager keeps installed (0: no limit). Above the high
