@@ -108,17 +108,29 @@ class PyPattern:
     def __init__(self, byte: bytes, size: int) -> None:
         self._byte = byte
         self._size = size
-        self._block = byte * (256 << 10)
+        self._bytes = byte * (256 << 10)
+        self._block = memoryview(self._bytes)  # slices of it are views, not copies
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"byte": self._byte, "size": self._size}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["byte"], state["size"])  # type: ignore[misc]
 
     @property
     def size(self) -> int:
         return self._size
 
     def read_into(self, offset: int, buf: memoryview) -> None:
-        block = memoryview(self._block)  # slices of it are views, not copies
-        for at in range(0, len(buf), len(block)):
-            n = min(len(block), len(buf) - at)
-            buf[at: at + n] = block[:n]
+        # As lean as a Python read can be (one slice assignment, ~0.3 us here), so that the
+        # figure is the pager process's cost, not this method's.
+        n, step = len(buf), len(self._block)
+        if n <= step:
+            buf[:] = self._block[:n]
+            return
+        for at in range(0, n, step):
+            k = min(step, n - at)
+            buf[at: at + k] = self._block[:k]
 
 
 class Bench:
