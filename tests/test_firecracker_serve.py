@@ -19,6 +19,7 @@ import json
 import mmap
 import os
 import random
+import re
 import signal
 import socket
 import struct
@@ -454,7 +455,7 @@ def test_record_then_prefetch_faults_far_less(tmp_path: Path, mem_file: Path) ->
     assert rec["faults"] >= len(ws)
 
     with server(tmp_path, mem_file, "--prefetch", str(record), "--readahead", "off",
-                name="pre") as srv, vmm([(16 << 20, 8 << 20)]) as v:
+                "--progress", name="pre") as srv, vmm([(16 << 20, 8 << 20)]) as v:
         v.connect(srv.socket)
         base = v.regions[0][0].address
         t = threading.Thread(target=_touch_pages, args=(base, ws))
@@ -471,6 +472,8 @@ def test_record_then_prefetch_faults_far_less(tmp_path: Path, mem_file: Path) ->
     # only touches that raced ahead of the batch fault
     assert pre["faults"] < rec["faults"] / 4, (pre["faults"], rec["faults"])
     assert "prefetch" in srv.stderr()
+    # --progress: the batch's bar (stderr is a pipe: the plain one), ended at 100 %
+    assert re.search(r"\] 100\.0% .* vm 1: prefetching\n", srv.stderr()), srv.stderr()
 
 
 def test_populate_fills_everything(tmp_path: Path, mem_file: Path) -> None:

@@ -20,9 +20,9 @@ import argparse
 import importlib
 import sys
 import time
-from typing import Any, Literal, TextIO
+from typing import IO, Any, Literal
 
-__all__ = ["Backend", "Progress", "ProgressBar", "add_progress_arguments", "progress"]
+__all__ = ["Backend", "Progress", "ProgressBar", "add_progress_arguments", "progress", "wanted"]
 
 Backend = Literal["auto", "rich", "tqdm", "plain"]
 
@@ -48,29 +48,33 @@ class Progress:
 
 class ProgressBar(Progress):
     """The built-in ``\\r`` bar on ``stream``: percent, rate, ETA and the description, redrawn
-    at most 10 times a second. Bytes show as MB/s, other units as units/s."""
+    at most 10 times a second. Bytes show as MB/s, other units as units/s; the rate counts
+    from the first report (work may have begun before the bar)."""
 
     backend = "plain"
 
-    def __init__(self, stream: TextIO, width: int = 30, *, description: str = "",
+    def __init__(self, stream: IO[str], width: int = 30, *, description: str = "",
                  unit: str = "B") -> None:
         self.stream = stream
         self.width = width
         self.description = description
         self.unit = unit
         self.start = time.monotonic()
+        self.first: int | None = None
         self.last = 0.0
         self.shown = False
 
     def __call__(self, done: int, total: int) -> None:
         now = time.monotonic()
+        if self.first is None:
+            self.first, self.start = done, now
         if done < total and now - self.last < 0.1:
             return
         self.last = now
         elapsed = max(now - self.start, 1e-9)
         frac = done / total if total else 1.0
         filled = int(frac * self.width)
-        rate = done / elapsed
+        rate = (done - self.first) / elapsed
         eta = (total - done) / rate if rate > 0 else 0.0
         bar = "#" * filled + "-" * (self.width - filled)
         speed = f"{rate / 1e6:7.1f} MB/s" if self.unit == "B" else f"{rate:9.0f} {self.unit}/s"
@@ -90,7 +94,7 @@ class ProgressBar(Progress):
 class _RichBar(Progress):
     backend = "rich"
 
-    def __init__(self, stream: TextIO, description: str, unit: str) -> None:
+    def __init__(self, stream: IO[str], description: str, unit: str) -> None:
         p = importlib.import_module("rich.progress")
         columns = [p.TextColumn("{task.description}"), p.BarColumn(),
                    p.TaskProgressColumn(),
@@ -114,7 +118,7 @@ class _RichBar(Progress):
 class _TqdmBar(Progress):
     backend = "tqdm"
 
-    def __init__(self, tqdm: Any, stream: TextIO, description: str, unit: str) -> None:
+    def __init__(self, tqdm: Any, stream: IO[str], description: str, unit: str) -> None:
         self._args = {"desc": description or None, "unit": unit, "unit_scale": unit == "B",
                       "unit_divisor": 1024, "file": stream}
         self._tqdm = tqdm
@@ -122,8 +126,9 @@ class _TqdmBar(Progress):
         self._seen = 0
 
     def __call__(self, done: int, total: int) -> None:
-        if self._bar is None:
-            self._bar = self._tqdm.tqdm(total=total, **self._args)
+        if self._bar is None:  # from ``done``: work may have begun before the bar
+            self._bar = self._tqdm.tqdm(total=total, initial=done, **self._args)
+            self._seen = done
         elif self._bar.total != total:
             self._bar.total = total
         self._bar.update(done - self._seen)
@@ -141,8 +146,15 @@ def _import(name: str) -> Any:
         return None
 
 
+def wanted(enabled: bool | None, stream: IO[str] | None = None) -> bool:
+    """Whether :func:`progress` would draw: ``enabled``, or (``None``) ``stream`` (default
+    ``sys.stderr``) is a terminal."""
+    out = sys.stderr if stream is None else stream
+    return bool(getattr(out, "isatty", lambda: False)()) if enabled is None else enabled
+
+
 def progress(description: str = "", *, unit: str = "B", enabled: bool | None = None,
-             stream: TextIO | None = None, backend: Backend = "auto") -> Progress:
+             stream: IO[str] | None = None, backend: Backend = "auto") -> Progress:
     """A progress bar for work reported as ``bar(done, total)``.
 
     Args:
@@ -155,8 +167,8 @@ def progress(description: str = "", *, unit: str = "B", enabled: bool | None = N
             plain bar on anything else; or name one (``ImportError`` if it is not installed).
     """
     out = sys.stderr if stream is None else stream
-    tty = bool(getattr(out, "isatty", lambda: False)())
-    if not (tty if enabled is None else enabled):
+    tty = wanted(None, out)
+    if not wanted(enabled, out):
         return Progress()
     if backend == "rich":
         return _RichBar(out, description, unit)

@@ -30,6 +30,8 @@ from .errors import PagerError, PermissionDeniedError, UffdError
 from .region import Region, RegionKind
 from .serving.config import OnError, OnRemove, ServeConfig, SizeLike
 from .serving.observe import Observation, working_set_ranges
+from .serving.progress import CounterWatch, watch_background
+from .serving.progress import prefetch as prefetch_with_progress
 from .serving.runtime import (
     INSTALL_CODES,
     FaultRecord,
@@ -88,6 +90,11 @@ class Pager(_native.Mapping):
             ``force_prefetch``, one for another page size always; pages beyond the source's
             end are dropped.
         force_prefetch: use a ``prefetch`` working set recorded against another source.
+        progress: a progress bar on stderr for ``populate``, the ``prefetch`` working set
+            (one bar for both, from the counters, until the work is over or the pager
+            closes) and :meth:`prefetch`: ``None`` (default) when stderr is a terminal and
+            the work is at least 64 MiB, ``True`` for any work (the plain bar when stderr is
+            not a terminal), ``False`` never (see :mod:`userfault.serving.progress`).
         secret_file, tls_ca: for a page-server URL (``uf://HOST:PORT/NAME``): the shared
             secret, and the CA that the server's TLS certificate must chain to.
 
@@ -126,6 +133,7 @@ class Pager(_native.Mapping):
         record: str | os.PathLike[str] | None = None,
         prefetch: str | os.PathLike[str] | None = None,
         force_prefetch: bool = False,
+        progress: bool | None = None,
         secret_file: str | os.PathLike[str] | None = None,
         tls_ca: str | os.PathLike[str] | None = None,
     ) -> None:
@@ -133,6 +141,8 @@ class Pager(_native.Mapping):
         self._runtime: Runtime | None = None
         self._pool_fd = -1
         self._observation: Observation | None = None
+        self._progress: CounterWatch | None = None
+        self.progress = progress
         self.working_set: WorkingSet | None = None
         self._owner = os.getpid()
         self.uffd: Uffd
@@ -190,6 +200,9 @@ class Pager(_native.Mapping):
                 else mmap.MADV_DONTNEED, pool_fd=self._pool_fd, shared=region == "memfd",
                 trace_fd=self._observation.fd if self._observation else -1, preload=preload)
             self._runtime.start()
+            self._progress = watch_background(
+                self._runtime, populate=populate, working_set=bool(preload), enabled=progress,
+                stream=sys.stderr)
         except BaseException:
             if self._observation is not None:
                 self._observation.record = None  # a pager that never ran records nothing
@@ -311,6 +324,7 @@ class Pager(_native.Mapping):
         """Install ``(offset, length)`` ranges now, in one batch (DONTWAKE, one WAKE).
 
         ``None`` prefetches everything. Returns bytes installed (present pages are skipped).
+        A progress bar follows it as ``Pager(progress=)`` says (ended before this returns).
 
         Raises:
             PrefetchError: pages could not be read after retries and were poisoned
@@ -326,7 +340,8 @@ class Pager(_native.Mapping):
             raise PagerError("prefetch from a forked child is not supported: the engine "
                              "installs into the parent's memory (the child's faults are "
                              "served anyway)")
-        return self._serving().prefetch(todo)
+        return prefetch_with_progress(self._serving(), todo, self.region.page_size,
+                                      enabled=self.progress)
 
     def flush(self) -> int:
         """Write every page written since it was last written back to the source, and make
@@ -375,6 +390,9 @@ class Pager(_native.Mapping):
     # -- lifetime ---------------------------------------------------------------------------
 
     def _teardown(self) -> None:
+        if self._progress is not None:
+            self._progress.detach()  # before the runtime goes: the bar ends where it is
+            self._progress = None
         if self._runtime is not None:
             self._runtime.stop()
             self._runtime = None  # the engine pins the source's buffer until it is freed

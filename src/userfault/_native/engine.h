@@ -50,14 +50,19 @@ enum { KIND_READ, KIND_WRITE, KIND_MINOR, KIND_WP, KIND_NONE };
 enum { CAUSE_FAULT, CAUSE_READAHEAD, CAUSE_PREFETCH, CAUSE_POPULATE, CAUSE_EVICT,
        CAUSE_WRITEBACK, CAUSE_DROPPED, CAUSE_POISON };
 
-/* Counters, in the order Python sees them (COUNTER_NAMES). */
+/* Counters, in the order Python sees them (COUNTER_NAMES). Progress of the background jobs
+ * (populate, preload: the working set): *_total bytes, *_done bytes finished with (installed,
+ * or skipped as present), *_over 1 once the job will do no more (done, stopped by the budget,
+ * or the pager process gave up); prefetch_done: bytes prefetch() calls are finished with. */
 #define UF_COUNTERS(X)                                                                        \
     X(faults) X(write_faults) X(minor_faults) X(wp_faults) X(bytes_installed) X(fault_bytes) \
     X(readahead_bytes) X(populate_bytes) X(prefetch_bytes) X(eexist) X(eagain) X(poisoned)    \
     X(zeroed) X(remove_events) X(unmap_events) X(remap_events) X(fork_events) X(children)     \
     X(service_ns) X(service_max_ns) X(errors) X(retries) X(restarts) X(timeouts)             \
     X(log_dropped) X(log_suppressed) X(resident_pages) X(evictions) X(refaults)               \
-    X(writebacks) X(writeback_bytes) X(dirty_pages) X(reactivations) X(trace_dropped)
+    X(writebacks) X(writeback_bytes) X(dirty_pages) X(reactivations) X(trace_dropped)     \
+    X(populate_total) X(populate_done) X(populate_over) X(preload_total) X(preload_done)      \
+    X(preload_over) X(prefetch_done)
 #define UF_ENUM(n) C_##n,
 enum { UF_COUNTERS(UF_ENUM) UF_N_COUNTERS };
 #undef UF_ENUM
@@ -174,7 +179,7 @@ struct engine {
     pthread_mutex_t stop_lock; /* serializes stop */
     pthread_mutex_t log_lock;  /* log lines and their rate limit */
     pthread_cond_t work_cond;
-    int pop_area;
+    int pop_area, pop_inflight;
     uint64_t pop_next;
     uf_state_t *st;
     size_t st_size;
@@ -318,5 +323,6 @@ void uf_ctx_free_all(engine_t *e);
 void uf_orphan_children(engine_t *e);
 int uf_prefetch(engine_t *e, worker_t *w, const uint64_t *ranges, Py_ssize_t n, uint64_t *installed);
 void uf_wake_all(engine_t *e);
+void uf_jobs_init(engine_t *e);
 
 #endif

@@ -625,6 +625,38 @@ static int preload_left(engine_t *e)
     return e->npreload && e->preload_armed && e->preload_next < e->npreload;
 }
 
+/* Under e->lock: mark the jobs that are over (progress bars wait for it). Their positions move
+ * on lazily, at the next claim, so this runs after every claim and every finished piece. */
+static void note_jobs_over(engine_t *e)
+{
+    uctx_t *root = e->ctxs;
+    if (e->populate && !e->pop_inflight && root && e->pop_area >= areas_of(root)->n)
+        __atomic_store_n(&e->st->counters[C_populate_over], 1, __ATOMIC_RELEASE);
+    if (e->npreload && e->preload_next >= e->npreload && !e->preload_inflight)
+        __atomic_store_n(&e->st->counters[C_preload_over], 1, __ATOMIC_RELEASE);
+}
+
+/* Before the threads start: the jobs' totals; a pager process's restarted engine starts over. */
+void uf_jobs_init(engine_t *e)
+{
+    uint64_t *ct = e->st->counters, total = 0;
+    if (e->populate) {
+        areas_t *as = areas_of(e->ctxs);
+        for (int i = 0; i < as->n; i++)
+            total += as->a[i].len;
+        ct[C_populate_total] = total;
+        ct[C_populate_done] = ct[C_populate_over] = 0;
+    }
+    if (e->preload) {
+        total = 0;
+        for (int i = 0; i < e->npreload; i++)
+            total += e->preload[3 * i + 2];
+        ct[C_preload_total] = total;
+        ct[C_preload_done] = 0;
+        ct[C_preload_over] = !e->npreload;
+    }
+}
+
 static int has_background_work(engine_t *e)
 {
     if (preload_left(e))
@@ -648,6 +680,7 @@ static uctx_t *claim_piece(engine_t *e, area_t *a, uint64_t *off, uint64_t *n, i
         uint64_t *r = &e->preload[3 * e->preload_next];
         areas_t *as = areas_of(root);
         if ((int)r[0] >= as->n || e->preload_off >= r[2]) {
+            ADD(e, preload_done, r[2] - (e->preload_off < r[2] ? e->preload_off : r[2]));
             e->preload_next++;
             e->preload_off = 0;
             continue;
@@ -704,6 +737,7 @@ static uctx_t *claim_piece(engine_t *e, area_t *a, uint64_t *off, uint64_t *n, i
         *off = e->pop_next;
         *n = a->len - e->pop_next < piece ? a->len - e->pop_next : piece;
         e->pop_next += *n;
+        e->pop_inflight++;
         *cause = CAUSE_POPULATE;
         root->users++;
         return root;
@@ -724,6 +758,7 @@ static void *background_main(void *arg)
         while (!e->stopping && !has_background_work(e))
             pthread_cond_wait(&e->work_cond, &e->lock);
         uctx_t *c = e->stopping ? NULL : claim_piece(e, &a, &off, &n, &cause);
+        note_jobs_over(e);
         int stopping = e->stopping;
         if (c && cause == CAUSE_READAHEAD)
             w->ra_ctx = c, w->ra_addr = a.base + off, w->ra_len = n, w->ra_waiters = 0;
@@ -746,10 +781,18 @@ static void *background_main(void *arg)
                 uf_ioctl(c->uffd, UFFDIO_WAKE, &r);
         }
         ctx_leave(e, c, err == ESRCH);
-        if (cause == CAUSE_PREFETCH) { /* the working set is in: one wake for all of it */
+        if (cause == CAUSE_PREFETCH || cause == CAUSE_POPULATE) {
+            if (cause == CAUSE_PREFETCH)
+                ADD(e, preload_done, n);
+            else
+                ADD(e, populate_done, n);
             pthread_mutex_lock(&e->lock);
-            int last = --e->preload_inflight == 0 && e->preload_next >= e->npreload && !e->preload_woken;
+            e->pop_inflight -= cause == CAUSE_POPULATE;
+            /* the working set is in: one wake for all of it */
+            int last = cause == CAUSE_PREFETCH && --e->preload_inflight == 0 &&
+                       e->preload_next >= e->npreload && !e->preload_woken;
             e->preload_woken |= last;
+            note_jobs_over(e);
             pthread_mutex_unlock(&e->lock);
             if (last)
                 uf_wake_all(e);
@@ -856,6 +899,7 @@ int uf_prefetch(engine_t *e, worker_t *w, const uint64_t *ranges, Py_ssize_t n, 
                 err = uf_install_range(e, w, c, a, off, len, IR_SKIP_INSTALLED | IR_DONTWAKE,
                                        CAUSE_PREFETCH, NO_WAKE, &done);
                 *installed += done;
+                ADD(e, prefetch_done, len);
                 if (err == EAGAIN) { /* a REMOVE is pending there: skip it, faults will decide */
                     ADD(e, eagain, 1);
                     err = 0;

@@ -684,6 +684,7 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
         goto done;
     if (children != Py_None && adopt_children(e, children, page) < 0)
         goto done;
+    uf_jobs_init(e);
     e->nworkers = threads + ((ra_max > 0 || populate || e->npreload) ? UF_BG_THREADS : 0);
     if (!(e->workers = calloc((size_t)e->nworkers, sizeof(worker_t)))) {
         PyErr_NoMemory();

@@ -8,6 +8,7 @@ import sys
 import threading
 from typing import Any
 
+from .._progress import add_progress_arguments
 from .._units import parse_size
 from .server import DEFAULT_MAX_CONNECTIONS
 
@@ -83,7 +84,7 @@ def _serve(args: argparse.Namespace) -> int:
         args.socket, args.mem_file, record=args.record, prefetch=args.prefetch,
         prefetch_concurrent=args.prefetch_concurrent, prefetch_gap=args.prefetch_gap,
         force_prefetch=args.force_prefetch,
-        populate=args.populate,
+        populate=args.populate, progress=args.progress,
         threads=args.threads, max_vms=args.max_vms, max_connections=args.max_connections,
         once=args.once, chunk=args.chunk,
         readahead=args.readahead, json_out=sys.stdout if args.json else None,
@@ -129,6 +130,7 @@ def add_firecracker_commands(subparsers: Any) -> argparse.ArgumentParser:
                        help="use a --prefetch working set recorded against another memory file")
     serve.add_argument("--populate", action="store_true",
                        help="fill all guest memory in the background while faults go first")
+    add_progress_arguments(serve)
     serve.add_argument("--json", action="store_true",
                        help="print one JSON object per VM to stdout when it ends")
     serve.add_argument("--threads", type=_thread_count, default=1, metavar="N",

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from ..serving.config import ServeConfig
+from ..serving.progress import prefetch as prefetch_with_progress
 from ..serving.runtime import RECORD, PagerStats, Runtime, build_runtime, source_name
 from ..sources.native import NativeSource
 from ..sources.open import open_source
@@ -87,6 +88,9 @@ class FirecrackerPager:
             bridged page costs about what the saved ioctl does, and a sparse working set
             bridges into most of memory (25% random pages of 256 MiB: 30 ms -> 53 ms).
         populate: fill all of guest memory in the background while faults go first.
+        progress: a progress bar of each VM's ``prefetch`` on ``log``: ``None`` (default)
+            when it is a terminal and the working set is at least 64 MiB, ``True`` always,
+            ``False`` never (see :mod:`userfault.serving.progress`).
         threads: fault-serving threads per VM.
         max_vms: most VMs served at once (further connections are refused); ``None``: no limit
             but ``max_connections``. A connection counts from its accept, handshake included.
@@ -120,6 +124,7 @@ class FirecrackerPager:
         prefetch_gap: int = 0,
         force_prefetch: bool = False,
         populate: bool = False,
+        progress: bool | None = None,
         threads: int = 1,
         max_vms: int | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
@@ -157,6 +162,7 @@ class FirecrackerPager:
                                  + ("it is a directory" if os.path.isdir(self.record) else
                                     f"{where} is not a directory") + "; name a file to write")
         self.populate = populate
+        self.progress = progress
         self.threads = threads
         self.max_vms = max_vms
         self.max_connections = max_connections
@@ -407,7 +413,7 @@ class FirecrackerPager:
                     # REAP: install the working set first, in one batch (COPY + DONTWAKE, then
                     # one WAKE per region); faults taken meanwhile wait in the kernel and are
                     # answered (EEXIST -> wake, or served) once the engine starts.
-                    self._prefetch(vm, runtime, report)
+                    self._prefetch(vm, runtime, page, report)
                 runtime.start()
             except Exception as err:
                 report.error = f"cannot serve: {err}"
@@ -420,7 +426,7 @@ class FirecrackerPager:
                 except OSError:
                     pidfd = -1
             if prefetch and self.prefetch_concurrent:
-                self._prefetch(vm, runtime, report)
+                self._prefetch(vm, runtime, page, report)
             report.end_reason = self._watch(vm, conn, pidfd, runtime, report, recorded)
         except Exception as err:
             report.error = f"internal error: {err!r}"
@@ -469,10 +475,12 @@ class FirecrackerPager:
             return False
         return True
 
-    def _prefetch(self, vm: int, runtime: Runtime, report: VMReport) -> None:
+    def _prefetch(self, vm: int, runtime: Runtime, page: int, report: VMReport) -> None:
         t0 = time.monotonic()
         try:
-            report.prefetch_bytes = runtime.prefetch(self.prefetch_ranges)
+            report.prefetch_bytes = prefetch_with_progress(
+                runtime, self.prefetch_ranges, page, enabled=self.progress,
+                stream=self.log_stream, description=f"vm {vm}: prefetching")
         except Exception as err:  # faults are served regardless
             self.log(f"vm {vm}: prefetch failed (faults are still served): {err}")
         report.prefetch_s = time.monotonic() - t0

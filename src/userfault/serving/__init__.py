@@ -3,7 +3,8 @@
 * :class:`~userfault.serving.config.ServeConfig`: how faults are served (validated once);
 * :func:`~userfault.serving.runtime.build_runtime`: the runtime for a uffd and a source;
 * :class:`~userfault.serving.native.InProcessRuntime`,
-  :class:`~userfault.serving.process.ProcessRuntime`: the two runtimes.
+  :class:`~userfault.serving.process.ProcessRuntime`: the two runtimes;
+* :mod:`~userfault.serving.progress`: progress bars of populate, working sets and prefetch.
 """
 
 from __future__ import annotations

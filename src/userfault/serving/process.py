@@ -715,6 +715,8 @@ class _Supervisor:
                "giving up; faults on pages not loaded yet get SIGBUS")
         self.say.line(logging.ERROR, msg)
         _native.state_set_error(self.state, errno.EIO, msg)
+        for job in ("populate_over", "preload_over"):  # ends their progress bars
+            _native.state_add(self.state, job, 1)
         self.read_forks()
         self.fallback = _native.Engine(
             self.uffd, self.setup.areas, self.page, _native.SRC_FAIL, _native.INST_COPY,
