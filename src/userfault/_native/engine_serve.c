@@ -689,6 +689,10 @@ static uctx_t *claim_piece(engine_t *e, area_t *a, uint64_t *off, uint64_t *n, i
         *off = r[1] + e->preload_off;
         *n = r[2] - e->preload_off < piece ? r[2] - e->preload_off : piece;
         e->preload_off += *n;
+        if (e->preload_off >= r[2]) { /* claimed to its end: the last piece's end can see it */
+            e->preload_next++;
+            e->preload_off = 0;
+        }
         *cause = CAUSE_PREFETCH;
         e->preload_inflight++;
         root->users++;
