@@ -163,3 +163,46 @@ def test_owner_closing_then_a_dropped_page_gets_sigbus_not_a_hang(kind: str, reg
     assert f"child status {-signal.SIGBUS}" in r.stdout, (r.stdout, r.stderr)
     assert "the process serving this forked child's memory" in r.stderr or \
         "while this forked child still used its memory" in r.stderr, r.stderr
+
+
+def test_a_child_whose_serving_ended_before_its_hook_registers_its_own() -> None:
+    """The at-fork hook finds the serving over already (the kernel dropped the child's
+    registration before it could take a copy): it registers the memory with a uffd of its
+    own, so loaded pages keep their bytes and the others get SIGBUS, never zeros. (Forked
+    from C, no hook ran; the test runs it once the owner has closed its pager.)"""
+    r = run_script(f"""
+        import ctypes, mmap, os, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import userfault
+        from userfault import _native, pager as pager_module
+        if __name__ == "__main__":
+            data = bytes((i * 7 + 3) % 251 for i in range(1 << 20))
+            p = userfault.map(userfault.BufferSource(data), readahead=False)
+            with memoryview(p) as v:
+                assert v[:{PAGE}] == data[:{PAGE}]
+            r, w = os.pipe()
+            pid = ctypes.PyDLL(None).fork()                     # no at-fork hooks
+            if pid == 0:
+                os.close(w)
+                os.read(r, 1)                                   # the owner closed: unregistered
+                pager_module._after_fork_in_child()
+                with memoryview(p) as v:
+                    print("child loaded page", v[:{PAGE}] == data[:{PAGE}], flush=True)
+                # dropped: only the child's own registration can fail it now (the engine that
+                # closed poisoned the pages never loaded, not this one)
+                assert _native.madvise(p.address, {PAGE}, mmap.MADV_DONTNEED) == 0
+                with memoryview(p) as v:
+                    got = bytes(v[:{PAGE}])
+                print("child read a dropped page:", got == data[:{PAGE}], flush=True)
+                os._exit(0)
+            os.close(r)
+            p.close()
+            os.write(w, b"x")
+            _, status = os.waitpid(pid, 0)
+            print("child status", os.waitstatus_to_exitcode(status), flush=True)
+    """, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "child loaded page True" in r.stdout, (r.stdout, r.stderr)
+    assert "dropped page" not in r.stdout, (r.stdout, r.stderr)
+    assert f"child status {-signal.SIGBUS}" in r.stdout, (r.stdout, r.stderr)
+    assert "before this child could hold its memory" in r.stderr, r.stderr
