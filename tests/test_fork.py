@@ -174,7 +174,12 @@ def test_parent_closing_first_gives_the_child_sigbus_not_zeros(kind: str) -> Non
     assert "child first page 7" in r.stdout
     assert "never loaded" not in r.stdout
     assert f"child {-signal.SIGBUS}" in r.stdout
-    assert "closed while a forked child still used its memory" in r.stderr
+    # logged by the engine that stops, or (when the close races the child's at-fork hook, or
+    # finds the child's beacon event pending) by the child's own watchdog
+    assert any(why in r.stderr for why in (
+        "closed while a forked child still used its memory",
+        "while this forked child still used its memory",
+        "before this child could hold its memory")), r.stderr
 
 
 @pytest.mark.parametrize("kind", ["native", "process"])

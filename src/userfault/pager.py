@@ -7,7 +7,13 @@ anything implementing :class:`~userfault.sources.base.PageSource`) by the same e
 pager process (:mod:`userfault.serving.process`).
 
 Forked children: with UFFD_EVENT_FORK (root, or CAP_SYS_PTRACE) a child's touches of pages not
-loaded yet are served from the same source. Without it the region is not inherited at all
+loaded yet are served from the same source. When the serving ends while a child runs (the
+pager closes, its process exits, or the process serving it is SIGKILLed: this one, or the
+pager process), the pages the child had not loaded get a logged SIGBUS, never zeros, and those
+it had loaded keep their bytes: a child forked through Python (``os.fork``,
+``multiprocessing``) holds its own copy of its userfaultfd and a watchdog over it
+(:mod:`userfault.serving.forks`); one forked from C without Python's at-fork hooks is
+protected from close and exit only. Without EVENT_FORK the region is not inherited at all
 (MADV_DONTFORK): a child that touches it gets SIGSEGV instead of reading zeros.
 
 A ``Pager`` is itself a buffer: ``memoryview(pager)``, ``numpy.frombuffer(pager)``.
@@ -29,6 +35,7 @@ from ._flags import Feature, RegisterMode
 from .errors import PagerError, PermissionDeniedError, UffdError
 from .region import Region, RegionKind
 from .serving.config import OnError, OnRemove, ServeConfig, SizeLike
+from .serving.forks import ForkGuard
 from .serving.observe import Observation, working_set_ranges
 from .serving.progress import CounterWatch, watch_background
 from .serving.progress import prefetch as prefetch_with_progress
@@ -140,6 +147,7 @@ class Pager(_native.Mapping):
         self._closed = True
         self._runtime: Runtime | None = None
         self._pool_fd = -1
+        self._forks: ForkGuard | None = None
         self._observation: Observation | None = None
         self._progress: CounterWatch | None = None
         self.progress = progress
@@ -179,6 +187,8 @@ class Pager(_native.Mapping):
                 # A child would see the registration dropped and read zeros (for a memfd, the
                 # parent too): do not give it the region at all.
                 _native.madvise(self.region.address, self.region.size, mmap.MADV_DONTFORK)
+            else:
+                self._forks = ForkGuard(self.uffd)
             if self.config.max_resident or (writable and self.runtime == "process"):
                 # where the evictor keeps pages on probation, and written pages pass through on
                 # their way home from a pager process (see engine_budget.c, engine_write.c)
@@ -198,8 +208,11 @@ class Pager(_native.Mapping):
                 self.config, install=self.install, memfd=self.region.memfd,
                 runtime=self.runtime, evict_advice=mmap.MADV_REMOVE if region == "memfd"
                 else mmap.MADV_DONTNEED, pool_fd=self._pool_fd, shared=region == "memfd",
-                trace_fd=self._observation.fd if self._observation else -1, preload=preload)
+                trace_fd=self._observation.fd if self._observation else -1, preload=preload,
+                **(self._forks.engine_args() if self._forks else {}))
             self._runtime.start()
+            if self._forks is not None:
+                self._forks.watch(self._runtime.keeper_pid)
             self._progress = watch_background(
                 self._runtime, populate=populate, working_set=bool(preload), enabled=progress,
                 stream=sys.stderr)
@@ -393,14 +406,19 @@ class Pager(_native.Mapping):
         if self._progress is not None:
             self._progress.detach()  # before the runtime goes: the bar ends where it is
             self._progress = None
+        if self._forks is not None:
+            self._forks.end()  # forked children's watchdogs take over from the serving
         if self._runtime is not None:
             self._runtime.stop()
             self._runtime = None  # the engine pins the source's buffer until it is freed
+        uffd: Uffd | None = getattr(self, "uffd", None)
+        if self._forks is not None:
+            self._forks.close(uffd)
+            self._forks = None
         if self._observation is not None and os.getpid() == self._owner:
             observation, self._observation = self._observation, None
             observation.close()  # the trace is complete now; a recorded working set written
         # Either may be missing when construction failed part-way.
-        uffd: Uffd | None = getattr(self, "uffd", None)
         region: Region | None = getattr(self, "region", None)
         if uffd is not None:
             if region is not None and os.getpid() == self._owner:
@@ -450,10 +468,26 @@ class Pager(_native.Mapping):
             if self.config.writable:
                 self.flush()
             self._runtime.at_exit()
+            if self._forks is not None:
+                self._forks.end()
             if self._observation is not None:
                 self._observation.at_exit()
         except Exception as err:  # at exit there is no caller to raise to
             print(f"userfault: at exit, {self!r}: {err}", file=sys.stderr)
+
+    def _after_fork(self) -> None:
+        """In a forked child, first thing: keep its memory failing loudly, never reading
+        zeros, once nobody serves it."""
+        if self._closed or self._forks is None:
+            return
+        try:
+            self._forks.after_fork(self.region.address, self.region.size,
+                                   self.region.page_size, source_name(self.source),
+                                   self.install == "continue")
+        except Exception as err:  # an at-fork hook has no caller to raise to
+            print(f"userfault: forked child {os.getpid()}, {self!r}: could not hold its "
+                  f"userfaultfd ({err}): if the process serving it is killed, the pages it has "
+                  "not loaded read as zeros", file=sys.stderr)
 
     def __enter__(self) -> Pager:
         return self
@@ -472,6 +506,16 @@ class Pager(_native.Mapping):
 
 #: pagers not closed yet, for the exit hook
 _open_pagers: weakref.WeakSet[Pager] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """Each open pager's memory in a forked child holds its own uffd (see
+    :mod:`userfault.serving.forks`)."""
+    for pager in list(_open_pagers):
+        pager._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @atexit.register

@@ -41,6 +41,7 @@
 #define UF_PARKED 64 /* faults held while an eviction's REMOVE is pending */
 #define UF_STREAMS 8 /* readahead streams followed per context */
 #define UF_TRACE_RECS 1365 /* 64 KiB of records per trace buffer */
+#define UF_FORK_SLOTS 256 /* the fork table: one slot per pid modulo this */
 
 enum { SRC_ZERO, SRC_PATTERN, SRC_MEMORY, SRC_CYCLE, SRC_PYTHON, SRC_FAIL };
 enum { INST_COPY, INST_ZEROPAGE, INST_MOVE, INST_CONTINUE };
@@ -83,6 +84,10 @@ typedef struct { uint64_t start_ns, src_off, len, addr; } uf_inflight_t;
 enum { AGENT_MADVISE = 1, AGENT_DEACTIVATE, AGENT_COPY_OUT };
 typedef struct { uint64_t seq, done, op, addr, len, arg; int64_t result; } uf_mail_t;
 typedef struct { uint64_t off, len; } uf_mark_t;
+
+/* A slot of the fork table (a shared memfd, see serving/forks.py): a forked child's uffd is
+ * descriptor `fd` of process `server`. Written at pid % UF_FORK_SLOTS, `pid` last. */
+typedef struct { int32_t pid, server, fd, reserved; } uf_forked_t;
 
 typedef struct {
     uint64_t magic, size, log_cap;
@@ -209,6 +214,10 @@ struct engine {
      * worker that dies does not take them along: the child would read zeros) and of its end. */
     int fork_sock;
     uint64_t key_base;
+    /* A forked child touches the beacon page (registered, outside every area) to learn which
+     * descriptor here is its uffd: the engine writes it to the fork table and answers. */
+    uint64_t beacon;
+    uf_forked_t *fork_table;
     char *wb_buf;
     uint64_t wb_len;
     PyObject *write_from, *src_flush;

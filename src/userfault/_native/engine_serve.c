@@ -378,10 +378,31 @@ static int left_to_readahead(engine_t *e, uctx_t *c, uint64_t addr)
     return found;
 }
 
+/* A forked child's at-fork hook touched the beacon: its thread id (the child's pid, the hook
+ * runs on its only thread) names the context, whose descriptor goes to the fork table before
+ * a zero page answers (and wakes) it. The child drops that page again for its own children. */
+static void answer_beacon(engine_t *e, uctx_t *c, uint32_t tid)
+{
+    if (c->id && e->fork_table) {
+        uf_forked_t *f = &e->fork_table[tid % UF_FORK_SLOTS];
+        __atomic_store_n(&f->pid, 0, __ATOMIC_RELEASE);
+        f->server = (int32_t)getpid();
+        f->fd = c->uffd;
+        __atomic_store_n(&f->pid, (int32_t)tid, __ATOMIC_RELEASE);
+    }
+    struct uffdio_zeropage z = {.range = {e->beacon, (uint64_t)getpagesize()}};
+    if (uf_ioctl(c->uffd, UFFDIO_ZEROPAGE, &z))
+        uf_ioctl(c->uffd, UFFDIO_WAKE, &z.range); /* present already, or the mapping changes */
+}
+
 /* Serve one page fault. Returns ESRCH when the context's process is gone, else 0. */
 static int serve_fault(engine_t *e, worker_t *w, uctx_t *c, struct uffd_msg *m, uint64_t t0)
 {
     uint64_t addr = m->arg.pagefault.address, flags = m->arg.pagefault.flags;
+    if (e->beacon && addr - e->beacon < (uint64_t)getpagesize()) {
+        answer_beacon(e, c, m->arg.pagefault.feat.ptid);
+        return 0;
+    }
     areas_t *as = areas_of(c);
     area_t *a = uf_find_area(as, addr);
     ADD(e, faults, 1);

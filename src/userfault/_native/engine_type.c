@@ -279,6 +279,8 @@ static void engine_free(engine_t *e)
         free(e->st);
     if (e->pool_map)
         munmap(e->pool_map, e->pool_len);
+    if (e->fork_table)
+        munmap(e->fork_table, UF_FORK_SLOTS * sizeof(uf_forked_t));
     if (e->evict_worker) {
         uf_worker_free(e->evict_worker);
         free(e->evict_worker);
@@ -457,7 +459,8 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
                              "retries", "state", "log_fd", "max_resident", "high_watermark",
                              "low_watermark", "evict_advice", "evict_batch", "agent_fds", "pool_fd",
                              "writable", "write_fd", "write_buffer", "shared", "write_limit",
-                             "trace_fd", "preload", "fork_sock", "key_base", "children", NULL};
+                             "trace_fd", "preload", "fork_sock", "key_base", "children", "beacon",
+                             "fork_table", NULL};
     int uffd, kind, install, src_fd = -1, memfd = -1, populate = 0, threads = 1, fail_errno = 0;
     int on_error = ONERR_POISON, on_remove = ONREM_RELOAD, retries = 3, log_fd = 2;
     unsigned long long page, chunk = 0, ra_min = 0, ra_max = 0, piece = 0, log_cap = 0;
@@ -469,11 +472,12 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
     int trace_fd = -1;
     PyObject *preload = Py_None, *children = Py_None;
     int fork_sock = -1;
-    unsigned long long key_base = 0;
+    unsigned long long key_base = 0, beacon = 0;
+    int fork_table = -1;
     int evict_advice = MADV_DONTNEED, agent_req = -1, agent_done = -1;
     const char *name = "", *fail_message = "";
     Py_buffer pat = {0}, cyc = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iOKii|Oiy*y*iOsisKKKKpiKiiiOiKKKiK(ii)ipiOpKiOiKO", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iOKii|Oiy*y*iOsisKKKKpiKiiiOiKKKiK(ii)ipiOpKiOiKOKi", kwlist,
                                      &uffd, &areas_obj, &page, &kind, &install, &data, &src_fd, &pat,
                                      &cyc, &memfd, &pysource, &name, &fail_errno, &fail_message,
                                      &chunk, &ra_min, &ra_max, &piece, &populate, &threads, &log_cap,
@@ -481,7 +485,7 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
                                      &high, &low, &evict_advice, &evict_batch, &agent_req,
                                      &agent_done, &pool_fd, &writable, &write_fd, &write_buffer,
                                      &shared, &write_limit, &trace_fd, &preload, &fork_sock,
-                                     &key_base, &children))
+                                     &key_base, &children, &beacon, &fork_table))
         return -1;
     if (self->e) {
         PyErr_SetString(PyExc_RuntimeError, "an engine is initialised once");
@@ -508,6 +512,7 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
     e->trace_fd = trace_fd;
     e->fork_sock = fork_sock;
     e->key_base = key_base;
+    e->beacon = beacon;
     e->pool_fd = pool_fd;
     e->writable = writable;
     e->wb_fd = write_fd;
@@ -669,6 +674,15 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
             PyErr_SetFromErrno(PyExc_OSError);
             goto done;
         }
+    }
+    if (fork_table >= 0) {
+        void *t = mmap(NULL, UF_FORK_SLOTS * sizeof(uf_forked_t), PROT_READ | PROT_WRITE,
+                       MAP_SHARED, fork_table, 0);
+        if (t == MAP_FAILED) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto done;
+        }
+        e->fork_table = t;
     }
     if (!uf_ctx_new(e, uffd, areas, 0, NULL) || (e->max_pages && uf_budget_alloc(e, e->ctxs))
         || (e->track_writes && uf_write_alloc(e, e->ctxs))) {
@@ -1007,15 +1021,17 @@ PyTypeObject userfault_EngineType = {
 };
 
 /* ---- Watchdog ----------------------------------------------------------------------------
- * A thread of the faulting process that needs no GIL: it waits on the pager process's pidfd.
- * When that process dies unasked, it starts a standby engine (a failing source on the same
- * uffd and state) and wakes every blocked thread: each later fault ends in a logged SIGBUS,
- * none hangs. */
+ * A thread of the faulting process that needs no GIL: it waits on the pager process's pidfd
+ * (a forked child's: on the process serving it, and on `ended`, an eventfd its owner writes
+ * when the pager closes). When that process dies unasked, or the pager ends, it starts a
+ * standby engine (a failing source on the same uffd) and wakes every blocked thread: each
+ * later fault ends in a logged SIGBUS, none hangs. */
 
 typedef struct {
     PyObject_HEAD
     EngineObject *engine;
-    int pidfd, stopfd, pid, started, fired, agent_req, agent_done;
+    int pidfd, stopfd, pid, started, fired, agent_req, agent_done, ended;
+    char what[128]; /* the process watched, for the log line */
     char *pool_map; /* the engine's pool, mapped here too (deactivations copy into it) */
     uint64_t pool_len;
     pid_t owner;
@@ -1052,25 +1068,34 @@ static void answer(WatchdogObject *self)
 static void *watchdog_main(void *arg)
 {
     WatchdogObject *self = arg;
-    struct pollfd p[3] = {{.fd = self->pidfd, .events = POLLIN}, {.fd = self->stopfd, .events = POLLIN},
-                          {.fd = self->agent_req, .events = POLLIN}};
+    /* poll ignores the descriptors that are -1 */
+    struct pollfd p[4] = {{.fd = self->pidfd, .events = POLLIN}, {.fd = self->stopfd, .events = POLLIN},
+                          {.fd = self->agent_req, .events = POLLIN}, {.fd = self->ended, .events = POLLIN}};
     for (;;) {
-        int r = poll(p, self->agent_req >= 0 ? 3 : 2, -1);
+        int r = poll(p, 4, -1);
         if (r < 0 && errno == EINTR)
             continue;
         if (r < 0 || p[1].revents)
             return NULL;
-        if (p[0].revents)
+        if (p[0].revents || p[3].revents)
             break;
         if (p[2].revents)
             answer(self);
     }
     engine_t *e = self->engine->e;
     __atomic_store_n(&self->fired, 1, __ATOMIC_RELEASE);
-    uf_log(e, "the pager process (pid %d) died: faults on pages not loaded yet get SIGBUS from now "
-           "on, never wrong bytes", self->pid);
-    uf_state_error(e->st, ESRCH, 0, "the pager process (pid %d) died: pages not loaded yet can no "
-                   "longer be served (they are poisoned: SIGBUS)", self->pid);
+    if (p[0].revents) {
+        uf_log(e, "%s (pid %d) died: faults on pages not loaded yet get SIGBUS from now on, "
+               "never wrong bytes", self->what, self->pid);
+        uf_state_error(e->st, ESRCH, 0, "%s (pid %d) died: pages not loaded yet can no longer be "
+                       "served (they are poisoned: SIGBUS)", self->what, self->pid);
+    } else {
+        uf_log(e, "the pager of %s closed (or its process exited) while this forked child still "
+               "used its memory: faults on pages not loaded yet get SIGBUS from now on, never "
+               "zeros", e->name);
+        uf_state_error(e->st, EPIPE, 0, "the pager closed while this forked child still used its "
+                       "memory: pages not loaded yet are poisoned (SIGBUS)");
+    }
     if (!uf_engine_start(e))
         uf_wake_all(e);
     return NULL;
@@ -1078,15 +1103,18 @@ static void *watchdog_main(void *arg)
 
 static int Watchdog_init(WatchdogObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"pidfd", "engine", "pid", "agent_fds", "pool_fd", "pool_len", NULL};
+    static char *kwlist[] = {"pidfd", "engine", "pid", "agent_fds", "pool_fd", "pool_len", "ended",
+                             "what", NULL};
     PyObject *engine;
     int pidfd, pid, pool_fd = -1;
     unsigned long long pool_len = 0;
-    self->agent_req = self->agent_done = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO!i|(ii)iK", kwlist, &pidfd, &userfault_EngineType,
+    const char *what = "the pager process";
+    self->agent_req = self->agent_done = self->ended = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO!i|(ii)iKis", kwlist, &pidfd, &userfault_EngineType,
                                      &engine, &pid, &self->agent_req, &self->agent_done, &pool_fd,
-                                     &pool_len))
+                                     &pool_len, &self->ended, &what))
         return -1;
+    snprintf(self->what, sizeof(self->what), "%s", what);
     if (pool_fd >= 0 && pool_len) {
         void *m = mmap(NULL, pool_len, PROT_READ | PROT_WRITE, MAP_SHARED, pool_fd, 0);
         if (m == MAP_FAILED) {
@@ -1164,7 +1192,7 @@ static PyMethodDef Watchdog_methods[] = {
 };
 
 static PyGetSetDef Watchdog_getset[] = {
-    {"fired", (getter)Watchdog_fired, NULL, "Whether the pager process died and the standby engine took over.", NULL},
+    {"fired", (getter)Watchdog_fired, NULL, "Whether the process watched died (or the pager ended) and the standby engine took over.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -1173,8 +1201,9 @@ PyTypeObject userfault_WatchdogType = {
     .tp_name = "userfault._native.Watchdog",
     .tp_basicsize = sizeof(WatchdogObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Watchdog(pidfd, engine, pid, agent_fds=(-1, -1)): start `engine` when the process "
-              "behind pidfd dies; meanwhile carry out its madvise requests (agent_fds).",
+    .tp_doc = "Watchdog(pidfd, engine, pid, agent_fds=(-1, -1), pool_fd=-1, pool_len=0, ended=-1, "
+              "what='the pager process'): start `engine` when the process behind pidfd dies (or "
+              "the eventfd `ended` is written); meanwhile carry out its madvise requests (agent_fds).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Watchdog_init,
     .tp_dealloc = (destructor)Watchdog_dealloc,

@@ -326,6 +326,21 @@ static PyObject *do_munmap(PyObject *self, PyObject *args)
     return PyLong_FromLong(err);
 }
 
+/* A copy of descriptor `fd` of the process behind `pidfd` (PTRACE_MODE_ATTACH: root or
+ * CAP_SYS_PTRACE); close-on-exec. */
+static PyObject *do_pidfd_getfd(PyObject *self, PyObject *args)
+{
+    int pidfd, fd, got, err = 0;
+    if (!PyArg_ParseTuple(args, "ii", &pidfd, &fd))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    got = (int)syscall(SYS_pidfd_getfd, pidfd, fd, 0);
+    if (got < 0)
+        err = errno;
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("(ii)", got, err);
+}
+
 static PyObject *do_madvise(PyObject *self, PyObject *args)
 {
     unsigned long long addr, len;
@@ -401,6 +416,7 @@ PyMethodDef userfault_ops_methods[] = {
     {"mmap", do_mmap, METH_VARARGS, "mmap(addr, len, prot, flags, fd, offset) -> (addr, errno)"},
     {"munmap", do_munmap, METH_VARARGS, "munmap(addr, len) -> errno"},
     {"madvise", do_madvise, METH_VARARGS, "madvise(addr, len, advice) -> errno"},
+    {"pidfd_getfd", do_pidfd_getfd, METH_VARARGS, "pidfd_getfd(pidfd, fd) -> (fd, errno)"},
     {"mremap", do_mremap, METH_VARARGS, "mremap(old, old_len, new_len, flags, new_addr) -> (addr, errno)"},
     {"touch", touch, METH_VARARGS, "touch(addr, len, stride, write, value, hold_gil) -> checksum"},
     {NULL, NULL, 0, NULL},

@@ -4,7 +4,9 @@
 * :func:`~userfault.serving.runtime.build_runtime`: the runtime for a uffd and a source;
 * :class:`~userfault.serving.native.InProcessRuntime`,
   :class:`~userfault.serving.process.ProcessRuntime`: the two runtimes;
-* :mod:`~userfault.serving.progress`: progress bars of populate, working sets and prefetch.
+* :mod:`~userfault.serving.progress`: progress bars of populate, working sets and prefetch;
+* :mod:`~userfault.serving.forks`: forked children hold their own uffd, so the death of the
+  process serving them gives SIGBUS, never zeros.
 """
 
 from __future__ import annotations

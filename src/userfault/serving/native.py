@@ -7,6 +7,7 @@ process's worker): the threads take no GIL, or only the GIL of a process that do
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ class InProcessRuntime:
 
     def __init__(self, engine: _native.Engine) -> None:
         self.engine = engine
+        self._pid = os.getpid()
 
     def start(self) -> None:
         """Start the engine's threads."""
@@ -60,6 +62,11 @@ class InProcessRuntime:
     def process_exited(self) -> bool:
         """Whether the process whose memory is served is gone (an install said ESRCH)."""
         return bool(self.engine.process_exited)
+
+    @property
+    def keeper_pid(self) -> int:
+        """This process: the engine holds forked children's uffds."""
+        return self._pid
 
     @property
     def memory_bytes(self) -> int:

@@ -97,20 +97,23 @@ class _Setup:
     trace_fd: int
     preload: list[tuple[int, int]]
     agent_fds: tuple[int, int]  # the engine asks this process to madvise through these
+    beacon: int  # forked children find their uffd through these (serving/forks.py)
+    fork_table: int
 
 
 def _setup_fds(setup: _Setup) -> tuple[int, ...]:
     """The descriptors a setup names besides the uffd and the state (-1: none), in the order
     they are sent."""
-    return (*setup.agent_fds, setup.pool_fd, setup.trace_fd)
+    return (*setup.agent_fds, setup.pool_fd, setup.trace_fd, setup.fork_table)
 
 
 def _with_received_fds(setup: _Setup, fds: list[int]) -> _Setup:
     """``setup`` naming the descriptors as received here (``fds``, in :func:`_setup_fds`
     order, only those that were not -1)."""
     it = iter(fds)
-    agent0, agent1, pool, trace = (next(it) if fd >= 0 else -1 for fd in _setup_fds(setup))
-    return replace(setup, agent_fds=(agent0, agent1), pool_fd=pool, trace_fd=trace)
+    agent0, agent1, pool, trace, forks = (next(it) if fd >= 0 else -1 for fd in _setup_fds(setup))
+    return replace(setup, agent_fds=(agent0, agent1), pool_fd=pool, trace_fd=trace,
+                   fork_table=forks)
 
 
 def _send(sock: socket.socket, obj: object) -> None:
@@ -267,7 +270,8 @@ class ProcessRuntime:
                  source: PageSource, config: ServeConfig, *,
                  evict_advice: int = mmap.MADV_DONTNEED, pool_fd: int = -1,
                  shared: bool = False, trace_fd: int = -1,
-                 preload: Sequence[tuple[int, int]] = ()) -> None:
+                 preload: Sequence[tuple[int, int]] = (), beacon: int = 0,
+                 fork_table: int = -1) -> None:
         if os.environ.get(IN_PAGER_PROCESS):
             raise PagerError(
                 "a pager was created while the pager process imported your script to find "
@@ -283,7 +287,8 @@ class ProcessRuntime:
             if config.max_resident or config.writable else (-1, -1)
         self._setup = _Setup([(int(a), int(n), int(o)) for a, n, o in areas], page_size, config,
                              data, source_name(source), prepare, evict_advice, pool_fd,
-                             shared, trace_fd, list(preload), self._agent_fds)
+                             shared, trace_fd, list(preload), self._agent_fds, beacon,
+                             fork_table)
         self.state: mmap.mmap | bytearray  # shared with the worker; a copy once stopped
         self._state_fd, self.state = _state_buffer(config.log_faults)
         _native.state_init(self.state, config.log_faults)
@@ -291,7 +296,7 @@ class ProcessRuntime:
         self._standby: Any = _native.Engine(
             uffd, list(areas), page_size, _native.SRC_FAIL, _native.INST_COPY,
             fail_errno=errno.EPIPE, fail_message="the pager process serving it died",
-            name=self._setup.name, retries=0, state=self.state)
+            name=self._setup.name, retries=0, state=self.state, **self._fork_args(self._setup))
         self._sock: socket.socket | None = None
         self._watchdog: Any = None
         self._pidfd = -1
@@ -377,6 +382,18 @@ class ProcessRuntime:
     def process_exited(self) -> bool:
         """Whether the process whose memory is served is gone."""
         return bool(_native.state_process_exited(self.state))
+
+    @property
+    def keeper_pid(self) -> int:
+        """The supervisor: it holds forked children's uffds (its worker may be replaced)."""
+        if self.proc is None:
+            raise PagerError("the pager process is not running")
+        return self.proc.pid
+
+    @staticmethod
+    def _fork_args(setup: _Setup) -> dict[str, int]:
+        """Every engine over this memory answers forked children's beacon."""
+        return {"beacon": setup.beacon, "fork_table": setup.fork_table}
 
     def stop(self) -> None:
         """Stop the pager process; idempotent. In a forked child, let go of the copies only."""
@@ -467,7 +484,8 @@ def _worker(uffd: int, setup: _Setup, source: PageSource, state: mmap.mmap,
                             **engine_args(source, setup.config, setup.page_size,
                                           evict_advice=setup.evict_advice, pool_fd=setup.pool_fd,
                                           shared=setup.shared, agent_fds=setup.agent_fds,
-                                          trace_fd=setup.trace_fd, preload=setup.preload))
+                                          trace_fd=setup.trace_fd, preload=setup.preload,
+                                          beacon=setup.beacon, fork_table=setup.fork_table))
     engine.start()
     while True:
         request = _recv(ctl)
@@ -582,7 +600,8 @@ class _Supervisor:
                 # an engine that never starts: letting it go poisons its children's pages
                 _native.Engine(self.uffd, self.setup.areas, self.page, _native.SRC_FAIL,
                                _native.INST_COPY, name=self.setup.name, retries=0,
-                               children=self.dup_children())
+                               children=self.dup_children(),
+                               **ProcessRuntime._fork_args(self.setup))
             return
         w.ctl.close()
         ready, _, _ = select.select([w.pidfd], [], [], 5.0)
@@ -721,7 +740,8 @@ class _Supervisor:
         self.fallback = _native.Engine(
             self.uffd, self.setup.areas, self.page, _native.SRC_FAIL, _native.INST_COPY,
             fail_errno=errno.EIO, fail_message=f"the pager worker kept dying ({last})",
-            name=self.setup.name, retries=0, state=self.state, children=self.dup_children())
+            name=self.setup.name, retries=0, state=self.state, children=self.dup_children(),
+            **ProcessRuntime._fork_args(self.setup))
         self.fallback.start()
         self.fallback.wake()
 

@@ -206,6 +206,11 @@ class Runtime(Protocol):
     def process_exited(self) -> bool:
         """Whether the process whose memory is served is gone."""
 
+    @property
+    def keeper_pid(self) -> int:
+        """The process whose death drops forked children's registrations (it holds their
+        uffds): this one, or the pager process's supervisor."""
+
 
 def source_name(source: object) -> str:
     """How log lines and working sets name a source: its repr, or, where the class has none of
@@ -220,7 +225,8 @@ def engine_args(source: PageSource, config: ServeConfig, page_size: int, *,
                 install: str = "copy", memfd: int = -1, evict_advice: int = mmap.MADV_DONTNEED,
                 pool_fd: int = -1, agent_fds: tuple[int, int] = (-1, -1),
                 shared: bool = False, trace_fd: int = -1,
-                preload: Sequence[tuple[int, int]] = ()) -> dict[str, Any]:
+                preload: Sequence[tuple[int, int]] = (), beacon: int = 0,
+                fork_table: int = -1) -> dict[str, Any]:
     """Keyword arguments of ``_native.Engine`` for ``source`` served with ``config``.
 
     ``evict_advice`` gives pages back under a budget (MADV_REMOVE for shared memory); ``pool_fd``
@@ -231,7 +237,8 @@ def engine_args(source: PageSource, config: ServeConfig, page_size: int, *,
     the parent's too; ``trace_fd`` is a trace file the engine appends its records to
     (:mod:`userfault.serving.observe`); ``preload`` is a working set, ``(source_offset,
     length)`` ranges in first-touch order, installed by the background threads from the first
-    fault on.
+    fault on; ``beacon`` and ``fork_table`` let forked children find their uffd here
+    (:mod:`userfault.serving.forks`).
     """
     chunk, ra_min, ra_max = config.for_page(page_size)
     max_resident, low, high = config.budget(page_size)
@@ -245,6 +252,7 @@ def engine_args(source: PageSource, config: ServeConfig, page_size: int, *,
         "low_watermark": low, "evict_advice": evict_advice, "agent_fds": agent_fds,
         "pool_fd": pool_fd, "writable": config.writable, "shared": shared,
         "trace_fd": trace_fd, "preload": list(preload) if preload else None,
+        "beacon": beacon, "fork_table": fork_table,
     }
     if isinstance(source, NativeSource):
         args["source"] = source.kind
@@ -287,12 +295,14 @@ def build_runtime(uffd: int, areas: Sequence[tuple[int, int, int]], page_size: i
                   memfd: int = -1, runtime: RuntimeKind = "auto",
                   evict_advice: int = mmap.MADV_DONTNEED, pool_fd: int = -1,
                   shared: bool = False, trace_fd: int = -1,
-                  preload: Sequence[tuple[int, int]] = ()) -> Runtime:
+                  preload: Sequence[tuple[int, int]] = (), beacon: int = 0,
+                  fork_table: int = -1) -> Runtime:
     """The runtime that serves ``uffd``'s ``areas`` (address, length, source offset) from
     ``source``: the engine in this process for native sources, a pager process otherwise.
 
     The runtime is built, not started. ``uffd`` stays the caller's. A budget
-    (``config.max_resident``) needs ``uffd`` to have UFFD_FEATURE_EVENT_REMOVE.
+    (``config.max_resident``) needs ``uffd`` to have UFFD_FEATURE_EVENT_REMOVE. ``beacon``
+    and ``fork_table`` are a :class:`~userfault.serving.forks.ForkGuard`'s.
     """
     native = isinstance(source, NativeSource)
     if runtime == "auto":
@@ -309,7 +319,8 @@ def build_runtime(uffd: int, areas: Sequence[tuple[int, int, int]], page_size: i
             uffd, list(areas), **engine_args(source, config, page_size, install=install,
                                              memfd=memfd, evict_advice=evict_advice,
                                              pool_fd=pool_fd, shared=shared,
-                                             trace_fd=trace_fd, preload=preload)))
+                                             trace_fd=trace_fd, preload=preload,
+                                             beacon=beacon, fork_table=fork_table)))
     if runtime != "process":
         raise ValueError(f"runtime must be 'auto', 'native' or 'process', not {runtime!r}")
     if install != "copy":
@@ -318,4 +329,5 @@ def build_runtime(uffd: int, areas: Sequence[tuple[int, int, int]], page_size: i
 
     return ProcessRuntime(uffd, list(areas), page_size, source, config,
                           evict_advice=evict_advice, pool_fd=pool_fd, shared=shared,
-                          trace_fd=trace_fd, preload=preload)
+                          trace_fd=trace_fd, preload=preload, beacon=beacon,
+                          fork_table=fork_table)
