@@ -206,6 +206,13 @@ struct engine {
      * returns (under budget_lock; engine_budget.c). */
     int evict_madvising, nparked;
     uint64_t parked[UF_PARKED];
+    /* Faults held back too, while the count is at max_resident + one batch (uf_throttle,
+     * under budget_lock): pages reserved by fault and readahead installs under way; holding
+     * is off without a running evictor or while it finds nothing to give; the evictor's
+     * thread (its own faults are never held). */
+    uint64_t reserved_pages;
+    int throttle_off;
+    pid_t evictor_tid;
     /* writable: where written pages go (a file, a buffer, or a Python write_from). Writes
      * are tracked (pages installed write-protected, dirty bits) when writable, and under a
      * budget too: there a written page of a read-only pager is kept, never dropped. */
@@ -298,6 +305,9 @@ void uf_take_exception(char *msg, size_t len);
 void uf_page_in(engine_t *e, uctx_t *c, uint64_t p);
 int uf_reactivate(engine_t *e, uctx_t *c, area_t *a, uint64_t off, int *err);
 int uf_park(engine_t *e, uctx_t *c, uint64_t addr);
+int uf_throttle(engine_t *e, uctx_t *c, uint64_t addr, uint64_t pages, pid_t tid, uint64_t *reserved);
+int uf_reserve(engine_t *e, uint64_t pages, uint64_t limit);
+void uf_unreserve(engine_t *e, uint64_t pages);
 void uf_page_out(engine_t *e, uctx_t *c, uint64_t p, int zero);
 int uf_budget_alloc(engine_t *e, uctx_t *c);
 int uf_evictor_start(engine_t *e);

@@ -152,6 +152,61 @@ int uf_park(engine_t *e, uctx_t *c, uint64_t addr)
     return held;
 }
 
+/* Throttling. One evictor gives pages back while every fault thread installs, so a fast
+ * stream would outrun it. A fault whose chunk would take the count (installs under way
+ * included) past max_resident + one batch is held like a parked one: not served, its thread
+ * not woken, so the fault thread goes on reading the uffd (the evictor's madvise waits for a
+ * fault thread to read its REMOVE event: a fault thread must never sleep here). The thread
+ * faults again when the evictor's round is over (wake_held). Never held: a fault of the
+ * evictor's own copies, a pager process's (its watchdog's copies for the evictor may fault,
+ * and its thread ids are not ours to tell apart), and while the evictor is not running or
+ * finds nothing to give (written pages of a read-only pager): then the count may pass it.
+ * Returns 1 if held; else 0, with the pages reserved in *reserved (uf_unreserve them once
+ * the install is done and counted). */
+int uf_throttle(engine_t *e, uctx_t *c, uint64_t addr, uint64_t pages, pid_t tid, uint64_t *reserved)
+{
+    *reserved = 0;
+    if (!e->max_pages || c != e->ctxs)
+        return 0;
+    pthread_mutex_lock(&e->budget_lock);
+    uint64_t limit = e->max_pages + e->evict_batch;
+    int room = LOAD(e->st->counters[C_resident_pages]) + e->reserved_pages + pages <= limit;
+    int held = !room && !e->throttle_off && LOAD(e->evictor_started) && e->agent_req < 0
+               && tid != e->evictor_tid && e->nparked < UF_PARKED;
+    if (held)
+        e->parked[e->nparked++] = addr;
+    else
+        e->reserved_pages += *reserved = pages;
+    pthread_mutex_unlock(&e->budget_lock);
+    if (held) { /* the evictor was told when the count passed the high watermark; again */
+        pthread_mutex_lock(&e->lock);
+        pthread_cond_signal(&e->evict_cond);
+        pthread_mutex_unlock(&e->lock);
+    }
+    return held;
+}
+
+/* Reserve room for a speculative install (readahead): 1 if the count and the installs under
+ * way leave `pages` below `limit`. */
+int uf_reserve(engine_t *e, uint64_t pages, uint64_t limit)
+{
+    pthread_mutex_lock(&e->budget_lock);
+    int room = LOAD(e->st->counters[C_resident_pages]) + e->reserved_pages + pages <= limit;
+    if (room)
+        e->reserved_pages += pages;
+    pthread_mutex_unlock(&e->budget_lock);
+    return room;
+}
+
+void uf_unreserve(engine_t *e, uint64_t pages)
+{
+    if (!pages)
+        return;
+    pthread_mutex_lock(&e->budget_lock);
+    e->reserved_pages -= pages;
+    pthread_mutex_unlock(&e->budget_lock);
+}
+
 static void set_madvising(engine_t *e, int on)
 {
     pthread_mutex_lock(&e->budget_lock);
@@ -160,11 +215,14 @@ static void set_madvising(engine_t *e, int on)
 }
 
 /* The round's madvise calls returned (their REMOVEs were read, mmap_changing is down): wake
- * the held faults. */
-static void wake_held(engine_t *e, uctx_t *c)
+ * the held faults. throttle_off (0, 1; -1 leaves it) is set in the same step: no fault is
+ * held after the last wake of a round that turns holding off. */
+static void wake_held_throttle(engine_t *e, uctx_t *c, int throttle_off)
 {
     uint64_t held[UF_PARKED];
     pthread_mutex_lock(&e->budget_lock);
+    if (throttle_off >= 0)
+        e->throttle_off = throttle_off;
     int n = e->nparked;
     memcpy(held, e->parked, (size_t)n * sizeof(held[0]));
     e->nparked = 0;
@@ -174,6 +232,8 @@ static void wake_held(engine_t *e, uctx_t *c)
         uf_ioctl(c->uffd, UFFDIO_WAKE, &r);
     }
 }
+
+static void wake_held(engine_t *e, uctx_t *c) { wake_held_throttle(e, c, -1); }
 
 /* Put [addr, addr+len) on probation: copy it into the pool, then drop it from the memory
  * (the faulting process's watchdog, for a pager process). */
@@ -408,6 +468,7 @@ static void *evictor_main(void *arg)
     engine_t *e = arg;
     uctx_t *c = e->ctxs;
     uf_worker_python(e, e->evict_worker, 1); /* write-backs of a Python source take its GIL */
+    e->evictor_tid = (pid_t)gettid();
     int gave = 1;
     for (;;) {
         pthread_mutex_lock(&e->lock);
@@ -430,6 +491,7 @@ static void *evictor_main(void *arg)
         if (stopping)
             break;
         gave = evict_until_low(e, c);
+        wake_held_throttle(e, c, !gave); /* nothing to give: faults are not held meanwhile */
     }
     uf_worker_python(e, e->evict_worker, 0);
     return NULL;
@@ -439,6 +501,7 @@ int uf_evictor_start(engine_t *e)
 {
     if (!e->max_pages || e->evictor_started)
         return 0;
+    e->throttle_off = 0;
     int r = pthread_create(&e->evictor, NULL, evictor_main, e);
     if (!r)
         e->evictor_started = 1;
@@ -456,6 +519,7 @@ void uf_evictor_stop(engine_t *e)
     pthread_cond_broadcast(&e->evict_cond);
     pthread_mutex_unlock(&e->lock);
     pthread_join(e->evictor, NULL);
+    wake_held_throttle(e, e->ctxs, 1); /* faults held since its last round: served from now on */
     e->evictor_started = 0;
     e->evict_stop = 0;
 }

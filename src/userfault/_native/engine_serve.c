@@ -428,7 +428,7 @@ static int serve_fault(engine_t *e, worker_t *w, uctx_t *c, struct uffd_msg *m, 
         n = a->len - off;
     uf_rec_t rec = {t0, a->src_off + page_off, addr, n, (uint32_t)m->arg.pagefault.feat.ptid, 0,
                     (uint8_t)fault_kind(flags), CAUSE_FAULT, (uint16_t)flags, 0};
-    uint64_t seq = uf_log_begin(e, &rec);
+    uint64_t seq = uf_log_begin(e, &rec), reserved;
     int err = 0;
     if (e->npreload && !LOAD(e->preload_armed)) { /* the first fault starts the working set */
         pthread_mutex_lock(&e->lock);
@@ -457,10 +457,14 @@ static int serve_fault(engine_t *e, worker_t *w, uctx_t *c, struct uffd_msg *m, 
         got = err ? 0 : e->page; /* back from the pool, no source read */
     } else if (left_to_readahead(e, c, addr)) {
         update_readahead(e, c, as, a, off, off + n); /* the piece's thread wakes this one */
+    } else if (uf_throttle(e, c, a->base + page_off, n / e->page, (pid_t)m->arg.pagefault.feat.ptid,
+                           &reserved)) {
+        rec.flags |= 0x400; /* held: the budget is full until the evictor's round is over */
     } else {
         /* A COPY wakes what it installs; install_range wakes the faulting page itself if it was
          * present already (EEXIST), and failed pages get on_error. */
         err = uf_install_range(e, w, c, a, off, n, 0, CAUSE_FAULT, page_off, &got);
+        uf_unreserve(e, reserved);
         if (!err)
             update_readahead(e, c, as, a, off, off + n);
     }
@@ -478,7 +482,8 @@ static int serve_fault(engine_t *e, worker_t *w, uctx_t *c, struct uffd_msg *m, 
     uf_log_end(e, seq, t1 - t0);
     rec.length = got;
     rec.service_ns = t1 - t0 > UINT32_MAX ? UINT32_MAX : (uint32_t)(t1 - t0);
-    rec.flags |= (uint16_t)(err == EAGAIN ? 0x200 : !got ? 0x100 : 0); /* EAGAIN, EEXIST */
+    if (!(rec.flags & 0x400)) /* EAGAIN, EEXIST (held: neither) */
+        rec.flags |= (uint16_t)(err == EAGAIN ? 0x200 : !got ? 0x100 : 0);
     uf_trace(e, &rec);
     return err == ESRCH ? ESRCH : 0;
 }
@@ -689,13 +694,16 @@ static int has_background_work(engine_t *e)
     return e->populate && e->ctxs && !e->ctxs->dead && e->pop_area < areas_of(e->ctxs)->n;
 }
 
+/* At least a page: pieces of a 2 MiB hugetlb page would start mid-page, and an install there
+ * (when the page is not marked installed yet) is EINVAL. */
+static uint64_t piece_of(engine_t *e) { return e->page > e->piece ? e->page : e->piece; }
+
 /* Under e->lock: the next piece of background work, readahead first, then populate. The area
- * is copied: a REMAP may replace the array meanwhile. */
+ * is copied: a REMAP may replace the array meanwhile. A readahead piece reserves its room in
+ * the budget (the claimer gives it back once installed). */
 static uctx_t *claim_piece(engine_t *e, area_t *a, uint64_t *off, uint64_t *n, int *cause)
 {
-    /* At least a page: pieces of a 2 MiB hugetlb page would start mid-page, and an install
-     * there (when the page is not marked installed yet) is EINVAL. */
-    uint64_t piece = e->page > e->piece ? e->page : e->piece;
+    uint64_t piece = piece_of(e);
     uctx_t *root = e->ctxs;
     while (preload_left(e) && root && !root->dead) {
         uint64_t *r = &e->preload[3 * e->preload_next];
@@ -730,7 +738,7 @@ static uctx_t *claim_piece(engine_t *e, area_t *a, uint64_t *off, uint64_t *n, i
                 c->ra[i].next = c->ra[i].end;
                 continue;
             }
-            if (e->max_pages && LOAD(e->st->counters[C_resident_pages]) + piece / e->page > e->max_pages) {
+            if (e->max_pages && !uf_reserve(e, piece / e->page, e->max_pages)) {
                 c->ra[i].next = c->ra[i].end; /* speculative: never past the budget (faults are) */
                 pthread_cond_signal(&e->evict_cond);
                 continue;
@@ -794,6 +802,8 @@ static void *background_main(void *arg)
             continue;
         int flags = IR_SKIP_INSTALLED | (cause == CAUSE_PREFETCH ? IR_DONTWAKE : 0);
         int err = uf_install_range(e, w, c, &a, off, n, flags, cause, NO_WAKE, &done);
+        if (cause == CAUSE_READAHEAD && e->max_pages)
+            uf_unreserve(e, piece_of(e) / e->page); /* counted now (claim_piece reserved it) */
         if (err == EAGAIN)
             ADD(e, eagain, 1);
         if (cause == CAUSE_READAHEAD) {

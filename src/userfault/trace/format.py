@@ -103,6 +103,9 @@ class TraceFlag(enum.IntFlag):
     EEXIST = 1 << 8
     #: the mapping was changing (EAGAIN): the thread was woken to fault again
     EAGAIN = 1 << 9
+    #: held back: the budget was full (max_resident + one eviction batch) until the
+    #: evictor's round was over; the thread faulted again then
+    HELD = 1 << 10
 
 
 def kind_from_fault_flags(flags: int) -> Kind:
