@@ -60,6 +60,41 @@ def test_flush_writes_what_was_written(tmp_path: Path, runtime: str) -> None:
     assert data.count(0) == len(data) - 9  # and nothing else changed
 
 
+@pytest.mark.parametrize("region", ["anonymous", "memfd"])
+def test_scattered_writes_among_clean_and_missing_pages(tmp_path: Path, region: str) -> None:
+    """flush() protects each window of dirty pages with one UFFDIO_WRITEPROTECT over the
+    span from the first to the last: the clean pages read between them, and the pages never
+    touched (a memfd gets write-protect markers there), must still fault, be marked dirty and
+    go home on their next write."""
+    size = 8 * MiB
+    path = zeros_file(tmp_path, size)
+    pages = size // PAGE
+    with userfault.map(path, writable=True, region=region, readahead=False) as p:
+        with memoryview(p) as v:
+            for n in range(0, pages // 2):  # the first half read: clean and present
+                assert v[n * PAGE] == 0
+            for n in range(0, pages, 7):  # every 7th page written, across both halves
+                v[n * PAGE + 1] = 1
+            assert p.flush() == len(range(0, pages, 7)) * PAGE
+            assert p.stats().dirty_pages == 0
+            for n in range(3, pages, 7):  # clean present, never-touched and written pages
+                v[n * PAGE + 2] = 2           # inside the flushed spans
+            for n in range(0, pages, 14):
+                v[n * PAGE + 3] = 3
+            again = len(range(3, pages, 7)) + len(range(0, pages, 14))
+            assert p.stats().dirty_pages == again
+            assert p.flush() == again * PAGE
+        data = path.read_bytes()
+        want = bytearray(size)
+        for n in range(0, pages, 7):
+            want[n * PAGE + 1] = 1
+        for n in range(3, pages, 7):
+            want[n * PAGE + 2] = 2
+        for n in range(0, pages, 14):
+            want[n * PAGE + 3] = 3
+        assert data == want
+
+
 def test_a_writable_buffer_is_written_in_place() -> None:
     buf = bytearray(MiB)
     with userfault.map(buf, writable=True) as p:

@@ -100,29 +100,33 @@ static area_t *area_of(uctx_t *c, uint64_t p, uint64_t page)
     return NULL;
 }
 
-/* Let the held pages go; a writer that waited writes again (to the page, or, if it was
- * dropped, to the page its fault brings back). */
+/* Under wp_lock: let a held page go; a writer that waited writes again (to the page, or, if
+ * it was dropped, to the page its fault brings back). */
+static void release_page(engine_t *e, uctx_t *c, uint64_t p, int dropped)
+{
+    bit_clear(c->wbusy, p);
+    if (!bit_test_clear(c->deferred, p))
+        return;
+    area_t *a = area_of(c, p, e->page);
+    if (!a)
+        return;
+    uint64_t addr = a->base + (p - a->first_page) * e->page;
+    if (dropped) {
+        struct uffdio_range r = {addr, e->page};
+        uf_ioctl(c->uffd, UFFDIO_WAKE, &r);
+    } else {
+        mark_dirty(e, c, p);
+        protect(e, c, addr, e->page, 0);
+    }
+}
+
 void uf_release(engine_t *e, uctx_t *c, uint64_t first, uint64_t n, int dropped)
 {
     if (!c->dirty)
         return;
     pthread_mutex_lock(&e->wp_lock);
-    for (uint64_t p = first; p < first + n; p++) {
-        bit_clear(c->wbusy, p);
-        if (!bit_test_clear(c->deferred, p))
-            continue;
-        area_t *a = area_of(c, p, e->page);
-        if (!a)
-            continue;
-        uint64_t addr = a->base + (p - a->first_page) * e->page;
-        if (dropped) {
-            struct uffdio_range r = {addr, e->page};
-            uf_ioctl(c->uffd, UFFDIO_WAKE, &r);
-        } else {
-            mark_dirty(e, c, p);
-            protect(e, c, addr, e->page, 0);
-        }
-    }
+    for (uint64_t p = first; p < first + n; p++)
+        release_page(e, c, p, dropped);
     pthread_mutex_unlock(&e->wp_lock);
 }
 
@@ -184,9 +188,52 @@ static int write_out(engine_t *e, worker_t *w, area_t *a, uint64_t off, uint64_t
     return err;
 }
 
-/* Write the dirty pages among [first, first+n) home (page indices of one area), retrying
- * with backoff. Pages that cannot be written stay dirty, and resident. Pages written are set
- * in `written` (if not NULL). */
+/* Write one run [p, q) of held pages home, retrying with backoff. Returns an errno. */
+static int write_run(engine_t *e, worker_t *w, uctx_t *c, area_t *a, uint64_t p, uint64_t q,
+                     uint64_t *bytes, uint8_t *written)
+{
+    uint64_t off = (p - a->first_page) * e->page, len = (q - p) * e->page, t0 = uf_now_ns();
+    int err = 0;
+    for (int round = 0;; round++) {
+        w->msg[0] = 0;
+        if (!(err = write_out(e, w, a, off, len)) || round >= e->retries || LOAD(e->stopping))
+            break;
+        uf_log(e, "writing %#llx..+%llu back to %s failed: %s; retry %d", (unsigned long long)(a->base + off),
+               (unsigned long long)len, e->name, w->msg, round + 1);
+        ADD(e, retries, 1);
+        struct timespec ts = {0, 5000000L << (round < 7 ? round : 7)};
+        nanosleep(&ts, NULL);
+    }
+    if (err) {
+        uf_log(e, "cannot write %#llx..+%llu (offset %#llx) back to %s: %s; the pages stay "
+               "dirty and in memory", (unsigned long long)(a->base + off), (unsigned long long)len,
+               (unsigned long long)(a->src_off + off), e->name, w->msg);
+        uf_state_error(e->st, err, a->base + off, "writing %#llx..+%llu (offset %#llx) back "
+                       "to %s failed: %s; the pages stay dirty", (unsigned long long)(a->base + off),
+                       (unsigned long long)len, (unsigned long long)(a->src_off + off), e->name, w->msg);
+        pthread_mutex_lock(&e->wp_lock);
+        for (uint64_t i = p; i < q; i++)
+            mark_dirty(e, c, i);
+        pthread_mutex_unlock(&e->wp_lock);
+        return err;
+    }
+    ADD(e, writebacks, q - p);
+    ADD(e, writeback_bytes, len);
+    for (uint64_t i = p; written && i < q; i++)
+        bit_set(written, i);
+    *bytes += len;
+    uf_trace_install(e, t0, a, off, len, CAUSE_WRITEBACK);
+    return 0;
+}
+
+#define WB_WINDOW 1024 /* pages taken, protected and released at a time */
+
+/* Write the dirty pages among [first, first+n) home (page indices of one area). A window's
+ * dirty pages are taken at once and protected with one UFFDIO_WRITEPROTECT over the span from
+ * the first to the last (the clean pages between are protected already: a page's protection
+ * is lifted only by a write, which marks it dirty, under wp_lock), then written out a run of
+ * adjacent pages at a time, then released. Pages that cannot be written stay dirty, and
+ * resident. Pages written are set in `written` (if not NULL). */
 int uf_writeback(engine_t *e, worker_t *w, uctx_t *c, uint64_t first, uint64_t n, uint64_t *bytes,
                  uint8_t *written)
 {
@@ -194,61 +241,43 @@ int uf_writeback(engine_t *e, worker_t *w, uctx_t *c, uint64_t first, uint64_t n
     int ret = 0;
     if (!a || !c->dirty)
         return 0;
-    for (uint64_t p = first; p < first + n;) {
-        if (!bit_get(c->dirty, p)) {
-            p++;
-            continue;
-        }
-        /* take a run of dirty pages: protect them, then they are clean until written again */
+    for (uint64_t base = first; base < first + n; base += WB_WINDOW) {
+        uint64_t end = first + n - base < WB_WINDOW ? first + n : base + WB_WINDOW, lo = end, hi = base;
+        uint8_t mine[WB_WINDOW / 8] = {0}; /* the pages this call holds (others may hold some) */
         pthread_mutex_lock(&e->wp_lock);
-        uint64_t q = p;
-        while (q < first + n && bit_get(c->dirty, q) && !bit_get(c->wbusy, q))
-            bit_set(c->wbusy, q++);
-        uint64_t off = (p - a->first_page) * e->page, len = (q - p) * e->page;
-        /* (if it cannot be protected, it is written out while held, and stays dirty) */
-        if (q > p && protect(e, c, a->base + off, len, 1) == 0)
-            for (uint64_t i = p; i < q; i++)
-                if (bit_test_clear(c->dirty, i))
+        for (uint64_t p = base; p < end; p++) {
+            if (!bit_get(c->dirty, p) || bit_test_set(c->wbusy, p))
+                continue; /* clean, or held by another write-back: it takes care of the page */
+            bit_set(mine, p - base);
+            lo = p < lo ? p : lo;
+            hi = p + 1;
+        }
+        /* protected, the pages are clean until written again (if the span cannot be
+         * protected, they are written out while held, and stay dirty) */
+        if (lo < hi && protect(e, c, a->base + (lo - a->first_page) * e->page, (hi - lo) * e->page, 1) == 0)
+            for (uint64_t p = lo; p < hi; p++)
+                if (bit_get(mine, p - base) && bit_test_clear(c->dirty, p))
                     ADD(e, dirty_pages, -1);
         pthread_mutex_unlock(&e->wp_lock);
-        if (q == p) { /* held by another write-back: it takes care of the page */
-            p++;
-            continue;
-        }
-        int err = 0;
-        uint64_t t0 = uf_now_ns();
-        for (int round = 0;; round++) {
-            w->msg[0] = 0;
-            if (!(err = write_out(e, w, a, off, len)) || round >= e->retries || LOAD(e->stopping))
-                break;
-            uf_log(e, "writing %#llx..+%llu back to %s failed: %s; retry %d", (unsigned long long)(a->base + off),
-                   (unsigned long long)len, e->name, w->msg, round + 1);
-            ADD(e, retries, 1);
-            struct timespec ts = {0, 5000000L << (round < 7 ? round : 7)};
-            nanosleep(&ts, NULL);
-        }
-        if (err) {
-            uf_log(e, "cannot write %#llx..+%llu (offset %#llx) back to %s: %s; the pages stay "
-                   "dirty and in memory", (unsigned long long)(a->base + off), (unsigned long long)len,
-                   (unsigned long long)(a->src_off + off), e->name, w->msg);
-            uf_state_error(e->st, err, a->base + off, "writing %#llx..+%llu (offset %#llx) back "
-                           "to %s failed: %s; the pages stay dirty", (unsigned long long)(a->base + off),
-                           (unsigned long long)len, (unsigned long long)(a->src_off + off), e->name, w->msg);
-            pthread_mutex_lock(&e->wp_lock);
-            for (uint64_t i = p; i < q; i++)
-                mark_dirty(e, c, i);
-            pthread_mutex_unlock(&e->wp_lock);
+        for (uint64_t p = lo; p < hi;) {
+            if (!bit_get(mine, p - base)) {
+                p++;
+                continue;
+            }
+            uint64_t q = p;
+            while (q < hi && bit_get(mine, q - base))
+                q++;
+            int err = write_run(e, w, c, a, p, q, bytes, written);
             ret = ret ? ret : err;
-        } else {
-            ADD(e, writebacks, q - p);
-            ADD(e, writeback_bytes, len);
-            for (uint64_t i = p; written && i < q; i++)
-                bit_set(written, i);
-            *bytes += len;
-            uf_trace_install(e, t0, a, off, len, CAUSE_WRITEBACK);
+            p = q;
         }
-        uf_release(e, c, p, q - p, 0);
-        p = q;
+        if (lo < hi) {
+            pthread_mutex_lock(&e->wp_lock);
+            for (uint64_t p = lo; p < hi; p++)
+                if (bit_get(mine, p - base))
+                    release_page(e, c, p, 0);
+            pthread_mutex_unlock(&e->wp_lock);
+        }
     }
     return ret;
 }
