@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,14 @@ def test_child_of_a_killed_server_gets_sigbus_never_zeros(tmp_path: Path, kind: 
                 or "closed while a forked child still used its memory" in err), err
 
 
+def assert_dropped_page_got_sigbus(r: subprocess.CompletedProcess[str]) -> None:
+    """The child read its loaded page right, then died of SIGBUS touching a dropped one."""
+    assert r.returncode == 0, r.stderr
+    assert "child loaded page True" in r.stdout, (r.stdout, r.stderr)
+    assert "dropped page" not in r.stdout, (r.stdout, r.stderr)
+    assert f"child status {-signal.SIGBUS}" in r.stdout, (r.stdout, r.stderr)
+
+
 @pytest.mark.parametrize("region", ["anonymous", "memfd"])
 @pytest.mark.parametrize("kind", ["native", "process"])
 def test_owner_closing_then_a_dropped_page_gets_sigbus_not_a_hang(kind: str, region: str) -> None:
@@ -157,10 +166,7 @@ def test_owner_closing_then_a_dropped_page_gets_sigbus_not_a_hang(kind: str, reg
             _, status = os.waitpid(pid, 0)
             print("child status", os.waitstatus_to_exitcode(status), flush=True)
     """, timeout=60)
-    assert r.returncode == 0, r.stderr
-    assert "child loaded page True" in r.stdout, (r.stdout, r.stderr)
-    assert "dropped page" not in r.stdout, (r.stdout, r.stderr)
-    assert f"child status {-signal.SIGBUS}" in r.stdout, (r.stdout, r.stderr)
+    assert_dropped_page_got_sigbus(r)
     assert "the process serving this forked child's memory" in r.stderr or \
         "while this forked child still used its memory" in r.stderr, r.stderr
 
@@ -201,8 +207,5 @@ def test_a_child_whose_serving_ended_before_its_hook_registers_its_own() -> None
             _, status = os.waitpid(pid, 0)
             print("child status", os.waitstatus_to_exitcode(status), flush=True)
     """, timeout=60)
-    assert r.returncode == 0, r.stderr
-    assert "child loaded page True" in r.stdout, (r.stdout, r.stderr)
-    assert "dropped page" not in r.stdout, (r.stdout, r.stderr)
-    assert f"child status {-signal.SIGBUS}" in r.stdout, (r.stdout, r.stderr)
+    assert_dropped_page_got_sigbus(r)
     assert "before this child could hold its memory" in r.stderr, r.stderr
