@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,27 @@ def test_thrashing_is_slower_never_wrong() -> None:
         s = settled(p)
         assert s.refaults >= size // PAGE  # the second and third passes fault again
         assert s.refault_rate > 0.5 and p.check() is None
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("budget", "chunk"), [(4 * MiB, 1536 * 1024), (1 * MiB, 2 * MiB)])
+def test_a_chunk_larger_than_the_room_left_is_served(runtime: str, budget: int, chunk: int,
+                                                      toucher: Callable[..., Any]) -> None:
+    """A fault's chunk that would take the count past the budget, with the count still below
+    the high watermark (or a chunk larger than the whole budget): no evictor round is coming
+    to wake a held fault, so it is served (it hung when it was held). The touch runs on a
+    thread, so that a hang fails the test (a signal cannot stop a C loop held in a fault)."""
+    size = 16 * MiB
+    body = page_data(size)
+    with userfault.map(bytes_source(runtime, body), max_resident=budget, chunk=chunk,
+                       readahead=False) as p:
+        t = toucher(p.address, size)
+        t.join(30)
+        assert not t.is_alive(), f"a fault was never served: {p.stats()}"
+        assert t.result == sum(body[::PAGE])
+        with memoryview(p) as v:
+            assert v == body
+        assert p.check() is None
 
 
 def test_random_faults_racing_evictions_read_every_byte_right(runtime: str) -> None:

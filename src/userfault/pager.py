@@ -26,6 +26,7 @@ import contextlib
 import mmap
 import os
 import sys
+import threading
 import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal
@@ -406,29 +407,33 @@ class Pager(_native.Mapping):
         if self._progress is not None:
             self._progress.detach()  # before the runtime goes: the bar ends where it is
             self._progress = None
-        if self._forks is not None:
-            self._forks.end()  # forked children's watchdogs take over from the serving
-        if self._runtime is not None:
-            self._runtime.stop()
-            self._runtime = None  # the engine pins the source's buffer until it is freed
         uffd: Uffd | None = getattr(self, "uffd", None)
-        if self._forks is not None:
-            self._forks.close(uffd)
-            self._forks = None
+        # Either may be missing when construction failed part-way.
+        region: Region | None = getattr(self, "region", None)
+        # No fork between the serving stopping and the region leaving the uffd: that fork
+        # would wait in the kernel for its FORK event to be read, holding the GIL that this
+        # thread needs to get there.
+        with _forking:
+            if self._forks is not None:
+                self._forks.end()  # forked children's watchdogs take over from the serving
+            if self._runtime is not None:
+                self._runtime.stop()
+                self._runtime = None  # the engine pins the source's buffer until it is freed
+            if self._forks is not None:
+                self._forks.close(uffd)
+                self._forks = None
+            if uffd is not None:
+                if region is not None and os.getpid() == self._owner:
+                    # Unregister explicitly: a forked child holds a copy of this descriptor, so
+                    # closing ours would not, and munmap would then wait for an UNMAP event
+                    # that no engine reads any more. (A child's copy must not: it would
+                    # unregister the parent's memory, the descriptor's.)
+                    with contextlib.suppress(UffdError):
+                        uffd.unregister(region.address, region.size)
+                uffd.close()
         if self._observation is not None and os.getpid() == self._owner:
             observation, self._observation = self._observation, None
             observation.close()  # the trace is complete now; a recorded working set written
-        # Either may be missing when construction failed part-way.
-        region: Region | None = getattr(self, "region", None)
-        if uffd is not None:
-            if region is not None and os.getpid() == self._owner:
-                # Unregister explicitly: a forked child holds a copy of this descriptor, so
-                # closing ours would not, and munmap would then wait for an UNMAP event that
-                # no engine reads any more. (A child's copy must not: it would unregister
-                # the parent's memory, the descriptor's.)
-                with contextlib.suppress(UffdError):
-                    uffd.unregister(region.address, region.size)
-            uffd.close()
         if region is not None:
             region.close()
         if self._pool_fd >= 0:
@@ -508,14 +513,30 @@ class Pager(_native.Mapping):
 _open_pagers: weakref.WeakSet[Pager] = weakref.WeakSet()
 
 
+#: held by a fork (from before it to its return in the parent) and by a closing pager from
+#: the end of its serving until its region is unregistered (see ``Pager._teardown``)
+_forking = threading.RLock()
+
+
 def _after_fork_in_child() -> None:
     """Each open pager's memory in a forked child holds its own uffd (see
     :mod:`userfault.serving.forks`)."""
+    global _forking
+    _forking = threading.RLock()  # the parent's fork held it: this process has a fresh one
     for pager in list(_open_pagers):
         pager._after_fork()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+def _before_fork() -> None:
+    _forking.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _forking.release()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)
 
 
 @atexit.register

@@ -171,7 +171,10 @@ int uf_throttle(engine_t *e, uctx_t *c, uint64_t addr, uint64_t pages, pid_t tid
     pthread_mutex_lock(&e->budget_lock);
     uint64_t limit = e->max_pages + e->evict_batch;
     int room = LOAD(e->st->counters[C_resident_pages]) + e->reserved_pages + pages <= limit;
-    int held = !room && !e->throttle_off && LOAD(e->evictor_started) && e->agent_req < 0
+    /* Only above the high watermark, where the evictor is bound to run a round (and wake
+     * it): below it, a chunk too large for the room left is served, not held for ever. */
+    int held = !room && LOAD(e->st->counters[C_resident_pages]) > e->high_pages
+               && !e->throttle_off && LOAD(e->evictor_started) && e->agent_req < 0
                && tid != e->evictor_tid && e->nparked < UF_PARKED;
     if (held)
         e->parked[e->nparked++] = addr;
@@ -474,8 +477,11 @@ static void *evictor_main(void *arg)
         pthread_mutex_lock(&e->lock);
         /* nothing to give back last time (all written, say): wait a beat before looking again */
         int waited = 0;
-        while (!e->evict_stop && (LOAD(e->st->counters[C_resident_pages]) <= e->high_pages
-                                  || (!gave && !waited))) {
+        /* held faults wake it too: their accounting may have seen the count above the high
+         * watermark just before REMOVEs read brought it down */
+        while (!e->evict_stop && !LOAD(e->nparked)
+               && (LOAD(e->st->counters[C_resident_pages]) <= e->high_pages
+                   || (!gave && !waited))) {
             waited = 1;
             struct timespec ts;
             clock_gettime(CLOCK_REALTIME, &ts); /* a signal sent just before the wait is lost */
@@ -490,8 +496,12 @@ static void *evictor_main(void *arg)
         pthread_mutex_unlock(&e->lock);
         if (stopping)
             break;
-        gave = evict_until_low(e, c);
-        wake_held_throttle(e, c, !gave); /* nothing to give: faults are not held meanwhile */
+        if (LOAD(e->st->counters[C_resident_pages]) > e->high_pages) {
+            gave = evict_until_low(e, c);
+            wake_held_throttle(e, c, !gave); /* nothing to give: faults are not held meanwhile */
+        } else {
+            wake_held(e, c); /* held while the count came down: room now, or served anyway */
+        }
     }
     uf_worker_python(e, e->evict_worker, 0);
     return NULL;

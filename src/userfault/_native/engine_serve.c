@@ -385,10 +385,11 @@ static void answer_beacon(engine_t *e, uctx_t *c, uint32_t tid)
 {
     if (c->id && e->fork_table) {
         uf_forked_t *f = &e->fork_table[tid % UF_FORK_SLOTS];
-        __atomic_store_n(&f->pid, 0, __ATOMIC_RELEASE);
-        f->server = (int32_t)getpid();
-        f->fd = c->uffd;
-        __atomic_store_n(&f->pid, (int32_t)tid, __ATOMIC_RELEASE);
+        /* a seqlock of sorts: the child reads pid, the fields, then pid again (forks.py) */
+        __atomic_store_n(&f->pid, 0, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&f->server, (int32_t)getpid(), __ATOMIC_SEQ_CST);
+        __atomic_store_n(&f->fd, c->uffd, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&f->pid, (int32_t)tid, __ATOMIC_SEQ_CST);
     }
     struct uffdio_zeropage z = {.range = {e->beacon, (uint64_t)getpagesize()}};
     if (uf_ioctl(c->uffd, UFFDIO_ZEROPAGE, &z))

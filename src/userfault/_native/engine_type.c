@@ -465,7 +465,7 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
     int on_error = ONERR_POISON, on_remove = ONREM_RELOAD, retries = 3, log_fd = 2;
     unsigned long long page, chunk = 0, ra_min = 0, ra_max = 0, piece = 0, log_cap = 0;
     PyObject *areas_obj, *data = Py_None, *pysource = Py_None, *state = Py_None;
-    unsigned long long max_resident = 0, high = 0, low = 0, evict_batch = 64;
+    unsigned long long max_resident = 0, high = 0, low = 0, evict_batch = 0;
     int pool_fd = -1, writable = 0, write_fd = -1, shared = 0;
     PyObject *write_buffer = Py_None;
     unsigned long long write_limit = 0;
@@ -522,7 +522,7 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
     e->agent_req = agent_req;
     e->agent_done = agent_done;
     e->evict_advice = evict_advice;
-    e->evict_batch = evict_batch ? evict_batch : 64;
+    e->evict_batch = evict_batch;
     e->page = page;
     e->kind = kind;
     e->install = install;
@@ -582,9 +582,13 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
                 "(%llu, %llu)", max_resident, low, high);
     }
     e->unit_max = e->chunk > e->piece ? e->chunk : e->piece;
-    /* a batch gives back at least what two background pieces install */
-    if (e->evict_batch < 2 * e->piece / page)
-        e->evict_batch = 2 * e->piece / page;
+    /* a batch gives back at least what two background pieces install, and 64 KiB: in pages
+     * of the region (two for 2 MiB hugetlb pages, not 64 of them) */
+    uint64_t piece_pages = (e->piece > page ? e->piece : page) / page;
+    if (e->evict_batch < 2 * piece_pages)
+        e->evict_batch = 2 * piece_pages;
+    if (e->evict_batch < (64u << 10) / page)
+        e->evict_batch = (64u << 10) / page;
     if (e->unit_max < page)
         e->unit_max = page;
     if (!(e->zero = calloc(1, e->unit_max))) {

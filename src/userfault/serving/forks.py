@@ -175,7 +175,8 @@ class ForkGuard:
         pid = os.getpid()
         slot = (pid % _native.UF_FORK_SLOTS) * _SLOT.size
         got, server, fd, _ = _SLOT.unpack_from(self.table, slot)
-        if got != pid:
+        # pid again: a child whose pid shares the slot may have been written meanwhile
+        if got != pid or struct.unpack_from("<i", self.table, slot)[0] != pid:
             return -1, _UNNAMED
         try:
             pidfd = os.pidfd_open(server)
