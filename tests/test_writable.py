@@ -7,6 +7,7 @@ flush; writes over a file four times the memory budget.
 
 from __future__ import annotations
 
+import mmap
 import os
 import signal
 import subprocess
@@ -93,6 +94,26 @@ def test_scattered_writes_among_clean_and_missing_pages(tmp_path: Path, region: 
         for n in range(0, pages, 14):
             want[n * PAGE + 3] = 3
         assert data == want
+
+
+def test_a_page_mapped_again_from_the_page_cache_is_still_tracked(tmp_path: Path) -> None:
+    """install="continue": after MADV_DONTNEED the page is still in the memfd's page cache,
+    so its next touch is a MINOR fault, answered with CONTINUE. It must map the page
+    write-protected, or the write after it is never seen (flush wrote nothing, the file kept
+    the old bytes)."""
+    path = zeros_file(tmp_path, MiB)
+    with userfault.map(FileSource(path, writable=True), writable=True, region="memfd",
+                       install="continue", readahead=False) as p:
+        with memoryview(p) as v:
+            v[0:5] = b"hello"
+        assert p.flush() == PAGE
+        assert _native.madvise(p.address, PAGE, mmap.MADV_DONTNEED) == 0
+        with memoryview(p) as v:
+            assert bytes(v[0:5]) == b"hello"
+            v[0:5] = b"world"
+        assert p.stats().minor_faults >= 1  # the path this is about
+        assert p.flush() == PAGE
+    assert path.read_bytes()[:5] == b"world"
 
 
 def test_a_writable_buffer_is_written_in_place() -> None:

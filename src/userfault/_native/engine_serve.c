@@ -442,7 +442,9 @@ static int serve_fault(engine_t *e, worker_t *w, uctx_t *c, struct uffd_msg *m, 
     } else if (flags & UFFD_PAGEFAULT_FLAG_MINOR) {
         /* The page cache holds the page already: just map it. */
         ADD(e, minor_faults, 1);
-        struct uffdio_continue cont = {.range = {a->base + page_off, e->page}};
+        /* write-protected when writes are tracked: mapped writable, a write would go unseen */
+        struct uffdio_continue cont = {.range = {a->base + page_off, e->page},
+                                       .mode = e->track_writes ? UFFDIO_CONTINUE_MODE_WP : 0};
         err = uf_ioctl(c->uffd, UFFDIO_CONTINUE, &cont);
         if (!err) {
             got = e->page;
