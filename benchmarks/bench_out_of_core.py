@@ -81,7 +81,7 @@ from userfault.region import Region
 from userfault.tracking import WriteTracker
 
 #: the evictor's unit: at least 64 pages, at least two background pieces (engine_type.c)
-EVICT_BATCH = max(64, 2 * _native.UF_DEFAULT_PIECE // PAGE) * PAGE
+EVICT_BATCH = max(64 << 10, 2 * _native.UF_DEFAULT_PIECE)  # engine_type.c, a file source
 READ_AT = 64  # the byte of each page read (byte 0 is the one the mix writes)
 WRITE_SHARE = 0.3
 #: the kernel's mmap with its default advice, and with MADV_RANDOM (random and mix only)

@@ -271,8 +271,8 @@ def test_a_gib_file_in_a_512_mib_limit(tmp_path: Path) -> None:
 
 # -- faults held back at the budget ------------------------------------------------------------
 
-#: one eviction batch: 2 readahead pieces of 256 KiB (engine_type.c), in pages
-BATCH_PAGES = 2 * 256 * 1024 // PAGE
+#: one eviction batch of a native source: two background pieces (engine_type.c), in pages
+BATCH_PAGES = 2 * _native.UF_DEFAULT_PIECE // PAGE
 
 _STREAM = """
     import os, sys, threading, time

@@ -251,6 +251,10 @@ struct engine {
 #define ADD(e, n, v) __atomic_add_fetch(&(e)->st->counters[C_##n], (uint64_t)(v), __ATOMIC_RELAXED)
 #define LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
 
+/* A background piece: at least a page (pieces of a 2 MiB hugetlb page would start mid-page,
+ * and an install there, when the page is not marked installed yet, is EINVAL). */
+static inline uint64_t piece_of(const engine_t *e) { return e->page > e->piece ? e->page : e->piece; }
+
 static inline int bit_get(const uint8_t *bm, uint64_t i)
 {
     return (__atomic_load_n(&bm[i >> 3], __ATOMIC_RELAXED) >> (i & 7)) & 1;

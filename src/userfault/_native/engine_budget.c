@@ -163,14 +163,20 @@ int uf_park(engine_t *e, uctx_t *c, uint64_t addr)
  * finds nothing to give (written pages of a read-only pager): then the count may pass it.
  * Returns 1 if held; else 0, with the pages reserved in *reserved (uf_unreserve them once
  * the install is done and counted). */
+/* Under budget_lock: whether the count and the installs under way leave `pages` within
+ * `limit`. */
+static int has_room(engine_t *e, uint64_t pages, uint64_t limit)
+{
+    return LOAD(e->st->counters[C_resident_pages]) + e->reserved_pages + pages <= limit;
+}
+
 int uf_throttle(engine_t *e, uctx_t *c, uint64_t addr, uint64_t pages, pid_t tid, uint64_t *reserved)
 {
     *reserved = 0;
     if (!e->max_pages || c != e->ctxs)
         return 0;
     pthread_mutex_lock(&e->budget_lock);
-    uint64_t limit = e->max_pages + e->evict_batch;
-    int room = LOAD(e->st->counters[C_resident_pages]) + e->reserved_pages + pages <= limit;
+    int room = has_room(e, pages, e->max_pages + e->evict_batch);
     /* Only above the high watermark, where the evictor is bound to run a round (and wake
      * it): below it, a chunk too large for the room left is served, not held for ever. */
     int held = !room && LOAD(e->st->counters[C_resident_pages]) > e->high_pages
@@ -194,7 +200,7 @@ int uf_throttle(engine_t *e, uctx_t *c, uint64_t addr, uint64_t pages, pid_t tid
 int uf_reserve(engine_t *e, uint64_t pages, uint64_t limit)
 {
     pthread_mutex_lock(&e->budget_lock);
-    int room = LOAD(e->st->counters[C_resident_pages]) + e->reserved_pages + pages <= limit;
+    int room = has_room(e, pages, limit);
     if (room)
         e->reserved_pages += pages;
     pthread_mutex_unlock(&e->budget_lock);

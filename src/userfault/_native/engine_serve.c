@@ -697,10 +697,6 @@ static int has_background_work(engine_t *e)
     return e->populate && e->ctxs && !e->ctxs->dead && e->pop_area < areas_of(e->ctxs)->n;
 }
 
-/* At least a page: pieces of a 2 MiB hugetlb page would start mid-page, and an install there
- * (when the page is not marked installed yet) is EINVAL. */
-static uint64_t piece_of(engine_t *e) { return e->page > e->piece ? e->page : e->piece; }
-
 /* Under e->lock: the next piece of background work, readahead first, then populate. The area
  * is copied: a REMAP may replace the array meanwhile. A readahead piece reserves its room in
  * the budget (the claimer gives it back once installed). */

@@ -584,9 +584,8 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
     e->unit_max = e->chunk > e->piece ? e->chunk : e->piece;
     /* a batch gives back at least what two background pieces install, and 64 KiB: in pages
      * of the region (two for 2 MiB hugetlb pages, not 64 of them) */
-    uint64_t piece_pages = (e->piece > page ? e->piece : page) / page;
-    if (e->evict_batch < 2 * piece_pages)
-        e->evict_batch = 2 * piece_pages;
+    if (e->evict_batch < 2 * piece_of(e) / page)
+        e->evict_batch = 2 * piece_of(e) / page;
     if (e->evict_batch < (64u << 10) / page)
         e->evict_batch = (64u << 10) / page;
     if (e->unit_max < page)
