@@ -23,13 +23,15 @@ import pytest
 
 import userfault
 from cgroups import memory_cgroup, memory_cgroups_available
-from pager_helpers import bytes_source, page_data, settled
+from pager_helpers import bytes_source, page_data, settled, wait_until
 from userfault import BufferSource, _native
 
 PAGE = 4096
 MiB = 1 << 20
 TESTS = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.timeout(120)
+#: one eviction batch of a native source: two background pieces (engine_type.c), in pages
+BATCH_PAGES = 2 * _native.UF_DEFAULT_PIECE // PAGE
 
 
 @pytest.mark.parametrize("region", ["anonymous", "memfd"])
@@ -205,6 +207,42 @@ def test_close_while_evicting_does_not_deadlock(runtime: str) -> None:
         p.close()
 
 
+def test_a_prefetch_larger_than_the_budget_installs_what_fits(runtime: str) -> None:
+    """``prefetch()`` of memory 4x ``max_resident`` installs what fits under the budget and
+    returns that count; faults serve the rest (it installed everything before: 4x over)."""
+    size, budget = 64 * MiB, 16 * MiB
+    body = page_data(size)
+    with userfault.map(bytes_source(runtime, body), max_resident=budget) as p:
+        installed = p.prefetch()
+        assert 0 < installed <= budget and p.stats().resident_bytes <= budget
+        with memoryview(p) as v:
+            assert v == body
+        assert p.check() is None
+
+
+def test_a_working_set_larger_than_the_budget_fills_what_fits(runtime: str,
+                                                              tmp_path: Path) -> None:
+    """A recorded working set 4x ``max_resident`` (``Pager(prefetch=)``) is installed up to
+    the budget and its job ends there (the progress bar's ``preload_over``); faults serve
+    the rest. Never past the budget by more than the one batch a fault may take."""
+    size, budget = 64 * MiB, 16 * MiB
+    path = tmp_path / "data.bin"
+    path.write_bytes(page_data(size))
+    ws = tmp_path / "all.uws"
+    with userfault.map(path, runtime=runtime, readahead=False, record=ws) as p:
+        _native.touch(p.address, size, PAGE, 0, 0, False)
+    with userfault.map(path, runtime=runtime, readahead=False, prefetch=ws,
+                       max_resident=budget) as p:
+        _native.touch(p.address, PAGE, PAGE, 0, 0, False)  # the first fault starts the set
+        counters = p._serving().counters
+        assert wait_until(lambda: counters()["preload_over"] == 1, timeout=30), counters()
+        assert 0 < counters()["preload_done"] < counters()["preload_total"] == size
+        assert p.stats().resident_bytes <= budget + BATCH_PAGES * PAGE
+        with memoryview(p) as v:
+            assert v == path.read_bytes()
+        assert p.check() is None
+
+
 def test_a_budget_too_small_is_refused() -> None:
     with pytest.raises(ValueError, match=r"max_resident must hold at least 4 pages of 4\.0 KiB"):
         userfault.map(b"x" * MiB, max_resident=PAGE)
@@ -271,18 +309,15 @@ def test_a_gib_file_in_a_512_mib_limit(tmp_path: Path) -> None:
 
 # -- faults held back at the budget ------------------------------------------------------------
 
-#: one eviction batch of a native source: two background pieces (engine_type.c), in pages
-BATCH_PAGES = 2 * _native.UF_DEFAULT_PIECE // PAGE
-
 _STREAM = """
     import os, sys, threading, time
     import numpy as np
     import userfault
     from userfault import _native
-    path, budget = sys.argv[1], int(sys.argv[2])
+    path, budget, runtime = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     size, readers, block = os.path.getsize(path), 4, 1 << 20
     fd = os.open(path, os.O_RDONLY)
-    with userfault.map(path, max_resident=budget, threads=readers) as p:
+    with userfault.map(path, max_resident=budget, threads=readers, runtime=runtime) as p:
         peak, done = [0], threading.Event()
 
         def sample():
@@ -317,14 +352,16 @@ _STREAM = """
 
 @pytest.mark.slow
 @pytest.mark.timeout(200)
-def test_fast_streams_in_a_memory_limit_stay_within_one_batch_of_the_budget(tmp_path: Path
-                                                                            ) -> None:
+def test_fast_streams_in_a_memory_limit_stay_within_one_batch_of_the_budget(tmp_path: Path,
+                                                                            runtime: str) -> None:
     """A fast C stream, then four numpy readers, over a file 8x the budget, in a cgroup
     limit of 3x the budget: every byte right, and the resident count never above the budget
     by more than one eviction batch. That bound is the engine's, not the scheduler's: a fault
     install reserves its chunk under the budget lock (a readahead piece likewise, below the
     budget) and one that would pass budget + batch is held, unserved, until the evictor's
-    round is over, so every sample of the count is within it."""
+    round is over, so every sample of the count is within it. In a pager process too (the
+    faulting process's watchdog, which copies and drops pages for the evictor, is never
+    held)."""
     pytest.importorskip("numpy")
     if not memory_cgroups_available():
         pytest.skip("needs root and the cgroup v1 memory controller")
@@ -336,7 +373,8 @@ def test_fast_streams_in_a_memory_limit_stay_within_one_batch_of_the_budget(tmp_
         with memory_cgroup(3 * budget) as group:
             r = subprocess.run(
                 ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", sys.executable,
-                 "-c", script, str(path), str(budget)], capture_output=True, text=True, timeout=90)
+                 "-c", script, str(path), str(budget), runtime], capture_output=True, text=True,
+                timeout=90)
         assert r.returncode == 0, r.stderr[-2000:]
         out = r.stdout.split()
         peak, bad, evictions = int(out[1]), int(out[3]), int(out[5])

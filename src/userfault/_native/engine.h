@@ -105,6 +105,9 @@ typedef struct {
     uint64_t ncondemned, nsuspect;
     uf_mark_t condemned[UF_MAX_MARKS], suspect[UF_MAX_MARKS];
     uf_mail_t mail;
+    /* The thread of the faulting process that answers the mail (its watchdog), 0 until it
+     * runs: the engine never holds that thread's faults (its copies for the evictor). */
+    uint64_t agent_tid;
     uint64_t log_written, log_read;
     uf_rec_t log[];
 } uf_state_t;
@@ -308,7 +311,7 @@ void uf_take_exception(char *msg, size_t len);
 /* engine_budget.c */
 void uf_page_in(engine_t *e, uctx_t *c, uint64_t p);
 int uf_reactivate(engine_t *e, uctx_t *c, area_t *a, uint64_t off, int *err);
-int uf_park(engine_t *e, uctx_t *c, uint64_t addr);
+int uf_park(engine_t *e, uctx_t *c, uint64_t addr, pid_t tid);
 int uf_throttle(engine_t *e, uctx_t *c, uint64_t addr, uint64_t pages, pid_t tid, uint64_t *reserved);
 int uf_reserve(engine_t *e, uint64_t pages, uint64_t limit);
 void uf_unreserve(engine_t *e, uint64_t pages);

@@ -130,6 +130,16 @@ int uf_reactivate(engine_t *e, uctx_t *c, area_t *a, uint64_t off, int *err)
     return 1;
 }
 
+/* Whether a fault of thread `tid` may be the one that answers a pager process's mail (its
+ * watchdog): that thread, or any while it is not known yet. */
+static int is_agent(engine_t *e, pid_t tid)
+{
+    if (e->agent_req < 0)
+        return 0; /* in-process: the evictor does its own copies and madvise */
+    uint64_t agent = __atomic_load_n(&e->st->agent_tid, __ATOMIC_ACQUIRE);
+    return !agent || (pid_t)agent == tid;
+}
+
 /* The evictor's madvise raises the mm's mmap_changing until it runs again after its REMOVE
  * event is read: until then every install into that memory fails with EAGAIN. A fault woken
  * on EAGAIN faults straight back, and userfaultfd hands out faults before events, so under
@@ -140,16 +150,23 @@ int uf_reactivate(engine_t *e, uctx_t *c, area_t *a, uint64_t off, int *err)
  * held thread holds no lock (the kernel dropped the mm's before it slept).
  * Returns 1 if held, 0 if the caller must wake it (no eviction running: the EAGAIN is the
  * process's own madvise or mremap; or the list is full). */
-int uf_park(engine_t *e, uctx_t *c, uint64_t addr)
+int uf_park(engine_t *e, uctx_t *c, uint64_t addr, pid_t tid)
 {
     if (!e->max_pages || c != e->ctxs)
         return 0; /* the evictor drops pages of the root's memory only */
     pthread_mutex_lock(&e->budget_lock);
-    int held = e->evict_madvising && e->nparked < UF_PARKED;
+    int held = e->evict_madvising && e->nparked < UF_PARKED && !is_agent(e, tid);
     if (held)
         e->parked[e->nparked++] = addr;
     pthread_mutex_unlock(&e->budget_lock);
     return held;
+}
+
+/* Under budget_lock: whether the count and the installs under way leave `pages` within
+ * `limit`. */
+static int has_room(engine_t *e, uint64_t pages, uint64_t limit)
+{
+    return LOAD(e->st->counters[C_resident_pages]) + e->reserved_pages + pages <= limit;
 }
 
 /* Throttling. One evictor gives pages back while every fault thread installs, so a fast
@@ -158,18 +175,12 @@ int uf_park(engine_t *e, uctx_t *c, uint64_t addr)
  * not woken, so the fault thread goes on reading the uffd (the evictor's madvise waits for a
  * fault thread to read its REMOVE event: a fault thread must never sleep here). The thread
  * faults again when the evictor's round is over (wake_held). Never held: a fault of the
- * evictor's own copies, a pager process's (its watchdog's copies for the evictor may fault,
- * and its thread ids are not ours to tell apart), and while the evictor is not running or
- * finds nothing to give (written pages of a read-only pager): then the count may pass it.
+ * evictor's own copies or of the faulting process's watchdog (a pager process's evictor asks
+ * it to copy and drop pages: it must go on; until it has said which thread it is, no fault of
+ * that process is held), and while the evictor is not running or finds nothing to give
+ * (written pages of a read-only pager): then the count may pass it.
  * Returns 1 if held; else 0, with the pages reserved in *reserved (uf_unreserve them once
  * the install is done and counted). */
-/* Under budget_lock: whether the count and the installs under way leave `pages` within
- * `limit`. */
-static int has_room(engine_t *e, uint64_t pages, uint64_t limit)
-{
-    return LOAD(e->st->counters[C_resident_pages]) + e->reserved_pages + pages <= limit;
-}
-
 int uf_throttle(engine_t *e, uctx_t *c, uint64_t addr, uint64_t pages, pid_t tid, uint64_t *reserved)
 {
     *reserved = 0;
@@ -180,7 +191,7 @@ int uf_throttle(engine_t *e, uctx_t *c, uint64_t addr, uint64_t pages, pid_t tid
     /* Only above the high watermark, where the evictor is bound to run a round (and wake
      * it): below it, a chunk too large for the room left is served, not held for ever. */
     int held = !room && LOAD(e->st->counters[C_resident_pages]) > e->high_pages
-               && !e->throttle_off && LOAD(e->evictor_started) && e->agent_req < 0
+               && !e->throttle_off && LOAD(e->evictor_started) && !is_agent(e, tid)
                && tid != e->evictor_tid && e->nparked < UF_PARKED;
     if (held)
         e->parked[e->nparked++] = addr;
@@ -309,9 +320,12 @@ static int target_deactivate(engine_t *e, uint64_t addr, uint64_t len, uint64_t 
         memcpy(e->pool_map + pool_off, (const void *)(uintptr_t)addr, len);
         return evict_madvise(e, addr, len);
     }
-    /* The watchdog copies and drops in one request: nothing is held (its copy may fault).
-     * The advice travels in the high bits of arg, the pool offset in the low 48. */
-    return uf_ask_target(e, AGENT_DEACTIVATE, addr, len, pool_off | ((uint64_t)e->evict_advice << 48));
+    /* The watchdog copies and drops in one request (its copy may fault: never held). The
+     * advice travels in the high bits of arg, the pool offset in the low 48. */
+    set_madvising(e, 1);
+    int err = uf_ask_target(e, AGENT_DEACTIVATE, addr, len, pool_off | ((uint64_t)e->evict_advice << 48));
+    set_madvising(e, 0);
+    return err;
 }
 
 /* What the hand decided for a run of pages: give them back (madvise, counted when the

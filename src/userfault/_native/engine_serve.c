@@ -477,7 +477,7 @@ static int serve_fault(engine_t *e, worker_t *w, uctx_t *c, struct uffd_msg *m, 
          * returns, else woken now. */
         struct uffdio_range r = {a->base + page_off, e->page};
         ADD(e, eagain, 1);
-        if (!uf_park(e, c, r.start))
+        if (!uf_park(e, c, r.start, (pid_t)m->arg.pagefault.feat.ptid))
             uf_ioctl(c->uffd, UFFDIO_WAKE, &r);
     }
     uint64_t t1 = uf_now_ns();
@@ -713,6 +713,15 @@ static uctx_t *claim_piece(engine_t *e, area_t *a, uint64_t *off, uint64_t *n, i
             e->preload_off = 0;
             continue;
         }
+        if (e->max_pages && !uf_reserve(e, piece / e->page, e->max_pages)) {
+            /* with a budget, the working set fills what fits and faults serve the rest. Its
+             * pieces in flight end with the one WAKE; with none, there is nothing to wake (a
+             * fault on a page installed DONTWAKE meets EEXIST and its fault thread wakes it) */
+            e->preload_next = e->npreload;
+            e->preload_woken |= !e->preload_inflight;
+            pthread_cond_signal(&e->evict_cond);
+            break;
+        }
         *a = as->a[r[0]];
         *off = r[1] + e->preload_off;
         *n = r[2] - e->preload_off < piece ? r[2] - e->preload_off : piece;
@@ -801,7 +810,7 @@ static void *background_main(void *arg)
             continue;
         int flags = IR_SKIP_INSTALLED | (cause == CAUSE_PREFETCH ? IR_DONTWAKE : 0);
         int err = uf_install_range(e, w, c, &a, off, n, flags, cause, NO_WAKE, &done);
-        if (cause == CAUSE_READAHEAD && e->max_pages)
+        if ((cause == CAUSE_READAHEAD || cause == CAUSE_PREFETCH) && e->max_pages)
             uf_unreserve(e, piece_of(e) / e->page); /* counted now (claim_piece reserved it) */
         if (err == EAGAIN)
             ADD(e, eagain, 1);
@@ -905,7 +914,8 @@ void uf_wake_all(engine_t *e)
 }
 
 /* Install every missing page of the (source_offset, length) ranges of the root context with
- * DONTWAKE, then wake each area once. Pages that fail get on_error; w->poisoned lists them. */
+ * DONTWAKE, then wake each area once. Pages that fail get on_error; w->poisoned lists them.
+ * With a budget, only what fits under max_resident: the rest is left to faults. */
 int uf_prefetch(engine_t *e, worker_t *w, const uint64_t *ranges, Py_ssize_t n, uint64_t *installed)
 {
     uctx_t *c = e->ctxs;
@@ -918,9 +928,10 @@ int uf_prefetch(engine_t *e, worker_t *w, const uint64_t *ranges, Py_ssize_t n, 
     while (__atomic_load_n(&e->in_batch, __ATOMIC_ACQUIRE))
         sched_yield();
     areas_t *as = areas_of(c);
-    for (Py_ssize_t i = 0; !err && i < n; i++) {
+    int full = 0;
+    for (Py_ssize_t i = 0; !err && !full && i < n; i++) {
         uint64_t s = ranges[2 * i], end = ranges[2 * i] + ranges[2 * i + 1];
-        for (int k = 0; !err && k < as->n; k++) {
+        for (int k = 0; !err && !full && k < as->n; k++) {
             area_t *a = &as->a[k];
             uint64_t lo = s > a->src_off ? s : a->src_off;
             uint64_t hi = end < a->src_off + a->len ? end : a->src_off + a->len;
@@ -930,8 +941,14 @@ int uf_prefetch(engine_t *e, worker_t *w, const uint64_t *ranges, Py_ssize_t n, 
             hi = ((hi - a->src_off) + e->page - 1) & ~(e->page - 1);
             for (uint64_t off = lo; !err && off < hi && !LOAD(e->stopping); off += e->unit_max) {
                 uint64_t len = hi - off < e->unit_max ? hi - off : e->unit_max, done;
+                if (e->max_pages && !uf_reserve(e, len / e->page, e->max_pages)) {
+                    full = 1; /* with a budget, a prefetch installs what fits */
+                    break;
+                }
                 err = uf_install_range(e, w, c, a, off, len, IR_SKIP_INSTALLED | IR_DONTWAKE,
                                        CAUSE_PREFETCH, NO_WAKE, &done);
+                if (e->max_pages)
+                    uf_unreserve(e, len / e->page);
                 *installed += done;
                 ADD(e, prefetch_done, len);
                 if (err == EAGAIN) { /* a REMOVE is pending there: skip it, faults will decide */
@@ -944,6 +961,11 @@ int uf_prefetch(engine_t *e, worker_t *w, const uint64_t *ranges, Py_ssize_t n, 
     for (int k = 0; k < as->n; k++) {
         struct uffdio_range r = {as->a[k].base, as->a[k].len};
         uf_ioctl(c->uffd, UFFDIO_WAKE, &r);
+    }
+    if (full) { /* the evictor makes room for what faults in next */
+        pthread_mutex_lock(&e->lock);
+        pthread_cond_signal(&e->evict_cond);
+        pthread_mutex_unlock(&e->lock);
     }
     ctx_leave(e, c, err == ESRCH);
     return err;

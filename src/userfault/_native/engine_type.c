@@ -1071,6 +1071,8 @@ static void answer(WatchdogObject *self)
 static void *watchdog_main(void *arg)
 {
     WatchdogObject *self = arg;
+    if (self->agent_req >= 0) /* the pager process's engine may hold every other thread's faults */
+        __atomic_store_n(&self->engine->e->st->agent_tid, (uint64_t)gettid(), __ATOMIC_RELEASE);
     /* poll ignores the descriptors that are -1 */
     struct pollfd p[4] = {{.fd = self->pidfd, .events = POLLIN}, {.fd = self->stopfd, .events = POLLIN},
                           {.fd = self->agent_req, .events = POLLIN}, {.fd = self->ended, .events = POLLIN}};
