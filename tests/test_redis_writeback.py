@@ -183,7 +183,9 @@ def test_flush_and_close_write_pages_home(redis_server: RedisServer) -> None:
     assert wait_calls(redis_server.port) == waits  # replicas=0: writes never WAIT
 
 
-def test_standalone_master_with_a_replica_waits(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def master_with_replica(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer, redis.Redis]]:
+    """A standalone master, its replica (link up) and a client of the replica; stopped after."""
     master = require_servers(lambda: RedisServer(
         tmp_path / "master", extra_args=["--repl-diskless-sync-delay", "0"]).start())
     replica: RedisServer | None = None
@@ -192,6 +194,18 @@ def test_standalone_master_with_a_replica_waits(tmp_path: Path) -> None:
             "--replicaof", HOST, str(master.port)]).start()
         r = redis.Redis(host=HOST, port=replica.port, socket_timeout=10)
         assert wait_until(lambda: r.info("replication")["master_link_status"] == "up", 20)
+        try:
+            yield master, replica, r
+        finally:
+            r.close()
+    finally:
+        if replica is not None:
+            replica.stop()
+        master.stop()
+
+
+def test_standalone_master_with_a_replica_waits(tmp_path: Path) -> None:
+    with master_with_replica(tmp_path) as (master, replica, r):
         prefix = new_prefix()
         data = bytearray(make_data(11, 16))
         src = upload(bytes(data), master.url, prefix, replicas=1)
@@ -219,11 +233,28 @@ def test_standalone_master_with_a_replica_waits(tmp_path: Path) -> None:
         finally:
             pager.close()
         assert fresh_read(master.url, prefix) == data
-        r.close()
-    finally:
-        if replica is not None:
-            replica.stop()
-        master.stop()
+
+
+def test_an_upload_publishes_only_what_a_replica_acknowledged(tmp_path: Path) -> None:
+    """``upload(replicas=1)`` ends every batch in WAIT: with the replica stopped it fails,
+    naming WAIT and the master, deletes what it wrote and leaves the previous generation
+    current; with the replica back the same upload is published, and the replica has it."""
+    with master_with_replica(tmp_path) as (master, replica, r):
+        prefix = new_prefix()
+        old, new = make_data(21, 16), make_data(22, 16)
+        upload(old, master.url, prefix, replicas=1, timeout=5)
+        m = redis.Redis(host=HOST, port=master.port, socket_timeout=10)
+        keys_before = sorted(m.keys(f"{prefix}*"))
+        with paused(replica), pytest.raises(userfault.SourceError) as info:
+            upload(new, master.url, prefix, replicas=1, timeout=5)
+        assert (f"WAIT 1 1000: only 0 of 1 replica(s) of {HOST}:{master.port} acknowledged "
+                "it within 1 s; nothing was published") in str(info.value), str(info.value)
+        assert fresh_read(master.url, prefix) == old
+        assert sorted(m.keys(f"{prefix}*")) == keys_before  # cleaned up
+        src = upload(new, master.url, prefix, replicas=1, timeout=5)
+        assert fresh_read(master.url, prefix) == new
+        assert r.get(src.key(15)) == new[15 * PAGE:]  # the replica has it: WAIT returned 1
+        m.close()
 
 
 def test_writes_keep_to_the_generation_they_opened(redis_server: RedisServer) -> None:

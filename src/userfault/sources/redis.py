@@ -402,66 +402,22 @@ class RedisSource:
                 if absent:
                     raise self._error("write", offset, len(mv),
                                       f"partial write to missing page key {absent[0]!r}")
-            short = self._store(client, full, partial)
+            short = _store(client, self._cluster, self._url, self._replicas, self._wait_ms,
+                           full, partial)
         except SourceError:
             raise
         except Exception as err:
             raise self._redis_error("write", offset, len(mv), err) from err
         if short:
-            n = self._replicas
-            nodes = "; ".join(f"only {acked} of {n} replica(s) of {node} acknowledged it"
-                              for node, acked in short)
             raise self._error(
                 "write", offset, len(mv),
-                f"WAIT {n} {self._wait_ms}: {nodes} within {self._wait_timeout:g} s; the "
-                "master has the bytes, but they do not count as written (a replica down or "
-                "lagging? INFO replication on that master says)")
+                f"{_fell_short(short, self._replicas, self._wait_timeout)}; the master has "
+                "the bytes, but they do not count as written (a replica down or lagging? INFO "
+                "replication on that master says)")
 
     @property
     def _wait_ms(self) -> int:
-        return max(1, round(self._wait_timeout * 1000))  # WAIT 0 would wait forever
-
-    def _store(self, client: Any, full: list[tuple[str, bytes]],
-               partial: list[tuple[str, int, bytes]]) -> list[tuple[str, int]]:
-        """SET and SETRANGE the keys, one pipeline per server; with ``replicas``, each ends in
-        WAIT. Returns ``[(node, acknowledgements)]`` of the masters whose replicas fell short."""
-        if not self._cluster:
-            return self._store_on(client, _server_of(self._url), full, partial)
-        # Not redis-py's cluster pipeline: it picks connections of its own and follows
-        # redirections on others, so a WAIT in it could vouch for nothing (WAIT counts the
-        # writes of its own connection), and it costs more per call (bench_redis_writeback).
-        per_node: dict[str, tuple[Any, list[tuple[str, bytes]], list[tuple[str, int, bytes]]]]
-        per_node = {}
-        for k, v in full:
-            node = client.get_node_from_key(k)
-            per_node.setdefault(node.name, (node, [], []))[1].append((k, v))
-        for k, at, v in partial:
-            node = client.get_node_from_key(k)
-            per_node.setdefault(node.name, (node, [], []))[2].append((k, at, v))
-        short = []
-        try:
-            for name, (node, node_full, node_partial) in per_node.items():
-                short += self._store_on(client.get_redis_connection(node), name, node_full,
-                                        node_partial)
-        except Exception:
-            # A stale slot map (MOVED, ASK) or a master gone: the engine's retry asks the
-            # cluster again where the keys live.
-            with contextlib.suppress(Exception):
-                client.nodes_manager.initialize()
-            raise
-        return short
-
-    def _store_on(self, server: Any, name: str, full: list[tuple[str, bytes]],
-                  partial: list[tuple[str, int, bytes]]) -> list[tuple[str, int]]:
-        """One pipeline to one server: the writes, then WAIT on the same connection."""
-        pipe = server.pipeline(transaction=False)
-        _queue(pipe, full, partial)
-        if not self._replicas:
-            pipe.execute()
-            return []
-        pipe.execute_command("WAIT", self._replicas, self._wait_ms)
-        acked = int(pipe.execute()[-1])
-        return [] if acked >= self._replicas else [(name, acked)]
+        return _wait_ms(self._wait_timeout)
 
     def close(self) -> None:
         """Close the client's connections (the source stays usable)."""
@@ -697,6 +653,64 @@ def _describe_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {_PIPELINE_NOTE.sub('', str(err))}"
 
 
+def _store(client: Any, cluster: bool, url: str, replicas: int, wait_ms: int,
+           full: list[tuple[str, bytes]], partial: list[tuple[str, int, bytes]]
+           ) -> list[tuple[str, int]]:
+    """SET and SETRANGE the keys, one pipeline per server; with ``replicas``, each ends in
+    ``WAIT replicas wait_ms``. Returns ``[(node, acknowledgements)]`` of the masters whose
+    replicas fell short."""
+    if not cluster:
+        return _store_on(client, _server_of(url), replicas, wait_ms, full, partial)
+    # Not redis-py's cluster pipeline: it picks connections of its own and follows
+    # redirections on others, so a WAIT in it could vouch for nothing (WAIT counts the
+    # writes of its own connection), and it costs more per call (bench_redis_writeback).
+    per_node: dict[str, tuple[Any, list[tuple[str, bytes]], list[tuple[str, int, bytes]]]]
+    per_node = {}
+    for k, v in full:
+        node = client.get_node_from_key(k)
+        per_node.setdefault(node.name, (node, [], []))[1].append((k, v))
+    for k, at, v in partial:
+        node = client.get_node_from_key(k)
+        per_node.setdefault(node.name, (node, [], []))[2].append((k, at, v))
+    short = []
+    try:
+        for name, (node, node_full, node_partial) in per_node.items():
+            short += _store_on(client.get_redis_connection(node), name, replicas, wait_ms,
+                               node_full, node_partial)
+    except Exception:
+        # A stale slot map (MOVED, ASK) or a master gone: a retry asks the cluster again
+        # where the keys live.
+        with contextlib.suppress(Exception):
+            client.nodes_manager.initialize()
+        raise
+    return short
+
+
+def _store_on(server: Any, name: str, replicas: int, wait_ms: int,
+              full: list[tuple[str, bytes]], partial: list[tuple[str, int, bytes]]
+              ) -> list[tuple[str, int]]:
+    """One pipeline to one server: the writes, then WAIT on the same connection."""
+    pipe = server.pipeline(transaction=False)
+    _queue(pipe, full, partial)
+    if not replicas:
+        pipe.execute()
+        return []
+    pipe.execute_command("WAIT", replicas, wait_ms)
+    acked = int(pipe.execute()[-1])
+    return [] if acked >= replicas else [(name, acked)]
+
+
+def _wait_ms(wait_timeout: float) -> int:
+    return max(1, round(wait_timeout * 1000))  # WAIT 0 would wait forever
+
+
+def _fell_short(short: list[tuple[str, int]], replicas: int, wait_timeout: float) -> str:
+    """What ``_store`` returned, said: ``WAIT n ms: only k of n replica(s) of node ...``."""
+    nodes = "; ".join(f"only {acked} of {replicas} replica(s) of {node} acknowledged it"
+                      for node, acked in short)
+    return f"WAIT {replicas} {_wait_ms(wait_timeout)}: {nodes} within {wait_timeout:g} s"
+
+
 def _queue(pipe: Any, full: list[tuple[str, bytes]], partial: list[tuple[str, int, bytes]]
            ) -> None:
     for k, v in full:
@@ -807,14 +821,20 @@ def upload(
             writes no key at all for zero pages: readers then need ``missing="zero"``.
             ``False`` stores every page as is.
         progress: called as ``progress(bytes_done, bytes_total)`` after each batch.
-        replicas: the returned source's ``replicas`` (``None``: 1 on a cluster, else 0). The
-            upload itself does not ``WAIT``.
+        replicas: the returned source's ``replicas`` (``None``: 1 on a cluster, else 0),
+            and, when given, how many replicas of each master must acknowledge every batch
+            (``WAIT``, up to ``min(1, timeout / 2)`` s) before the meta key is swapped to the
+            new generation. Too few acknowledgements fail the upload (its keys are deleted,
+            the previous generation stays current), where a failover could otherwise lose
+            pages behind a meta key that survived. ``None`` uploads without waiting (a
+            cluster may have no replicas at all).
 
     Returns:
         a :class:`RedisSource` on the uploaded data (``missing="zero"`` if ``skip_zero="omit"``).
     """
     _check_page_size(page_size)
-    replicas = _wait_options(replicas, None, cluster, timeout)[0]  # refused before uploading
+    wait_for = replicas or 0  # only when asked: the default suits write-back, not every cluster
+    replicas, wait_timeout = _wait_options(replicas, None, cluster, timeout)  # checked first
     if isinstance(source_bytes_or_path, (str, os.PathLike)):
         total = Path(source_bytes_or_path).stat().st_size
     else:
@@ -830,15 +850,24 @@ def upload(
         try:
             try:
                 for pos, data in _chunks(source_bytes_or_path, per_batch):
-                    pipe = client.pipeline(transaction=False)
+                    pages: list[tuple[str, bytes]] = []
                     for s in range(0, len(data), page_size):
                         page = data[s: s + page_size]
                         if skip_zero and page == zero[: len(page)]:
                             if skip_zero == "omit":
                                 continue  # the generation's key space is fresh: no stale key
                             page = b""
-                        pipe.set(f"{keys}{(pos + s) // page_size}", page)
-                    pipe.execute()
+                        pages.append((f"{keys}{(pos + s) // page_size}", page))
+                    short = _store(client, cluster, url, wait_for, _wait_ms(wait_timeout),
+                                   pages, [])
+                    if short:
+                        raise SourceError(
+                            f"upload to Redis {desc} failed after {done} of {total} bytes: "
+                            f"{_fell_short(short, wait_for, wait_timeout)}; nothing was "
+                            "published (the previous generation stays current): a replica "
+                            "down or lagging? INFO replication on that master says, or pass "
+                            "no replicas= to upload without waiting", source=desc, offset=done,
+                            length=total - done)
                     done += len(data)
                     if progress is not None:
                         progress(done, total)
