@@ -865,8 +865,8 @@ def upload(
                             f"upload to Redis {desc} failed after {done} of {total} bytes: "
                             f"{_fell_short(short, wait_for, wait_timeout)}; nothing was "
                             "published (the previous generation stays current): a replica "
-                            "down or lagging? INFO replication on that master says, or pass "
-                            "no replicas= to upload without waiting", source=desc, offset=done,
+                            "down or lagging? INFO replication on that master says; leave "
+                            "replicas= out to upload without waiting", source=desc, offset=done,
                             length=total - done)
                     done += len(data)
                     if progress is not None:
