@@ -1,16 +1,16 @@
-"""Trace a small workload with a pager's fault log and write it as a trace file.
+"""Trace a small workload: the engine writes every fault and background install to a file.
 
     python examples/trace_a_workload.py run.uftrace [--size 64M]
     userfault stats run.uftrace
     userfault plot run.uftrace -o run.png --html run.html
     userfault workingset from-trace run.uftrace -o run.ws
 
-Three threads read a file through ``userfault.map`` with readahead off (so every page they
-touch is a fault): one scans the first half front to back, one reads random pages of the
-second half, and after both, one reads every 16th page. The pager's bounded fault log
-(``log_faults``) is converted with :func:`userfault.trace.write_fault_log`; log entries carry
-no installed length or cause, so each becomes a FAULT of one page. (When the engine writes
-traces itself, they also hold readahead, prefetch and populate installs.)
+Three threads read a file through ``userfault.map(path, trace=...)``: one scans the first half
+front to back (readahead streams it: most of its pages arrive as READAHEAD installs, not
+faults), one reads random pages of the second half (one fault each), and after both, one
+reads every 16th page (most are present by then). ``userfault trace -o FILE -- CMD`` does the
+same for a program you do not want to change: its pagers pick the file up from the
+environment.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import numpy as np
 
 import userfault
 from userfault._units import parse_size
-from userfault.trace import TraceMeta, write_fault_log
 
 PAGE = 4096
 
@@ -69,15 +68,9 @@ def main() -> int:
         path = os.path.join(tmp, "data.bin")
         with open(path, "wb") as f:
             f.write(os.urandom(size))
-        # each page faults at most once (nothing is evicted): the log cannot overflow
-        with userfault.map(path, readahead=False, log_faults=size // PAGE + 1) as mem:
-            meta = TraceMeta.now(f"FileSource('data.bin', {size} random bytes)", mem.size, PAGE,
-                                 source_size=size,
-                                 workload="examples/trace_a_workload.py")
+        with userfault.map(path, trace=args.output) as mem:
             workload(mem)
-            faults = mem.faults()
-    n = write_fault_log(args.output, meta, faults, PAGE)
-    print(f"wrote {args.output}: {n} records")
+    print(f"wrote {args.output}")
     return 0
 
 

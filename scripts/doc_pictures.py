@@ -3,15 +3,15 @@
 Usage: PYTHONPATH=src python scripts/doc_pictures.py [--out docs/img]
 
 1. docs/img/trace-workload.png: examples/trace_a_workload.py (three reader threads over a
-   64 MiB file), traced, then ``userfault plot``.
+   64 MiB file), traced by the engine (``trace=``), then ``userfault plot``.
 2. docs/img/working-set-weights.png: 15 % of the tensors of a 256 MiB safetensors checkpoint
    read lazily over HTTP from a private nginx (examples/weights_over_http.py), traced, then
    plotted; the trace becomes a working set, and a cold load with that set prefetched is
    timed against a plain lazy one (medians of 5, printed).
 
-Until the engine writes traces itself, the traces are the pagers' fault logs
-(``log_faults``) converted with :func:`userfault.trace.write_fault_log` (one FAULT record
-per logged fault; readahead is off while recording so that every touched page faults).
+The weights trace is the pager's fault log (``log_faults``) converted with
+:func:`userfault.trace.write_fault_log` (one FAULT record per logged fault; readahead is off
+while recording so that every touched page faults and the working set holds exactly them).
 """
 
 from __future__ import annotations

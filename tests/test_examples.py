@@ -36,3 +36,23 @@ def test_the_out_of_core_example_doubles_a_matrix_four_times_its_budget() -> Non
     assert run.returncode == 0, run.stderr
     assert "column sums doubled, in memory and in the file: ok" in run.stdout
     assert "evictions 0," not in run.stdout  # the budget was exceeded, and held
+
+
+@pytest.mark.timeout(120)
+def test_the_trace_example_writes_an_engine_trace(tmp_path: Path) -> None:
+    """examples/trace_a_workload.py traces its three readers with ``trace=``: the file reads
+    back with the faults of a 16 MiB region, and ``userfault stats`` summarizes it."""
+    from userfault.trace import Cause, read
+
+    out = tmp_path / "run.uftrace"
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "trace_a_workload.py"),
+                          str(out), "--size", "16M"], capture_output=True, text=True, timeout=100)
+    assert run.returncode == 0, run.stderr
+    trace = read(out)
+    events = trace.events
+    assert trace.meta.region_size == 16 << 20 and "data.bin" in trace.meta.source
+    assert (events["cause"] == Cause.FAULT).any()
+    assert (events["offset"] + events["length"] <= 16 << 20).all()
+    stats = subprocess.run([sys.executable, "-m", "userfault", "stats", str(out)],
+                           capture_output=True, text=True, timeout=60)
+    assert stats.returncode == 0 and "faults:" in stats.stdout, stats.stderr
