@@ -242,16 +242,17 @@ def test_an_upload_publishes_only_what_a_replica_acknowledged(tmp_path: Path) ->
     with master_with_replica(tmp_path) as (master, replica, r):
         prefix = new_prefix()
         old, new = make_data(21, 16), make_data(22, 16)
-        upload(old, master.url, prefix, replicas=1, timeout=5)
+        upload(old, master.url, prefix, replicas=1, timeout=30, wait_timeout=10)
         m = redis.Redis(host=HOST, port=master.port, socket_timeout=10)
         keys_before = sorted(m.keys(f"{prefix}*"))
         with paused(replica), pytest.raises(userfault.SourceError) as info:
-            upload(new, master.url, prefix, replicas=1, timeout=5)
-        assert (f"WAIT 1 1000: only 0 of 1 replica(s) of {HOST}:{master.port} acknowledged "
-                "it within 1 s; nothing was published") in str(info.value), str(info.value)
+            upload(new, master.url, prefix, replicas=1, wait_timeout=0.5)
+        assert (f"WAIT 1 500: only 0 of 1 replica(s) of {HOST}:{master.port} acknowledged "
+                "it within 0.5 s; nothing was published") in str(info.value), str(info.value)
         assert fresh_read(master.url, prefix) == old
         assert sorted(m.keys(f"{prefix}*")) == keys_before  # cleaned up
-        src = upload(new, master.url, prefix, replicas=1, timeout=5)
+        # (the replica catches up after its pause: wait for it up to 10 s, not the default 1)
+        src = upload(new, master.url, prefix, replicas=1, timeout=30, wait_timeout=10)
         assert fresh_read(master.url, prefix) == new
         assert r.get(src.key(15)) == new[15 * PAGE:]  # the replica has it: WAIT returned 1
         m.close()
@@ -398,7 +399,8 @@ def test_cluster_eviction_writes_back_through_wait(redis_cluster_replicas: Redis
     cluster = redis_cluster_replicas
     prefix = new_prefix()
     data = bytearray(make_data(23, 64))
-    src = upload(bytes(data), cluster.url, prefix, cluster=True)
+    # a replica may take more than the default second to acknowledge on a loaded machine
+    src = upload(bytes(data), cluster.url, prefix, cluster=True, timeout=30, wait_timeout=10)
     with userfault.map(src, writable=True, readahead=False, max_resident=16 * PAGE) as pager:
         with pager.view() as v:
             for i in range(64):  # four times the budget: dirty pages are written to be evicted

@@ -806,6 +806,7 @@ def upload(
     batch_bytes: int = 4 << 20,
     timeout: float = 30.0,
     replicas: int | None = None,
+    wait_timeout: float | None = None,
 ) -> RedisSource:
     """Store a file or buffer in Redis as a new generation of the object at ``prefix``.
 
@@ -823,18 +824,20 @@ def upload(
         progress: called as ``progress(bytes_done, bytes_total)`` after each batch.
         replicas: the returned source's ``replicas`` (``None``: 1 on a cluster, else 0),
             and, when given, how many replicas of each master must acknowledge every batch
-            (``WAIT``, up to ``min(1, timeout / 2)`` s) before the meta key is swapped to the
-            new generation. Too few acknowledgements fail the upload (its keys are deleted,
-            the previous generation stays current), where a failover could otherwise lose
-            pages behind a meta key that survived. ``None`` uploads without waiting (a
-            cluster may have no replicas at all).
+            (``WAIT``) before the meta key is swapped to the new generation. Too few
+            acknowledgements fail the upload (its keys are deleted, the previous generation
+            stays current), where a failover could otherwise lose pages behind a meta key
+            that survived. ``None`` uploads without waiting (a cluster may have no replicas
+            at all).
+        wait_timeout: seconds each ``WAIT`` waits, and the returned source's (default
+            ``min(1, timeout / 2)``; less than ``timeout``).
 
     Returns:
         a :class:`RedisSource` on the uploaded data (``missing="zero"`` if ``skip_zero="omit"``).
     """
     _check_page_size(page_size)
     wait_for = replicas or 0  # only when asked: the default suits write-back, not every cluster
-    replicas, wait_timeout = _wait_options(replicas, None, cluster, timeout)  # checked first
+    replicas, wait_timeout = _wait_options(replicas, wait_timeout, cluster, timeout)
     if isinstance(source_bytes_or_path, (str, os.PathLike)):
         total = Path(source_bytes_or_path).stat().st_size
     else:
@@ -890,7 +893,7 @@ def upload(
                           length=total - done) from err
     return RedisSource(url, prefix=prefix, page_size=page_size, size=total, cluster=cluster,
                        missing="zero" if skip_zero == "omit" else "error", timeout=timeout,
-                       replicas=replicas)
+                       replicas=replicas, wait_timeout=wait_timeout)
 
 
 def _delete_pages(client: Any, keys: str, count: int) -> None:
