@@ -98,6 +98,18 @@ def paused(node: RedisServer) -> Iterator[None]:
         os.kill(node.proc.pid, signal.SIGCONT)
 
 
+def caught_up(port: int) -> bool:
+    """Whether every replica of the master at ``port`` has all of its replication stream."""
+    r = redis.Redis(host=HOST, port=port, socket_timeout=10)
+    try:
+        info = r.info("replication")
+    finally:
+        r.close()
+    replicas = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+    return bool(replicas) and all(int(v["offset"]) >= int(info["master_repl_offset"])
+                                  for v in replicas)
+
+
 def write_page(view: memoryview, index: int, payload: bytes) -> None:
     view[index * PAGE: index * PAGE + len(payload)] = payload
 
@@ -227,7 +239,9 @@ def test_standalone_master_with_a_replica_waits(tmp_path: Path) -> None:
                         pager.flush()
                     expect_short(info, master.port, "0.5")
                     assert pager.stats().dirty_pages == 1
-                assert pager.flush() == PAGE  # the replica is back: the page goes home now
+                # the replica is back: once it has caught up, the page goes home within 0.5 s
+                assert wait_until(lambda: caught_up(master.port), 20)
+                assert pager.flush() == PAGE
                 assert pager.stats().dirty_pages == 0
                 assert r.get(src.key(5)) == bytes(data[5 * PAGE: 6 * PAGE])
         finally:
@@ -363,6 +377,7 @@ def test_cluster_paused_replica_keeps_the_page_dirty(
                         pager.flush()  # still dirty: written again, refused again
             finally:
                 cluster.wait_ready(30)
+            assert wait_until(lambda: caught_up(master), 20)  # then WAIT 0.5 s is enough
             assert pager.flush() == PAGE
             assert pager.stats().dirty_pages == 0
             assert cli_get(replica.port, src.key(4), replica=True) == bytes(
@@ -387,6 +402,7 @@ def test_cluster_killed_replica_then_restarted(fresh_servers: FreshServers) -> N
             assert pager.stats().dirty_pages == 1
             replica.start()  # rejoins from its nodes.conf and syncs in full
             cluster.wait_ready(30)
+            assert wait_until(lambda: caught_up(master), 20)  # then WAIT 0.5 s is enough
             assert pager.flush() == PAGE
             assert cli_get(replica.port, src.key(9), replica=True) == bytes(
                 data[9 * PAGE: 10 * PAGE])
