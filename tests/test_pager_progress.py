@@ -114,6 +114,18 @@ def test_prefetch_call_draws_to_100_percent(runtime: str, data_file: Path) -> No
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("runtime", ["native", "process"])
+def test_a_prefetch_stopped_by_the_budget_ends_its_bar_where_it_stopped(runtime: str,
+                                                                        data_file: Path) -> None:
+    with captured() as err, userfault.map(source(runtime, data_file), readahead=False,
+                                          max_resident="4M", progress=True) as p:
+        assert 0 < p.prefetch() <= 4 << 20  # ended when prefetch returned
+        frame = last_frame(err)
+        assert "prefetching" in frame and "100.0%" not in frame, frame
+        assert bytes(memoryview(p)) == data_file.read_bytes()
+
+
+@pytest.mark.timeout(60)
 def test_a_populate_stopped_by_the_budget_ends_its_bar(data_file: Path) -> None:
     with captured() as err, userfault.map(str(data_file), populate=True, readahead=False,
                                           max_resident="4M", progress=True) as p:

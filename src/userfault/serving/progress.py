@@ -132,7 +132,8 @@ def prefetch(runtime: Runtime, ranges: Sequence[tuple[int, int]], page_size: int
              enabled: bool | None, stream: IO[str] | None = None,
              description: str = "prefetching") -> int:
     """``runtime.prefetch(ranges)`` with a bar of the bytes it is finished with (installed,
-    or skipped as present), ended before this returns: at 100 % once it succeeded."""
+    or skipped as present), ended before this returns: at 100 % once it went through every
+    range (one that stopped at the ``max_resident`` budget ends where it stopped)."""
     total = sum(-(-(off + n) // page_size) * page_size - off // page_size * page_size
                 for off, n in ranges if n > 0)
     if not total or not wanted(enabled, stream) or (enabled is None and total < MIN_BYTES):
@@ -143,7 +144,7 @@ def prefetch(runtime: Runtime, ranges: Sequence[tuple[int, int]], page_size: int
     complete = False
     try:
         installed = runtime.prefetch(ranges)
-        complete = True
+        complete = runtime.counters()["prefetch_done"] - base >= total  # the counters are shared
         return installed
     finally:
         watch.end(complete)
