@@ -338,9 +338,10 @@ class Pager(_native.Mapping):
         """Install ``(offset, length)`` ranges now, in one batch (DONTWAKE, one WAKE).
 
         ``None`` prefetches everything. Returns bytes installed (present pages are skipped).
-        With ``max_resident``, only what fits under the budget is installed, in order, and
-        faults serve the rest. A progress bar follows it as ``Pager(progress=)`` says (ended
-        before this returns).
+        With ``max_resident``, only what fits in the room left below the high watermark is
+        installed, in order (more would start an eviction round that takes back the first
+        pages), and faults serve the rest. A progress bar follows it as ``Pager(progress=)``
+        says (ended before this returns).
 
         Raises:
             PrefetchError: pages could not be read after retries and were poisoned

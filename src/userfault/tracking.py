@@ -25,8 +25,9 @@ __all__ = ["PageRange", "WriteTracker", "pagemap_scan"]
 
 
 class PageRange(NamedTuple):
-    """Pages ``[start, end)`` sharing ``categories``. A named tuple: a scan of a GiB makes
-    thousands, and a frozen dataclass cost three times as much to build."""
+    """Pages ``[start, end)`` sharing ``categories``. A named tuple (so it also unpacks and
+    compares as ``(start, end, categories)``): a scan of a GiB makes thousands, and a frozen
+    dataclass cost three times as much to build."""
 
     start: int
     end: int

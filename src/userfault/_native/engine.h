@@ -36,7 +36,7 @@
 #define UF_MAX_RETRIES 100
 #define UF_MAX_MARKS 64              /* condemned pages, suspect ranges */
 #define UF_ERR_MSG 512
-#define UF_STATE_MAGIC 0x3145544154534655ull /* "UFSTATE1" */
+#define UF_STATE_MAGIC 0x3245544154534655ull /* "UFSTATE2" */
 #define UF_MSG_BATCH 64
 #define UF_PARKED 64 /* faults held while an eviction's REMOVE is pending */
 #define UF_STREAMS 8 /* readahead streams followed per context */
@@ -244,7 +244,8 @@ struct engine {
     /* a working set installed by the background threads from the first fault on: (area,
      * offset, length) runs of the root context, in first-touch order */
     uint64_t *preload;
-    int npreload, preload_next, preload_armed, preload_inflight, preload_woken;
+    int npreload, preload_next, preload_armed, preload_inflight, preload_woken, preload_sized;
+    uint64_t preload_room; /* pages the working set may still fill (uf_room_below_high) */
     uint64_t preload_off;
     double log_tokens;
     uint64_t log_last_ns, log_quiet;
@@ -314,12 +315,12 @@ int uf_reactivate(engine_t *e, uctx_t *c, area_t *a, uint64_t off, int *err);
 int uf_park(engine_t *e, uctx_t *c, uint64_t addr, pid_t tid);
 int uf_throttle(engine_t *e, uctx_t *c, uint64_t addr, uint64_t pages, pid_t tid, uint64_t *reserved);
 int uf_reserve(engine_t *e, uint64_t pages, uint64_t limit);
+uint64_t uf_room_below_high(engine_t *e);
 void uf_unreserve(engine_t *e, uint64_t pages);
 void uf_page_out(engine_t *e, uctx_t *c, uint64_t p, int zero);
 int uf_budget_alloc(engine_t *e, uctx_t *c);
 int uf_evictor_start(engine_t *e);
 void uf_evictor_stop(engine_t *e);
-int uf_populate_paused(engine_t *e);
 int uf_target_madvise(engine_t *e, uint64_t addr, uint64_t len, int advice);
 int uf_ask_target(engine_t *e, int op, uint64_t addr, uint64_t len, uint64_t arg);
 int uf_deactivate_local(char *pool_map, uint64_t addr, uint64_t len, uint64_t pool_off, int advice);

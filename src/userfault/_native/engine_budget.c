@@ -130,14 +130,18 @@ int uf_reactivate(engine_t *e, uctx_t *c, area_t *a, uint64_t off, int *err)
     return 1;
 }
 
-/* Whether a fault of thread `tid` may be the one that answers a pager process's mail (its
- * watchdog): that thread, or any while it is not known yet. */
-static int is_agent(engine_t *e, pid_t tid)
+/* Whether a fault of thread `tid` may be held back: never the evictor's own (its copies),
+ * nor one that may be the thread answering a pager process's mail (its watchdog: that
+ * thread, or any while it is not known yet), nor any when the kernel reports no thread ids
+ * (tid 0: UFFD_FEATURE_THREAD_ID not granted). */
+static int may_hold(engine_t *e, pid_t tid)
 {
+    if (!tid || tid == e->evictor_tid)
+        return 0;
     if (e->agent_req < 0)
-        return 0; /* in-process: the evictor does its own copies and madvise */
+        return 1; /* in-process: the evictor does its own copies and madvise */
     uint64_t agent = __atomic_load_n(&e->st->agent_tid, __ATOMIC_ACQUIRE);
-    return !agent || (pid_t)agent == tid;
+    return agent && (pid_t)agent != tid;
 }
 
 /* The evictor's madvise raises the mm's mmap_changing until it runs again after its REMOVE
@@ -155,7 +159,7 @@ int uf_park(engine_t *e, uctx_t *c, uint64_t addr, pid_t tid)
     if (!e->max_pages || c != e->ctxs)
         return 0; /* the evictor drops pages of the root's memory only */
     pthread_mutex_lock(&e->budget_lock);
-    int held = e->evict_madvising && e->nparked < UF_PARKED && !is_agent(e, tid);
+    int held = e->evict_madvising && e->nparked < UF_PARKED && may_hold(e, tid);
     if (held)
         e->parked[e->nparked++] = addr;
     pthread_mutex_unlock(&e->budget_lock);
@@ -191,8 +195,8 @@ int uf_throttle(engine_t *e, uctx_t *c, uint64_t addr, uint64_t pages, pid_t tid
     /* Only above the high watermark, where the evictor is bound to run a round (and wake
      * it): below it, a chunk too large for the room left is served, not held for ever. */
     int held = !room && LOAD(e->st->counters[C_resident_pages]) > e->high_pages
-               && !e->throttle_off && LOAD(e->evictor_started) && !is_agent(e, tid)
-               && tid != e->evictor_tid && e->nparked < UF_PARKED;
+               && !e->throttle_off && LOAD(e->evictor_started) && may_hold(e, tid)
+               && e->nparked < UF_PARKED;
     if (held)
         e->parked[e->nparked++] = addr;
     else
@@ -214,6 +218,19 @@ int uf_reserve(engine_t *e, uint64_t pages, uint64_t limit)
     int room = has_room(e, pages, limit);
     if (room)
         e->reserved_pages += pages;
+    pthread_mutex_unlock(&e->budget_lock);
+    return room;
+}
+
+/* Pages a job that installs ahead (prefetch(), a working set) may fill: what the count and
+ * the installs under way leave below the high watermark now. Passing it would start an
+ * eviction round, and the hand would take back the job's own pages first; room made later
+ * (for faults) is not the job's to take, so a job takes this once. */
+uint64_t uf_room_below_high(engine_t *e)
+{
+    pthread_mutex_lock(&e->budget_lock);
+    uint64_t used = LOAD(e->st->counters[C_resident_pages]) + e->reserved_pages;
+    uint64_t room = used < e->high_pages ? e->high_pages - used : 0;
     pthread_mutex_unlock(&e->budget_lock);
     return room;
 }
@@ -261,11 +278,6 @@ int uf_deactivate_local(char *pool_map, uint64_t addr, uint64_t len, uint64_t po
 {
     memcpy(pool_map + pool_off, (const void *)(uintptr_t)addr, len);
     return madvise((void *)(uintptr_t)addr, len, advice) ? errno : 0;
-}
-
-int uf_populate_paused(engine_t *e)
-{
-    return e->max_pages && LOAD(e->st->counters[C_resident_pages]) >= e->high_pages;
 }
 
 /* Ask the faulting process's watchdog thread to carry out `op`. Returns an errno. */

@@ -697,9 +697,10 @@ static int has_background_work(engine_t *e)
     return e->populate && e->ctxs && !e->ctxs->dead && e->pop_area < areas_of(e->ctxs)->n;
 }
 
-/* Under e->lock: the next piece of background work, readahead first, then populate. The area
- * is copied: a REMAP may replace the array meanwhile. A readahead piece reserves its room in
- * the budget (the claimer gives it back once installed). */
+/* Under e->lock: the next piece of background work, the working set first, then readahead,
+ * then populate. The area is copied: a REMAP may replace the array meanwhile. A piece of the
+ * working set or of readahead reserves its room in the budget (the claimer gives it back
+ * once installed). */
 static uctx_t *claim_piece(engine_t *e, area_t *a, uint64_t *off, uint64_t *n, int *cause)
 {
     uint64_t piece = piece_of(e);
@@ -713,18 +714,24 @@ static uctx_t *claim_piece(engine_t *e, area_t *a, uint64_t *off, uint64_t *n, i
             e->preload_off = 0;
             continue;
         }
-        if (e->max_pages && !uf_reserve(e, piece / e->page, e->max_pages)) {
-            /* with a budget, the working set fills what fits and faults serve the rest. Its
-             * pieces in flight end with the one WAKE; with none, there is nothing to wake (a
-             * fault on a page installed DONTWAKE meets EEXIST and its fault thread wakes it) */
-            e->preload_next = e->npreload;
-            e->preload_woken |= !e->preload_inflight;
-            pthread_cond_signal(&e->evict_cond);
-            break;
+        *n = r[2] - e->preload_off < piece ? r[2] - e->preload_off : piece;
+        if (e->max_pages) { /* the room below the high watermark when the set began */
+            if (!e->preload_sized)
+                e->preload_room = uf_room_below_high(e), e->preload_sized = 1;
+            if (*n / e->page > e->preload_room)
+                *n = e->preload_room * e->page;
+            if (!*n || !uf_reserve(e, *n / e->page, e->high_pages)) {
+                /* full: faults serve the rest. The pieces in flight end with the one WAKE;
+                 * with none, there is nothing to wake (a fault on a page installed DONTWAKE
+                 * meets EEXIST and its fault thread wakes it) */
+                e->preload_next = e->npreload;
+                e->preload_woken |= !e->preload_inflight;
+                break;
+            }
+            e->preload_room -= *n / e->page;
         }
         *a = as->a[r[0]];
         *off = r[1] + e->preload_off;
-        *n = r[2] - e->preload_off < piece ? r[2] - e->preload_off : piece;
         e->preload_off += *n;
         if (e->preload_off >= r[2]) { /* claimed to its end: the last piece's end can see it */
             e->preload_next++;
@@ -746,13 +753,13 @@ static uctx_t *claim_piece(engine_t *e, area_t *a, uint64_t *off, uint64_t *n, i
                 c->ra[i].next = c->ra[i].end;
                 continue;
             }
-            if (e->max_pages && !uf_reserve(e, piece / e->page, e->max_pages)) {
+            *n = c->ra[i].end - c->ra[i].next < piece ? c->ra[i].end - c->ra[i].next : piece;
+            if (e->max_pages && !uf_reserve(e, *n / e->page, e->max_pages)) {
                 c->ra[i].next = c->ra[i].end; /* speculative: never past the budget (faults are) */
                 pthread_cond_signal(&e->evict_cond);
                 continue;
             }
             *a = as->a[c->ra[i].area];
-            *n = c->ra[i].end - c->ra[i].next < piece ? c->ra[i].end - c->ra[i].next : piece;
             if (c->ra[i].dir < 0) { /* nearest the fault first: from the top */
                 c->ra[i].end -= *n;
                 *off = c->ra[i].end;
@@ -765,8 +772,6 @@ static uctx_t *claim_piece(engine_t *e, area_t *a, uint64_t *off, uint64_t *n, i
             return c;
         }
     }
-    if (e->populate && uf_populate_paused(e))
-        e->pop_area = INT32_MAX; /* with a budget, populate fills what fits, then stops */
     while (e->populate && root && !root->dead && e->pop_area < areas_of(root)->n) {
         areas_t *as = areas_of(root);
         if (e->pop_next >= as->a[e->pop_area].len) {
@@ -774,9 +779,14 @@ static uctx_t *claim_piece(engine_t *e, area_t *a, uint64_t *off, uint64_t *n, i
             e->pop_next = 0;
             continue;
         }
+        *n = as->a[e->pop_area].len - e->pop_next < piece ? as->a[e->pop_area].len - e->pop_next
+                                                           : piece;
+        if (e->max_pages && !uf_reserve(e, *n / e->page, e->high_pages)) {
+            e->pop_area = INT32_MAX; /* with a budget, it fills the room below the high mark */
+            break;
+        }
         *a = as->a[e->pop_area];
         *off = e->pop_next;
-        *n = a->len - e->pop_next < piece ? a->len - e->pop_next : piece;
         e->pop_next += *n;
         e->pop_inflight++;
         *cause = CAUSE_POPULATE;
@@ -810,8 +820,8 @@ static void *background_main(void *arg)
             continue;
         int flags = IR_SKIP_INSTALLED | (cause == CAUSE_PREFETCH ? IR_DONTWAKE : 0);
         int err = uf_install_range(e, w, c, &a, off, n, flags, cause, NO_WAKE, &done);
-        if ((cause == CAUSE_READAHEAD || cause == CAUSE_PREFETCH) && e->max_pages)
-            uf_unreserve(e, piece_of(e) / e->page); /* counted now (claim_piece reserved it) */
+        if (e->max_pages)
+            uf_unreserve(e, n / e->page); /* counted now (claim_piece reserved it) */
         if (err == EAGAIN)
             ADD(e, eagain, 1);
         if (cause == CAUSE_READAHEAD) {
@@ -915,7 +925,8 @@ void uf_wake_all(engine_t *e)
 
 /* Install every missing page of the (source_offset, length) ranges of the root context with
  * DONTWAKE, then wake each area once. Pages that fail get on_error; w->poisoned lists them.
- * With a budget, only what fits under max_resident: the rest is left to faults. */
+ * With a budget, only what fits below the high watermark now (uf_room_below_high): the rest
+ * is left to faults. */
 int uf_prefetch(engine_t *e, worker_t *w, const uint64_t *ranges, Py_ssize_t n, uint64_t *installed)
 {
     uctx_t *c = e->ctxs;
@@ -929,6 +940,7 @@ int uf_prefetch(engine_t *e, worker_t *w, const uint64_t *ranges, Py_ssize_t n, 
         sched_yield();
     areas_t *as = areas_of(c);
     int full = 0;
+    uint64_t room = e->max_pages ? uf_room_below_high(e) : UINT64_MAX; /* pages it may fill */
     for (Py_ssize_t i = 0; !err && !full && i < n; i++) {
         uint64_t s = ranges[2 * i], end = ranges[2 * i] + ranges[2 * i + 1];
         for (int k = 0; !err && !full && k < as->n; k++) {
@@ -941,9 +953,14 @@ int uf_prefetch(engine_t *e, worker_t *w, const uint64_t *ranges, Py_ssize_t n, 
             hi = ((hi - a->src_off) + e->page - 1) & ~(e->page - 1);
             for (uint64_t off = lo; !err && off < hi && !LOAD(e->stopping); off += e->unit_max) {
                 uint64_t len = hi - off < e->unit_max ? hi - off : e->unit_max, done;
-                if (e->max_pages && !uf_reserve(e, len / e->page, e->max_pages)) {
-                    full = 1; /* with a budget, a prefetch installs what fits */
-                    break;
+                if (e->max_pages) { /* with a budget, what fits below the high watermark */
+                    if (len / e->page > room)
+                        len = room * e->page;
+                    if (!len || !uf_reserve(e, len / e->page, e->high_pages)) {
+                        full = 1;
+                        break;
+                    }
+                    room -= len / e->page;
                 }
                 err = uf_install_range(e, w, c, a, off, len, IR_SKIP_INSTALLED | IR_DONTWAKE,
                                        CAUSE_PREFETCH, NO_WAKE, &done);
@@ -961,11 +978,6 @@ int uf_prefetch(engine_t *e, worker_t *w, const uint64_t *ranges, Py_ssize_t n, 
     for (int k = 0; k < as->n; k++) {
         struct uffdio_range r = {as->a[k].base, as->a[k].len};
         uf_ioctl(c->uffd, UFFDIO_WAKE, &r);
-    }
-    if (full) { /* the evictor makes room for what faults in next */
-        pthread_mutex_lock(&e->lock);
-        pthread_cond_signal(&e->evict_cond);
-        pthread_mutex_unlock(&e->lock);
     }
     ctx_leave(e, c, err == ESRCH);
     return err;
