@@ -272,6 +272,71 @@ def test_an_upload_publishes_only_what_a_replica_acknowledged(tmp_path: Path) ->
         m.close()
 
 
+def test_an_upload_waits_for_its_meta_key_too(tmp_path: Path) -> None:
+    """With ``replicas=1`` the meta key's SET (the publication) ends in WAIT as well: a
+    replica that stops after the last batch was acknowledged makes the upload fail, saying
+    the generation is published on the master, and the previous generation is kept."""
+    with master_with_replica(tmp_path) as (master, replica, _):
+        prefix = new_prefix()
+        old, new = make_data(31, 16), make_data(32, 16)
+        upload(old, master.url, prefix, replicas=1, timeout=30, wait_timeout=10)
+        m = redis.Redis(host=HOST, port=master.port, socket_timeout=10)
+        old_keys = set(m.keys(f"{prefix}*"))
+        assert replica.proc is not None
+        stopped: list[int] = []
+
+        def stop_after_the_last_batch(done: int, total: int) -> None:
+            if done == total:
+                os.kill(replica.proc.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+                stopped.append(1)
+
+        try:
+            with pytest.raises(userfault.SourceError) as info:
+                upload(new, master.url, prefix, replicas=1, wait_timeout=0.5,
+                       progress=stop_after_the_last_batch)
+        finally:
+            if stopped:
+                os.kill(replica.proc.pid, signal.SIGCONT)
+        assert stopped and "the new generation is published on the master" in str(info.value)
+        assert "only 0 of 1 replica(s) of the master of" in str(info.value), str(info.value)
+        assert fresh_read(master.url, prefix) == new  # the master serves the new one
+        assert old_keys <= set(m.keys(f"{prefix}*"))  # and still has the previous one
+        m.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("replicas", "finish"), [(0, True), (0, False), (1, True)],
+                         ids=["moved", "ask", "moved-wait"])
+def test_an_upload_goes_on_while_a_slot_of_it_moves(fresh_servers: FreshServers,
+                                                    replicas: int, finish: bool) -> None:
+    """A slot of a later batch moves to another master during an upload (MOVED), or is left
+    migrating (ASK): the upload follows it (redis-py's cluster pipeline without WAIT; with
+    WAIT, a retry after the slot map is refreshed) and every page reads back right."""
+    cluster = fresh_servers.cluster(replicas=replicas)
+    data = make_data(41, 64)
+    prefix = new_prefix()
+    rc = redis.cluster.RedisCluster.from_url(cluster.url, socket_timeout=10)
+    moved: list[int] = []
+
+    def move_a_later_slot(done: int, total: int) -> None:
+        if moved:
+            return
+        first = next(iter(rc.scan_iter(match=f"{prefix}*:0", target_nodes=rc.ALL_NODES)))
+        key = first.decode().rsplit(":", 1)[0] + ":40"  # page 40: a later batch
+        before = rc.get_node_from_key(key).port
+        to = next(m.port for m in cluster.primaries() if m.port != before)
+        cluster.move_slot(rc.keyslot(key), to, finish=finish)
+        moved.append(to)
+
+    try:
+        src = upload(data, cluster.url, prefix, cluster=True, batch_bytes=8 * PAGE,
+                     progress=move_a_later_slot, replicas=replicas or None, timeout=30,
+                     wait_timeout=10)
+        assert moved and fresh_read(cluster.url, src.prefix, cluster=True) == data
+    finally:
+        rc.close()
+
+
 def test_writes_keep_to_the_generation_they_opened(redis_server: RedisServer) -> None:
     prefix = new_prefix()
     data = make_data(12, 8)

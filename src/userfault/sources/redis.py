@@ -824,11 +824,12 @@ def upload(
         progress: called as ``progress(bytes_done, bytes_total)`` after each batch.
         replicas: the returned source's ``replicas`` (``None``: 1 on a cluster, else 0),
             and, when given, how many replicas of each master must acknowledge every batch
-            (``WAIT``) before the meta key is swapped to the new generation. Too few
-            acknowledgements fail the upload (its keys are deleted, the previous generation
-            stays current), where a failover could otherwise lose pages behind a meta key
-            that survived. ``None`` uploads without waiting (a cluster may have no replicas
-            at all).
+            (``WAIT``) before the meta key is swapped to the new generation, and the swap
+            itself. Too few acknowledgements of a batch fail the upload (its keys are
+            deleted, the previous generation stays current), where a failover could
+            otherwise lose pages behind a meta key that survived; of the swap, it fails
+            saying the generation is published on the master (the previous one is kept).
+            ``None`` uploads without waiting (a cluster may have no replicas at all).
         wait_timeout: seconds each ``WAIT`` waits, and the returned source's (default
             ``min(1, timeout / 2)``; less than ``timeout``).
 
@@ -838,6 +839,7 @@ def upload(
     _check_page_size(page_size)
     wait_for = replicas or 0  # only when asked: the default suits write-back, not every cluster
     replicas, wait_timeout = _wait_options(replicas, wait_timeout, cluster, timeout)
+    wait_ms = _wait_ms(wait_timeout)
     if isinstance(source_bytes_or_path, (str, os.PathLike)):
         total = Path(source_bytes_or_path).stat().st_size
     else:
@@ -861,8 +863,7 @@ def upload(
                                 continue  # the generation's key space is fresh: no stale key
                             page = b""
                         pages.append((f"{keys}{(pos + s) // page_size}", page))
-                    short = _store(client, cluster, url, wait_for, _wait_ms(wait_timeout),
-                                   pages, [])
+                    short = _upload_batch(client, cluster, url, wait_for, wait_ms, pages)
                     if short:
                         raise SourceError(
                             f"upload to Redis {desc} failed after {done} of {total} bytes: "
@@ -874,13 +875,23 @@ def upload(
                     done += len(data)
                     if progress is not None:
                         progress(done, total)
-                old = client.set(f"{prefix}meta", json.dumps(
-                    {"size": total, "page_size": page_size, "version": 2,
-                     "generation": generation}), get=True)
+                meta = json.dumps({"size": total, "page_size": page_size, "version": 2,
+                                   "generation": generation})
+                old, acked = _publish(client, cluster, f"{prefix}meta", meta, wait_for, wait_ms)
             except BaseException:
                 with contextlib.suppress(Exception):  # the server may be the failure
                     _delete_pages(client, keys, -(-min(total, done + per_batch) // page_size))
                 raise
+            if acked < wait_for:
+                # published on the master: its pages stay, and so do the previous ones, which
+                # a replica promoted now (it may still hold the old meta key) would read
+                short_meta = _fell_short([(f"the master of {prefix}meta", acked)], wait_for,
+                                         wait_timeout)
+                raise SourceError(
+                    f"upload to Redis {desc}: the new generation is published on the master, "
+                    f"but {short_meta}; the previous generation was kept for a replica that "
+                    "may still name it: upload again once the replicas are back",
+                    source=desc, offset=0, length=total)
             if old is not None:
                 _delete_previous(client, prefix, old, desc, generation)
         finally:
@@ -894,6 +905,47 @@ def upload(
     return RedisSource(url, prefix=prefix, page_size=page_size, size=total, cluster=cluster,
                        missing="zero" if skip_zero == "omit" else "error", timeout=timeout,
                        replicas=replicas, wait_timeout=wait_timeout)
+
+
+#: MOVED, ASK and TRYAGAIN while a slot of an upload with WAIT moves: attempts, seconds apart
+_RESHARD_TRIES, _RESHARD_PAUSE = 8, 0.25
+
+
+def _upload_batch(client: Any, cluster: bool, url: str, replicas: int, wait_ms: int,
+                  pages: list[tuple[str, bytes]]) -> list[tuple[str, int]]:
+    """SET one batch of an upload; with ``replicas``, each master's pipeline ends in WAIT
+    (``_store``). Returns the masters whose replicas fell short."""
+    if not replicas:
+        pipe = client.pipeline(transaction=False)  # a cluster's follows MOVED and ASK itself
+        for k, v in pages:
+            pipe.set(k, v)
+        pipe.execute()
+        return []
+    errors = _import_redis().exceptions
+    for attempt in range(_RESHARD_TRIES):
+        try:
+            return _store(client, cluster, url, replicas, wait_ms, pages, [])
+        except (errors.MovedError, errors.AskError, errors.TryAgainError):
+            # a slot moved (_store refreshed the slot map: the next attempt goes to its new
+            # master) or is moving (ASK: its migration must end first); SET is idempotent
+            if attempt == _RESHARD_TRIES - 1:
+                raise
+            time.sleep(_RESHARD_PAUSE)
+    raise AssertionError("unreachable")
+
+
+def _publish(client: Any, cluster: bool, key: str, value: str, replicas: int,
+             wait_ms: int) -> tuple[bytes | None, int]:
+    """``SET key value GET``, then (with ``replicas``) WAIT on the same connection:
+    ``(the previous value, acknowledgements)``."""
+    if not replicas:
+        return client.set(key, value, get=True), 0
+    server = client.get_redis_connection(client.get_node_from_key(key)) if cluster else client
+    pipe = server.pipeline(transaction=False)
+    pipe.set(key, value, get=True)
+    pipe.execute_command("WAIT", replicas, wait_ms)
+    old, acked = pipe.execute()
+    return old, int(acked)
 
 
 def _delete_pages(client: Any, keys: str, count: int) -> None:
