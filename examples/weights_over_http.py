@@ -83,11 +83,14 @@ class LazyCheckpoint:
             print(float(w[0, 0]))                        # now its first page is
     """
 
-    def __init__(self, source: Any, **pager_options: Any) -> None:
+    def __init__(self, source: Any, *, willneed: Iterable[str] | bool = False,
+                 **pager_options: Any) -> None:
         self.pager = userfault.map(source, **pager_options)
         self._view = memoryview(self.pager)
         self.data_start, self.entries = parse_header(self._view)
         self.names = sorted(self.entries, key=lambda k: self.entries[k]["data_offsets"][0])
+        if willneed:
+            self.willneed(self.names if willneed is True else willneed)
 
     def byte_range(self, name: str) -> tuple[int, int]:
         """``(offset, length)`` of a tensor's bytes in the file."""
@@ -105,6 +108,11 @@ class LazyCheckpoint:
     def prefetch(self, names: Iterable[str]) -> int:
         """Install these tensors' bytes now, in one batch; returns bytes installed."""
         return self.pager.prefetch([self.byte_range(n) for n in names])
+
+    def willneed(self, names: Iterable[str]) -> int:
+        """Start fetching these tensors in the background, in this order (the order a loader
+        will read them), and return at once (``Pager.willneed``); returns bytes queued."""
+        return self.pager.willneed([self.byte_range(n) for n in names])
 
     def close(self) -> None:
         self._view.release()

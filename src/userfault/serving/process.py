@@ -352,6 +352,10 @@ class ProcessRuntime:
         """Install the ranges from the pager process in one batch."""
         return prefetch_result(self._call({"op": "prefetch", "ranges": list(ranges)}))
 
+    def willneed(self, ranges: Sequence[tuple[int, int]]) -> int:
+        """Queue the ranges for the pager process's background threads; bytes queued."""
+        return int(self._call({"op": "willneed", "ranges": list(ranges)}))
+
     def flush(self) -> int:
         """Write every dirty page back, durably (the worker does it); bytes written."""
         return flush_result(self._call({"op": "flush"}))
@@ -495,8 +499,8 @@ def _worker(uffd: int, setup: _Setup, source: PageSource, state: mmap.mmap,
             os._exit(0)
         op = request["op"]
         try:
-            if op == "prefetch":
-                result = engine.prefetch(request["ranges"])
+            if op in ("prefetch", "willneed"):
+                result = getattr(engine, op)(request["ranges"])
             else:  # "flush", "trace_sync"
                 result = getattr(engine, op)()
             _send(ctl, {"result": result})
