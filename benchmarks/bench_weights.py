@@ -140,14 +140,49 @@ def lazy_all(spec: str, **options: Any) -> dict[str, float]:
 def subset(spec: str, names: list[str], how: str, ws: Path,
            **options: Any) -> dict[str, float]:
     """The subset read lazily (``how="lazy"``), after ``pager.prefetch`` of its ranges
-    (``"prefetch"``) or with the working set at ``ws`` (``"ws"``)."""
+    (``"prefetch"``), with ``willneed`` of them (``"willneed"``) or with the working set at
+    ``ws`` (``"ws"``)."""
+    if how == "ws":
+        options = {**options, "prefetch": str(ws)}
+    t0 = time.perf_counter()
+    with EX.LazyCheckpoint(spec, willneed=names if how == "willneed" else False,
+                           **options) as ckpt:
+        if how == "prefetch":
+            ckpt.prefetch(names)
+        EX.read_all(ckpt, names)
+        dt = time.perf_counter() - t0
+        fetched = ckpt.pager.stats().bytes_installed
+    return {"s": dt, "fetched": fetched}
+
+
+def prompt_ranges(ckpt: Any, ids: list[int]) -> list[tuple[int, int]]:
+    """The bytes a prompt's forward pass touches outside the layers' big matrices, in the
+    order it touches them: the embedding rows of its token ids, both norms of every layer,
+    and the lm_head rows of the same ids (scores of those tokens only)."""
+    def rows(name: str) -> list[tuple[int, int]]:
+        offset, length = ckpt.byte_range(name)
+        row = length // ckpt.entries[name]["shape"][0]
+        return [(offset + i * row, row) for i in ids]
+
+    norms = [ckpt.byte_range(n) for n in ckpt.names if n.endswith("norm.weight")]
+    return rows("embed.weight") + norms + rows("lm_head.weight")
+
+
+def prompt(spec: str, ids: list[int], how: str, ws: Path, **options: Any) -> dict[str, float]:
+    """A prompt's scattered touches (:func:`prompt_ranges`, copied out one by one) read
+    lazily (``how="lazy"``), with ``willneed`` of those ranges right after the header
+    (``"willneed"``) or with the working set at ``ws`` (``"ws"``)."""
     if how == "ws":
         options = {**options, "prefetch": str(ws)}
     t0 = time.perf_counter()
     with EX.LazyCheckpoint(spec, **options) as ckpt:
-        if how == "prefetch":
-            ckpt.prefetch(names)
-        EX.read_all(ckpt, names)
+        ranges = prompt_ranges(ckpt, ids)
+        if how == "willneed":
+            ckpt.pager.willneed(ranges)
+        view = memoryview(ckpt.pager)
+        for off, n in ranges:
+            bytes(view[off: off + n])
+        view.release()
         dt = time.perf_counter() - t0
         fetched = ckpt.pager.stats().bytes_installed
     return {"s": dt, "fetched": fetched}
@@ -196,6 +231,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--subset", type=float, default=0.15,
                     help="fraction of the tensors 'a model touches' (default 0.15)")
+    ap.add_argument("--prompt", type=int, default=256,
+                    help="token ids of the prompt case (default 256)")
     ap.add_argument("--only", default="http,redis,snapshot")
     ap.add_argument("--dir", help="work directory (kept; an existing checkpoint of the same "
                                   "size is reused)")
@@ -226,8 +263,12 @@ def main() -> int:
         sub = sorted(random.Random(7).sample(names, max(1, int(len(names) * args.subset))),
                      key=names.index)
         sub_bytes = sum(local.byte_range(n)[1] for n in sub)
+        vocab = local.entries["embed.weight"]["shape"][0]
+        ids = random.Random(11).sample(range(vocab), args.prompt)
+        touched = prompt_ranges(local, ids)
     print(f"# checkpoint {human(fsize)}, {len(names)} float16 tensors; subset {len(sub)} "
-          f"tensors, {human(sub_bytes)}; {args.runs} runs, medians")
+          f"tensors, {human(sub_bytes)}; prompt {len(ids)} token ids: {len(touched)} ranges, "
+          f"{human(sum(n for _, n in touched))}; {args.runs} runs, medians")
 
     specs: dict[str, str] = {}
     servers: list[Any] = []
@@ -255,12 +296,19 @@ def main() -> int:
             for what, spec in specs.items():
                 verify(spec, ckpt, what)
         ws_files: dict[str, Path] = {}
+        prompt_ws: dict[str, Path] = {}
         for i, (what, spec) in enumerate(specs.items()):
             ws_files[what] = work / f"subset.{i}.uws"
+            prompt_ws[what] = work / f"prompt.{i}.uws"
             # readahead off: every page the subset touches faults, and nothing else is in the
             # set (a recording counts readahead installs as touched)
             with EX.LazyCheckpoint(spec, record=str(ws_files[what]), readahead=False) as rec:
                 EX.read_all(rec, sub)
+            with EX.LazyCheckpoint(spec, record=str(prompt_ws[what]), readahead=False) as rec:
+                view = memoryview(rec.pager)
+                for off, n in prompt_ranges(rec, ids):
+                    bytes(view[off: off + n])
+                view.release()
         progress("working sets recorded; a spare pager process started")
         userfault.prestart()
         time.sleep(2)
@@ -275,9 +323,14 @@ def main() -> int:
                           (what, "cold", lambda spec=spec: map_cold(spec)),
                           (what, "lazy", lambda spec=spec: lazy_all(spec)),
                           (what, "tuned", lambda spec=spec: lazy_all(spec, **tuned))]
+                cases.append((what, "willneed", lambda spec=spec: lazy_all(spec, willneed=True)))
                 cases += [(what, f"subset {how}", lambda spec=spec, how=how, ws=ws: subset(
-                               spec, sub, how, ws, **({} if how == "lazy" else big_pieces)))
-                          for how in ("lazy", "prefetch", "ws")]
+                               spec, sub, how, ws,
+                               **({} if how in ("lazy", "willneed") else big_pieces)))
+                          for how in ("lazy", "prefetch", "ws", "willneed")]
+                cases += [(what, f"prompt {how}", lambda spec=spec, how=how: prompt(
+                               spec, ids, how, prompt_ws[what])) for how in ("lazy", "ws",
+                                                                                "willneed")]
             cases.append(("download first", "get+load_file", lambda: download_first(url, dl_path)))
             for what, case, fn in cases:
                 r = fn()
@@ -297,7 +350,7 @@ def main() -> int:
 
     ref = "download first"
     ref_all = med(ref, "get+load_file", "all_s")
-    rows, sub_rows = [], []
+    rows, sub_rows, hint_rows, prompt_rows = [], [], [], []
     for what in specs:
         stream = med(what, "stream", "rate")
         first, all_s = med(what, "lazy", "first_s"), med(what, "lazy", "all_s")
@@ -308,27 +361,44 @@ def main() -> int:
                      f"{fsize / t_all / stream * 100:.0f} %",
                      human(med(what, "lazy", "fetched")), f"{ref_all / min(first, t_first):.0f}x",
                      f"{ref_all / min(all_s, t_all):.2f}x"])
+        h_first, h_all = med(what, "willneed", "first_s"), med(what, "willneed", "all_s")
+        hint_rows.append([what, stream / MiB, first * 1e3, h_first * 1e3,
+                          f"{first / h_first:.2f}x", all_s, h_all,
+                          f"{fsize / all_s / stream * 100:.0f} %",
+                          f"{fsize / h_all / stream * 100:.0f} %",
+                          human(med(what, "willneed", "fetched"))])
         lazy_sub = med(what, "subset lazy", "s")
         pf_sub, ws_sub = med(what, "subset prefetch", "s"), med(what, "subset ws", "s")
-        sub_rows.append([what, lazy_sub, pf_sub, ws_sub, f"{lazy_sub / pf_sub:.2f}x",
-                         f"{lazy_sub / ws_sub:.2f}x", human(med(what, "subset ws", "fetched")),
+        wn_sub = med(what, "subset willneed", "s")
+        sub_rows.append([what, lazy_sub, pf_sub, ws_sub, wn_sub, f"{lazy_sub / pf_sub:.2f}x",
+                         f"{lazy_sub / ws_sub:.2f}x", f"{lazy_sub / wn_sub:.2f}x",
+                         human(med(what, "subset ws", "fetched")),
                          f"{lazy_sub * stream / sub_bytes:.2f}x"])
+        lazy_p, ws_p = med(what, "prompt lazy", "s"), med(what, "prompt ws", "s")
+        wn_p = med(what, "prompt willneed", "s")
+        prompt_rows.append([what, lazy_p * 1e3, ws_p * 1e3, wn_p * 1e3, f"{lazy_p / ws_p:.2f}x",
+                            f"{lazy_p / wn_p:.2f}x", human(med(what, "prompt lazy", "fetched")),
+                            human(med(what, "prompt ws", "fetched"))])
     rows.append([f"{ref} (GET {med(ref, 'get+load_file', 'get_rate') / MiB:.0f} MiB/s)",
                  med(ref, "get+load_file", "get_rate") / MiB, "-", "-", ref_all * 1e3, ref_all,
                  "-", "-", "-", "-", human(fsize), "1x", "1x"])
     headers = ["source", "stream MiB/s", "map+header cold ms", "map+header ms",
                "first tensor ms", "all s", "all / stream", "tuned: first ms", "tuned: all s",
                "tuned: all / stream", "fetched", "ref / first", "ref / all"]
+    hint_headers = ["source", "stream MiB/s", "lazy: first ms", "willneed: first ms",
+                    "lazy / willneed first", "lazy: all s", "willneed: all s", "lazy: all / stream",
+                    "willneed: all / stream", "willneed fetched"]
     sub_headers = ["source", "subset lazy s", "subset prefetch s", "subset ws s",
-                   "lazy / prefetch", "lazy / ws", "ws fetched",
-                   "ceiling: lazy / stream time"]
-    print(table(headers, rows))
-    print()
-    print(table(headers, rows, markdown=True))
-    print()
-    print(table(sub_headers, sub_rows))
-    print()
-    print(table(sub_headers, sub_rows, markdown=True))
+                   "subset willneed s", "lazy / prefetch", "lazy / ws", "lazy / willneed",
+                   "ws fetched", "ceiling: lazy / stream time"]
+    prompt_headers = ["source", "prompt lazy ms", "prompt ws ms", "prompt willneed ms",
+                      "lazy / ws", "lazy / willneed", "lazy fetched", "ws fetched"]
+    for h, r in ((headers, rows), (hint_headers, hint_rows), (sub_headers, sub_rows),
+                 (prompt_headers, prompt_rows)):
+        print(table(h, r))
+        print()
+        print(table(h, r, markdown=True))
+        print()
     print(f"\n# /proc/loadavg at end: {Path('/proc/loadavg').read_text().strip()}")
     print("# targets: first tensor <= 50 ms (4 GiB); all / stream >= 90 %; lazy / ws >= 4x")
     return 0

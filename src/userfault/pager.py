@@ -345,11 +345,7 @@ class Pager(_native.Mapping):
                 (``.poisoned`` lists them); the rest was installed.
         """
         self._check_open()
-        todo = [(0, self.size)] if ranges is None else [(int(o), int(n)) for o, n in ranges]
-        for off, length in todo:
-            if off < 0 or length < 0 or off + length > self.size:
-                raise ValueError(f"prefetch range ({off}, {length}) is outside the "
-                                 f"{self.size}-byte region")
+        todo = [(0, self.size)] if ranges is None else self._ranges(ranges, "prefetch")
         if os.getpid() != self._owner:
             raise PagerError("prefetch from a forked child is not supported: the engine "
                              "installs into the parent's memory (the child's faults are "
@@ -380,15 +376,26 @@ class Pager(_native.Mapping):
         if not (self.readahead[1] or self.config.populate or self.working_set):
             raise ValueError("willneed needs the background threads: readahead on (the "
                              "default), populate=True or a prefetch= working set")
-        todo = [(int(o), int(n)) for o, n in ranges]
-        for off, length in todo:
-            if off < 0 or length < 0 or off + length > self.size:
-                raise ValueError(f"willneed range ({off}, {length}) is outside the "
-                                 f"{self.size}-byte region")
+        todo = self._ranges(ranges, "willneed")
         if os.getpid() != self._owner:
             raise PagerError("willneed from a forked child is not supported: the engine "
                              "installs into the parent's memory")
         return self._serving().willneed(todo)
+
+    def _ranges(self, ranges: Iterable[tuple[int, int]], what: str) -> list[tuple[int, int]]:
+        """``(offset, length)`` pairs as ints, each inside the region, or ValueError."""
+        out = []
+        for item in ranges:
+            try:
+                off, length = (int(x) for x in item)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{what} ranges are (offset, length) pairs of integers, not "
+                                 f"{item!r}") from err
+            if off < 0 or length < 0 or off + length > self.size:
+                raise ValueError(f"{what} range ({off}, {length}) is outside the "
+                                 f"{self.size}-byte region")
+            out.append((off, length))
+        return out
 
     def flush(self) -> int:
         """Write every page written since it was last written back to the source, and make
