@@ -91,18 +91,3 @@ def test_a_spare_nobody_takes_exits_with_its_process() -> None:
     while not _gone(pid):  # an exited child of the dead parent is reaped by init
         assert time.monotonic() < deadline, f"spare pager process {pid} outlived its parent"
         time.sleep(0.05)
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="a spare waits at SCHED_IDLE only where it may "
-                    "be put back (root, or RLIMIT_NICE): here it starts as before")
-def test_a_spare_waits_at_sched_idle_and_serves_at_sched_other() -> None:
-    data = bytes(range(256)) * (4 * PAGE // 256)
-    userfault.prestart()
-    first = _spare_pid()
-    assert os.sched_getscheduler(first) == os.SCHED_IDLE
-    with userfault.Pager(PyBytes(data), readahead=False) as pager:
-        assert pager._runtime.proc.pid == first  # type: ignore[union-attr]
-        assert os.sched_getscheduler(first) == os.SCHED_OTHER
-        with memoryview(pager) as view:
-            assert bytes(view) == data
-        assert os.sched_getscheduler(_spare_pid()) == os.SCHED_IDLE  # the next one

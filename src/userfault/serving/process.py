@@ -30,9 +30,7 @@ your script as ``__mp_main__`` (so code that maps memory at import must sit unde
 Starting a pager process costs an interpreter and its imports (~0.1 s, more on a loaded
 machine), paid by the first fault's wait unless it is paid ahead: :func:`prestart` starts a
 *spare* supervisor that imports everything and waits; the next pager of a Python source takes
-it (and starts the next spare), so that ``userfault.map`` only hands it the uffd. A spare
-waits at SCHED_IDLE where it can be put back (see ``_set_idle``): its start-up does not slow
-the pager that has just begun serving.
+it (and starts the next spare), so that ``userfault.map`` only hands it the uffd.
 
 ``python -m userfault.serving.process SOCK_FD`` is the supervisor's entry point; the uffd,
 the shared state and the other descriptors come over ``SOCK_FD`` (SCM_RIGHTS).
@@ -49,7 +47,6 @@ import mmap
 import multiprocessing.spawn
 import os
 import pickle
-import resource
 import select
 import signal
 import socket
@@ -192,7 +189,6 @@ class _Spare:
     sock: socket.socket
     env: dict[str, str]
     owner: int
-    idle: bool  # started at SCHED_IDLE (see _set_idle)
 
 
 _spare: _Spare | None = None
@@ -208,24 +204,6 @@ def _spawn_supervisor(env: dict[str, str], *, spare: bool = False
              *(["--spare"] if spare else [])],
             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env)
     return proc, mine
-
-
-def _set_idle(pid: int, idle: bool) -> bool:
-    """Put a spare's main thread at SCHED_IDLE while it starts and waits, or back at
-    SCHED_OTHER when it is taken; whether that was done. A spare is started just as the pager
-    that took the previous one begins serving: at normal priority its interpreter start and
-    imports (~100 ms of CPU) compete with that pager's reads and its reader (BENCHMARKS.md,
-    "Model weights on demand"); idle, it takes only CPU time nobody else wants. Only where it
-    may go back (root, or an RLIMIT_NICE that allows nice 0): a spare left idle would be
-    served last on a busy machine."""
-    if idle and os.geteuid() != 0 and resource.getrlimit(resource.RLIMIT_NICE)[0] < 20:
-        return False
-    try:
-        os.sched_setscheduler(pid, os.SCHED_IDLE if idle else os.SCHED_OTHER,
-                              os.sched_param(0))
-    except OSError:  # gone, or not allowed here
-        return False
-    return True
 
 
 def _pager_env() -> dict[str, str]:
@@ -265,7 +243,7 @@ def prestart(keep: bool = True) -> None:
         if keep:
             env = _pager_env()
             proc, sock = _spawn_supervisor(env, spare=True)
-            _spare = _Spare(proc, sock, env, os.getpid(), _set_idle(proc.pid, True))
+            _spare = _Spare(proc, sock, env, os.getpid())
 
 
 def _take_supervisor() -> tuple[subprocess.Popen[bytes], socket.socket, bool]:
@@ -277,9 +255,8 @@ def _take_supervisor() -> tuple[subprocess.Popen[bytes], socket.socket, bool]:
         spare, _spare = _spare, None
     if spare is not None and spare.owner != os.getpid():
         spare = None  # the parent's (this is a forked child): not ours to use or stop
-    elif spare is not None and (spare.env != env or spare.proc.poll() is not None or (
-            spare.idle and not _set_idle(spare.proc.pid, False))):
-        _drop_spare(spare)  # started under another environment, gone, or stuck at idle
+    elif spare is not None and (spare.env != env or spare.proc.poll() is not None):
+        _drop_spare(spare)  # started under another environment, or gone
         spare = None
     if spare is None:
         return (*_spawn_supervisor(env), False)
