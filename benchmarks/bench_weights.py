@@ -2,8 +2,8 @@
 from nginx (HTTP), Redis and a compressed snapshot, against downloading it first.
 
 Usage: PYTHONPATH=src python benchmarks/bench_weights.py [--size 2G] [--runs 3]
-           [--subset 0.15] [--only http,redis,snapshot] [--dir DIR] [--no-verify]
-           [--tuned piece=4M,readahead=1M:32M]
+           [--subset 0.15] [--prompt 256] [--only http,redis,snapshot] [--dir DIR]
+           [--no-verify] [--tuned piece=4M,readahead=1M:32M]
 
 The checkpoint (float16 tensors shaped like a transformer's, written by the ``safetensors``
 package; see examples/weights_over_http.py) is served by a private nginx and redis-server on
@@ -18,23 +18,35 @@ loopback (tests/servers.py) and compressed into a snapshot. Each run measures, p
   file order: ``map+header``, time to the first tensor (from the ``map`` call to its bytes
   copied out), time to all, bytes fetched; with the pager defaults (one serving thread, two
   background threads installing 256 KiB pieces, readahead 64 KiB doubling to 4 MiB);
+* ``willneed``: ``lazy`` with every tensor hinted in file order right after the header
+  (``LazyCheckpoint(willneed=True)``: ``Pager.willneed`` of their byte ranges, so that the
+  background threads read them ahead of the reader, from the first one on, instead of
+  readahead ramping up behind its faults); the pager defaults otherwise;
 * ``tuned``: ``lazy`` with ``--tuned`` options (default: 4 MiB pieces, readahead 1 MiB
   doubling to 32 MiB, so that each background read is one ``read_many`` large enough for
   the HTTP source to split over its connections);
-* ``subset lazy`` / ``subset prefetch`` / ``subset ws``: the tensors "a model touches" (a
-  seeded random ``--subset`` fraction, read in file order), plainly lazily, after
-  ``pager.prefetch(their byte ranges)``, and with a working set recorded once beforehand
-  (``record=``) and installed from the first fault on by the background threads
-  (``prefetch=``: one batch, DONTWAKE then one WAKE, in first-touch order); the lazy case
-  with the pager defaults, the other two with the ``--tuned`` piece size (a large readahead
-  window would fetch far past the small tensors' ends). The working set is recorded with
-  readahead off, so that it holds the pages touched and no others;
+* ``subset lazy`` / ``subset prefetch`` / ``subset ws`` / ``subset willneed``: whole
+  tensors "a model touches" (a seeded random ``--subset`` fraction, read in file order),
+  plainly lazily, after ``pager.prefetch(their byte ranges)``, with a working set recorded
+  once beforehand (``record=``) and installed from the first fault on by the background
+  threads (``prefetch=``: one batch, DONTWAKE then one WAKE, in first-touch order), and with
+  ``willneed`` of them after the header; lazy and willneed with the pager defaults, prefetch
+  and ws with the ``--tuned`` piece size (a large readahead window would fetch far past the
+  small tensors' ends). Working sets are recorded with readahead off, so that they hold the
+  pages touched and no others;
+* ``prompt lazy`` / ``prompt ws`` / ``prompt willneed``: scattered touches, those of a
+  prompt's forward pass outside the layers' big matrices: the embedding rows of ``--prompt``
+  seeded token ids (one 4 KiB row each, in prompt order), both norms of every layer, and the
+  lm_head rows of the same ids (scoring those tokens), each range copied out; lazily, with
+  a working set recorded once, and with ``willneed`` of the ranges right after the header
+  (all with the pager defaults);
 * the reference, once per run: a plain HTTP GET of the whole file to a local file, then
   ``safetensors.numpy.load_file`` (time to the first tensor = time to all).
 
 Cases run round-robin within a run; figures are medians over ``--runs``. Targets (issue 12):
 first tensor <= 50 ms (for 4 GiB on loopback), all tensors >= 90 % of the source's stream,
-working set >= 4x faster to the subset than plain lazy loading.
+working set >= 4x faster to the tensors a model touches than plain lazy loading (the
+``subset`` and ``prompt`` tables).
 """
 
 from __future__ import annotations
