@@ -145,6 +145,17 @@ def test_willneed_racing_with_a_sequential_reader_installs_each_page_once(runtim
             assert v == body
 
 
+def test_willneed_past_a_budget_still_serves_every_page(runtime: str) -> None:
+    size = 16 * MiB
+    body = page_data(size)
+    with userfault.map(bytes_source(runtime, body), max_resident=4 * MiB) as p:
+        p.willneed([(0, size)])  # four budgets' worth: dropped once the budget is full
+        with memoryview(p) as v:
+            for off in range(0, size, MiB):
+                assert v[off: off + MiB] == body[off: off + MiB]
+        p.check()
+
+
 def test_willneed_refuses_bad_ranges_and_pagers_without_background_threads(runtime: str) -> None:
     body = page_data(MiB)
     with userfault.map(bytes_source(runtime, body)) as p:

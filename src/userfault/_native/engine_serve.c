@@ -733,7 +733,8 @@ static int claim_hint(engine_t *e, area_t *a, uint64_t *off, uint64_t *n)
     while (hint_left(e)) {
         const uint64_t *h = &e->hints[3 * e->hint_next];
         areas_t *as = areas_of(root);
-        if ((int)h[0] >= as->n || e->hint_off >= h[2]) {
+        /* done, or its area is gone or shorter now (a REMAP since) */
+        if ((int)h[0] >= as->n || e->hint_off >= h[2] || h[1] + e->hint_off >= as->a[h[0]].len) {
             e->hint_next++;
             e->hint_off = 0;
             continue;
@@ -756,6 +757,8 @@ static int claim_hint(engine_t *e, area_t *a, uint64_t *off, uint64_t *n)
         *a = *ar;
         *off = at;
         *n = h[2] - e->hint_off < piece ? h[2] - e->hint_off : piece;
+        if (*n > ar->len - at)
+            *n = ar->len - at;
         e->hint_off += *n;
         return 1;
     }
