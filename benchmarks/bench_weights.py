@@ -2,8 +2,8 @@
 from nginx (HTTP), Redis and a compressed snapshot, against downloading it first.
 
 Usage: PYTHONPATH=src python benchmarks/bench_weights.py [--size 2G] [--runs 3]
-           [--subset 0.15] [--only http,redis,snapshot] [--dir DIR] [--no-verify]
-           [--tuned piece=4M,readahead=1M:32M]
+           [--subset 0.15] [--prompt 256] [--only http,redis,snapshot] [--dir DIR]
+           [--no-verify] [--tuned piece=4M,readahead=1M:32M]
 
 The checkpoint (float16 tensors shaped like a transformer's, written by the ``safetensors``
 package; see examples/weights_over_http.py) is served by a private nginx and redis-server on
@@ -18,23 +18,35 @@ loopback (tests/servers.py) and compressed into a snapshot. Each run measures, p
   file order: ``map+header``, time to the first tensor (from the ``map`` call to its bytes
   copied out), time to all, bytes fetched; with the pager defaults (one serving thread, two
   background threads installing 256 KiB pieces, readahead 64 KiB doubling to 4 MiB);
+* ``willneed``: ``lazy`` with every tensor hinted in file order right after the header
+  (``LazyCheckpoint(willneed=True)``: ``Pager.willneed`` of their byte ranges, so that the
+  background threads read them ahead of the reader, from the first one on, instead of
+  readahead ramping up behind its faults); the pager defaults otherwise;
 * ``tuned``: ``lazy`` with ``--tuned`` options (default: 4 MiB pieces, readahead 1 MiB
   doubling to 32 MiB, so that each background read is one ``read_many`` large enough for
   the HTTP source to split over its connections);
-* ``subset lazy`` / ``subset prefetch`` / ``subset ws``: the tensors "a model touches" (a
-  seeded random ``--subset`` fraction, read in file order), plainly lazily, after
-  ``pager.prefetch(their byte ranges)``, and with a working set recorded once beforehand
-  (``record=``) and installed from the first fault on by the background threads
-  (``prefetch=``: one batch, DONTWAKE then one WAKE, in first-touch order); the lazy case
-  with the pager defaults, the other two with the ``--tuned`` piece size (a large readahead
-  window would fetch far past the small tensors' ends). The working set is recorded with
-  readahead off, so that it holds the pages touched and no others;
+* ``subset lazy`` / ``subset prefetch`` / ``subset ws`` / ``subset willneed``: whole
+  tensors "a model touches" (a seeded random ``--subset`` fraction, read in file order),
+  plainly lazily, after ``pager.prefetch(their byte ranges)``, with a working set recorded
+  once beforehand (``record=``) and installed from the first fault on by the background
+  threads (``prefetch=``: one batch, DONTWAKE then one WAKE, in first-touch order), and with
+  ``willneed`` of them after the header; lazy and willneed with the pager defaults, prefetch
+  and ws with the ``--tuned`` piece size (a large readahead window would fetch far past the
+  small tensors' ends). Working sets are recorded with readahead off, so that they hold the
+  pages touched and no others;
+* ``prompt lazy`` / ``prompt ws`` / ``prompt willneed``: scattered touches, those of a
+  prompt's forward pass outside the layers' big matrices: the embedding rows of ``--prompt``
+  seeded token ids (one 4 KiB row each, in prompt order), both norms of every layer, and the
+  lm_head rows of the same ids (scoring those tokens), each range copied out; lazily, with
+  a working set recorded once, and with ``willneed`` of the ranges right after the header
+  (all with the pager defaults);
 * the reference, once per run: a plain HTTP GET of the whole file to a local file, then
   ``safetensors.numpy.load_file`` (time to the first tensor = time to all).
 
 Cases run round-robin within a run; figures are medians over ``--runs``. Targets (issue 12):
 first tensor <= 50 ms (for 4 GiB on loopback), all tensors >= 90 % of the source's stream,
-working set >= 4x faster to the subset than plain lazy loading.
+working set >= 4x faster to the tensors a model touches than plain lazy loading (the
+``subset`` and ``prompt`` tables).
 """
 
 from __future__ import annotations
@@ -140,14 +152,49 @@ def lazy_all(spec: str, **options: Any) -> dict[str, float]:
 def subset(spec: str, names: list[str], how: str, ws: Path,
            **options: Any) -> dict[str, float]:
     """The subset read lazily (``how="lazy"``), after ``pager.prefetch`` of its ranges
-    (``"prefetch"``) or with the working set at ``ws`` (``"ws"``)."""
+    (``"prefetch"``), with ``willneed`` of them (``"willneed"``) or with the working set at
+    ``ws`` (``"ws"``)."""
+    if how == "ws":
+        options = {**options, "prefetch": str(ws)}
+    t0 = time.perf_counter()
+    with EX.LazyCheckpoint(spec, willneed=names if how == "willneed" else False,
+                           **options) as ckpt:
+        if how == "prefetch":
+            ckpt.prefetch(names)
+        EX.read_all(ckpt, names)
+        dt = time.perf_counter() - t0
+        fetched = ckpt.pager.stats().bytes_installed
+    return {"s": dt, "fetched": fetched}
+
+
+def prompt_ranges(ckpt: Any, ids: list[int]) -> list[tuple[int, int]]:
+    """The bytes a prompt's forward pass touches outside the layers' big matrices, in the
+    order it touches them: the embedding rows of its token ids, both norms of every layer,
+    and the lm_head rows of the same ids (scores of those tokens only)."""
+    def rows(name: str) -> list[tuple[int, int]]:
+        offset, length = ckpt.byte_range(name)
+        row = length // ckpt.entries[name]["shape"][0]
+        return [(offset + i * row, row) for i in ids]
+
+    norms = [ckpt.byte_range(n) for n in ckpt.names if n.endswith("norm.weight")]
+    return rows("embed.weight") + norms + rows("lm_head.weight")
+
+
+def prompt(spec: str, ids: list[int], how: str, ws: Path, **options: Any) -> dict[str, float]:
+    """A prompt's scattered touches (:func:`prompt_ranges`, copied out one by one) read
+    lazily (``how="lazy"``), with ``willneed`` of those ranges right after the header
+    (``"willneed"``) or with the working set at ``ws`` (``"ws"``)."""
     if how == "ws":
         options = {**options, "prefetch": str(ws)}
     t0 = time.perf_counter()
     with EX.LazyCheckpoint(spec, **options) as ckpt:
-        if how == "prefetch":
-            ckpt.prefetch(names)
-        EX.read_all(ckpt, names)
+        ranges = prompt_ranges(ckpt, ids)
+        if how == "willneed":
+            ckpt.pager.willneed(ranges)
+        view = memoryview(ckpt.pager)
+        for off, n in ranges:
+            bytes(view[off: off + n])
+        view.release()
         dt = time.perf_counter() - t0
         fetched = ckpt.pager.stats().bytes_installed
     return {"s": dt, "fetched": fetched}
@@ -196,6 +243,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--subset", type=float, default=0.15,
                     help="fraction of the tensors 'a model touches' (default 0.15)")
+    ap.add_argument("--prompt", type=int, default=256,
+                    help="token ids of the prompt case (default 256)")
     ap.add_argument("--only", default="http,redis,snapshot")
     ap.add_argument("--dir", help="work directory (kept; an existing checkpoint of the same "
                                   "size is reused)")
@@ -226,8 +275,12 @@ def main() -> int:
         sub = sorted(random.Random(7).sample(names, max(1, int(len(names) * args.subset))),
                      key=names.index)
         sub_bytes = sum(local.byte_range(n)[1] for n in sub)
+        vocab = local.entries["embed.weight"]["shape"][0]
+        ids = random.Random(11).sample(range(vocab), args.prompt)
+        touched = prompt_ranges(local, ids)
     print(f"# checkpoint {human(fsize)}, {len(names)} float16 tensors; subset {len(sub)} "
-          f"tensors, {human(sub_bytes)}; {args.runs} runs, medians")
+          f"tensors, {human(sub_bytes)}; prompt {len(ids)} token ids: {len(touched)} ranges, "
+          f"{human(sum(n for _, n in touched))}; {args.runs} runs, medians")
 
     specs: dict[str, str] = {}
     servers: list[Any] = []
@@ -255,12 +308,19 @@ def main() -> int:
             for what, spec in specs.items():
                 verify(spec, ckpt, what)
         ws_files: dict[str, Path] = {}
+        prompt_ws: dict[str, Path] = {}
         for i, (what, spec) in enumerate(specs.items()):
             ws_files[what] = work / f"subset.{i}.uws"
+            prompt_ws[what] = work / f"prompt.{i}.uws"
             # readahead off: every page the subset touches faults, and nothing else is in the
             # set (a recording counts readahead installs as touched)
             with EX.LazyCheckpoint(spec, record=str(ws_files[what]), readahead=False) as rec:
                 EX.read_all(rec, sub)
+            with EX.LazyCheckpoint(spec, record=str(prompt_ws[what]), readahead=False) as rec:
+                view = memoryview(rec.pager)
+                for off, n in prompt_ranges(rec, ids):
+                    bytes(view[off: off + n])
+                view.release()
         progress("working sets recorded; a spare pager process started")
         userfault.prestart()
         time.sleep(2)
@@ -275,9 +335,14 @@ def main() -> int:
                           (what, "cold", lambda spec=spec: map_cold(spec)),
                           (what, "lazy", lambda spec=spec: lazy_all(spec)),
                           (what, "tuned", lambda spec=spec: lazy_all(spec, **tuned))]
+                cases.append((what, "willneed", lambda spec=spec: lazy_all(spec, willneed=True)))
                 cases += [(what, f"subset {how}", lambda spec=spec, how=how, ws=ws: subset(
-                               spec, sub, how, ws, **({} if how == "lazy" else big_pieces)))
-                          for how in ("lazy", "prefetch", "ws")]
+                               spec, sub, how, ws,
+                               **({} if how in ("lazy", "willneed") else big_pieces)))
+                          for how in ("lazy", "prefetch", "ws", "willneed")]
+                cases += [(what, f"prompt {how}", lambda spec=spec, how=how: prompt(
+                               spec, ids, how, prompt_ws[what])) for how in ("lazy", "ws",
+                                                                                "willneed")]
             cases.append(("download first", "get+load_file", lambda: download_first(url, dl_path)))
             for what, case, fn in cases:
                 r = fn()
@@ -297,7 +362,7 @@ def main() -> int:
 
     ref = "download first"
     ref_all = med(ref, "get+load_file", "all_s")
-    rows, sub_rows = [], []
+    rows, sub_rows, hint_rows, prompt_rows = [], [], [], []
     for what in specs:
         stream = med(what, "stream", "rate")
         first, all_s = med(what, "lazy", "first_s"), med(what, "lazy", "all_s")
@@ -308,27 +373,44 @@ def main() -> int:
                      f"{fsize / t_all / stream * 100:.0f} %",
                      human(med(what, "lazy", "fetched")), f"{ref_all / min(first, t_first):.0f}x",
                      f"{ref_all / min(all_s, t_all):.2f}x"])
+        h_first, h_all = med(what, "willneed", "first_s"), med(what, "willneed", "all_s")
+        hint_rows.append([what, stream / MiB, first * 1e3, h_first * 1e3,
+                          f"{first / h_first:.2f}x", all_s, h_all,
+                          f"{fsize / all_s / stream * 100:.0f} %",
+                          f"{fsize / h_all / stream * 100:.0f} %",
+                          human(med(what, "willneed", "fetched"))])
         lazy_sub = med(what, "subset lazy", "s")
         pf_sub, ws_sub = med(what, "subset prefetch", "s"), med(what, "subset ws", "s")
-        sub_rows.append([what, lazy_sub, pf_sub, ws_sub, f"{lazy_sub / pf_sub:.2f}x",
-                         f"{lazy_sub / ws_sub:.2f}x", human(med(what, "subset ws", "fetched")),
+        wn_sub = med(what, "subset willneed", "s")
+        sub_rows.append([what, lazy_sub, pf_sub, ws_sub, wn_sub, f"{lazy_sub / pf_sub:.2f}x",
+                         f"{lazy_sub / ws_sub:.2f}x", f"{lazy_sub / wn_sub:.2f}x",
+                         human(med(what, "subset ws", "fetched")),
                          f"{lazy_sub * stream / sub_bytes:.2f}x"])
+        lazy_p, ws_p = med(what, "prompt lazy", "s"), med(what, "prompt ws", "s")
+        wn_p = med(what, "prompt willneed", "s")
+        prompt_rows.append([what, lazy_p * 1e3, ws_p * 1e3, wn_p * 1e3, f"{lazy_p / ws_p:.2f}x",
+                            f"{lazy_p / wn_p:.2f}x", human(med(what, "prompt lazy", "fetched")),
+                            human(med(what, "prompt ws", "fetched"))])
     rows.append([f"{ref} (GET {med(ref, 'get+load_file', 'get_rate') / MiB:.0f} MiB/s)",
                  med(ref, "get+load_file", "get_rate") / MiB, "-", "-", ref_all * 1e3, ref_all,
                  "-", "-", "-", "-", human(fsize), "1x", "1x"])
     headers = ["source", "stream MiB/s", "map+header cold ms", "map+header ms",
                "first tensor ms", "all s", "all / stream", "tuned: first ms", "tuned: all s",
                "tuned: all / stream", "fetched", "ref / first", "ref / all"]
+    hint_headers = ["source", "stream MiB/s", "lazy: first ms", "willneed: first ms",
+                    "lazy / willneed first", "lazy: all s", "willneed: all s", "lazy: all / stream",
+                    "willneed: all / stream", "willneed fetched"]
     sub_headers = ["source", "subset lazy s", "subset prefetch s", "subset ws s",
-                   "lazy / prefetch", "lazy / ws", "ws fetched",
-                   "ceiling: lazy / stream time"]
-    print(table(headers, rows))
-    print()
-    print(table(headers, rows, markdown=True))
-    print()
-    print(table(sub_headers, sub_rows))
-    print()
-    print(table(sub_headers, sub_rows, markdown=True))
+                   "subset willneed s", "lazy / prefetch", "lazy / ws", "lazy / willneed",
+                   "ws fetched", "ceiling: lazy / stream time"]
+    prompt_headers = ["source", "prompt lazy ms", "prompt ws ms", "prompt willneed ms",
+                      "lazy / ws", "lazy / willneed", "lazy fetched", "ws fetched"]
+    for h, r in ((headers, rows), (hint_headers, hint_rows), (sub_headers, sub_rows),
+                 (prompt_headers, prompt_rows)):
+        print(table(h, r))
+        print()
+        print(table(h, r, markdown=True))
+        print()
     print(f"\n# /proc/loadavg at end: {Path('/proc/loadavg').read_text().strip()}")
     print("# targets: first tensor <= 50 ms (4 GiB); all / stream >= 90 %; lazy / ws >= 4x")
     return 0

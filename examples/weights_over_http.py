@@ -7,12 +7,16 @@ compressed snapshot) through ``userfault.map``; only the tensors you read travel
     python examples/weights_over_http.py http://127.0.0.1:8080/ckpt.safetensors
     python examples/weights_over_http.py http://127.0.0.1:8080/ckpt.safetensors \\
         --check ckpt.safetensors                   # compare every tensor byte for byte
+    # every tensor is hinted (Pager.willneed) in file order after the header; --no-willneed
+    # leaves it to readahead behind the faults
 
 A safetensors file is an 8-byte little-endian header length N, N bytes of JSON (name ->
 dtype, shape, [begin, end) offsets relative to the end of the header), then the raw tensors.
 :class:`LazyCheckpoint` parses that header from the mapped memory (faulting in its first
-pages only) and gives numpy views of the tensors: a view costs nothing until it is read, and
-:meth:`LazyCheckpoint.prefetch` installs a set of tensors in one batch first.
+pages only) and gives numpy views of the tensors: a view costs nothing until it is read,
+:meth:`LazyCheckpoint.prefetch` installs a set of tensors in one batch first, and
+``LazyCheckpoint(url, willneed=True)`` (or :meth:`LazyCheckpoint.willneed`) has the pager's
+background threads fetch the tensors in the order they will be read, ahead of the reader.
 """
 
 from __future__ import annotations
@@ -83,11 +87,14 @@ class LazyCheckpoint:
             print(float(w[0, 0]))                        # now its first page is
     """
 
-    def __init__(self, source: Any, **pager_options: Any) -> None:
+    def __init__(self, source: Any, *, willneed: Iterable[str] | bool = False,
+                 **pager_options: Any) -> None:
         self.pager = userfault.map(source, **pager_options)
         self._view = memoryview(self.pager)
         self.data_start, self.entries = parse_header(self._view)
         self.names = sorted(self.entries, key=lambda k: self.entries[k]["data_offsets"][0])
+        if willneed:
+            self.willneed(self.names if willneed is True else willneed)
 
     def byte_range(self, name: str) -> tuple[int, int]:
         """``(offset, length)`` of a tensor's bytes in the file."""
@@ -105,6 +112,11 @@ class LazyCheckpoint:
     def prefetch(self, names: Iterable[str]) -> int:
         """Install these tensors' bytes now, in one batch; returns bytes installed."""
         return self.pager.prefetch([self.byte_range(n) for n in names])
+
+    def willneed(self, names: Iterable[str]) -> int:
+        """Start fetching these tensors in the background, in this order (the order a loader
+        will read them), and return at once (``Pager.willneed``); returns bytes queued."""
+        return self.pager.willneed([self.byte_range(n) for n in names])
 
     def close(self) -> None:
         self._view.release()
@@ -144,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", nargs="?", help="URL (http://, redis://) or path of the file")
     parser.add_argument("--make", metavar="FILE", help="write a checkpoint and exit")
     parser.add_argument("--size", default="64M", help="checkpoint size for --make (64M)")
+    parser.add_argument("--no-willneed", action="store_true",
+                        help="do not hint the tensors ahead (readahead behind the faults only)")
     parser.add_argument("--check", metavar="FILE",
                         help="compare every tensor with this local copy (safetensors.load_file)")
     args = parser.parse_args(argv)
@@ -156,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.source:
         parser.error("give a source (or --make FILE)")
     t0 = time.perf_counter()
-    with LazyCheckpoint(args.source) as ckpt:
+    with LazyCheckpoint(args.source, willneed=not args.no_willneed) as ckpt:
         t_header = time.perf_counter() - t0
         t_first = read_all(ckpt, ckpt.names)
         t_all = time.perf_counter() - t0

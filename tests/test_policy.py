@@ -115,6 +115,72 @@ def test_prefetch_installs_in_one_batch_then_no_faults(runtime: str) -> None:
             assert v[:MiB] == body[:MiB]
 
 
+def test_willneed_installs_in_the_background_then_no_faults(runtime: str) -> None:
+    body = page_data(8 * MiB)
+    with userfault.map(bytes_source(runtime, body)) as p:
+        ranges = [(MiB, 2 * MiB), (5 * MiB + 100, 2 * PAGE)]
+        queued = p.willneed(ranges)
+        assert queued == 2 * MiB + 3 * PAGE  # an unaligned range rounds out to whole pages
+        s = settled(p, lambda s: s.bytes_installed == queued, timeout=30)
+        assert (s.faults, s.readahead_bytes) == (0, queued)  # counted as readahead
+        for off, n in ranges:
+            touch(p, off, n)
+        assert p.stats().faults == 0
+        assert p.willneed([(MiB, MiB)]) == MiB  # queued again; present pages are skipped
+        with memoryview(p) as v:
+            assert v[MiB: 3 * MiB] == body[MiB: 3 * MiB]
+            assert v[5 * MiB: 5 * MiB + 3 * PAGE] == body[5 * MiB: 5 * MiB + 3 * PAGE]
+        assert settled(p).bytes_installed == queued
+
+
+def test_willneed_racing_with_a_sequential_reader_installs_each_page_once(runtime: str) -> None:
+    size = 16 * MiB
+    body = page_data(size)
+    with userfault.map(bytes_source(runtime, body)) as p:
+        p.willneed([(0, size)])
+        touch(p, 0, size)  # faults meet pieces being read, installed, or not claimed yet
+        s = settled(p, lambda s: s.bytes_installed == size, timeout=30)
+        assert s.bytes_installed == size and s.poisoned == 0
+        with memoryview(p) as v:
+            assert v == body
+
+
+def test_willneed_past_a_budget_still_serves_every_page(runtime: str) -> None:
+    size = 16 * MiB
+    body = page_data(size)
+    with userfault.map(bytes_source(runtime, body), max_resident=4 * MiB) as p:
+        p.willneed([(0, size)])  # four budgets' worth: dropped once the budget is full
+        with memoryview(p) as v:
+            for off in range(0, size, MiB):
+                assert v[off: off + MiB] == body[off: off + MiB]
+        p.check()
+
+
+def test_willneed_refuses_bad_ranges_and_pagers_without_background_threads(runtime: str) -> None:
+    body = page_data(MiB)
+    with userfault.map(bytes_source(runtime, body)) as p:
+        with pytest.raises(ValueError, match=r"willneed range \(0, 1048577\) is outside"):
+            p.willneed([(0, MiB + 1)])
+        with pytest.raises(ValueError, match="outside"):
+            p.willneed([(-1, 10)])
+        with pytest.raises(ValueError, match=r"willneed ranges are \(offset, length\) pairs"):
+            p.willneed([(0,)])  # type: ignore[list-item]
+    with pytest.raises(userfault.PagerError, match="closed"):
+        p.willneed([(0, PAGE)])
+    with userfault.map(bytes_source(runtime, body), readahead=False) as p, \
+            pytest.raises(ValueError, match="willneed needs the background threads"):
+        p.willneed([(0, PAGE)])
+
+
+def test_willneed_refuses_more_than_its_pending_ranges() -> None:
+    with userfault.map(userfault.ZeroSource(((1 << 17) + 1) * PAGE)) as p:
+        every_other = [(2 * i * PAGE, PAGE) for i in range(65537)]
+        with pytest.raises(ValueError, match="more than 65536 ranges pending"):
+            p.willneed(every_other)
+        settled(p, lambda s: s.readahead_bytes == 65536 * PAGE, timeout=60)
+        assert p.willneed([(PAGE, PAGE)]) == PAGE  # room again once the queue is read
+
+
 def test_populate_fills_everything_faults_first(runtime: str) -> None:
     size = 16 * MiB
     body = page_data(size)

@@ -348,17 +348,57 @@ class Pager(_native.Mapping):
                 (``.poisoned`` lists them); the rest was installed.
         """
         self._check_open()
-        todo = [(0, self.size)] if ranges is None else [(int(o), int(n)) for o, n in ranges]
-        for off, length in todo:
-            if off < 0 or length < 0 or off + length > self.size:
-                raise ValueError(f"prefetch range ({off}, {length}) is outside the "
-                                 f"{self.size}-byte region")
+        todo = [(0, self.size)] if ranges is None else self._ranges(ranges, "prefetch")
         if os.getpid() != self._owner:
             raise PagerError("prefetch from a forked child is not supported: the engine "
                              "installs into the parent's memory (the child's faults are "
                              "served anyway)")
         return prefetch_with_progress(self._serving(), todo, self.region.page_size,
                                       enabled=self.progress)
+
+    def willneed(self, ranges: Iterable[tuple[int, int]]) -> int:
+        """Start installing ``(offset, length)`` ranges in the background and return at once,
+        like ``madvise(MADV_WILLNEED)``: a hint of what will be read next, in that order.
+
+        The background threads read the ranges piece by piece (``piece=``), in the order
+        given and after the ranges of earlier calls, once no fault's readahead has a window
+        left; pages present (or being read) are skipped, and a fault in a piece being read
+        waits for it instead of reading it again. What they install counts as readahead (in
+        :meth:`stats` and traces). Nothing is guaranteed: the memory is served on first touch
+        whatever happens to the hint; with a budget (``max_resident``) the ranges are dropped
+        once it is full, and a pager process that restarts forgets them. Returns the bytes
+        queued (whole pages).
+
+        Raises:
+            ValueError: a range outside the region, a pager without background threads
+                (``readahead=False`` and neither ``populate`` nor ``prefetch=``), or more than
+                65536 ranges pending (adjacent ranges count as one; a pager process raises
+                :class:`PagerError` for that).
+        """
+        self._check_open()
+        if not (self.readahead[1] or self.config.populate or self.working_set):
+            raise ValueError("willneed needs the background threads: readahead on (the "
+                             "default), populate=True or a prefetch= working set")
+        todo = self._ranges(ranges, "willneed")
+        if os.getpid() != self._owner:
+            raise PagerError("willneed from a forked child is not supported: the engine "
+                             "installs into the parent's memory")
+        return self._serving().willneed(todo)
+
+    def _ranges(self, ranges: Iterable[tuple[int, int]], what: str) -> list[tuple[int, int]]:
+        """``(offset, length)`` pairs as ints, each inside the region, or ValueError."""
+        out = []
+        for item in ranges:
+            try:
+                off, length = (int(x) for x in item)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{what} ranges are (offset, length) pairs of integers, not "
+                                 f"{item!r}") from err
+            if off < 0 or length < 0 or off + length > self.size:
+                raise ValueError(f"{what} range ({off}, {length}) is outside the "
+                                 f"{self.size}-byte region")
+            out.append((off, length))
+        return out
 
     def flush(self) -> int:
         """Write every page written since it was last written back to the source, and make

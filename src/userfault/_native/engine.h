@@ -42,6 +42,7 @@
 #define UF_STREAMS 8 /* readahead streams followed per context */
 #define UF_TRACE_RECS 1365 /* 64 KiB of records per trace buffer */
 #define UF_FORK_SLOTS 256 /* the fork table: one slot per pid modulo this */
+#define UF_MAX_HINTS 65536 /* willneed() ranges pending at once */
 
 enum { SRC_ZERO, SRC_PATTERN, SRC_MEMORY, SRC_CYCLE, SRC_PYTHON, SRC_FAIL };
 enum { INST_COPY, INST_ZEROPAGE, INST_MOVE, INST_CONTINUE };
@@ -247,6 +248,12 @@ struct engine {
     int npreload, preload_next, preload_armed, preload_inflight, preload_woken, preload_sized;
     uint64_t preload_room; /* pages the working set may still fill (uf_room_below_high) */
     uint64_t preload_off;
+    /* ranges willneed() asked for: (area, offset, length) runs of the root context in the order
+     * given, read by the background threads as readahead once no fault's stream has a window
+     * left; hint_next and hint_off say where the next piece starts (engine_serve.c) */
+    uint64_t *hints;
+    int nhints, hint_next;
+    uint64_t hint_off;
     double log_tokens;
     uint64_t log_last_ns, log_quiet;
     retired_t *retired;
@@ -349,6 +356,7 @@ uctx_t *uf_ctx_new(engine_t *e, int uffd, const areas_t *areas, int own_fd, cons
 void uf_ctx_free_all(engine_t *e);
 void uf_orphan_children(engine_t *e);
 int uf_prefetch(engine_t *e, worker_t *w, const uint64_t *ranges, Py_ssize_t n, uint64_t *installed);
+int uf_willneed(engine_t *e, const uint64_t *ranges, Py_ssize_t n, uint64_t *queued);
 void uf_wake_all(engine_t *e);
 void uf_jobs_init(engine_t *e);
 

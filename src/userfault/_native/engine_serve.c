@@ -304,12 +304,18 @@ static void probe_children(engine_t *e)
  * random fault reads nothing ahead). Forward, a fault continues a stream when it starts
  * within a chunk of the stream's last fault, at most a chunk past its window; backward, when
  * it ends at most a chunk below the last fault's start (or below the window under it). */
+static int behind_hint(engine_t *e, uctx_t *c, int ai, uint64_t off, uint64_t end);
+
 static void update_readahead(engine_t *e, uctx_t *c, areas_t *as, area_t *a, uint64_t off, uint64_t end)
 {
     if (!e->ra_max)
         return;
     pthread_mutex_lock(&e->lock);
     int ai = (int)(a - as->a), hit = -1, dir = 0, lru = 0;
+    if (behind_hint(e, c, ai, off, end)) { /* willneed() reads on ahead of it already */
+        pthread_mutex_unlock(&e->lock);
+        return;
+    }
     for (int i = 0; i < UF_STREAMS && hit < 0; i++) {
         __typeof__(c->ra[0]) *r = &c->ra[i];
         uint64_t back = r->last_end > e->chunk ? e->chunk : r->last_end;
@@ -686,9 +692,132 @@ void uf_jobs_init(engine_t *e)
     }
 }
 
+/* ---- willneed: ranges to read ahead of the reader ----------------------------------------- */
+
+static int hint_left(engine_t *e)
+{
+    return e->hint_next < e->nhints && e->ctxs && !e->ctxs->dead;
+}
+
+/* Under e->lock: whether [off, end) of area ai lies in the part of the current willneed()
+ * range already claimed (being read, or read): a fault there starts no readahead of its own,
+ * which would read what the range's next pieces read. */
+static int behind_hint(engine_t *e, uctx_t *c, int ai, uint64_t off, uint64_t end)
+{
+    if (c != e->ctxs || !hint_left(e))
+        return 0;
+    const uint64_t *h = &e->hints[3 * e->hint_next];
+    return (int)h[0] == ai && off >= h[1] && end <= h[1] + e->hint_off;
+}
+
+/* Under e->lock: the end of the piece another background thread is reading at `addr` of
+ * context c, or 0. */
+static uint64_t being_read(engine_t *e, uctx_t *c, uint64_t addr)
+{
+    for (int i = e->nthreads; i < e->nworkers; i++) {
+        worker_t *b = &e->workers[i];
+        if (b->ra_ctx == c && addr - b->ra_addr < b->ra_len)
+            return b->ra_addr + b->ra_len;
+    }
+    return 0;
+}
+
+/* Under e->lock: the next piece of the willneed() ranges, in their order, from the first page
+ * neither installed nor being read by another background thread. Read as readahead: a fault
+ * in it waits for it, and it reserves its room in the budget (a full budget drops every
+ * range: like readahead, never read past it). */
+static int claim_hint(engine_t *e, area_t *a, uint64_t *off, uint64_t *n)
+{
+    uctx_t *root = e->ctxs;
+    uint64_t piece = piece_of(e);
+    while (hint_left(e)) {
+        const uint64_t *h = &e->hints[3 * e->hint_next];
+        areas_t *as = areas_of(root);
+        /* done, or its area is gone or shorter now (a REMAP since) */
+        if ((int)h[0] >= as->n || e->hint_off >= h[2] || h[1] + e->hint_off >= as->a[h[0]].len) {
+            e->hint_next++;
+            e->hint_off = 0;
+            continue;
+        }
+        area_t *ar = &as->a[h[0]];
+        uint64_t at = h[1] + e->hint_off, busy;
+        if (bit_get(root->installed, ar->first_page + at / e->page)) {
+            e->hint_off += e->page;
+            continue;
+        }
+        if ((busy = being_read(e, root, ar->base + at))) {
+            e->hint_off = busy - ar->base - h[1];
+            continue;
+        }
+        *n = h[2] - e->hint_off < piece ? h[2] - e->hint_off : piece;
+        if (*n > ar->len - at)
+            *n = ar->len - at;
+        if (e->max_pages && !uf_reserve(e, *n / e->page, e->high_pages)) {
+            e->hint_next = e->nhints; /* like populate: the room below the high mark, then no more */
+            return 0;
+        }
+        *a = *ar;
+        *off = at;
+        e->hint_off += *n;
+        return 1;
+    }
+    return 0;
+}
+
+/* Queue the (source_offset, length) ranges of the root context for the background threads,
+ * after those queued before (the ones read already are let go); whole pages. *queued: bytes
+ * queued. EINVAL past UF_MAX_HINTS ranges pending, ENOMEM. */
+int uf_willneed(engine_t *e, const uint64_t *ranges, Py_ssize_t n, uint64_t *queued)
+{
+    uctx_t *c = e->ctxs;
+    int err = 0;
+    *queued = 0;
+    if (!c || !ctx_enter(e, c))
+        return ESRCH;
+    pthread_mutex_lock(&e->lock);
+    if (!e->hints && !(e->hints = malloc(UF_MAX_HINTS * 3 * sizeof(uint64_t))))
+        err = ENOMEM;
+    if (!err && e->hint_next) { /* let go of the ranges claimed already */
+        e->nhints -= e->hint_next;
+        memmove(e->hints, e->hints + 3 * e->hint_next, (size_t)e->nhints * 3 * sizeof(uint64_t));
+        e->hint_next = 0;
+    }
+    areas_t *as = areas_of(c);
+    for (Py_ssize_t i = 0; !err && i < n; i++) {
+        uint64_t s = ranges[2 * i], end = ranges[2 * i] + ranges[2 * i + 1];
+        for (int k = 0; !err && k < as->n; k++) {
+            area_t *a = &as->a[k];
+            uint64_t lo = s > a->src_off ? s : a->src_off;
+            uint64_t hi = end < a->src_off + a->len ? end : a->src_off + a->len;
+            if (lo >= hi)
+                continue;
+            lo = (lo - a->src_off) & ~(e->page - 1);
+            hi = ((hi - a->src_off) + e->page - 1) & ~(e->page - 1);
+            uint64_t *last = e->nhints > e->hint_next ? &e->hints[3 * (e->nhints - 1)] : NULL;
+            if (last && last[0] == (uint64_t)k && last[1] + last[2] == lo) {
+                last[2] += hi - lo; /* adjacent to the one before (tensors in file order) */
+            } else if (e->nhints >= UF_MAX_HINTS) {
+                err = EINVAL;
+                break;
+            } else {
+                uint64_t *r = &e->hints[3 * e->nhints++];
+                r[0] = (uint64_t)k;
+                r[1] = lo;
+                r[2] = hi - lo;
+            }
+            *queued += hi - lo;
+        }
+    }
+    if (*queued)
+        pthread_cond_broadcast(&e->work_cond);
+    pthread_mutex_unlock(&e->lock);
+    ctx_leave(e, c, 0);
+    return err;
+}
+
 static int has_background_work(engine_t *e)
 {
-    if (preload_left(e))
+    if (preload_left(e) || hint_left(e))
         return 1;
     for (uctx_t *c = e->ctxs; c; c = c->next)
         for (int i = 0; !c->dead && c->uffd >= 0 && i < UF_STREAMS; i++)
@@ -771,6 +900,11 @@ static uctx_t *claim_piece(engine_t *e, area_t *a, uint64_t *off, uint64_t *n, i
             c->users++;
             return c;
         }
+    }
+    if (claim_hint(e, a, off, n)) { /* after the faults' streams: they are the reader's now */
+        *cause = CAUSE_READAHEAD;
+        root->users++;
+        return root;
     }
     while (e->populate && root && !root->dead && e->pop_area < areas_of(root)->n) {
         areas_t *as = areas_of(root);

@@ -298,6 +298,7 @@ static void engine_free(engine_t *e)
     free(e->trace_buf[0]);
     free(e->trace_buf[1]);
     free(e->preload);
+    free(e->hints);
     free(e);
 }
 
@@ -811,25 +812,21 @@ static PyObject *Engine_stop(EngineObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* prefetch([(source_offset, length), ...]) -> (bytes installed, bytes poisoned,
- * [(source_offset, length) poisoned], errno, message). */
-static PyObject *Engine_prefetch(EngineObject *self, PyObject *ranges)
+/* [(source_offset, length), ...] -> a PyMem array of 2 * *n offsets and lengths, or NULL with
+ * an exception set. */
+static uint64_t *parse_ranges(PyObject *ranges, Py_ssize_t *n)
 {
-    ENGINE_OR_RAISE(self)
-    if (e->released) {
-        PyErr_SetString(PyExc_RuntimeError, "the engine was stopped and let go of its source");
-        return NULL;
-    }
     PyObject *seq = PySequence_Fast(ranges, "ranges must be a sequence of (source_offset, length)");
     if (!seq)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    uint64_t *rs = PyMem_Malloc(sizeof(*rs) * 2 * (size_t)(n ? n : 1));
+    *n = PySequence_Fast_GET_SIZE(seq);
+    uint64_t *rs = PyMem_Malloc(sizeof(*rs) * 2 * (size_t)(*n ? *n : 1));
     if (!rs) {
         Py_DECREF(seq);
-        return PyErr_NoMemory();
+        PyErr_NoMemory();
+        return NULL;
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
+    for (Py_ssize_t i = 0; i < *n; i++) {
         unsigned long long off, len;
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KK;range must be (source_offset, length)", &off, &len)) {
             PyMem_Free(rs);
@@ -840,6 +837,22 @@ static PyObject *Engine_prefetch(EngineObject *self, PyObject *ranges)
         rs[2 * i + 1] = len;
     }
     Py_DECREF(seq);
+    return rs;
+}
+
+/* prefetch([(source_offset, length), ...]) -> (bytes installed, bytes poisoned,
+ * [(source_offset, length) poisoned], errno, message). */
+static PyObject *Engine_prefetch(EngineObject *self, PyObject *ranges)
+{
+    ENGINE_OR_RAISE(self)
+    if (e->released) {
+        PyErr_SetString(PyExc_RuntimeError, "the engine was stopped and let go of its source");
+        return NULL;
+    }
+    Py_ssize_t n;
+    uint64_t *rs = parse_ranges(ranges, &n);
+    if (!rs)
+        return NULL;
     worker_t *w = calloc(1, sizeof(worker_t));
     int err = w ? 0 : ENOMEM;
     if (w) {
@@ -877,6 +890,39 @@ static PyObject *Engine_prefetch(EngineObject *self, PyObject *ranges)
         free(w);
     }
     return out;
+}
+
+/* willneed([(source_offset, length), ...]) -> bytes queued for the background threads
+ * (uf_willneed); returns at once. */
+static PyObject *Engine_willneed(EngineObject *self, PyObject *ranges)
+{
+    ENGINE_OR_RAISE(self)
+    if (e->nworkers == e->nthreads) {
+        PyErr_SetString(PyExc_ValueError, "willneed needs the background threads: readahead "
+                        "on (the default), populate or a preload");
+        return NULL;
+    }
+    Py_ssize_t n;
+    uint64_t *rs = parse_ranges(ranges, &n);
+    if (!rs)
+        return NULL;
+    uint64_t queued = 0;
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    err = uf_willneed(e, rs, n, &queued);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(rs);
+    if (err == EINVAL) {
+        PyErr_Format(PyExc_ValueError, "willneed: more than %d ranges pending (the ones queued "
+                     "before this one were kept, %llu bytes of this call)", UF_MAX_HINTS,
+                     (unsigned long long)queued);
+        return NULL;
+    }
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromUnsignedLongLong(queued);
 }
 
 /* flush() -> (pages, bytes, errno, message): every dirty page home, then made durable. */
@@ -990,6 +1036,8 @@ static PyMethodDef Engine_methods[] = {
     {"stop", (PyCFunction)Engine_stop, METH_NOARGS, "Stop and join the threads."},
     {"prefetch", (PyCFunction)Engine_prefetch, METH_O,
      "prefetch(ranges) -> (installed, poisoned_bytes, poisoned_ranges, errno, message)"},
+    {"willneed", (PyCFunction)Engine_willneed, METH_O,
+     "willneed(ranges) -> bytes queued for the background threads (returns at once)"},
     {"orphan_children", (PyCFunction)Engine_orphan_children, METH_NOARGS,
      "orphan_children(): this process exits serving: poison what forked children never loaded"},
     {"trace_sync", (PyCFunction)Engine_trace_sync, METH_NOARGS,

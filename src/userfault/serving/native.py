@@ -36,6 +36,10 @@ class InProcessRuntime:
         """Install the ranges in one batch; raise if pages had to be poisoned."""
         return prefetch_result(self.engine.prefetch(list(ranges)))
 
+    def willneed(self, ranges: Sequence[tuple[int, int]]) -> int:
+        """Queue the ranges for the background threads; bytes queued."""
+        return int(self.engine.willneed(list(ranges)))
+
     def flush(self) -> int:
         """Write every dirty page back, durably; bytes written."""
         return flush_result(self.engine.flush())

@@ -79,6 +79,10 @@ _LIVED_S = 10.0         # a worker that lived this long resets the restart backo
 _BACKOFF_S = (0.05, 5.0)
 _SOURCE_MODULES = ("userfault.sources.http", "userfault.sources.redis",
                    "userfault.sources.snapshot")
+#: what a spare imports too while it waits: this module under its own name (the supervisor
+#: runs it as ``__main__``, and unpickling the ``_Setup`` would import it again, ~7 ms), and
+#: the IDNA codec that a socket's first connect to a host name imports (~2 ms)
+_SPARE_MODULES = (*_SOURCE_MODULES, "userfault.serving.process", "encodings.idna")
 
 
 @dataclass(frozen=True)
@@ -352,6 +356,10 @@ class ProcessRuntime:
         """Install the ranges from the pager process in one batch."""
         return prefetch_result(self._call({"op": "prefetch", "ranges": list(ranges)}))
 
+    def willneed(self, ranges: Sequence[tuple[int, int]]) -> int:
+        """Queue the ranges for the pager process's background threads; bytes queued."""
+        return int(self._call({"op": "willneed", "ranges": list(ranges)}))
+
     def flush(self) -> int:
         """Write every dirty page back, durably (the worker does it); bytes written."""
         return flush_result(self._call({"op": "flush"}))
@@ -495,8 +503,8 @@ def _worker(uffd: int, setup: _Setup, source: PageSource, state: mmap.mmap,
             os._exit(0)
         op = request["op"]
         try:
-            if op == "prefetch":
-                result = engine.prefetch(request["ranges"])
+            if op in ("prefetch", "willneed"):
+                result = getattr(engine, op)(request["ranges"])
             else:  # "flush", "trace_sync"
                 result = getattr(engine, op)()
             _send(ctl, {"result": result})
@@ -757,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         # waiting anyway: import the modules of the sources open_source makes, which
         # unpickling the source would import on the way to the first fault
-        for name in _SOURCE_MODULES:
+        for name in _SPARE_MODULES:
             with contextlib.suppress(ImportError):
                 importlib.import_module(name)
     _, fds, _, _ = socket.recv_fds(sock, 16, 8)

@@ -186,6 +186,10 @@ class Runtime(Protocol):
         Raises :class:`~userfault.errors.PrefetchError` naming the pages it poisoned.
         """
 
+    def willneed(self, ranges: Sequence[tuple[int, int]]) -> int:
+        """Queue ``(source_offset, length)`` ranges for the background threads, after those
+        queued before, and return at once; bytes queued."""
+
     def counters(self) -> dict[str, Any]:
         """The engine's counters."""
 
