@@ -366,7 +366,8 @@ class Pager(_native.Mapping):
         waits for it instead of reading it again. What they install counts as readahead (in
         :meth:`stats` and traces). Nothing is guaranteed: the memory is served on first touch
         whatever happens to the hint; with a budget (``max_resident``) the ranges are dropped
-        once it is full, and a pager process that restarts forgets them. Returns the bytes
+        once the count reaches the high watermark (more would start an eviction round that
+        takes the first of them back), and a pager process that restarts forgets them. Returns the bytes
         queued (whole pages).
 
         Raises:
