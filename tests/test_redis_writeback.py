@@ -18,6 +18,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -68,14 +69,18 @@ def cli_get(port: int, key: str, *, replica: bool = False) -> bytes:
     return value[1:-1].encode("latin-1").decode("unicode_escape").encode("latin-1")
 
 
-def wait_calls(port: int) -> int:
-    """How many WAIT commands the node ran (INFO commandstats)."""
+def node_info(port: int, section: str) -> dict[str, Any]:
+    """``INFO section`` of the node at ``port``."""
     r = redis.Redis(host=HOST, port=port, socket_timeout=10)
     try:
-        stats = r.info("commandstats")
+        return dict(r.info(section))
     finally:
         r.close()
-    return int(stats.get("cmdstat_wait", {}).get("calls", 0))
+
+
+def wait_calls(port: int) -> int:
+    """How many WAIT commands the node ran (INFO commandstats)."""
+    return int(node_info(port, "commandstats").get("cmdstat_wait", {}).get("calls", 0))
 
 
 def master_of(cluster: RedisCluster, key: str) -> int:
@@ -100,11 +105,7 @@ def paused(node: RedisServer) -> Iterator[None]:
 
 def caught_up(port: int) -> bool:
     """Whether every replica of the master at ``port`` has all of its replication stream."""
-    r = redis.Redis(host=HOST, port=port, socket_timeout=10)
-    try:
-        info = r.info("replication")
-    finally:
-        r.close()
+    info = node_info(port, "replication")
     replicas = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
     return bool(replicas) and all(int(v["offset"]) >= int(info["master_repl_offset"])
                                   for v in replicas)

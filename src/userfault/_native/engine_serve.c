@@ -764,6 +764,20 @@ static int claim_hint(engine_t *e, area_t *a, uint64_t *off, uint64_t *n)
     return 0;
 }
 
+/* The part of source range [s, end) that area `a` maps, as whole pages of the area:
+ * [*lo, *hi). 0 if none. */
+static int area_span(engine_t *e, const area_t *a, uint64_t s, uint64_t end, uint64_t *lo,
+                     uint64_t *hi)
+{
+    uint64_t l = s > a->src_off ? s : a->src_off;
+    uint64_t h = end < a->src_off + a->len ? end : a->src_off + a->len;
+    if (l >= h)
+        return 0;
+    *lo = (l - a->src_off) & ~(e->page - 1);
+    *hi = ((h - a->src_off) + e->page - 1) & ~(e->page - 1);
+    return 1;
+}
+
 /* Queue the (source_offset, length) ranges of the root context for the background threads,
  * after those queued before (the ones read already are let go); whole pages. *queued: bytes
  * queued. EINVAL past UF_MAX_HINTS ranges pending, ENOMEM. */
@@ -787,12 +801,9 @@ int uf_willneed(engine_t *e, const uint64_t *ranges, Py_ssize_t n, uint64_t *que
         uint64_t s = ranges[2 * i], end = ranges[2 * i] + ranges[2 * i + 1];
         for (int k = 0; !err && k < as->n; k++) {
             area_t *a = &as->a[k];
-            uint64_t lo = s > a->src_off ? s : a->src_off;
-            uint64_t hi = end < a->src_off + a->len ? end : a->src_off + a->len;
-            if (lo >= hi)
+            uint64_t lo, hi;
+            if (!area_span(e, a, s, end, &lo, &hi))
                 continue;
-            lo = (lo - a->src_off) & ~(e->page - 1);
-            hi = ((hi - a->src_off) + e->page - 1) & ~(e->page - 1);
             uint64_t *last = e->nhints > e->hint_next ? &e->hints[3 * (e->nhints - 1)] : NULL;
             if (last && last[0] == (uint64_t)k && last[1] + last[2] == lo) {
                 last[2] += hi - lo; /* adjacent to the one before (tensors in file order) */
@@ -1079,12 +1090,9 @@ int uf_prefetch(engine_t *e, worker_t *w, const uint64_t *ranges, Py_ssize_t n, 
         uint64_t s = ranges[2 * i], end = ranges[2 * i] + ranges[2 * i + 1];
         for (int k = 0; !err && !full && k < as->n; k++) {
             area_t *a = &as->a[k];
-            uint64_t lo = s > a->src_off ? s : a->src_off;
-            uint64_t hi = end < a->src_off + a->len ? end : a->src_off + a->len;
-            if (lo >= hi)
+            uint64_t lo, hi;
+            if (!area_span(e, a, s, end, &lo, &hi))
                 continue;
-            lo = (lo - a->src_off) & ~(e->page - 1);
-            hi = ((hi - a->src_off) + e->page - 1) & ~(e->page - 1);
             for (uint64_t off = lo; !err && off < hi && !LOAD(e->stopping); off += e->unit_max) {
                 uint64_t len = hi - off < e->unit_max ? hi - off : e->unit_max, done;
                 if (e->max_pages) { /* with a budget, what fits below the high watermark */
