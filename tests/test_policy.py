@@ -12,6 +12,7 @@ from __future__ import annotations
 import mmap
 import random
 import threading
+import time
 
 import pytest
 
@@ -154,6 +155,29 @@ def test_willneed_past_a_budget_still_serves_every_page(runtime: str) -> None:
             for off in range(0, size, MiB):
                 assert v[off: off + MiB] == body[off: off + MiB]
         p.check()
+
+
+def test_willneed_after_the_budget_dropped_the_last_hint_reads_its_whole_range(
+        runtime: str) -> None:
+    """A hint the budget cut short is dropped; once the memory is given back, the next
+    willneed() reads its first range from its start (it began where the dropped one
+    stopped, and read nothing). Each piece is cut to the room below the high watermark, so
+    the first hint fills it exactly."""
+    size, budget = 64 * MiB, 16 * MiB
+    body = page_data(size)
+    with userfault.map(bytes_source(runtime, body), max_resident=budget) as p:
+        p.willneed([(0, size)])
+        high = int(budget * 0.9) // PAGE * PAGE
+        assert settled(p, lambda s: s.resident_bytes == high, timeout=30).resident_bytes == high
+        time.sleep(0.3)  # the claim after the last piece drops the hint: give it that time
+        p.region.madvise(mmap.MADV_DONTNEED, 0, size)  # everything back: room again
+        assert settled(p, lambda s: s.resident_bytes == 0, timeout=30).resident_bytes == 0
+        before = p.stats().readahead_bytes
+        assert p.willneed([(32 * MiB, 4 * MiB)]) == 4 * MiB
+        s = settled(p, lambda s: s.readahead_bytes - before == 4 * MiB, timeout=30)
+        assert s.readahead_bytes - before == 4 * MiB and s.faults == 0
+        with memoryview(p) as v:
+            assert v[32 * MiB: 36 * MiB] == body[32 * MiB: 36 * MiB]
 
 
 def test_willneed_refuses_bad_ranges_and_pagers_without_background_threads(runtime: str) -> None:

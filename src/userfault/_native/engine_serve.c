@@ -541,6 +541,10 @@ static void remap(engine_t *e, uctx_t *c, uint64_t from, uint64_t to, uint64_t l
     __atomic_store_n(&c->areas, as, __ATOMIC_RELEASE);
     retire(e, old);
     memset(c->ra, 0, sizeof(c->ra));
+    if (c == e->ctxs) { /* pending hints name areas by index: the numbers changed */
+        e->hint_next = e->nhints;
+        e->hint_off = 0;
+    }
     pthread_mutex_unlock(&e->lock);
 }
 
@@ -726,10 +730,11 @@ static uint64_t being_read(engine_t *e, uctx_t *c, uint64_t addr)
  * neither installed nor being read by another background thread. Read as readahead: a fault
  * in it waits for it, and it reserves its room in the budget (a full budget drops every
  * range: like readahead, never read past it). */
+#define UF_HINT_LOOK 16384 /* present pages one claim passes over (then it lets go of the lock) */
 static int claim_hint(engine_t *e, area_t *a, uint64_t *off, uint64_t *n)
 {
     uctx_t *root = e->ctxs;
-    uint64_t piece = piece_of(e);
+    uint64_t piece = piece_of(e), looked = 0;
     while (hint_left(e)) {
         const uint64_t *h = &e->hints[3 * e->hint_next];
         areas_t *as = areas_of(root);
@@ -741,8 +746,12 @@ static int claim_hint(engine_t *e, area_t *a, uint64_t *off, uint64_t *n)
         }
         area_t *ar = &as->a[h[0]];
         uint64_t at = h[1] + e->hint_off, busy;
-        if (bit_get(root->installed, ar->first_page + at / e->page)) {
-            e->hint_off += e->page;
+        uint64_t p = ar->first_page + at / e->page;
+        if (bit_get(root->installed, p)) { /* present: eight at a time where a byte says so */
+            uint64_t step = !(p & 7) && LOAD(root->installed[p >> 3]) == 0xff ? 8 : 1;
+            e->hint_off += step * e->page;
+            if ((looked += step) >= UF_HINT_LOOK)
+                return 0; /* the next claim goes on from here */
             continue;
         }
         if ((busy = being_read(e, root, ar->base + at))) {
@@ -752,9 +761,15 @@ static int claim_hint(engine_t *e, area_t *a, uint64_t *off, uint64_t *n)
         *n = h[2] - e->hint_off < piece ? h[2] - e->hint_off : piece;
         if (*n > ar->len - at)
             *n = ar->len - at;
-        if (e->max_pages && !uf_reserve(e, *n / e->page, e->high_pages)) {
-            e->hint_next = e->nhints; /* like populate: the room below the high mark, then no more */
-            return 0;
+        if (e->max_pages) { /* like populate: the room below the high mark, then no more */
+            uint64_t room = uf_room_below_high(e);
+            if (*n / e->page > room)
+                *n = room * e->page;
+            if (!*n || !uf_reserve(e, *n / e->page, e->high_pages)) {
+                e->hint_next = e->nhints;
+                e->hint_off = 0; /* the next willneed() starts its first range at its start */
+                return 0;
+            }
         }
         *a = *ar;
         *off = at;

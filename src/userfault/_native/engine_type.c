@@ -827,8 +827,20 @@ static uint64_t *parse_ranges(PyObject *ranges, Py_ssize_t *n)
         return NULL;
     }
     for (Py_ssize_t i = 0; i < *n; i++) {
-        unsigned long long off, len;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KK;range must be (source_offset, length)", &off, &len)) {
+        PyObject *o, *l;
+        unsigned long long off = 0, len = 0;
+        int ok = PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i),
+                                  "OO;range must be (source_offset, length)", &o, &l);
+        if (ok) { /* not "K": it wraps out-of-range integers silently */
+            off = PyLong_AsUnsignedLongLong(o);
+            len = PyErr_Occurred() ? 0 : PyLong_AsUnsignedLongLong(l);
+            ok = !PyErr_Occurred();
+            if (ok && len > ULLONG_MAX - off) {
+                PyErr_Format(PyExc_OverflowError, "range (%llu, %llu) ends past 2**64", off, len);
+                ok = 0;
+            }
+        }
+        if (!ok) {
             PyMem_Free(rs);
             Py_DECREF(seq);
             return NULL;

@@ -586,6 +586,8 @@ class _Supervisor:
                 if self.forks.fileno() in ready:
                     self.read_forks()
                 if w and w.pidfd in ready:
+                    if w.ctl.fileno() in ready:  # a reply sent before it died still counts
+                        self.reply_from_worker(w)
                     self.worker_died(w)
                 elif w and w.ctl.fileno() in ready:
                     self.reply_from_worker(w)
