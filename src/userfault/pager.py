@@ -367,8 +367,8 @@ class Pager(_native.Mapping):
         :meth:`stats` and traces). Nothing is guaranteed: the memory is served on first touch
         whatever happens to the hint; with a budget (``max_resident``) the ranges are dropped
         once the count reaches the high watermark (more would start an eviction round that
-        takes the first of them back), and a pager process that restarts forgets them.
-        Returns the bytes queued (whole pages).
+        takes the first of them back); an ``mremap`` of the region, and a pager process that
+        restarts, forget them. Returns the bytes queued (whole pages).
 
         Raises:
             ValueError: a range outside the region, a pager without background threads
