@@ -222,10 +222,11 @@ int uf_reserve(engine_t *e, uint64_t pages, uint64_t limit)
     return room;
 }
 
-/* Pages a job that installs ahead (prefetch(), a working set) may fill: what the count and
- * the installs under way leave below the high watermark now. Passing it would start an
- * eviction round, and the hand would take back the job's own pages first; room made later
- * (for faults) is not the job's to take, so a job takes this once. */
+/* Pages a job that installs ahead (prefetch(), a working set, willneed) may fill: what the
+ * count and the installs under way leave below the high watermark now. Passing it would
+ * start an eviction round, and the hand would take back the job's own pages first; room made
+ * later (for faults) is not the job's to take, so prefetch() and a working set take this
+ * once, when they begin. */
 uint64_t uf_room_below_high(engine_t *e)
 {
     pthread_mutex_lock(&e->budget_lock);
