@@ -309,13 +309,14 @@ def test_an_upload_waits_for_its_meta_key_too(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize(("replicas", "finish"), [(0, True), (0, False), (1, True)],
-                         ids=["moved", "ask", "moved-wait"])
+@pytest.mark.parametrize(("replicas", "finish"), [(0, True), (0, False), (1, True), (1, False)],
+                         ids=["moved", "ask", "moved-wait", "ask-wait"])
 def test_an_upload_goes_on_while_a_slot_of_it_moves(fresh_servers: FreshServers,
                                                     replicas: int, finish: bool) -> None:
     """A slot of a later batch moves to another master during an upload (MOVED), or is left
     migrating (ASK): the upload follows it (redis-py's cluster pipeline without WAIT; with
-    WAIT, a retry after the slot map is refreshed) and every page reads back right."""
+    WAIT, a retry after the slot map is refreshed, or ASKING and the write on the importing
+    node, with a WAIT there) and every page reads back right."""
     cluster = fresh_servers.cluster(replicas=replicas)
     data = make_data(41, 64)
     prefix = new_prefix()

@@ -673,10 +673,14 @@ def _store(client: Any, cluster: bool, url: str, replicas: int, wait_ms: int,
         node = client.get_node_from_key(k)
         per_node.setdefault(node.name, (node, [], []))[2].append((k, at, v))
     short = []
+
+    def target(host: str, port: int) -> Any:  # the node an ASK names
+        return client.get_redis_connection(client.get_node(host, port))
+
     try:
         for name, (node, node_full, node_partial) in per_node.items():
             short += _store_on(client.get_redis_connection(node), name, replicas, wait_ms,
-                               node_full, node_partial)
+                               node_full, node_partial, asked=target)
     except Exception:
         # A stale slot map (MOVED, ASK) or a master gone: a retry asks the cluster again
         # where the keys live.
@@ -687,17 +691,42 @@ def _store(client: Any, cluster: bool, url: str, replicas: int, wait_ms: int,
 
 
 def _store_on(server: Any, name: str, replicas: int, wait_ms: int,
-              full: list[tuple[str, bytes]], partial: list[tuple[str, int, bytes]]
+              full: list[tuple[str, bytes]], partial: list[tuple[str, int, bytes]],
+              asked: Callable[[str, int], Any] | None = None, asking: bool = False
               ) -> list[tuple[str, int]]:
-    """One pipeline to one server: the writes, then WAIT on the same connection."""
+    """One pipeline to one server: the writes, then WAIT on the same connection. With
+    ``asked`` (a cluster), the writes a slot being migrated sends on (ASK) are made on the
+    node it names, each after ASKING, with their own WAIT there."""
     pipe = server.pipeline(transaction=False)
-    _queue(pipe, full, partial)
-    if not replicas:
-        pipe.execute()
-        return []
-    pipe.execute_command("WAIT", replicas, wait_ms)
-    acked = int(pipe.execute()[-1])
-    return [] if acked >= replicas else [(name, acked)]
+    _queue(pipe, full, partial, asking=asking)
+    if replicas:
+        pipe.execute_command("WAIT", replicas, wait_ms)
+    if asked is None:
+        results = pipe.execute()
+        return [] if not replicas or int(results[-1]) >= replicas else [(name, int(results[-1]))]
+    results = pipe.execute(raise_on_error=False)
+    writes = results[1::2] if asking else results[:len(full) + len(partial)]
+    errors = _import_redis().exceptions
+    asks: dict[tuple[str, int], tuple[list[tuple[str, bytes]], list[tuple[str, int, bytes]]]] = {}
+    for i, res in enumerate(writes):
+        if isinstance(res, errors.AskError) and not isinstance(res, errors.MovedError):
+            dest = asks.setdefault(res.node_addr, ([], []))  # (MovedError is an AskError)
+            if i < len(full):
+                dest[0].append(full[i])
+            else:
+                dest[1].append(partial[i - len(full)])
+        elif isinstance(res, Exception):
+            raise res  # MOVED among them: _store refreshes the slot map, the caller retries
+    short = []
+    if replicas:
+        if isinstance(results[-1], Exception):
+            raise results[-1]
+        if int(results[-1]) < replicas:
+            short.append((name, int(results[-1])))
+    for (host, port), (node_full, node_partial) in asks.items():
+        short += _store_on(asked(host, port), f"{host}:{port}", replicas, wait_ms, node_full,
+                           node_partial, asking=True)  # its redirections, if any, raise
+    return short
 
 
 def _wait_ms(wait_timeout: float) -> int:
@@ -711,11 +740,17 @@ def _fell_short(short: list[tuple[str, int]], replicas: int, wait_timeout: float
     return f"WAIT {replicas} {_wait_ms(wait_timeout)}: {nodes} within {wait_timeout:g} s"
 
 
-def _queue(pipe: Any, full: list[tuple[str, bytes]], partial: list[tuple[str, int, bytes]]
-           ) -> None:
+def _queue(pipe: Any, full: list[tuple[str, bytes]], partial: list[tuple[str, int, bytes]],
+           *, asking: bool = False) -> None:
+    """The SETs, then the SETRANGEs; with ``asking`` each after an ASKING (it lets one
+    command into a slot the node is importing)."""
     for k, v in full:
+        if asking:
+            pipe.execute_command("ASKING")
         pipe.set(k, v)
     for k, at, v in partial:
+        if asking:
+            pipe.execute_command("ASKING")
         pipe.setrange(k, at, v)
 
 
@@ -927,7 +962,8 @@ def _upload_batch(client: Any, cluster: bool, url: str, replicas: int, wait_ms: 
             return _store(client, cluster, url, replicas, wait_ms, pages, [])
         except (errors.MovedError, errors.AskError, errors.TryAgainError):
             # a slot moved (_store refreshed the slot map: the next attempt goes to its new
-            # master) or is moving (ASK: its migration must end first); SET is idempotent
+            # master; a slot being migrated is followed inside _store, ASKING); SET is
+            # idempotent
             if attempt == _RESHARD_TRIES - 1:
                 raise
             time.sleep(_RESHARD_PAUSE)
