@@ -323,6 +323,7 @@ int uf_park(engine_t *e, uctx_t *c, uint64_t addr, pid_t tid);
 int uf_throttle(engine_t *e, uctx_t *c, uint64_t addr, uint64_t pages, pid_t tid, uint64_t *reserved);
 int uf_reserve(engine_t *e, uint64_t pages, uint64_t limit);
 uint64_t uf_room_below_high(engine_t *e);
+int uf_take_room(engine_t *e, uint64_t *len, uint64_t *room);
 void uf_unreserve(engine_t *e, uint64_t pages);
 void uf_page_out(engine_t *e, uctx_t *c, uint64_t p, int zero);
 int uf_budget_alloc(engine_t *e, uctx_t *c);

@@ -236,6 +236,18 @@ uint64_t uf_room_below_high(engine_t *e)
     return room;
 }
 
+/* A job that installs ahead takes `*len` bytes, cut to the `*room` pages it may still fill,
+ * and reserves them below the high watermark. 0 if nothing fits: the job stops there. */
+int uf_take_room(engine_t *e, uint64_t *len, uint64_t *room)
+{
+    if (*len / e->page > *room)
+        *len = *room * e->page;
+    if (!*len || !uf_reserve(e, *len / e->page, e->high_pages))
+        return 0;
+    *room -= *len / e->page;
+    return 1;
+}
+
 void uf_unreserve(engine_t *e, uint64_t pages)
 {
     if (!pages)

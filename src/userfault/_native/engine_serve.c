@@ -761,15 +761,11 @@ static int claim_hint(engine_t *e, area_t *a, uint64_t *off, uint64_t *n)
         *n = h[2] - e->hint_off < piece ? h[2] - e->hint_off : piece;
         if (*n > ar->len - at)
             *n = ar->len - at;
-        if (e->max_pages) { /* like populate: the room below the high mark, then no more */
-            uint64_t room = uf_room_below_high(e);
-            if (*n / e->page > room)
-                *n = room * e->page;
-            if (!*n || !uf_reserve(e, *n / e->page, e->high_pages)) {
-                e->hint_next = e->nhints;
-                e->hint_off = 0; /* the next willneed() starts its first range at its start */
-                return 0;
-            }
+        uint64_t room = e->max_pages ? uf_room_below_high(e) : 0;
+        if (e->max_pages && !uf_take_room(e, n, &room)) { /* like populate: then no more */
+            e->hint_next = e->nhints;
+            e->hint_off = 0; /* the next willneed() starts its first range at its start */
+            return 0;
         }
         *a = *ar;
         *off = at;
@@ -873,9 +869,7 @@ static uctx_t *claim_piece(engine_t *e, area_t *a, uint64_t *off, uint64_t *n, i
         if (e->max_pages) { /* the room below the high watermark when the set began */
             if (!e->preload_sized)
                 e->preload_room = uf_room_below_high(e), e->preload_sized = 1;
-            if (*n / e->page > e->preload_room)
-                *n = e->preload_room * e->page;
-            if (!*n || !uf_reserve(e, *n / e->page, e->high_pages)) {
+            if (!uf_take_room(e, n, &e->preload_room)) {
                 /* full: faults serve the rest. The pieces in flight end with the one WAKE;
                  * with none, there is nothing to wake (a fault on a page installed DONTWAKE
                  * meets EEXIST and its fault thread wakes it) */
@@ -883,7 +877,6 @@ static uctx_t *claim_piece(engine_t *e, area_t *a, uint64_t *off, uint64_t *n, i
                 e->preload_woken |= !e->preload_inflight;
                 break;
             }
-            e->preload_room -= *n / e->page;
         }
         *a = as->a[r[0]];
         *off = r[1] + e->preload_off;
@@ -1110,14 +1103,9 @@ int uf_prefetch(engine_t *e, worker_t *w, const uint64_t *ranges, Py_ssize_t n, 
                 continue;
             for (uint64_t off = lo; !err && off < hi && !LOAD(e->stopping); off += e->unit_max) {
                 uint64_t len = hi - off < e->unit_max ? hi - off : e->unit_max, done;
-                if (e->max_pages) { /* with a budget, what fits below the high watermark */
-                    if (len / e->page > room)
-                        len = room * e->page;
-                    if (!len || !uf_reserve(e, len / e->page, e->high_pages)) {
-                        full = 1;
-                        break;
-                    }
-                    room -= len / e->page;
+                if (e->max_pages && !uf_take_room(e, &len, &room)) {
+                    full = 1; /* with a budget, what fits below the high watermark */
+                    break;
                 }
                 err = uf_install_range(e, w, c, a, off, len, IR_SKIP_INSTALLED | IR_DONTWAKE,
                                        CAUSE_PREFETCH, NO_WAKE, &done);
