@@ -157,6 +157,45 @@ def test_writes_racing_flush_are_never_lost(tmp_path: Path, runtime: str) -> Non
     assert [data[i * PAGE] for i in range(pages)] == written
 
 
+def test_writes_racing_flush_and_eviction_are_never_lost(tmp_path: Path, runtime: str) -> None:
+    """A budget of 64 pages over 2048: the evictor writes back and drops pages while a writer
+    writes and flush() runs. A page flush() is writing back reads as clean, and the evictor
+    once dropped it before the copy was taken: the copy faulted the page in again from the
+    file and wrote the stale bytes home (in a pager process, up to 228 of 2048 pages lost per
+    run). And once flush() returns, the file holds every write made before it, including
+    those of write-backs the evictor had under way."""
+    pages = 2048
+    path = zeros_file(tmp_path, pages * PAGE)
+    with userfault.map(source(runtime, path), writable=True, readahead=False,
+                       max_resident=64 * PAGE) as p:
+        for round_ in range(3):
+            stop = threading.Event()
+            written: dict[int, int] = {}
+
+            def writer() -> None:
+                for n in range(1, 3001):
+                    if stop.is_set():
+                        break
+                    page, value = (n * 613 + round_) % pages, (n + round_) % 251 + 1
+                    _native.touch(p.address + page * PAGE, 1, 1, 1, value, False)
+                    written[page] = value
+
+            t = threading.Thread(target=writer)
+            t.start()
+            flushes = 0
+            while t.is_alive() and flushes < 1000:
+                p.flush()
+                flushes += 1
+            stop.set()
+            t.join()
+            p.flush()
+            with open(path, "rb") as f:  # the file itself, not the mapping
+                data = f.read()
+            lost = {pg: (data[pg * PAGE], v) for pg, v in written.items() if data[pg * PAGE] != v}
+            assert not lost, f"round {round_}: {len(lost)} pages lost (file, written): {lost}"
+        assert p.stats().evictions > 0
+
+
 def run_writer(runtime: str, path: Path, body: str) -> subprocess.CompletedProcess[str]:
     """A script mapping ``path`` writable as ``p`` (``v`` its memoryview), then ``body``."""
     src = (f"FileSource({str(path)!r}, writable=True)" if runtime == "native"

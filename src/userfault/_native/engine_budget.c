@@ -413,7 +413,10 @@ static int pick_victims(engine_t *e, uctx_t *c, victim_t *v, int max_runs)
         }
         if (bit_test_clear(c->ref, p))
             continue; /* touched since the hand last came by: spared once */
-        if (!uf_hold(e, c, p)) { /* dirty */
+        int held = uf_hold(e, c, p);
+        if (held < 0)
+            continue; /* being written back (by flush()): passed this time */
+        if (!held) { /* dirty */
             if (!e->writable)
                 continue; /* written, in a read-only pager: nowhere to write it, so it stays */
             add_run(v, &runs, a, off, e->page, CLEAN);

@@ -77,17 +77,18 @@ void uf_wp_fault(engine_t *e, uctx_t *c, area_t *a, uint64_t off)
     pthread_mutex_unlock(&e->wp_lock);
 }
 
-/* The evictor holds a clean page it will drop: writes to it wait. 0: the page is dirty. */
+/* The evictor holds a clean page it will drop: writes to it wait. 1: held; 0: the page is
+ * dirty; -1: a write-back holds it. Such a page reads as clean (its dirty bit goes when it is
+ * protected, before the copy), but dropping it before the copy is taken would make the copy
+ * fault it in again from the source: the stale bytes would be written home. */
 int uf_hold(engine_t *e, uctx_t *c, uint64_t p)
 {
     if (!c->dirty)
         return 1;
     pthread_mutex_lock(&e->wp_lock);
-    int clean = !bit_get(c->dirty, p);
-    if (clean)
-        bit_set(c->wbusy, p);
+    int held = bit_get(c->dirty, p) ? 0 : bit_test_set(c->wbusy, p) ? -1 : 1;
     pthread_mutex_unlock(&e->wp_lock);
-    return clean;
+    return held;
 }
 
 static area_t *area_of(uctx_t *c, uint64_t p, uint64_t page)
