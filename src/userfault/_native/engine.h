@@ -233,6 +233,11 @@ struct engine {
     uint64_t wb_len;
     PyObject *write_from, *src_flush;
     pthread_mutex_t wp_lock; /* a page's protection changes under it: written, written back */
+    /* write-back windows under way, and how often that count fell to 0 (under wp_lock): a
+     * flush() waits for the ones others began (the evictor's) before it says done */
+    int wb_active;
+    uint64_t wb_idle;
+    pthread_cond_t wb_cond;
     /* the trace: two buffers, a writer thread (engine_trace.c) */
     int trace_fd, trace_cur, trace_full, trace_stop, trace_started;
     uf_rec_t *trace_buf[2];

@@ -293,6 +293,7 @@ static void engine_free(engine_t *e)
     pthread_mutex_destroy(&e->agent_lock);
     pthread_mutex_destroy(&e->budget_lock);
     pthread_mutex_destroy(&e->wp_lock);
+    pthread_cond_destroy(&e->wb_cond);
     pthread_mutex_destroy(&e->trace_lock);
     pthread_cond_destroy(&e->trace_cond);
     free(e->trace_buf[0]);
@@ -508,6 +509,7 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
     pthread_mutex_init(&e->agent_lock, NULL);
     pthread_mutex_init(&e->budget_lock, NULL);
     pthread_mutex_init(&e->wp_lock, NULL);
+    pthread_cond_init(&e->wb_cond, NULL);
     pthread_mutex_init(&e->trace_lock, NULL);
     pthread_cond_init(&e->trace_cond, NULL);
     e->trace_fd = trace_fd;

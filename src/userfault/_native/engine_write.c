@@ -259,6 +259,8 @@ int uf_writeback(engine_t *e, worker_t *w, uctx_t *c, uint64_t first, uint64_t n
             for (uint64_t p = lo; p < hi; p++)
                 if (bit_get(mine, p - base) && bit_test_clear(c->dirty, p))
                     ADD(e, dirty_pages, -1);
+        if (lo < hi)
+            e->wb_active++;
         pthread_mutex_unlock(&e->wp_lock);
         for (uint64_t p = lo; p < hi;) {
             if (!bit_get(mine, p - base)) {
@@ -277,6 +279,10 @@ int uf_writeback(engine_t *e, worker_t *w, uctx_t *c, uint64_t first, uint64_t n
             for (uint64_t p = lo; p < hi; p++)
                 if (bit_get(mine, p - base))
                     release_page(e, c, p, 0);
+            if (--e->wb_active == 0) {
+                e->wb_idle++;
+                pthread_cond_broadcast(&e->wb_cond);
+            }
             pthread_mutex_unlock(&e->wp_lock);
         }
     }
@@ -307,6 +313,12 @@ int uf_flush(engine_t *e, worker_t *w, uint64_t *pages, uint64_t *bytes)
             ret = ret ? ret : err;
         }
     }
+    /* A page another write-back holds (the evictor's) was passed as clean, its bytes maybe
+     * not home yet: wait until every write-back begun before now has ended. */
+    pthread_mutex_lock(&e->wp_lock);
+    for (uint64_t idle = e->wb_idle; e->wb_active && e->wb_idle == idle;)
+        pthread_cond_wait(&e->wb_cond, &e->wp_lock);
+    pthread_mutex_unlock(&e->wp_lock);
     *pages = LOAD(e->st->counters[C_writebacks]) - before;
     if (e->wb_fd >= 0 && fsync(e->wb_fd) && !ret) {
         ret = errno;
