@@ -236,16 +236,25 @@ uint64_t uf_room_below_high(engine_t *e)
     return room;
 }
 
-/* A job that installs ahead takes `*len` bytes, cut to the `*room` pages it may still fill,
- * and reserves them below the high watermark. 0 if nothing fits: the job stops there. */
+/* A job that installs ahead takes `*len` bytes, cut to the `*room` pages it may still fill
+ * and to what is left below the high watermark now, and reserves them, all under one lock (a
+ * room learned first could be taken by another thread before the reservation). 0 if nothing
+ * fits: the job stops there. */
 int uf_take_room(engine_t *e, uint64_t *len, uint64_t *room)
 {
-    if (*len / e->page > *room)
-        *len = *room * e->page;
-    if (!*len || !uf_reserve(e, *len / e->page, e->high_pages))
-        return 0;
-    *room -= *len / e->page;
-    return 1;
+    pthread_mutex_lock(&e->budget_lock);
+    uint64_t used = LOAD(e->st->counters[C_resident_pages]) + e->reserved_pages;
+    uint64_t left = used < e->high_pages ? e->high_pages - used : 0;
+    uint64_t can = *room < left ? *room : left, want = *len / e->page;
+    if (want > can) {
+        want = can;
+        *len = can * e->page;
+    }
+    if (*len)
+        e->reserved_pages += want;
+    pthread_mutex_unlock(&e->budget_lock);
+    *room -= want;
+    return *len != 0;
 }
 
 void uf_unreserve(engine_t *e, uint64_t pages)

@@ -761,7 +761,7 @@ static int claim_hint(engine_t *e, area_t *a, uint64_t *off, uint64_t *n)
         *n = h[2] - e->hint_off < piece ? h[2] - e->hint_off : piece;
         if (*n > ar->len - at)
             *n = ar->len - at;
-        uint64_t room = e->max_pages ? uf_room_below_high(e) : 0;
+        uint64_t room = UINT64_MAX; /* willneed may fill what is left below the high watermark */
         if (e->max_pages && !uf_take_room(e, n, &room)) { /* like populate: then no more */
             e->hint_next = e->nhints;
             e->hint_off = 0; /* the next willneed() starts its first range at its start */
