@@ -172,7 +172,7 @@ def test_writes_racing_flush_and_eviction_are_never_lost(tmp_path: Path, runtime
             stop = threading.Event()
             written: dict[int, int] = {}
 
-            def writer() -> None:
+            def writer(round_: int, written: dict[int, int], stop: threading.Event) -> None:
                 for n in range(1, 3001):
                     if stop.is_set():
                         break
@@ -180,7 +180,7 @@ def test_writes_racing_flush_and_eviction_are_never_lost(tmp_path: Path, runtime
                     _native.touch(p.address + page * PAGE, 1, 1, 1, value, False)
                     written[page] = value
 
-            t = threading.Thread(target=writer)
+            t = threading.Thread(target=writer, args=(round_, written, stop))
             t.start()
             flushes = 0
             while t.is_alive() and flushes < 1000:
