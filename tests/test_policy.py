@@ -13,12 +13,15 @@ import mmap
 import random
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 import userfault
 from pager_helpers import bytes_source, page_data, settled, wait_until
+from py_sources import PyBatched
 from userfault import _native
+from userfault.working_set import WorkingSet, write_working_set
 
 PAGE = 4096
 MiB = 1 << 20
@@ -114,6 +117,31 @@ def test_prefetch_installs_in_one_batch_then_no_faults(runtime: str) -> None:
         assert p.prefetch([(0, MiB)]) == 0  # present pages are skipped
         with memoryview(p) as v:
             assert v[:MiB] == body[:MiB]
+
+
+def test_a_scattered_working_set_is_read_a_batch_of_runs_at_a_time(tmp_path: Path) -> None:
+    """A working set of 40 scattered pages (first-touch order, not file order): the background
+    threads read up to UF_BATCH (64) of its runs with one read_many, in the set's order, so
+    a source that pipelines (Redis) or fans out its reads pays one call for them."""
+    size = 8 * MiB
+    body = page_data(size)
+    order = random.Random(5).sample(range(0, size // PAGE, 5), 40)
+    ws = tmp_path / "scattered.uws"
+    write_working_set(ws, WorkingSet(tuple(i * PAGE for i in order), PAGE, source_size=size))
+    log = tmp_path / "calls.log"
+    with userfault.map(PyBatched(body, str(log)), readahead=False, prefetch=ws,
+                       force_prefetch=True) as p:
+        touch(p, order[0] * PAGE)  # the first fault starts the set
+        s = settled(p, lambda s: s.prefetch_bytes + s.fault_bytes >= 40 * PAGE, timeout=30)
+        assert s.prefetch_bytes + s.fault_bytes == 40 * PAGE and s.poisoned == 0
+        with memoryview(p) as v:
+            assert all(v[i * PAGE:(i + 1) * PAGE] == body[i * PAGE:(i + 1) * PAGE] for i in order)
+    calls = [[int(r.split("+")[0]) // PAGE for r in line.split()]
+             for line in (log.read_text() if log.exists() else "").splitlines()]
+    batches = [c for c in calls if len(c) > 1]
+    assert batches, calls  # the set's runs went in batches, not one call each
+    for c in batches:  # each in the set's order
+        assert c == [i for i in order if i in c], c
 
 
 def test_willneed_installs_in_the_background_then_no_faults(runtime: str) -> None:

@@ -43,6 +43,7 @@
 #define UF_TRACE_RECS 1365 /* 64 KiB of records per trace buffer */
 #define UF_FORK_SLOTS 256 /* the fork table: one slot per pid modulo this */
 #define UF_MAX_HINTS 65536 /* willneed() ranges pending at once */
+#define UF_BATCH 64 /* runs of a working set a background thread installs with one source read */
 
 enum { SRC_ZERO, SRC_PATTERN, SRC_MEMORY, SRC_CYCLE, SRC_PYTHON, SRC_FAIL };
 enum { INST_COPY, INST_ZEROPAGE, INST_MOVE, INST_CONTINUE };
@@ -161,6 +162,10 @@ typedef struct {
     uctx_t *ra_ctx;
     uint64_t ra_addr, ra_len;
     int ra_waiters;
+    /* A background thread's piece: (offset, length) ranges of one area, read at once (one
+     * read_many for a Python source): scattered runs of a working set, or one range. */
+    uint64_t batch[2 * UF_BATCH];
+    int nbatch;
 } worker_t;
 
 typedef struct retired { void *p; struct retired *next; } retired_t;
@@ -315,6 +320,8 @@ int uf_marked(const uf_mark_t *marks, uint64_t n, uint64_t off, uint64_t len);
 void uf_source_willneed(engine_t *e, uint64_t at, uint64_t len);
 int uf_install_range(engine_t *e, worker_t *w, uctx_t *c, area_t *a, uint64_t off, uint64_t n,
                      int flags, int cause, uint64_t wake_off, uint64_t *installed);
+int uf_install_ranges(engine_t *e, worker_t *w, uctx_t *c, area_t *a, const uint64_t *ranges,
+                      int nranges, int flags, int cause, uint64_t wake_off, uint64_t *installed);
 int uf_worker_buffers(engine_t *e, worker_t *w);
 void uf_worker_free(worker_t *w);
 void uf_worker_python(engine_t *e, worker_t *w, int enter);

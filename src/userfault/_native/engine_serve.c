@@ -848,15 +848,21 @@ static int has_background_work(engine_t *e)
     return e->populate && e->ctxs && !e->ctxs->dead && e->pop_area < areas_of(e->ctxs)->n;
 }
 
-/* Under e->lock: the next piece of background work, the working set first, then readahead,
- * then populate. The area is copied: a REMAP may replace the array meanwhile. A piece of the
- * working set or of readahead reserves its room in the budget (the claimer gives it back
- * once installed). */
-static uctx_t *claim_piece(engine_t *e, area_t *a, uint64_t *off, uint64_t *n, int *cause)
+/* Under e->lock: the next piece of background work for worker w, the working set first, then
+ * readahead, then populate. The area is copied: a REMAP may replace the array meanwhile. A
+ * piece of the working set gathers the set's next runs in the same area, up to a piece in
+ * all and UF_BATCH runs (w->batch), so scattered runs cost one source read; other pieces are
+ * one range [*off, +*n). *n is the piece's length in all. A piece of the working set or of
+ * readahead reserves its room in the budget (the claimer gives it back once installed). */
+static uctx_t *claim_piece(engine_t *e, worker_t *w, area_t *a, uint64_t *off, uint64_t *n,
+                           int *cause)
 {
     uint64_t piece = piece_of(e);
     uctx_t *root = e->ctxs;
-    while (preload_left(e) && root && !root->dead) {
+    int area = -1;
+    w->nbatch = 0;
+    *n = 0;
+    while (preload_left(e) && root && !root->dead && w->nbatch < UF_BATCH && *n < piece) {
         uint64_t *r = &e->preload[3 * e->preload_next];
         areas_t *as = areas_of(root);
         if ((int)r[0] >= as->n || e->preload_off >= r[2]) {
@@ -865,26 +871,34 @@ static uctx_t *claim_piece(engine_t *e, area_t *a, uint64_t *off, uint64_t *n, i
             e->preload_off = 0;
             continue;
         }
-        *n = r[2] - e->preload_off < piece ? r[2] - e->preload_off : piece;
+        if (w->nbatch && (int)r[0] != area)
+            break; /* another area: the next piece */
+        uint64_t len = r[2] - e->preload_off < piece - *n ? r[2] - e->preload_off : piece - *n;
         if (e->max_pages) { /* the room below the high watermark when the set began */
             if (!e->preload_sized)
                 e->preload_room = uf_room_below_high(e), e->preload_sized = 1;
-            if (!uf_take_room(e, n, &e->preload_room)) {
-                /* full: faults serve the rest. The pieces in flight end with the one WAKE;
-                 * with none, there is nothing to wake (a fault on a page installed DONTWAKE
-                 * meets EEXIST and its fault thread wakes it) */
+            if (!uf_take_room(e, &len, &e->preload_room)) {
+                /* full: faults serve the rest. The pieces in flight (this one too) end with
+                 * the one WAKE; with none, there is nothing to wake (a fault on a page
+                 * installed DONTWAKE meets EEXIST and its fault thread wakes it) */
                 e->preload_next = e->npreload;
-                e->preload_woken |= !e->preload_inflight;
+                e->preload_woken |= !e->preload_inflight && !w->nbatch;
                 break;
             }
         }
-        *a = as->a[r[0]];
-        *off = r[1] + e->preload_off;
-        e->preload_off += *n;
+        if (!w->nbatch)
+            *a = as->a[area = (int)r[0]];
+        w->batch[2 * w->nbatch] = r[1] + e->preload_off;
+        w->batch[2 * w->nbatch++ + 1] = len;
+        *n += len;
+        e->preload_off += len;
         if (e->preload_off >= r[2]) { /* claimed to its end: the last piece's end can see it */
             e->preload_next++;
             e->preload_off = 0;
         }
+    }
+    if (w->nbatch) {
+        *off = w->batch[0];
         *cause = CAUSE_PREFETCH;
         e->preload_inflight++;
         root->users++;
@@ -961,7 +975,7 @@ static void *background_main(void *arg)
         pthread_mutex_lock(&e->lock);
         while (!e->stopping && !has_background_work(e))
             pthread_cond_wait(&e->work_cond, &e->lock);
-        uctx_t *c = e->stopping ? NULL : claim_piece(e, &a, &off, &n, &cause);
+        uctx_t *c = e->stopping ? NULL : claim_piece(e, w, &a, &off, &n, &cause);
         note_jobs_over(e);
         int stopping = e->stopping;
         if (c && cause == CAUSE_READAHEAD)
@@ -972,7 +986,12 @@ static void *background_main(void *arg)
         if (!c)
             continue;
         int flags = IR_SKIP_INSTALLED | (cause == CAUSE_PREFETCH ? IR_DONTWAKE : 0);
-        int err = uf_install_range(e, w, c, &a, off, n, flags, cause, NO_WAKE, &done);
+        if (!w->nbatch) { /* one range */
+            w->batch[0] = off;
+            w->batch[1] = n;
+            w->nbatch = 1;
+        }
+        int err = uf_install_ranges(e, w, c, &a, w->batch, w->nbatch, flags, cause, NO_WAKE, &done);
         if (e->max_pages)
             uf_unreserve(e, n / e->page); /* counted now (claim_piece reserved it) */
         if (err == EAGAIN)

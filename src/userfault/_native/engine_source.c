@@ -783,14 +783,19 @@ static int fail_range(engine_t *e, worker_t *w, uctx_t *c, area_t *a, run_t *r, 
     return 0;
 }
 
-/* Install [off, off+n) of area a (n <= unit_max). With IR_SKIP_INSTALLED, pages marked
- * installed are left alone (readahead, populate, prefetch); IR_DONTWAKE batches the wake.
- * The page at wake_off is woken if found present. Failed pages go through the failure policy
- * above. Returns 0 or a final error (EAGAIN, ENOENT, ESRCH); *installed gets bytes installed. */
-int uf_install_range(engine_t *e, worker_t *w, uctx_t *c, area_t *a, uint64_t off, uint64_t n,
-                     int flags, int cause, uint64_t wake_off, uint64_t *installed)
+/* Install the (offset, length) ranges of area a, page-aligned and unit_max bytes at most in
+ * all, read at once (one read_many for a Python source). With IR_SKIP_INSTALLED, pages
+ * marked installed are left alone (readahead, populate, prefetch); IR_DONTWAKE batches the
+ * wake. The page at wake_off is woken if found present. Failed pages go through the failure
+ * policy above. Returns 0 or a final error (EAGAIN, ENOENT, ESRCH); *installed gets bytes
+ * installed. */
+int uf_install_ranges(engine_t *e, worker_t *w, uctx_t *c, area_t *a, const uint64_t *ranges,
+                      int nranges, int flags, int cause, uint64_t wake_off, uint64_t *installed)
 {
-    int nr = collect_runs(e, c, a, off, n, flags & IR_SKIP_INSTALLED, w->runs), ret = 0;
+    int nr = 0, ret = 0;
+    for (int i = 0; i < nranges; i++)
+        nr += collect_runs(e, c, a, ranges[2 * i], ranges[2 * i + 1], flags & IR_SKIP_INSTALLED,
+                           w->runs + nr);
     w->t0 = e->trace_fd >= 0 ? uf_now_ns() : 0;
     w->cause = cause;
     *installed = 0;
@@ -820,4 +825,12 @@ int uf_install_range(engine_t *e, worker_t *w, uctx_t *c, area_t *a, uint64_t of
     case CAUSE_PREFETCH: ADD(e, prefetch_bytes, *installed); break;
     }
     return ret;
+}
+
+/* Install [off, off+n) of area a (n <= unit_max): uf_install_ranges of one range. */
+int uf_install_range(engine_t *e, worker_t *w, uctx_t *c, area_t *a, uint64_t off, uint64_t n,
+                     int flags, int cause, uint64_t wake_off, uint64_t *installed)
+{
+    uint64_t range[2] = {off, n};
+    return uf_install_ranges(e, w, c, a, range, 1, flags, cause, wake_off, installed);
 }
