@@ -109,6 +109,7 @@ class NginxServer:
     Locations:
       * ``/<name>``          the file, with byte ranges (``Accept-Ranges: bytes``);
       * ``/norange/<name>``  the same file with ``max_ranges 0`` (Range ignored: 200 + full body);
+      * ``/onerange/<name>`` with ``max_ranges 1`` (a multi-range GET gets 200 + full body);
       * ``/slow/<name>``     sent at 512 KB/s per connection after a 1 s burst (``limit_rate``);
       * ``/noetag/<name>``   without an ``ETag`` (``Last-Modified`` is the only validator).
 
@@ -197,6 +198,10 @@ http {{
         location /norange/ {{
             alias {self.directory}/;
             max_ranges 0;
+        }}
+        location /onerange/ {{
+            alias {self.directory}/;
+            max_ranges 1;
         }}
         location /slow/ {{
             alias {self.directory}/;

@@ -171,6 +171,87 @@ def test_lying_replies_are_refused_clearly(lying: Callable[[Script], LyingHTTP],
     src.close()
 
 
+# -- lies in multi-range answers (read_many of scattered pages) -------------------------------
+
+
+FILE = BODY * (SIZE // PAGE)
+
+
+def requested_spans(req: bytes) -> list[tuple[int, int]]:
+    line = next(ln for ln in req.split(b"\r\n") if ln.lower().startswith(b"range: bytes="))
+    return [(int(a), int(b)) for a, b in
+            (r.split(b"-") for r in line.split(b"=", 1)[1].split(b","))]
+
+
+def multipart(req: bytes, *, short: bool = False, drop: bool = False,
+              total: int = SIZE) -> bytes:
+    """A multipart/byteranges 206 for the ranges asked, maybe with a part cut short, the last
+    part left out, or another file size in the parts."""
+    spans = requested_spans(req)[:-1] if drop else requested_spans(req)
+    body = b""
+    for a, b in spans:
+        data = FILE[a:b + 1][:-10] if short else FILE[a:b + 1]
+        body += (f"\r\n--BND\r\nContent-Type: application/octet-stream\r\n"
+                 f"Content-Range: bytes {a}-{b}/{total}\r\n\r\n").encode() + data
+    body += b"\r\n--BND--\r\n"
+    return (b"HTTP/1.1 206 Partial Content\r\nContent-Type: multipart/byteranges; boundary=BND"
+            b"\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+
+
+def one_or_many(lie: Callable[[bytes], bytes]) -> Script:
+    return lambda n, r: [lie(r)] if b"," in r.split(b"\r\n\r\n")[0] else honest(n, r)
+
+
+MULTI_LIES: list[tuple[str, Script, str]] = [
+    ("short part", one_or_many(lambda r: multipart(r, short=True)),
+     "a multipart part of another length than its Content-Range bytes 4096-8191"),
+    ("missing part", one_or_many(lambda r: multipart(r, drop=True)),
+     "the multipart answer has no part for bytes 28672-32767"),
+    ("other size", one_or_many(lambda r: multipart(r, total=SIZE + PAGE)),
+     f"the file changed size on the server ({SIZE} -> {SIZE + PAGE})"),
+    ("another closing boundary",
+     one_or_many(lambda r: multipart(r).replace(b"--BND--", b"--XXX--")),
+     "a multipart part of another length than its Content-Range bytes 28672-32767"),
+    ("no boundary at all", one_or_many(lambda r: multipart(r).replace(b"--BND", b"--XXX")),
+     "a multipart answer without its closing boundary"),
+]
+
+
+@pytest.mark.parametrize(("name", "script", "cause"), MULTI_LIES, ids=[x[0] for x in MULTI_LIES])
+def test_lying_multipart_answers_are_refused_clearly(
+        lying: Callable[[Script], LyingHTTP], name: str, script: Script, cause: str) -> None:
+    """Pages 1, 3, 5 and 7 in one read_many: one multi-range GET. A multipart answer that lies
+    is a SourceError naming the span it covered; no lie is taken as data."""
+    srv = lying(script)
+    src = HTTPSource(srv.url, size=SIZE, timeout=5.0)
+    bufs = [bytearray(b"\xaa" * PAGE) for _ in range(4)]
+    with pytest.raises(SourceError) as info:
+        src.read_many([(i * PAGE, memoryview(b)) for i, b in zip((1, 3, 5, 7), bufs, strict=True)])
+    assert str(info.value) == message(srv.url, "GET", PAGE, 7 * PAGE, cause)
+    assert all(bytes(b) == b"\xaa" * PAGE for b in bufs)
+    assert len(srv.requests) == 1
+
+
+def test_a_coalesced_multi_range_answer_falls_back_to_one_get_each(
+        lying: Callable[[Script], LyingHTTP]) -> None:
+    """A server may answer several ranges with one 206 covering them all (allowed by RFC 9110):
+    not a multipart body, so the source asks for each range alone, and from then on sends one
+    range per GET."""
+    def coalesce(r: bytes) -> bytes:
+        spans = requested_spans(r)
+        a, b = spans[0][0], spans[-1][1]
+        return partial(a, b, FILE[a:b + 1])
+    srv = lying(one_or_many(coalesce))
+    src = HTTPSource(srv.url, size=SIZE, timeout=5.0)
+    for _ in range(2):
+        bufs = [bytearray(PAGE) for _ in range(4)]
+        src.read_many([(i * PAGE, memoryview(b)) for i, b in zip((1, 3, 5, 7), bufs, strict=True)])
+        assert all(bytes(b) == FILE[i * PAGE:(i + 1) * PAGE]
+                   for i, b in zip((1, 3, 5, 7), bufs, strict=True))
+    multi = [r for r in srv.requests if b"," in r]
+    assert len(multi) == 1 and len(srv.requests) == 1 + 2 * 4
+
+
 def test_lies_in_the_size_probe(lying: Callable[[Script], LyingHTTP]) -> None:
     cases: list[tuple[Script, str]] = [
         (lambda n, r: [b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"],

@@ -28,8 +28,13 @@ close-delimited bodies are refused clearly. ``Connection: close`` (or an HTTP/1.
 keep-alive) is honoured: the body is read, the connection dropped.
 
 ``read_into`` reads the body straight into the caller's buffer. ``read_many`` merges adjacent
-requests into one GET (the body streams into the successive buffers) and runs the remaining
-GETs in parallel, one per pooled connection.
+requests into one GET (the body streams into the successive buffers), asks for small scattered
+ones together in multi-range GETs (``Range: bytes=a-b,c-d,...``, answered ``multipart/
+byteranges``: one round trip for up to 64 of them), and runs the GETs in parallel, one per
+pooled connection. A server that answers a multi-range GET otherwise (``200`` with the whole
+body, as nginx does past ``max_ranges``; one coalesced range; no ``Content-Length``) gets one
+GET per range from then on; a multipart body that lies (a part missing, short, of another file
+size) is a ``SourceError`` like any other lie.
 
 A pooled connection that the server closed while it was idle (keep-alive timeout, restart) is
 retried once on a fresh connection; any other failure raises ``SourceError`` naming the URL, the
@@ -46,7 +51,7 @@ import ssl
 import threading
 import time
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -57,6 +62,10 @@ __all__ = ["HTTPSource"]
 _CONTENT_RANGE = re.compile(rb"^\s*bytes\s+(?:(\d+)-(\d+)|\*)\s*/\s*(\d+|\*)\s*$", re.IGNORECASE)
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an HTTP header name
 _MIN_MERGE = 1 << 20  # merged GETs are capped at max(1 MiB, batch / connections)
+_MULTI_PART_MAX = 256 << 10  # ranges this small (after merging) share multi-range GETs,
+_MULTI_PARTS = 64  # up to this many in one
+_BOUNDARY = re.compile(rb'^\s*multipart/byteranges\s*;.*?\bboundary\s*=\s*"?([^";\s]+)"?',
+                       re.IGNORECASE)
 _HEAD_BUF = 16 << 10  # per-connection buffer for the status line and headers (and body start)
 # A server trickling bytes slower than this (after the timeout's grace) fails the request: the
 # socket timeout alone bounds only the wait for each byte, not for the whole response.
@@ -73,6 +82,11 @@ class _Changed(Exception):
         super().__init__("the object changed")
         self.now = now  # the new validator, when the response said it
         self.size = size
+
+
+class _Unranged(Exception):
+    """The server did not answer a multi-range GET with the parts asked for (it may still
+    serve one range per GET)."""
 
 
 class _Closed(ConnectionError):
@@ -216,7 +230,7 @@ class HTTPSource:
                              "characters (percent-encode them)")
         netloc = self._host if ":" not in self._host else f"[{self._host}]"
         self._desc = f"{parts.scheme}://{netloc}:{self._port}{parts.path}"  # no credentials
-        # The request, preformatted up to the range numbers: b"%d-%d\r\n\r\n" completes it.
+        # The request, preformatted up to the ranges: b"0-4095\r\n\r\n" completes it.
         host = netloc if self._port == (443 if self._https else 80) else f"{netloc}:{self._port}"
         lines = [f"GET {self._target} HTTP/1.1", f"Host: {host}"]
         if not any(k.lower() == "accept-encoding" for k in self._headers):
@@ -243,6 +257,7 @@ class HTTPSource:
         self._busy = 0  # connections handed out (at most self._connections)
         self._executor: ThreadPoolExecutor | None = None
         self._ssl: ssl.SSLContext | None = None
+        self._multirange = True  # until the server answers a multi-range GET otherwise
         self.connections_opened = 0
 
     def _check_pid(self) -> None:
@@ -300,8 +315,9 @@ class HTTPSource:
             self._read_group(*groups[0])
             return
         executor = self._get_executor()
-        futures: list[Future[None]] = [executor.submit(self._read_group, off, bufs)
-                                       for off, bufs in groups]
+        futures: list[Future[None]] = [
+            executor.submit(self._read_group, *gets[0]) if len(gets) == 1
+            else executor.submit(self._read_ranges, gets) for gets in self._plan(groups)]
         first: BaseException | None = None
         for fut in futures:
             err = fut.exception()
@@ -309,6 +325,23 @@ class HTTPSource:
                 first = err
         if first is not None:
             raise first
+
+    def _plan(self, groups: list[tuple[int, list[memoryview]]]
+              ) -> list[list[tuple[int, list[memoryview]]]]:
+        """The GETs for ``groups``: a large one alone, small ones (inside the file) several
+        to a multi-range GET, spread over the connections."""
+        if not self._multirange:
+            return [[g] for g in groups]
+        alone: list[list[tuple[int, list[memoryview]]]] = []
+        small: list[tuple[int, list[memoryview]]] = []
+        for g in groups:
+            n = sum(len(b) for b in g[1])
+            if n <= _MULTI_PART_MAX and g[0] + n <= self._size:
+                small.append(g)
+            else:
+                alone.append([g])
+        per = min(_MULTI_PARTS, max(8, -(-len(small) // self._connections)))
+        return alone + [small[i:i + per] for i in range(0, len(small), per)]
 
     def close(self) -> None:
         """Close pooled connections and stop the worker threads (the source stays usable)."""
@@ -390,14 +423,14 @@ class HTTPSource:
             self._busy -= 1
             self._freed.notify()
 
-    def _exchange(self, c: _Conn, start: int, last: int, condition: bytes = b"") -> _Response:
-        """Send ``GET`` for bytes ``start..last`` (with the ``condition`` header line) and read
-        the status line and headers.
+    def _exchange(self, c: _Conn, ranges: bytes, condition: bytes = b"") -> _Response:
+        """Send ``GET`` for the byte ``ranges`` (``b"0-4095"``, or several joined by commas;
+        with the ``condition`` header line) and read the status line and headers.
 
         The response's body bytes that arrived with the head are in ``extra``.
         """
         sock = c.sock or self._connect(c)
-        sock.sendall(b"%s%d-%d\r\n%s\r\n" % (self._request_head, start, last, condition))
+        sock.sendall(b"%s%s\r\n%s\r\n" % (self._request_head, ranges, condition))
         head, view = c.head, c.head_view
         got = 0
         deadline = time.monotonic() + self._timeout
@@ -442,7 +475,7 @@ class HTTPSource:
         try:
             for attempt in (0, 1):
                 try:
-                    resp = self._exchange(c, 0, 0)
+                    resp = self._exchange(c, b"0-0")
                     if resp.status == 416:  # empty file: "bytes */0"
                         total = self._parse_total(resp, 0, 1)
                         c.close()  # its body (if any) is not worth reading
@@ -563,6 +596,26 @@ class HTTPSource:
                     b[n:] = bytes(len(b) - n)
                 pos += len(b)
         want = end - offset
+        self._attempt(offset, want, lambda c: self._get_into(c, offset, want, targets))
+
+    def _read_ranges(self, groups: list[tuple[int, list[memoryview]]]) -> None:
+        """One multi-range GET for ``groups`` (each inside the file), every part copied into
+        its group's buffers; one GET per group instead if the server does not answer with
+        those parts."""
+        spans = [(off, sum(len(b) for b in bufs)) for off, bufs in groups]
+        first = spans[0][0]
+        try:
+            self._attempt(first, spans[-1][0] + spans[-1][1] - first,
+                          lambda c: self._get_ranges(c, groups, spans))
+        except _Unranged:
+            self._multirange = False  # this server: one range per GET from now on
+            for off, bufs in groups:
+                self._read_group(off, bufs)
+
+    def _attempt(self, offset: int, want: int, get: Callable[[_Conn], _Conn | None]) -> None:
+        """``get`` on a pooled connection (it returns the connection to keep, or ``None``);
+        once more on a fresh connection if a reused one was closed by the server while idle.
+        Failures are ``SourceError``s naming ``[offset, offset + want)``."""
         try:
             c = self._acquire()
         except TimeoutError as err:
@@ -572,14 +625,14 @@ class HTTPSource:
         try:
             for attempt in (0, 1):
                 try:
-                    keep = self._get_into(c, offset, want, targets)
+                    keep = get(c)
                     return
                 except _Changed as err:
                     c.close()
                     changed = err
                     break
-                except SourceError:
-                    c.close()
+                except (SourceError, _Unranged):
+                    c.close()  # (an unread body, maybe the whole file)
                     raise
                 except _ProtocolError as err:
                     c.close()
@@ -644,7 +697,7 @@ class HTTPSource:
     def _get_into(self, c: _Conn, offset: int, want: int,
                   targets: list[memoryview]) -> _Conn | None:
         last = offset + want - 1
-        resp = self._exchange(c, offset, last, self._precondition())
+        resp = self._exchange(c, b"%d-%d" % (offset, last), self._precondition())
         if resp.status == 412 and self._validator is not None:
             raise _Changed(None, None)  # If-Match / If-Unmodified-Since failed: replaced
         if resp.status != 206:
@@ -671,6 +724,86 @@ class HTTPSource:
             return c
         c.close()
         return None
+
+    def _get_ranges(self, c: _Conn, groups: list[tuple[int, list[memoryview]]],
+                    spans: list[tuple[int, int]]) -> _Conn | None:
+        offset, want = spans[0][0], spans[-1][0] + spans[-1][1] - spans[0][0]
+        resp = self._exchange(c, b",".join(b"%d-%d" % (o, o + n - 1) for o, n in spans),
+                              self._precondition())
+        if resp.status == 412 and self._validator is not None:
+            raise _Changed(None, None)
+        if resp.status == 200:
+            raise _Unranged("200 with the whole body")
+        if resp.status != 206:
+            self._check_status(resp, "GET", offset, want)
+        h = resp.headers
+        m = _BOUNDARY.match(h.get(b"content-type", b""))
+        clen = h.get(b"content-length", b"")
+        # the parts' own heads: a boundary line, Content-Type and Content-Range, ~150 bytes
+        room = sum(n for _, n in spans) + len(spans) * 512 + 1024
+        if (not m or not clen.isdigit() or int(clen) > room or b"transfer-encoding" in h
+                or b"content-encoding" in h):
+            raise _Unranged("not a multipart/byteranges body of the parts asked for")
+        self._check_version(resp)
+        body = bytearray(int(clen))
+        self._read_body(c, resp, [memoryview(body)], len(body))
+        parts = self._parts(body, m.group(1), offset, want)
+        where = []  # every group's part is found before any byte is copied
+        for off, n in spans:
+            at = next((start + off - a for a, start, length in parts
+                       if a <= off and off + n <= a + length), None)
+            if at is None:
+                raise _ProtocolError(f"the multipart answer has no part for bytes "
+                                     f"{off}-{off + n - 1}")
+            where.append(at)
+        for at, (_, bufs) in zip(where, groups, strict=True):
+            for b in bufs:
+                b[:] = body[at:at + len(b)]
+                at += len(b)
+        if resp.keep_alive:
+            c.used = True
+            return c
+        c.close()
+        return None
+
+    def _parts(self, body: bytearray, boundary: bytes, offset: int,
+               want: int) -> list[tuple[int, int, int]]:
+        """The parts of a ``multipart/byteranges`` body: (first byte, where its bytes start in
+        ``body``, length) each."""
+        delim = b"--" + boundary
+        parts: list[tuple[int, int, int]] = []
+        pos = body.find(delim)
+        while True:
+            if pos < 0:
+                raise _ProtocolError("a multipart answer without its closing boundary")
+            pos += len(delim)
+            if body[pos:pos + 2] == b"--":
+                return parts
+            end = body.find(b"\r\n\r\n", pos)
+            if end < 0:
+                raise _ProtocolError("a multipart part without the end of its headers")
+            value = b""
+            for line in bytes(body[pos:end]).split(b"\r\n"):
+                name, _, v = line.partition(b":")
+                if name.strip().lower() == b"content-range":
+                    value = v
+            m = _CONTENT_RANGE.match(value)
+            if not m or m.group(1) is None or m.group(3) == b"*":
+                raise _ProtocolError(f"a multipart part with an unusable Content-Range "
+                                     f"{value.decode('latin-1').strip()!r}")
+            first, last, total = (int(g) for g in m.groups())
+            if total != self._size:
+                if self._validator is not None:
+                    raise _Changed(None, total)
+                raise self._error("GET", offset, want, f"the file changed size on the server "
+                                  f"({self._size} -> {total})")
+            start = end + 4
+            pos = start + last - first + 1  # where the part's bytes end: CRLF, the boundary
+            if last < first or body[pos:pos + 2 + len(delim)] != b"\r\n" + delim:
+                raise _ProtocolError(f"a multipart part of another length than its "
+                                     f"Content-Range bytes {first}-{last}")
+            parts.append((first, start, last - first + 1))
+            pos += 2
 
     def _read_body(self, c: _Conn, resp: _Response, targets: list[memoryview], want: int) -> None:
         """Receive the ``want`` body bytes into ``targets``, in order (straight into them, after
