@@ -162,6 +162,29 @@ def test_willneed_installs_in_the_background_then_no_faults(runtime: str) -> Non
         assert settled(p).bytes_installed == queued
 
 
+def test_scattered_willneed_hints_are_read_a_batch_at_a_time(tmp_path: Path) -> None:
+    """40 scattered one-page hints: a background thread gathers the hints that follow the
+    first into its piece (up to 64) and reads them with one read_many, in the order given."""
+    size = 8 * MiB
+    body = page_data(size)
+    order = random.Random(6).sample(range(0, size // PAGE, 5), 40)
+    log = tmp_path / "calls.log"
+    with userfault.map(PyBatched(body, str(log))) as p:
+        queued = p.willneed([(i * PAGE, PAGE) for i in order])
+        assert queued == 40 * PAGE
+        s = settled(p, lambda s: s.readahead_bytes == queued, timeout=30)
+        assert s.readahead_bytes == queued and s.faults == 0
+        with memoryview(p) as v:
+            assert all(v[i * PAGE:(i + 1) * PAGE] == body[i * PAGE:(i + 1) * PAGE] for i in order)
+        assert p.stats().faults == 0
+    calls = [[int(r.split("+")[0]) // PAGE for r in line.split()]
+             for line in (log.read_text() if log.exists() else "").splitlines()]
+    assert any(len(c) > 1 for c in calls), calls  # batches, not one call per hint
+    assert sorted(i for c in calls for i in c) == sorted(order)  # each page read once
+    for c in calls:
+        assert c == [i for i in order if i in c], c  # in the order given
+
+
 def test_willneed_racing_with_a_sequential_reader_installs_each_page_once(runtime: str) -> None:
     size = 16 * MiB
     body = page_data(size)

@@ -157,15 +157,16 @@ typedef struct {
     uint64_t poisoned_bytes;
     int cause;           /* of the install in progress, and when it began: for the trace */
     uint64_t t0;
-    /* A background thread's readahead piece being read, [ra_addr, +ra_len) of ra_ctx (under
-     * e->lock); ra_waiters: a fault there was left to it (Python sources: serve_fault). */
-    uctx_t *ra_ctx;
-    uint64_t ra_addr, ra_len;
-    int ra_waiters;
     /* A background thread's piece: (offset, length) ranges of one area, read at once (one
-     * read_many for a Python source): scattered runs of a working set, or one range. */
+     * read_many for a Python source): scattered runs of a working set or of willneed()
+     * hints, or one range. A readahead piece being read is the batch of the area at ra_base
+     * of ra_ctx (under e->lock); ra_waiters: a fault there was left to it (Python sources:
+     * serve_fault). */
     uint64_t batch[2 * UF_BATCH];
     int nbatch;
+    uctx_t *ra_ctx;
+    uint64_t ra_base;
+    int ra_waiters;
 } worker_t;
 
 typedef struct retired { void *p; struct retired *next; } retired_t;

@@ -369,6 +369,18 @@ static int fault_kind(uint64_t flags)
 /* A Python source's read is a round trip: a fault in a readahead piece being read already is
  * left to the background thread reading it, which wakes the whole piece when it is done
  * (installed or not: a page it could not install faults again and is served then). */
+/* Under e->lock: the end of the range of background thread b's readahead piece that holds
+ * address addr of context c, or 0. */
+static uint64_t read_by(const worker_t *b, const uctx_t *c, uint64_t addr)
+{
+    for (int k = 0; b->ra_ctx == c && k < b->nbatch; k++) {
+        uint64_t at = b->ra_base + b->batch[2 * k];
+        if (addr - at < b->batch[2 * k + 1])
+            return at + b->batch[2 * k + 1];
+    }
+    return 0;
+}
+
 static int left_to_readahead(engine_t *e, uctx_t *c, uint64_t addr)
 {
     if (e->kind != SRC_PYTHON)
@@ -377,7 +389,7 @@ static int left_to_readahead(engine_t *e, uctx_t *c, uint64_t addr)
     pthread_mutex_lock(&e->lock);
     for (int i = e->nthreads; i < e->nworkers && !found; i++) {
         worker_t *b = &e->workers[i];
-        if (b->ra_ctx == c && addr - b->ra_addr < b->ra_len)
+        if (read_by(b, c, addr))
             found = ++b->ra_waiters;
     }
     pthread_mutex_unlock(&e->lock);
@@ -719,23 +731,27 @@ static int behind_hint(engine_t *e, uctx_t *c, int ai, uint64_t off, uint64_t en
 static uint64_t being_read(engine_t *e, uctx_t *c, uint64_t addr)
 {
     for (int i = e->nthreads; i < e->nworkers; i++) {
-        worker_t *b = &e->workers[i];
-        if (b->ra_ctx == c && addr - b->ra_addr < b->ra_len)
-            return b->ra_addr + b->ra_len;
+        uint64_t end = read_by(&e->workers[i], c, addr);
+        if (end)
+            return end;
     }
     return 0;
 }
 
-/* Under e->lock: the next piece of the willneed() ranges, in their order, from the first page
- * neither installed nor being read by another background thread. Read as readahead: a fault
- * in it waits for it, and it reserves its room in the budget (a full budget drops every
- * range: like readahead, never read past it). */
+/* Under e->lock: the next piece of the willneed() ranges for worker w, in their order, from
+ * the first page neither installed nor being read by another background thread, gathering
+ * the ranges that follow in the same area into w->batch (a piece and UF_BATCH ranges at
+ * most): scattered hints cost one source read. Read as readahead: a fault in it waits for
+ * it, and it reserves its room in the budget (a full budget drops every range: like
+ * readahead, never read past it). *n is the piece's length in all. */
 #define UF_HINT_LOOK 16384 /* present pages one claim passes over (then it lets go of the lock) */
-static int claim_hint(engine_t *e, area_t *a, uint64_t *off, uint64_t *n)
+static int claim_hint(engine_t *e, worker_t *w, area_t *a, uint64_t *off, uint64_t *n)
 {
     uctx_t *root = e->ctxs;
     uint64_t piece = piece_of(e), looked = 0;
-    while (hint_left(e)) {
+    int area = -1;
+    *n = 0;
+    while (hint_left(e) && w->nbatch < UF_BATCH && *n < piece) {
         const uint64_t *h = &e->hints[3 * e->hint_next];
         areas_t *as = areas_of(root);
         /* done, or its area is gone or shorter now (a REMAP since) */
@@ -744,6 +760,8 @@ static int claim_hint(engine_t *e, area_t *a, uint64_t *off, uint64_t *n)
             e->hint_off = 0;
             continue;
         }
+        if (w->nbatch && (int)h[0] != area)
+            break; /* another area: the next piece */
         area_t *ar = &as->a[h[0]];
         uint64_t at = h[1] + e->hint_off, busy;
         uint64_t p = ar->first_page + at / e->page;
@@ -751,28 +769,32 @@ static int claim_hint(engine_t *e, area_t *a, uint64_t *off, uint64_t *n)
             uint64_t step = !(p & 7) && LOAD(root->installed[p >> 3]) == 0xff ? 8 : 1;
             e->hint_off += step * e->page;
             if ((looked += step) >= UF_HINT_LOOK)
-                return 0; /* the next claim goes on from here */
+                break; /* the next claim goes on from here */
             continue;
         }
         if ((busy = being_read(e, root, ar->base + at))) {
             e->hint_off = busy - ar->base - h[1];
             continue;
         }
-        *n = h[2] - e->hint_off < piece ? h[2] - e->hint_off : piece;
-        if (*n > ar->len - at)
-            *n = ar->len - at;
+        uint64_t len = h[2] - e->hint_off < piece - *n ? h[2] - e->hint_off : piece - *n;
+        if (len > ar->len - at)
+            len = ar->len - at;
         uint64_t room = UINT64_MAX; /* willneed may fill what is left below the high watermark */
-        if (e->max_pages && !uf_take_room(e, n, &room)) { /* like populate: then no more */
+        if (e->max_pages && !uf_take_room(e, &len, &room)) { /* like populate: then no more */
             e->hint_next = e->nhints;
             e->hint_off = 0; /* the next willneed() starts its first range at its start */
-            return 0;
+            break;
         }
-        *a = *ar;
-        *off = at;
-        e->hint_off += *n;
-        return 1;
+        if (!w->nbatch)
+            *a = *ar, area = (int)h[0];
+        w->batch[2 * w->nbatch] = at;
+        w->batch[2 * w->nbatch++ + 1] = len;
+        *n += len;
+        e->hint_off += len;
     }
-    return 0;
+    if (w->nbatch)
+        *off = w->batch[0];
+    return w->nbatch > 0;
 }
 
 /* The part of source range [s, end) that area `a` maps, as whole pages of the area:
@@ -934,7 +956,7 @@ static uctx_t *claim_piece(engine_t *e, worker_t *w, area_t *a, uint64_t *off, u
             return c;
         }
     }
-    if (claim_hint(e, a, off, n)) { /* after the faults' streams: they are the reader's now */
+    if (claim_hint(e, w, a, off, n)) { /* after the faults' streams: they are the reader's now */
         *cause = CAUSE_READAHEAD;
         root->users++;
         return root;
@@ -978,19 +1000,19 @@ static void *background_main(void *arg)
         uctx_t *c = e->stopping ? NULL : claim_piece(e, w, &a, &off, &n, &cause);
         note_jobs_over(e);
         int stopping = e->stopping;
+        if (c && !w->nbatch) { /* one range (under the lock: read_by reads it) */
+            w->batch[0] = off;
+            w->batch[1] = n;
+            w->nbatch = 1;
+        }
         if (c && cause == CAUSE_READAHEAD)
-            w->ra_ctx = c, w->ra_addr = a.base + off, w->ra_len = n, w->ra_waiters = 0;
+            w->ra_ctx = c, w->ra_base = a.base, w->ra_waiters = 0;
         pthread_mutex_unlock(&e->lock);
         if (stopping)
             break;
         if (!c)
             continue;
         int flags = IR_SKIP_INSTALLED | (cause == CAUSE_PREFETCH ? IR_DONTWAKE : 0);
-        if (!w->nbatch) { /* one range */
-            w->batch[0] = off;
-            w->batch[1] = n;
-            w->nbatch = 1;
-        }
         int err = uf_install_ranges(e, w, c, &a, w->batch, w->nbatch, flags, cause, NO_WAKE, &done);
         if (e->max_pages)
             uf_unreserve(e, n / e->page); /* counted now (claim_piece reserved it) */
@@ -1001,9 +1023,10 @@ static void *background_main(void *arg)
             int waiters = w->ra_waiters;
             w->ra_ctx = NULL;
             pthread_mutex_unlock(&e->lock);
-            struct uffdio_range r = {w->ra_addr, w->ra_len};
-            if (waiters && err != ESRCH)
+            for (int k = 0; waiters && err != ESRCH && k < w->nbatch; k++) {
+                struct uffdio_range r = {w->ra_base + w->batch[2 * k], w->batch[2 * k + 1]};
                 uf_ioctl(c->uffd, UFFDIO_WAKE, &r);
+            }
         }
         ctx_leave(e, c, err == ESRCH);
         if (cause == CAUSE_PREFETCH || cause == CAUSE_POPULATE) {
