@@ -188,6 +188,42 @@ def test_a_crashing_read_restarts_with_backoff_then_poisons_the_page() -> None:
     assert "killed or hung the pager worker 3 times" in err
 
 
+def test_a_page_that_crashes_a_batch_of_a_working_set_is_found_and_poisoned_alone(
+        tmp_path: Path) -> None:
+    """A scattered working set is read 64 runs to a read_many: a crash in one page of such a
+    batch is blamed on the batch's whole span, and from then on the engine reads one run at a
+    time: the set's other 39 pages read right, and the bad page, once touched, is found,
+    condemned alone and gets SIGBUS. (Blaming only the batch's first run's offset for its
+    total length never found it: the worker was restarted until the pager gave up.)"""
+    ws = tmp_path / "scattered.uws"
+    rc, out, err = child(f"""
+        import random
+        import userfault
+        from py_sources import Misbehaving
+        from test_failures import data
+        from userfault.working_set import WorkingSet, write_working_set
+        if __name__ == "__main__":
+            body = data()
+            order = random.Random(5).sample(range(0, len(body) // 4096, 5), 40)
+            bad = order[20]
+            write_working_set({str(ws)!r}, WorkingSet(tuple(i * 4096 for i in order), 4096,
+                                                     source_size=len(body)))
+            p = userfault.map(Misbehaving(body, [bad * 4096], "crash"), readahead=False,
+                              prefetch={str(ws)!r}, force_prefetch=True, retries=2,
+                              max_restarts=6)
+            v = memoryview(p)
+            ok = sum(v[i * 4096] == body[i * 4096] for i in order if i != bad)
+            print("others right", ok, "bad", hex(bad * 4096), flush=True)
+            v[bad * 4096]  # SIGBUS, once the page is condemned
+    """)
+    assert rc == -signal.SIGBUS, err
+    assert "others right 39 bad " in out, (out, err)
+    bad = out.split("bad ")[1].split()[0]
+    assert f"offset {bad}..+4096 of Misbehaving(crash, bad=[{int(bad, 16)}]) killed or hung " \
+           "the pager worker 3 times" in err, err
+    assert "giving up" not in err
+
+
 def test_a_worker_that_keeps_dying_is_given_up() -> None:
     rc, _, err = child("""
         import userfault

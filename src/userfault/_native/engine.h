@@ -126,6 +126,7 @@ typedef struct uctx {
     uint8_t *installed, *removed; /* one bit per page */
     uint8_t *ref, *evicting, *evicted; /* the resident budget (root context only) */
     uint8_t *inactive;            /* on probation in the pool: the next touch installs it back */
+    uint8_t *deactivating;        /* put on probation, the REMOVE of its drop not handled yet */
     uint8_t *dirty, *wbusy, *deferred; /* writable: written since written back; being written
                                           back; a writer held until that is done */
     /* readahead: the sequential streams the faults follow, forward or backward (glibc's large
@@ -273,9 +274,17 @@ struct engine {
 #define ADD(e, n, v) __atomic_add_fetch(&(e)->st->counters[C_##n], (uint64_t)(v), __ATOMIC_RELAXED)
 #define LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
 
-/* A background piece: at least a page (pieces of a 2 MiB hugetlb page would start mid-page,
- * and an install there, when the page is not marked installed yet, is EINVAL). */
-static inline uint64_t piece_of(const engine_t *e) { return e->page > e->piece ? e->page : e->piece; }
+/* A background piece: whole pages, at least one (pieces of a 2 MiB hugetlb page would start
+ * mid-page, and an install there, when the page is not marked installed yet, is EINVAL). */
+static inline uint64_t piece_of(const engine_t *e)
+{
+    uint64_t p = e->piece & ~(e->page - 1);
+    return p > e->page ? p : e->page;
+}
+
+/* How many ranges a background piece may gather: one while the pager process's supervisor
+ * suspects a range (it learns which pages killed a worker from the span a read covers). */
+static inline int batch_of(const engine_t *e) { return LOAD(e->st->nsuspect) ? 1 : UF_BATCH; }
 
 static inline int bit_get(const uint8_t *bm, uint64_t i)
 {

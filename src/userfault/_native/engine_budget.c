@@ -50,6 +50,11 @@ void uf_page_in(engine_t *e, uctx_t *c, uint64_t p)
 
 void uf_page_out(engine_t *e, uctx_t *c, uint64_t p, int zero)
 {
+    /* The REMOVE of a probation drop: the page stays counted, pooled, or installed back
+     * already (another fault thread can serve the page's next fault before this one handles
+     * the event: the page is back and maybe written, its dirty bit must stay). */
+    if (c->deactivating && bit_test_clear(c->deactivating, p))
+        return;
     if (c->inactive && bit_get(c->inactive, p))
         return; /* put on probation (the pool holds it), or dropped again while there */
     if (c->evicting && bit_test_clear(c->evicting, p)) {
@@ -87,7 +92,9 @@ int uf_budget_alloc(engine_t *e, uctx_t *c)
     c->evicting = calloc(n, 1);
     c->evicted = calloc(n, 1);
     c->inactive = e->pool_map ? calloc(n, 1) : NULL;
-    return c->ref && c->evicting && c->evicted && (!e->pool_map || c->inactive) ? 0 : ENOMEM;
+    c->deactivating = e->pool_map ? calloc(n, 1) : NULL;
+    return c->ref && c->evicting && c->evicted && (!e->pool_map || (c->inactive && c->deactivating))
+           ? 0 : ENOMEM;
 }
 
 /* A fault on a page on probation: install it back from the pool (waking the thread).
@@ -363,7 +370,7 @@ static int target_deactivate(engine_t *e, uint64_t addr, uint64_t len, uint64_t 
 }
 
 /* What the hand decided for a run of pages: give them back (madvise, counted when the
- * REMOVE event is read), free their pooled copies (counted here), put them on probation, or
+ * REMOVE event is read), free their pooled copies (freed and counted when picked), put them on probation, or
  * write them back (dirty: taken on a later turn, if still clean then). */
 enum { EVICT, FREE_POOLED, DEACTIVATE, CLEAN };
 typedef struct { area_t a; uint64_t off, len; int op; } victim_t;
@@ -408,6 +415,12 @@ static int pick_victims(engine_t *e, uctx_t *c, victim_t *v, int max_runs)
         if (c->inactive && bit_get(c->inactive, p)) {
             pthread_mutex_lock(&e->budget_lock);
             int still = bit_test_clear(c->inactive, p);
+            /* Freed before it leaves the pool: once it has, a fault serves it from the source,
+             * and a write-back of what that installs copies it through this very slot (a
+             * pager process), which a late hole punch would turn to zeros. */
+            if (still)
+                fallocate(e->pool_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(p * e->page),
+                          (off_t)e->page);
             if (still && bit_test_clear(c->installed, p)) {
                 ADD(e, resident_pages, -1);
                 ADD(e, evictions, 1);
@@ -431,6 +444,7 @@ static int pick_victims(engine_t *e, uctx_t *c, victim_t *v, int max_runs)
             add_run(v, &runs, a, off, e->page, CLEAN);
         } else if (c->inactive && !over) {
             bit_set(c->inactive, p); /* before the drop: a fault after it finds the page pooled */
+            bit_set(c->deactivating, p);
             add_run(v, &runs, a, off, e->page, DEACTIVATE);
         } else { /* no pool, or over the budget itself: no probation */
             bit_set(c->evicting, p);
@@ -451,6 +465,7 @@ static void deactivate(engine_t *e, uctx_t *c, victim_t *r)
         return;
     for (uint64_t i = 0; i < n; i++) {
         bit_clear(c->inactive, first + i);
+        bit_clear(c->deactivating, first + i);
         bit_set(c->evicting, first + i);
     }
     if (evict_madvise(e, r->a.base + r->off, r->len))
@@ -491,9 +506,7 @@ static int evict_until_low(engine_t *e, uctx_t *c)
                 continue;
             }
             uint64_t t0 = uf_now_ns();
-            if (r->op == FREE_POOLED) {
-                uint64_t at = (r->a.first_page + r->off / e->page) * e->page;
-                fallocate(e->pool_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)at, (off_t)r->len);
+            if (r->op == FREE_POOLED) { /* freed by pick_victims */
                 uf_trace_install(e, t0, &r->a, r->off, r->len, CAUSE_EVICT);
                 continue;
             }

@@ -184,10 +184,12 @@ static void ctx_release(engine_t *e, uctx_t *c)
     free(c->evicting);
     free(c->evicted);
     free(c->inactive);
+    free(c->deactivating);
     free(c->dirty);
     free(c->wbusy);
     free(c->deferred);
-    c->ref = c->evicting = c->evicted = c->inactive = c->dirty = c->wbusy = c->deferred = NULL;
+    c->ref = c->evicting = c->evicted = c->inactive = c->deactivating = NULL;
+    c->dirty = c->wbusy = c->deferred = NULL;
     if (c->id)
         ADD(e, children, -1);
 }
@@ -749,9 +751,9 @@ static int claim_hint(engine_t *e, worker_t *w, area_t *a, uint64_t *off, uint64
 {
     uctx_t *root = e->ctxs;
     uint64_t piece = piece_of(e), looked = 0;
-    int area = -1;
+    int area = -1, most = batch_of(e);
     *n = 0;
-    while (hint_left(e) && w->nbatch < UF_BATCH && *n < piece) {
+    while (hint_left(e) && w->nbatch < most && *n < piece) {
         const uint64_t *h = &e->hints[3 * e->hint_next];
         areas_t *as = areas_of(root);
         /* done, or its area is gone or shorter now (a REMAP since) */
@@ -884,7 +886,8 @@ static uctx_t *claim_piece(engine_t *e, worker_t *w, area_t *a, uint64_t *off, u
     int area = -1;
     w->nbatch = 0;
     *n = 0;
-    while (preload_left(e) && root && !root->dead && w->nbatch < UF_BATCH && *n < piece) {
+    int most = batch_of(e);
+    while (preload_left(e) && root && !root->dead && w->nbatch < most && *n < piece) {
         uint64_t *r = &e->preload[3 * e->preload_next];
         areas_t *as = areas_of(root);
         if ((int)r[0] >= as->n || e->preload_off >= r[2]) {
@@ -896,6 +899,7 @@ static uctx_t *claim_piece(engine_t *e, worker_t *w, area_t *a, uint64_t *off, u
         if (w->nbatch && (int)r[0] != area)
             break; /* another area: the next piece */
         uint64_t len = r[2] - e->preload_off < piece - *n ? r[2] - e->preload_off : piece - *n;
+        len = (len + e->page - 1) & ~(e->page - 1); /* whole pages (a run is; the rest of a piece is) */
         if (e->max_pages) { /* the room below the high watermark when the set began */
             if (!e->preload_sized)
                 e->preload_room = uf_room_below_high(e), e->preload_sized = 1;

@@ -282,18 +282,19 @@ static int check_count(PyObject *res, uint64_t want, uint64_t off, char *msg, si
  * run's err; w->msg says why for a failed one. */
 static void python_read(engine_t *e, worker_t *w, area_t *a, run_t *runs, int n)
 {
-    int todo = 0, first = -1;
-    uint64_t total = 0;
+    int todo = 0;
+    uint64_t lo = UINT64_MAX, hi = 0;
     for (int i = 0; i < n; i++)
         if (runs[i].buf && !runs[i].err) {
             todo++;
-            total += runs[i].len;
-            if (first < 0)
-                first = i;
+            lo = runs[i].off < lo ? runs[i].off : lo;
+            hi = runs[i].off + runs[i].len > hi ? runs[i].off + runs[i].len : hi;
         }
     if (!todo)
         return;
-    uf_inflight(e, w->slot, a->src_off + runs[first].off, total, a->base + runs[first].off);
+    /* the span of all the runs (a batch's are scattered): the supervisor blames it if the
+     * worker dies in the call */
+    uf_inflight(e, w->slot, a->src_off + lo, hi - lo, a->base + lo);
     PyGILState_STATE g = PyGILState_Ensure();
     BounceObject *b = (BounceObject *)w->exporter;
     PyObject **views = PyMem_Calloc((size_t)n, sizeof(PyObject *));
