@@ -284,6 +284,7 @@ class ProcessRuntime:
                 "requires)")
         data, prepare = _pickle_source(source)
         self._owner = os.getpid()
+        self._call_lock = threading.Lock()
         self._uffd = uffd
         # A budget evicts with madvise, which only this process can call on its memory.
         self._agent_fds = (os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK),
@@ -343,8 +344,9 @@ class ProcessRuntime:
         self._check_owner(str(request["op"]))
         if self._sock is None:
             raise PagerError("the pager process is not running")
-        _send(self._sock, request)
-        reply = _recv(self._sock)
+        with self._call_lock:  # one request and its reply at a time (threads share the socket)
+            _send(self._sock, request)
+            reply = _recv(self._sock)
         if reply is None:
             status = None if self.proc is None else self.proc.poll()
             raise PagerError(f"the pager process exited (status {status})")
