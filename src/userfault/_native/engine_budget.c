@@ -370,8 +370,8 @@ static int target_deactivate(engine_t *e, uint64_t addr, uint64_t len, uint64_t 
 }
 
 /* What the hand decided for a run of pages: give them back (madvise, counted when the
- * REMOVE event is read), free their pooled copies (freed and counted when picked), put them on probation, or
- * write them back (dirty: taken on a later turn, if still clean then). */
+ * REMOVE event is read), free their pooled copies (freed and counted when picked), put them
+ * on probation, or write them back (dirty: taken on a later turn, if still clean then). */
 enum { EVICT, FREE_POOLED, DEACTIVATE, CLEAN };
 typedef struct { area_t a; uint64_t off, len; int op; } victim_t;
 

@@ -368,9 +368,6 @@ static int fault_kind(uint64_t flags)
     return flags & UFFD_PAGEFAULT_FLAG_WRITE ? KIND_WRITE : KIND_READ;
 }
 
-/* A Python source's read is a round trip: a fault in a readahead piece being read already is
- * left to the background thread reading it, which wakes the whole piece when it is done
- * (installed or not: a page it could not install faults again and is served then). */
 /* Under e->lock: the end of the range of background thread b's readahead piece that holds
  * address addr of context c, or 0. */
 static uint64_t read_by(const worker_t *b, const uctx_t *c, uint64_t addr)
@@ -383,6 +380,9 @@ static uint64_t read_by(const worker_t *b, const uctx_t *c, uint64_t addr)
     return 0;
 }
 
+/* A Python source's read is a round trip: a fault in a readahead piece being read already is
+ * left to the background thread reading it, which wakes each range of the piece when it is
+ * done (installed or not: a page it could not install faults again and is served then). */
 static int left_to_readahead(engine_t *e, uctx_t *c, uint64_t addr)
 {
     if (e->kind != SRC_PYTHON)
