@@ -114,9 +114,14 @@ def partial(first: int, last: int, body: bytes, *extra: str, etag: str | None = 
 
 
 def requested_range(req: bytes) -> tuple[int, int]:
+    (span,) = requested_spans(req)
+    return span
+
+
+def requested_spans(req: bytes) -> list[tuple[int, int]]:
     line = next(ln for ln in req.split(b"\r\n") if ln.lower().startswith(b"range: bytes="))
-    a, b = line.split(b"=", 1)[1].split(b"-")
-    return int(a), int(b)
+    return [(int(a), int(b)) for a, b in
+            (r.split(b"-") for r in line.split(b"=", 1)[1].split(b","))]
 
 
 def honest(n: int, req: bytes, etag: str | None = None) -> list[Step]:
@@ -175,12 +180,6 @@ def test_lying_replies_are_refused_clearly(lying: Callable[[Script], LyingHTTP],
 
 
 FILE = BODY * (SIZE // PAGE)
-
-
-def requested_spans(req: bytes) -> list[tuple[int, int]]:
-    line = next(ln for ln in req.split(b"\r\n") if ln.lower().startswith(b"range: bytes="))
-    return [(int(a), int(b)) for a, b in
-            (r.split(b"-") for r in line.split(b"=", 1)[1].split(b","))]
 
 
 def multipart(req: bytes, *, short: bool = False, drop: bool = False,

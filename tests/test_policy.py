@@ -119,6 +119,12 @@ def test_prefetch_installs_in_one_batch_then_no_faults(runtime: str) -> None:
             assert v[:MiB] == body[:MiB]
 
 
+def read_many_calls(log: Path) -> list[list[int]]:
+    """The page numbers of each read_many call a :class:`PyBatched` source logged."""
+    return [[int(r.split("+")[0]) // PAGE for r in line.split()]
+            for line in (log.read_text() if log.exists() else "").splitlines()]
+
+
 def test_a_scattered_working_set_is_read_a_batch_of_runs_at_a_time(tmp_path: Path) -> None:
     """A working set of 40 scattered pages (first-touch order, not file order): the background
     threads read up to UF_BATCH (64) of its runs with one read_many, in the set's order, so
@@ -136,8 +142,7 @@ def test_a_scattered_working_set_is_read_a_batch_of_runs_at_a_time(tmp_path: Pat
         assert s.prefetch_bytes + s.fault_bytes == 40 * PAGE and s.poisoned == 0
         with memoryview(p) as v:
             assert all(v[i * PAGE:(i + 1) * PAGE] == body[i * PAGE:(i + 1) * PAGE] for i in order)
-    calls = [[int(r.split("+")[0]) // PAGE for r in line.split()]
-             for line in (log.read_text() if log.exists() else "").splitlines()]
+    calls = read_many_calls(log)
     batches = [c for c in calls if len(c) > 1]
     assert batches, calls  # the set's runs went in batches, not one call each
     for c in batches:  # each in the set's order
@@ -177,8 +182,7 @@ def test_scattered_willneed_hints_are_read_a_batch_at_a_time(tmp_path: Path) -> 
         with memoryview(p) as v:
             assert all(v[i * PAGE:(i + 1) * PAGE] == body[i * PAGE:(i + 1) * PAGE] for i in order)
         assert p.stats().faults == 0
-    calls = [[int(r.split("+")[0]) // PAGE for r in line.split()]
-             for line in (log.read_text() if log.exists() else "").splitlines()]
+    calls = read_many_calls(log)
     assert any(len(c) > 1 for c in calls), calls  # batches, not one call per hint
     assert sorted(i for c in calls for i in c) == sorted(order)  # each page read once
     for c in calls:

@@ -487,11 +487,7 @@ class HTTPSource:
                                           f"Content-Range {first}-{last} is not 0-0")
                     self._check_body(resp, "size probe GET", 0, 1)
                     self._read_body(c, resp, [memoryview(bytearray(1))], 1)
-                    if resp.keep_alive:
-                        c.used = True
-                        keep = c
-                    else:
-                        c.close()
+                    keep = _kept(c, resp)
                     return total, _validator(resp)
                 except SourceError:
                     c.close()
@@ -604,9 +600,9 @@ class HTTPSource:
         those parts."""
         spans = [(off, sum(len(b) for b in bufs)) for off, bufs in groups]
         first = spans[0][0]
+        want = spans[-1][0] + spans[-1][1] - first  # the extent, for error messages
         try:
-            self._attempt(first, spans[-1][0] + spans[-1][1] - first,
-                          lambda c: self._get_ranges(c, groups, spans))
+            self._attempt(first, want, lambda c: self._get_ranges(c, groups, spans, first, want))
         except _Unranged:
             self._multirange = False  # this server: one range per GET from now on
             for off, bufs in groups:
@@ -694,6 +690,16 @@ class HTTPSource:
         if value is not None and value != pinned[1]:
             raise _Changed(got, self._size)  # (its Content-Range total was checked already)
 
+    def _check_total(self, total: int, now: tuple[str, str] | None, offset: int,
+                     want: int) -> None:
+        """A response's total size must be the pinned one: else the object was replaced
+        (``now`` is the response's validator, if it says one)."""
+        if total != self._size:
+            if self._validator is not None:
+                raise _Changed(now, total)
+            raise self._error("GET", offset, want,
+                              f"the file changed size on the server ({self._size} -> {total})")
+
     def _get_into(self, c: _Conn, offset: int, want: int,
                   targets: list[memoryview]) -> _Conn | None:
         last = offset + want - 1
@@ -708,26 +714,17 @@ class HTTPSource:
             if (first, got_last) != (offset, last):
                 raise self._error("GET", offset, want,
                                   f"the server sent bytes {first}-{got_last}, not {offset}-{last}")
-            if total != self._size:
-                if self._validator is not None:
-                    raise _Changed(_validator(resp), total)
-                raise self._error("GET", offset, want,
-                                  f"the file changed size on the server ({self._size} -> {total})")
+            self._check_total(total, _validator(resp), offset, want)
         self._check_version(resp)
         h = resp.headers
         if (h.get(b"content-length") != b"%d" % want or b"transfer-encoding" in h
                 or b"content-encoding" in h):
             self._check_body(resp, "GET", offset, want)
         self._read_body(c, resp, targets, want)
-        if resp.keep_alive:
-            c.used = True
-            return c
-        c.close()
-        return None
+        return _kept(c, resp)
 
     def _get_ranges(self, c: _Conn, groups: list[tuple[int, list[memoryview]]],
-                    spans: list[tuple[int, int]]) -> _Conn | None:
-        offset, want = spans[0][0], spans[-1][0] + spans[-1][1] - spans[0][0]
+                    spans: list[tuple[int, int]], offset: int, want: int) -> _Conn | None:
         resp = self._exchange(c, b",".join(b"%d-%d" % (o, o + n - 1) for o, n in spans),
                               self._precondition())
         if resp.status == 412 and self._validator is not None:
@@ -760,11 +757,7 @@ class HTTPSource:
             for b in bufs:
                 b[:] = body[at:at + len(b)]
                 at += len(b)
-        if resp.keep_alive:
-            c.used = True
-            return c
-        c.close()
-        return None
+        return _kept(c, resp)
 
     def _parts(self, body: bytearray, boundary: bytes, offset: int,
                want: int) -> list[tuple[int, int, int]]:
@@ -792,11 +785,7 @@ class HTTPSource:
                 raise _ProtocolError(f"a multipart part with an unusable Content-Range "
                                      f"{value.decode('latin-1').strip()!r}")
             first, last, total = (int(g) for g in m.groups())
-            if total != self._size:
-                if self._validator is not None:
-                    raise _Changed(None, total)
-                raise self._error("GET", offset, want, f"the file changed size on the server "
-                                  f"({self._size} -> {total})")
+            self._check_total(total, None, offset, want)
             start = end + 4
             pos = start + last - first + 1  # where the part's bytes end: CRLF, the boundary
             if last < first or body[pos:pos + 2 + len(delim)] != b"\r\n" + delim:
@@ -839,6 +828,16 @@ class HTTPSource:
 
 class _ProtocolError(Exception):
     """The server's response is not HTTP/1.1 as this client speaks it."""
+
+
+def _kept(c: _Conn, resp: _Response) -> _Conn | None:
+    """After a whole response: the connection to pool again, or ``None`` (closed) if the
+    server ends it."""
+    if resp.keep_alive:
+        c.used = True
+        return c
+    c.close()
+    return None
 
 
 def _validator(resp: _Response) -> tuple[str, str] | None:
