@@ -52,6 +52,9 @@ def test_pagemap_scan_lists_present_pages() -> None:
         ranges, walk_end = pagemap_scan(region.address, region.address + region.size,
                                         category_mask=PageCategory.PRESENT)
         assert [(r.start - region.address) // PAGE_SIZE for r in ranges] == [5]
+        assert type(ranges[0]) is PageRange and ranges[0].length == PAGE_SIZE
+        assert type(ranges[0].categories) is PageCategory
+        assert ranges[0].categories == PageCategory.PRESENT
         assert walk_end == region.address + region.size
         with pytest.raises(ValueError, match="page aligned"):
             pagemap_scan(region.address + 1, region.address + PAGE_SIZE)

@@ -4,7 +4,10 @@ Every function returns plain values and an errno (0 on success); Python raises. 
 engine (engine.c) is typed loosely through ``__getattr__``.
 """
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+_R = TypeVar("_R", bound=tuple[Any, ...])
 
 MSG_SIZE: int
 UFFD_API: int
@@ -38,7 +41,8 @@ def move(fd: int, dst: int, src: int, length: int, mode: int, /) -> tuple[int, i
 def read_msgs(fd: int, max_msgs: int, timeout_ms: int, /) -> tuple[bytes, int]: ...
 def pagemap_scan(fd: int, start: int, end: int, flags: int, inverted: int, mask: int,
                  anyof: int, return_mask: int, max_pages: int, vec_len: int,
-                 /) -> tuple[list[tuple[int, int, int]], int, int]: ...
+                 range_type: type[_R], category: Callable[[int], object],
+                 /) -> tuple[list[_R], int, int]: ...
 def mmap(addr: int, length: int, prot: int, flags: int, fd: int, offset: int,
          /) -> tuple[int, int]: ...
 def munmap(addr: int, length: int, /) -> int: ...

@@ -67,7 +67,7 @@ def pagemap_scan(
     try:
         ranges, walk_end, err = _native.pagemap_scan(
             fd, start, end, int(flags), int(category_inverted), int(category_mask),
-            int(category_anyof), int(ret), max_pages, max_ranges)
+            int(category_anyof), int(ret), max_pages, max_ranges, PageRange, PageCategory)
     finally:
         if pagemap_fd is None:
             os.close(fd)
@@ -75,9 +75,7 @@ def pagemap_scan(
         raise error_from_errno(err, "PAGEMAP_SCAN", address=start, length=end - start,
                                hint="PAGEMAP_SCAN needs Linux >= 6.7; WP_MATCHING needs the "
                                     "range registered in WP mode with WP_ASYNC")
-    cats: dict[int, PageCategory] = {}  # a handful of distinct values: one enum each
-    return [PageRange(s, e, cats[c] if c in cats else cats.setdefault(c, PageCategory(c)))
-            for s, e, c in ranges], walk_end
+    return ranges, walk_end
 
 
 class WriteTracker:

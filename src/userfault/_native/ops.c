@@ -252,16 +252,69 @@ static PyObject *read_msgs(PyObject *self, PyObject *args)
     return Py_BuildValue("Ni", buf, err);
 }
 
+/* One ``range_type(start, end, category(c))`` per range, built here: a scan of a GiB makes
+ * thousands, and building them in Python cost twice the ioctl. range_type is a tuple
+ * subclass of three (PageRange), filled as tuple.__new__ fills one; the few distinct
+ * category values are converted once each. */
+static PyObject *scan_ranges(const struct page_region *vec, long n, PyTypeObject *range_type,
+                             PyObject *category)
+{
+    enum { NCATS = 8 };
+    unsigned long long seen[NCATS];
+    PyObject *cats[NCATS] = {NULL};
+    int ncats = 0;
+    PyObject *list = PyList_New(n);
+    for (long i = 0; list && i < n; i++) {
+        int k = 0;
+        while (k < ncats && seen[k] != vec[i].categories)
+            k++;
+        PyObject *cat;
+        if (k < ncats) {
+            cat = Py_NewRef(cats[k]);
+        } else {
+            cat = PyObject_CallFunction(category, "K", (unsigned long long)vec[i].categories);
+            if (cat && ncats < NCATS) {
+                seen[ncats] = vec[i].categories;
+                cats[ncats++] = Py_NewRef(cat);
+            }
+        }
+        PyObject *s = PyLong_FromUnsignedLongLong(vec[i].start);
+        PyObject *e = PyLong_FromUnsignedLongLong(vec[i].end);
+        PyObject *t = cat && s && e ? range_type->tp_alloc(range_type, 3) : NULL;
+        if (!t) {
+            Py_XDECREF(cat);
+            Py_XDECREF(s);
+            Py_XDECREF(e);
+            Py_CLEAR(list);
+            break;
+        }
+        PyTuple_SET_ITEM(t, 0, s);
+        PyTuple_SET_ITEM(t, 1, e);
+        PyTuple_SET_ITEM(t, 2, cat);
+        PyList_SET_ITEM(list, i, t);
+    }
+    for (int k = 0; k < ncats; k++)
+        Py_DECREF(cats[k]);
+    return list;
+}
+
 static PyObject *pagemap_scan(PyObject *self, PyObject *args)
 {
     int fd, err;
     unsigned long long start, end, flags, cat_inv, cat_mask, cat_any, ret_mask, max_pages;
     Py_ssize_t vec_len;
-    if (!PyArg_ParseTuple(args, "iKKKKKKKKn", &fd, &start, &end, &flags, &cat_inv, &cat_mask,
-                          &cat_any, &ret_mask, &max_pages, &vec_len))
+    PyTypeObject *range_type;
+    PyObject *category;
+    if (!PyArg_ParseTuple(args, "iKKKKKKKKnO!O", &fd, &start, &end, &flags, &cat_inv,
+                          &cat_mask, &cat_any, &ret_mask, &max_pages, &vec_len, &PyType_Type,
+                          &range_type, &category))
         return NULL;
     if (vec_len < 1 || vec_len > (1 << 20)) {
         PyErr_SetString(PyExc_ValueError, "vec_len must be between 1 and 1048576");
+        return NULL;
+    }
+    if (!PyType_IsSubtype(range_type, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "range_type must be a tuple subclass");
         return NULL;
     }
     struct page_region *vec = PyMem_RawCalloc((size_t)vec_len, sizeof(*vec));
@@ -280,18 +333,7 @@ static PyObject *pagemap_scan(PyObject *self, PyObject *args)
     } while (n < 0 && errno == EINTR);
     err = n < 0 ? errno : 0;
     Py_END_ALLOW_THREADS
-    PyObject *list = PyList_New(0);
-    for (long i = 0; list && i < n; i++) {
-        PyObject *t = Py_BuildValue("KKK", (unsigned long long)vec[i].start,
-                                    (unsigned long long)vec[i].end,
-                                    (unsigned long long)vec[i].categories);
-        if (!t || PyList_Append(list, t) < 0) {
-            Py_XDECREF(t);
-            Py_CLEAR(list);
-            break;
-        }
-        Py_DECREF(t);
-    }
+    PyObject *list = scan_ranges(vec, n < 0 ? 0 : n, range_type, category);
     PyMem_RawFree(vec);
     if (!list)
         return NULL;
@@ -411,8 +453,8 @@ PyMethodDef userfault_ops_methods[] = {
     {"move", move, METH_VARARGS, "move(fd, dst, src, len, mode) -> (bytes_done, errno)"},
     {"read_msgs", read_msgs, METH_VARARGS, "read_msgs(fd, max_msgs, timeout_ms) -> (bytes, errno)"},
     {"pagemap_scan", pagemap_scan, METH_VARARGS,
-     "pagemap_scan(fd, start, end, flags, inverted, mask, anyof, return_mask, max_pages, vec_len)"
-     " -> ([(start, end, categories)], walk_end, errno)"},
+     "pagemap_scan(fd, start, end, flags, inverted, mask, anyof, return_mask, max_pages, vec_len, range_type, category)"
+     " -> ([range_type(start, end, category(categories))], walk_end, errno)"},
     {"mmap", do_mmap, METH_VARARGS, "mmap(addr, len, prot, flags, fd, offset) -> (addr, errno)"},
     {"munmap", do_munmap, METH_VARARGS, "munmap(addr, len) -> errno"},
     {"madvise", do_madvise, METH_VARARGS, "madvise(addr, len, advice) -> errno"},
