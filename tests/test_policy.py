@@ -9,6 +9,7 @@ every step waits until the engine has settled.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import random
 import threading
@@ -360,6 +361,43 @@ def test_a_remapped_region_keeps_being_served(runtime: str) -> None:
         with memoryview(p) as v:
             assert v == body
         assert p.check() is None
+
+
+def test_a_working_set_after_a_remap_serves_each_part_its_own_bytes(
+        runtime: str, tmp_path: Path) -> None:
+    """A working set of the whole region, its first fault after two mremaps: the second part
+    moved away, the fourth into its place. The set named the old area: read on, it would
+    install the second part's bytes where the fourth's now are. The engine leaves the rest
+    of the set to faults."""
+    size = 4 * MiB
+    q = size // 4
+    body = page_data(size)
+    ws = tmp_path / "all.uws"
+    write_working_set(ws, WorkingSet(tuple(range(0, size, PAGE)), PAGE, source_size=size))
+
+    def move(frm: int, to: int) -> None:
+        got, err = _native.mremap(frm, q, q, MREMAP_MAYMOVE | MREMAP_FIXED, to)
+        assert (got, err) == (to, 0)
+
+    with userfault.map(bytes_source(runtime, body), readahead=False, prefetch=ws,
+                       force_prefetch=True) as p:
+        old = p.address
+        far, err = _native.mmap(0, q, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        assert err == 0
+        move(old + q, far)
+        move(old + 3 * q, old + q)
+        try:
+            settled(p, lambda s: s.remap_events == 2)
+            for addr, src in ((old, 0), (old + q, 3 * q), (old + 2 * q, 2 * q), (far, q)):
+                got = bytes((ctypes.c_char * q).from_address(addr))  # the first fault: the set
+                assert got == body[src:src + q], f"{addr - old:#x} holds the wrong bytes"
+            assert settled(p).poisoned == 0
+        finally:
+            move(old + q, old + 3 * q)
+            move(far, old + q)
+        settled(p, lambda s: s.remap_events == 4)
+        with memoryview(p) as v:
+            assert v == body
 
 
 def test_unmapped_pages_are_forgotten(runtime: str) -> None:

@@ -524,6 +524,30 @@ static void clear_range(engine_t *e, uctx_t *c, uint64_t start, uint64_t end, in
     }
 }
 
+static void note_jobs_over(engine_t *e);
+
+/* Under e->lock, after a REMAP: the rest of the working set is left to faults. Its runs name
+ * areas by index and offset, which the split may give to other memory: read on, a run that
+ * outgrew its shortened area would install its bytes over the part moved in after it.
+ * Returns whether the pages it installed (DONTWAKE) are now to be woken. */
+static int end_preload(engine_t *e)
+{
+    if (e->preload_next >= e->npreload)
+        return 0;
+    uint64_t left = 0;
+    for (int i = e->preload_next; i < e->npreload; i++)
+        left += e->preload[3 * i + 2];
+    left -= e->preload_off < left ? e->preload_off : left;
+    ADD(e, preload_done, left);
+    e->preload_next = e->npreload;
+    e->preload_off = 0;
+    /* with pieces in flight, the last one to end wakes them */
+    int wake = e->preload_armed && !e->preload_inflight && !e->preload_woken;
+    e->preload_woken |= wake;
+    note_jobs_over(e);
+    return wake;
+}
+
 /* mremap moved [from, from+len) to `to`: the areas (or the parts of them) inside follow. */
 static void remap(engine_t *e, uctx_t *c, uint64_t from, uint64_t to, uint64_t len)
 {
@@ -555,11 +579,15 @@ static void remap(engine_t *e, uctx_t *c, uint64_t from, uint64_t to, uint64_t l
     __atomic_store_n(&c->areas, as, __ATOMIC_RELEASE);
     retire(e, old);
     memset(c->ra, 0, sizeof(c->ra));
+    int wake = 0;
     if (c == e->ctxs) { /* pending hints name areas by index: the numbers changed */
         e->hint_next = e->nhints;
         e->hint_off = 0;
+        wake = end_preload(e);
     }
     pthread_mutex_unlock(&e->lock);
+    if (wake)
+        uf_wake_all(e);
 }
 
 /* A child was forked: serve its copy of the registered ranges from the same source. */
