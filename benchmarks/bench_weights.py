@@ -13,8 +13,8 @@ loopback (tests/servers.py) and compressed into a snapshot. Each run measures, p
   ``read_many`` (4 MiB chunks, 8 per call) into a reused buffer;
 * ``cold``: ``userfault.map`` + the safetensors header parsed from the mapping, with no pager
   process started ahead (an interpreter starts and imports userfault on the way);
-* ``lazy``: the same with a spare pager process ready (``userfault.prestart()``, called once
-  at the start; each map takes the spare and starts the next), + every tensor copied out in
+* ``lazy``: the same with a spare pager process ready (``userfault.prestart(wait=30)``
+  before each case; each map takes the spare and starts the next), + every tensor copied out in
   file order: ``map+header``, time to the first tensor (from the ``map`` call to its bytes
   copied out), time to all, bytes fetched; with the pager defaults (one serving thread, two
   background threads installing 256 KiB pieces, readahead 64 KiB doubling to 4 MiB);
@@ -132,8 +132,7 @@ def map_cold(spec: str) -> dict[str, float]:
     t0 = time.perf_counter()
     with EX.LazyCheckpoint(spec):
         dt = time.perf_counter() - t0
-    userfault.prestart()
-    time.sleep(2)  # its imports done before the next case
+    userfault.prestart(wait=30)  # its imports done before the next case
     return {"open_s": dt}
 
 
@@ -322,8 +321,7 @@ def main() -> int:
                     bytes(view[off: off + n])
                 view.release()
         progress("working sets recorded; a spare pager process started")
-        userfault.prestart()
-        time.sleep(2)
+        userfault.prestart(wait=30)
 
         results: dict[tuple[str, str], list[dict[str, float]]] = {}
         dl_path = work / "downloaded.safetensors"
@@ -345,6 +343,9 @@ def main() -> int:
                                                                                 "willneed")]
             cases.append(("download first", "get+load_file", lambda: download_first(url, dl_path)))
             for what, case, fn in cases:
+                # every case starts with a spare ready: a map right after another would wait
+                # for the imports of the spare that one started
+                userfault.prestart(wait=30)
                 r = fn()
                 results.setdefault((what, case), []).append(r)
                 progress(f"run {run + 1}/{args.runs} {what} {case}: "

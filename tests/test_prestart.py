@@ -80,14 +80,36 @@ def test_a_spare_started_under_another_environment_is_not_used(
 
 def test_a_spare_nobody_takes_exits_with_its_process() -> None:
     result = run_script("""
-        import os, userfault
+        import os, socket, userfault
         from userfault.serving import process
         userfault.prestart()
+        process._spare.sock.recv(1, socket.MSG_PEEK)  # ready, its "ready" byte left unread
         print(process._spare.proc.pid, flush=True)
         os._exit(0)                              # no atexit, no close
     """)
     pid = int(result.stdout.split()[0])
+    assert "Traceback" not in result.stderr  # the spare's stderr is the script's
     deadline = time.monotonic() + 10
     while not _gone(pid):  # an exited child of the dead parent is reaped by init
         assert time.monotonic() < deadline, f"spare pager process {pid} outlived its parent"
         time.sleep(0.05)
+
+
+def test_prestart_can_wait_until_the_spare_is_ready() -> None:
+    assert userfault.prestart(wait=30)
+    spare = process._spare
+    assert spare is not None and spare.ready
+    assert userfault.prestart(wait=30)  # again: the same spare, ready already
+    assert process._spare is spare
+    with userfault.Pager(PyBytes(b"y" * PAGE)) as pager:
+        assert pager._runtime.proc.pid == spare.proc.pid  # type: ignore[union-attr]
+        assert bytes(memoryview(pager)[:1]) == b"y"
+    assert not userfault.prestart(False)
+
+
+def test_a_spare_that_exits_during_its_imports_is_a_clear_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONHOME", "/nonexistent")  # the interpreter cannot start
+    with pytest.raises(userfault.PagerError, match="exited while it imported"):
+        userfault.prestart(wait=30)
+    assert process._spare is None

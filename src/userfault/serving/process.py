@@ -189,6 +189,31 @@ class _Spare:
     sock: socket.socket
     env: dict[str, str]
     owner: int
+    ready: bool = False  # its imports are done: it sent _READY
+
+
+#: what a spare sends once its imports are done, before it waits for a uffd
+_READY = b"R"
+
+
+def _await_ready(spare: _Spare, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for the spare's imports; False if it is not ready by
+    then. A spare that exited (or sent anything else) is a :class:`PagerError`."""
+    spare.sock.settimeout(timeout)
+    try:
+        got = spare.sock.recv(1)
+    except TimeoutError:
+        return False
+    except OSError:
+        got = b""  # reset: it exited
+    finally:
+        spare.sock.settimeout(None)
+    if got != _READY:
+        raise PagerError(f"the spare pager process (pid {spare.proc.pid}) exited while it "
+                         f"imported userfault (exit status {spare.proc.poll()}); its error "
+                         "is on stderr")
+    spare.ready = True
+    return True
 
 
 _spare: _Spare | None = None
@@ -216,12 +241,20 @@ def _drop_spare(spare: _Spare) -> None:
     spare.proc.wait()
 
 
-def prestart(keep: bool = True) -> None:
+def prestart(keep: bool = True, *, wait: float = 0.0) -> bool:
     """Start a pager process ahead, so that the next pager of a Python source (HTTP, Redis,
     a snapshot, your own) does not wait for an interpreter to start and import userfault:
     it takes this spare, and a new spare is started for the one after. Call it early (while
     your program does other work); calling it again is harmless. ``prestart(False)`` stops
     the spare and keeping one. A spare exits with this process.
+
+    A spare takes a few hundred milliseconds of CPU to import what it needs; a pager that
+    takes it before then waits for the rest. ``wait=SECONDS`` waits up to that long for the
+    spare to be ready (a server about to take requests, a benchmark about to time a map).
+    Returns whether a spare is ready (``False`` after ``prestart(False)``).
+
+    Raises:
+        PagerError: with ``wait``, the spare exited during its imports.
 
     Example::
 
@@ -231,19 +264,27 @@ def prestart(keep: bool = True) -> None:
     """
     global _spare
     if os.environ.get(IN_PAGER_PROCESS):
-        return
+        return False
     with _spare_lock:
         spare = _spare
-        if spare is not None and spare.owner == os.getpid() and spare.proc.poll() is None \
-                and keep:
-            return
-        _spare = None
-        if spare is not None and spare.owner == os.getpid():
-            _drop_spare(spare)
-        if keep:
+        if spare is None or spare.owner != os.getpid() or spare.proc.poll() is not None \
+                or not keep:
+            _spare = None
+            if spare is not None and spare.owner == os.getpid():
+                _drop_spare(spare)
+            if not keep:
+                return False
             env = _pager_env()
             proc, sock = _spawn_supervisor(env, spare=True)
-            _spare = _Spare(proc, sock, env, os.getpid())
+            spare = _spare = _Spare(proc, sock, env, os.getpid())
+        if spare.ready or wait <= 0:
+            return spare.ready
+        try:
+            return _await_ready(spare, wait)
+        except PagerError:
+            _spare = None
+            _drop_spare(spare)
+            raise
 
 
 def _take_supervisor() -> tuple[subprocess.Popen[bytes], socket.socket, bool]:
@@ -258,6 +299,14 @@ def _take_supervisor() -> tuple[subprocess.Popen[bytes], socket.socket, bool]:
     elif spare is not None and (spare.env != env or spare.proc.poll() is not None):
         _drop_spare(spare)  # started under another environment, or gone
         spare = None
+    if spare is not None and not spare.ready:
+        try:  # its imports, which it would finish before serving anyway
+            ready = _await_ready(spare, START_TIMEOUT)
+        except PagerError:
+            ready = False
+        if not ready:
+            _drop_spare(spare)
+            spare = None
     if spare is None:
         return (*_spawn_supervisor(env), False)
     return spare.proc, spare.sock, True
@@ -772,7 +821,12 @@ def main(argv: list[str] | None = None) -> int:
         for name in _SPARE_MODULES:
             with contextlib.suppress(ImportError):
                 importlib.import_module(name)
-    _, fds, _, _ = socket.recv_fds(sock, 16, 8)
+        with contextlib.suppress(OSError):  # gone: recv_fds below finds it so
+            sock.sendall(_READY)
+    try:
+        _, fds, _, _ = socket.recv_fds(sock, 16, 8)
+    except ConnectionResetError:  # closed with _READY unread (a spare nobody took)
+        fds = []
     if spare:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # as a supervisor started now
     if len(fds) < 2:
