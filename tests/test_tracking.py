@@ -55,6 +55,8 @@ def test_pagemap_scan_lists_present_pages() -> None:
         assert type(ranges[0]) is PageRange and ranges[0].length == PAGE_SIZE
         assert type(ranges[0].categories) is PageCategory
         assert ranges[0].categories == PageCategory.PRESENT
+        same = PageRange(*ranges[0])  # built in C, it is what Python builds
+        assert ranges[0] == same and hash(ranges[0]) == hash(same) and same in set(ranges)
         assert walk_end == region.address + region.size
         with pytest.raises(ValueError, match="page aligned"):
             pagemap_scan(region.address + 1, region.address + PAGE_SIZE)

@@ -255,7 +255,9 @@ static PyObject *read_msgs(PyObject *self, PyObject *args)
 /* One ``range_type(start, end, category(c))`` per range, built here: a scan of a GiB makes
  * thousands, and building them in Python cost twice the ioctl. range_type is a tuple
  * subclass of three (PageRange), filled as tuple.__new__ fills one; the few distinct
- * category values are converted once each. */
+ * category values are converted once each. The ranges are built into a C array and the list
+ * made last: category() runs Python code, which must never meet a list with empty slots
+ * (gc.get_objects() would hand it out). */
 static PyObject *scan_ranges(const struct page_region *vec, long n, PyTypeObject *range_type,
                              PyObject *category)
 {
@@ -263,38 +265,51 @@ static PyObject *scan_ranges(const struct page_region *vec, long n, PyTypeObject
     unsigned long long seen[NCATS];
     PyObject *cats[NCATS] = {NULL};
     int ncats = 0;
-    PyObject *list = PyList_New(n);
-    for (long i = 0; list && i < n; i++) {
+    long built = 0;
+    PyObject **items = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(PyObject *));
+    if (!items)
+        return PyErr_NoMemory();
+    for (; built < n; built++) {
         int k = 0;
-        while (k < ncats && seen[k] != vec[i].categories)
+        while (k < ncats && seen[k] != vec[built].categories)
             k++;
         PyObject *cat;
         if (k < ncats) {
             cat = Py_NewRef(cats[k]);
         } else {
-            cat = PyObject_CallFunction(category, "K", (unsigned long long)vec[i].categories);
+            cat = PyObject_CallFunction(category, "K", (unsigned long long)vec[built].categories);
             if (cat && ncats < NCATS) {
-                seen[ncats] = vec[i].categories;
+                seen[ncats] = vec[built].categories;
                 cats[ncats++] = Py_NewRef(cat);
             }
         }
-        PyObject *s = PyLong_FromUnsignedLongLong(vec[i].start);
-        PyObject *e = PyLong_FromUnsignedLongLong(vec[i].end);
-        PyObject *t = cat && s && e ? range_type->tp_alloc(range_type, 3) : NULL;
+        PyObject *s = cat ? PyLong_FromUnsignedLongLong(vec[built].start) : NULL;
+        PyObject *e = s ? PyLong_FromUnsignedLongLong(vec[built].end) : NULL;
+        PyObject *t = e ? range_type->tp_alloc(range_type, 3) : NULL;
         if (!t) {
             Py_XDECREF(cat);
             Py_XDECREF(s);
             Py_XDECREF(e);
-            Py_CLEAR(list);
             break;
         }
         PyTuple_SET_ITEM(t, 0, s);
         PyTuple_SET_ITEM(t, 1, e);
         PyTuple_SET_ITEM(t, 2, cat);
-        PyList_SET_ITEM(list, i, t);
+#if PY_VERSION_HEX >= 0x030E0000
+        ((PyTupleObject *)t)->ob_hash = -1; /* 3.14 caches a tuple's hash; tp_alloc zeroed it */
+#endif
+        items[built] = t;
     }
     for (int k = 0; k < ncats; k++)
         Py_DECREF(cats[k]);
+    PyObject *list = built == n ? PyList_New(n) : NULL;
+    for (long i = 0; i < built; i++) {
+        if (list)
+            PyList_SET_ITEM(list, i, items[i]);
+        else
+            Py_DECREF(items[i]);
+    }
+    PyMem_Free(items);
     return list;
 }
 
