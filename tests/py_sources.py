@@ -82,6 +82,29 @@ class SlowPieces(PyBytes):
         super().read_into(offset, buf)
 
 
+class Gated(PyBytes):
+    """Reads touching ``[lo, hi)`` wait (30 s at most) until the file ``gate`` exists; each
+    such read writes a line to ``gate.held`` when it begins and to ``gate.done`` when it
+    ends, so that a test can hold background reads across what it does meanwhile."""
+
+    def __init__(self, data: bytes, lo: int, hi: int, gate: str) -> None:
+        super().__init__(data)
+        self.lo, self.hi, self.gate = lo, hi, gate
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        held = offset < self.hi and offset + len(buf) > self.lo
+        if held:
+            with open(self.gate + ".held", "a") as f:
+                f.write(f"{offset}+{len(buf)}\n")
+            end = time.monotonic() + 30
+            while not os.path.exists(self.gate) and time.monotonic() < end:
+                time.sleep(0.01)
+        super().read_into(offset, buf)
+        if held:
+            with open(self.gate + ".done", "a") as f:
+                f.write(f"{offset}+{len(buf)}\n")
+
+
 class Misbehaving(PyBytes):
     """:class:`PyBytes` except on the pages in ``bad`` (source offsets of pages).
 

@@ -20,7 +20,7 @@ import pytest
 
 import userfault
 from pager_helpers import bytes_source, page_data, settled, wait_until
-from py_sources import PyBatched
+from py_sources import Gated, PyBatched
 from userfault import _native
 from userfault.working_set import WorkingSet, write_working_set
 
@@ -390,6 +390,60 @@ def test_a_working_set_after_a_remap_serves_each_part_its_own_bytes(
             settled(p, lambda s: s.remap_events == 2)
             for addr, src in ((old, 0), (old + q, 3 * q), (old + 2 * q, 2 * q), (far, q)):
                 got = bytes((ctypes.c_char * q).from_address(addr))  # the first fault: the set
+                assert got == body[src:src + q], f"{addr - old:#x} holds the wrong bytes"
+            assert settled(p).poisoned == 0
+        finally:
+            move(old + q, old + 3 * q)
+            move(far, old + q)
+        settled(p, lambda s: s.remap_events == 4)
+        with memoryview(p) as v:
+            assert v == body
+
+
+@pytest.mark.parametrize("how", ["working set", "willneed"])
+def test_a_piece_read_across_two_remaps_is_not_installed_at_its_old_addresses(
+        tmp_path: Path, how: str) -> None:
+    """A background piece of the second quarter, read while the process moves that quarter
+    away and the fourth into its place: installed with the area it was claimed with, it
+    would put the second quarter's bytes where the fourth's now are. The engine leaves its
+    pages to faults. (A Python source, whose reads the test can hold.)"""
+    size = 4 * MiB
+    q = size // 4
+    body = page_data(size)
+    gate = str(tmp_path / "gate")
+    ws = tmp_path / "all.uws"
+    write_working_set(ws, WorkingSet(tuple(range(0, size, PAGE)), PAGE, source_size=size))
+
+    def move(frm: int, to: int) -> None:
+        got, err = _native.mremap(frm, q, q, MREMAP_MAYMOVE | MREMAP_FIXED, to)
+        assert (got, err) == (to, 0)
+
+    def lines(suffix: str) -> int:
+        path = Path(gate + suffix)
+        return len(path.read_text().splitlines()) if path.exists() else 0
+
+    options: dict[str, object] = dict(readahead=False, prefetch=ws, force_prefetch=True) \
+        if how == "working set" else {}
+    with userfault.map(Gated(body, q, size, gate), **options) as p:
+        old = p.address
+        touch(p, 0)  # the first fault starts the set
+        if how == "willneed":
+            assert p.willneed([(q, q)]) == q
+        assert wait_until(lambda: lines(".held") > 0, 10), "no background read was held"
+        far, err = _native.mmap(0, q, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        assert err == 0
+        move(old + q, far)
+        move(old + 3 * q, old + q)
+        try:
+            settled(p, lambda s: s.remap_events == 2)
+            before = p.stats()
+            Path(gate).touch()  # the held reads go on
+            assert wait_until(lambda: lines(".done") == lines(".held"), 30)
+            # their pieces end: installed (the bug) or given up (EAGAIN)
+            assert wait_until(lambda: p.stats().eagain > before.eagain
+                              or p.stats().bytes_installed >= before.bytes_installed + PAGE, 10)
+            for addr, src in ((old, 0), (old + q, 3 * q), (old + 2 * q, 2 * q), (far, q)):
+                got = bytes((ctypes.c_char * q).from_address(addr))
                 assert got == body[src:src + q], f"{addr - old:#x} holds the wrong bytes"
             assert settled(p).poisoned == 0
         finally:

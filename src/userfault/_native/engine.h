@@ -134,6 +134,7 @@ typedef struct uctx {
      * where the last fault started and ended, direction (+1, -1, 0 not yet known) */
     struct { int area, dir; uint64_t next, end, window, first, last_end, used; } ra[UF_STREAMS];
     uint64_t ra_tick;
+    uint64_t remaps;     /* REMAPs handled (under e->lock): areas copied before one are stale */
     struct uctx *next;
 } uctx_t;
 
@@ -168,6 +169,11 @@ typedef struct {
     uctx_t *ra_ctx;
     uint64_t ra_base;
     int ra_waiters;
+    /* Installing what it claimed earlier (a background piece, a prefetch): the area it
+     * copied then names addresses that a REMAP since may have given to other memory, so its
+     * installs stop once the context's remaps differs from this (faults look areas up anew). */
+    int claimed;
+    uint64_t claimed_remaps;
 } worker_t;
 
 typedef struct retired { void *p; struct retired *next; } retired_t;

@@ -579,6 +579,7 @@ static void remap(engine_t *e, uctx_t *c, uint64_t from, uint64_t to, uint64_t l
     __atomic_store_n(&c->areas, as, __ATOMIC_RELEASE);
     retire(e, old);
     memset(c->ra, 0, sizeof(c->ra));
+    __atomic_add_fetch(&c->remaps, 1, __ATOMIC_SEQ_CST);
     int wake = 0;
     if (c == e->ctxs) { /* pending hints name areas by index: the numbers changed */
         e->hint_next = e->nhints;
@@ -1037,6 +1038,8 @@ static void *background_main(void *arg)
             w->batch[1] = n;
             w->nbatch = 1;
         }
+        if (c)
+            w->claimed = 1, w->claimed_remaps = c->remaps;
         if (c && cause == CAUSE_READAHEAD)
             w->ra_ctx = c, w->ra_base = a.base, w->ra_waiters = 0;
         pthread_mutex_unlock(&e->lock);
@@ -1165,7 +1168,10 @@ int uf_prefetch(engine_t *e, worker_t *w, const uint64_t *ranges, Py_ssize_t n, 
      * read) is handled first: the page states must say what is gone. */
     while (__atomic_load_n(&e->in_batch, __ATOMIC_ACQUIRE))
         sched_yield();
+    pthread_mutex_lock(&e->lock);
     areas_t *as = areas_of(c);
+    w->claimed = 1, w->claimed_remaps = c->remaps;
+    pthread_mutex_unlock(&e->lock);
     int full = 0;
     uint64_t room = e->max_pages ? uf_room_below_high(e) : UINT64_MAX; /* pages it may fill */
     for (Py_ssize_t i = 0; !err && !full && i < n; i++) {
@@ -1198,6 +1204,7 @@ int uf_prefetch(engine_t *e, worker_t *w, const uint64_t *ranges, Py_ssize_t n, 
         struct uffdio_range r = {as->a[k].base, as->a[k].len};
         uf_ioctl(c->uffd, UFFDIO_WAKE, &r);
     }
+    w->claimed = 0;
     ctx_leave(e, c, err == ESRCH);
     return err;
 }

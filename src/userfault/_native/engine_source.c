@@ -606,6 +606,8 @@ static int put_run(engine_t *e, worker_t *w, uctx_t *c, area_t *a, run_t *r, int
             data = r->buf ? r->buf + (off - r->off) : native_ptr(e, w, a->src_off + off, end - off, &err);
         if (err && is_final(err))
             err = EIO;
+        if (!err && w->claimed && __atomic_load_n(&c->remaps, __ATOMIC_SEQ_CST) != w->claimed_remaps)
+            return EAGAIN; /* the areas moved since the claim: faults serve these pages */
         uint64_t done = err ? 0 : install_once(e, w, c->uffd, a, off, end - off, r->zero, data,
                                                flags & IR_DONTWAKE, &err);
         uint64_t p = a->first_page + off / e->page;
