@@ -4,6 +4,7 @@ fit (another environment) is not used; one nobody takes exits with its process."
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -110,6 +111,33 @@ def test_prestart_can_wait_until_the_spare_is_ready() -> None:
 def test_a_spare_that_exits_during_its_imports_is_a_clear_error(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONHOME", "/nonexistent")  # the interpreter cannot start
-    with pytest.raises(userfault.PagerError, match="exited while it imported"):
+    with pytest.raises(userfault.PagerError, match=r"ended before its imports were done "
+                                                   r"\(exit status \d+\)"):
         userfault.prestart(wait=30)
     assert process._spare is None
+
+
+def test_a_fork_while_prestart_waits_leaves_the_child_free_to_map() -> None:
+    """prestart(wait=...) waits outside the module's lock: a child forked by another thread
+    meanwhile takes no lock held for ever, and starts pagers of its own."""
+    result = run_script(f"""
+        import os, sys, threading, userfault
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from userfault.serving import process
+        from py_sources import PyBytes
+        waiter = threading.Thread(target=userfault.prestart, kwargs={{"wait": 30}})
+        waiter.start()
+        pid = os.fork()                          # most likely while the spare imports
+        if pid == 0:
+            with userfault.Pager(PyBytes(b"c" * 4096)) as p:
+                ok = bytes(memoryview(p)[:1]) == b"c"
+            os._exit(0 if ok else 3)
+        _, status = os.waitpid(pid, 0)
+        waiter.join()
+        print("child", os.waitstatus_to_exitcode(status), process._spare.ready, flush=True)
+    """, timeout=60)
+    assert result.stdout.split() == ["child", "0", "True"], result.stdout + result.stderr
+
+
+def test_prestart_can_wait_for_ever() -> None:
+    assert userfault.prestart(wait=math.inf)

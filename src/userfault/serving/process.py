@@ -56,7 +56,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .. import _native
@@ -190,6 +190,8 @@ class _Spare:
     env: dict[str, str]
     owner: int
     ready: bool = False  # its imports are done: it sent _READY
+    # one reader of _READY at a time (prestart(wait=...) and a pager taking the spare)
+    waiting: threading.Lock = field(default_factory=threading.Lock)
 
 
 #: what a spare sends once its imports are done, before it waits for a uffd
@@ -197,24 +199,33 @@ _READY = b"R"
 
 
 def _await_ready(spare: _Spare, timeout: float) -> bool:
-    """Wait up to ``timeout`` seconds for the spare's imports; False if it is not ready by
-    then. A spare that exited (or sent anything else) is a :class:`PagerError`."""
-    spare.sock.settimeout(timeout)
-    try:
-        got = spare.sock.recv(1)
-    except TimeoutError:
-        return False
-    except OSError:
-        got = b""  # reset: it exited
-    finally:
-        spare.sock.settimeout(None)
-    if got != _READY:
-        raise PagerError(f"the spare pager process (pid {spare.proc.pid}) exited while it "
-                         f"imported userfault (exit status {spare.proc.poll()}); its error "
-                         "is on stderr")
-    spare.ready = True
-    return True
+    """Wait up to ``timeout`` seconds (``math.inf``: for ever) for the spare's imports; False
+    if it is not ready by then. A spare that exited (or sent anything else) is a
+    :class:`PagerError`."""
+    with spare.waiting:
+        if spare.ready:
+            return True
+        spare.sock.settimeout(None if timeout >= _FOREVER else timeout)
+        try:
+            got = spare.sock.recv(1)
+        except TimeoutError:
+            return False
+        except OSError:
+            got = b""  # reset: it exited
+        finally:
+            spare.sock.settimeout(None)
+        if got != _READY:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                spare.proc.wait(1)  # reaped, for its status
+            raise PagerError(f"the spare pager process (pid {spare.proc.pid}) ended before its "
+                             f"imports were done (exit status {spare.proc.returncode}); its "
+                             "error is on stderr")
+        spare.ready = True
+        return True
 
+
+#: waits this long or longer are waits for ever (a socket timeout must fit a time_t)
+_FOREVER = 1e9
 
 _spare: _Spare | None = None
 _spare_lock = threading.Lock()
@@ -277,14 +288,31 @@ def prestart(keep: bool = True, *, wait: float = 0.0) -> bool:
             env = _pager_env()
             proc, sock = _spawn_supervisor(env, spare=True)
             spare = _spare = _Spare(proc, sock, env, os.getpid())
-        if spare.ready or wait <= 0:
-            return spare.ready
-        try:
-            return _await_ready(spare, wait)
-        except PagerError:
-            _spare = None
-            _drop_spare(spare)
-            raise
+    if spare.ready or wait <= 0:
+        return spare.ready
+    # Not under _spare_lock: a fork meanwhile would leave the child's copy of it held.
+    try:
+        return _await_ready(spare, wait)
+    except PagerError:
+        with _spare_lock:
+            if _spare is spare:
+                _spare = None
+        _drop_spare(spare)
+        raise
+
+
+def _forget_spare_in_child() -> None:
+    # The parent's spare is never ours to take or stop: close our copy of its socket (the
+    # parent's stays open). A new lock, in case another thread of the parent held it.
+    global _spare, _spare_lock
+    if _spare is not None:
+        with contextlib.suppress(OSError):
+            _spare.sock.close()
+    _spare = None
+    _spare_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_spare_in_child)
 
 
 def _take_supervisor() -> tuple[subprocess.Popen[bytes], socket.socket, bool]:
