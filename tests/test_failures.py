@@ -138,6 +138,37 @@ def test_a_short_read_on_a_fault_gets_sigbus() -> None:
 # -- hangs and crashes ----------------------------------------------------------------------
 
 
+def test_a_worker_that_dies_after_a_remap_is_not_restarted(tmp_path: Path) -> None:
+    """A restarted pager worker would start from the areas of the pager's start: after the
+    process moved a quarter away and the last quarter into its place, it would serve the
+    second quarter's bytes there. The supervisor gives up instead: a logged SIGBUS."""
+    once = tmp_path / "crashed"
+    rc, out, err = child(f"""
+        import mmap, userfault
+        from userfault import _native
+        from py_sources import Misbehaving
+        from test_failures import data
+        if __name__ == "__main__":
+            body = data()
+            q = len(body) // 4
+            p = userfault.map(Misbehaving(body, [0], "crash-once", {str(once)!r}),
+                              readahead=False, retries=1)
+            old = p.address
+            far, err = _native.mmap(0, q, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+            assert err == 0
+            for frm, to in ((old + q, far), (old + 3 * q, old + q)):
+                assert _native.mremap(frm, q, q, 3, to) == (to, 0)  # MAYMOVE | FIXED
+            v = memoryview(p)
+            print("page 0", v[1], flush=True)             # kills the worker
+            print("moved part right:", bytes(v[q:q + 4096]) == body[3 * q:3 * q + 4096],
+                  flush=True)
+    """)
+    assert once.exists()  # the worker did die
+    assert "moved part right: False" not in out
+    assert rc == -signal.SIGBUS, (out, err)
+    assert "after the mapping was moved (mremap)" in err
+
+
 def test_a_hanging_read_is_cut_by_the_timeout() -> None:
     rc, out, err = child("""
         import time, userfault

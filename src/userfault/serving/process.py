@@ -784,6 +784,12 @@ class _Supervisor:
         if self.consecutive > self.config.max_restarts:
             self.give_up(f"pager worker {w.pid} {how} {what}")
             return
+        if _native.state_counters(self.state)["remap_events"]:
+            # A new worker starts from the areas of the pager's start: where the process
+            # moved memory since (mremap), it would serve another part's bytes.
+            self.give_up(f"pager worker {w.pid} {how} {what}, after the mapping was moved "
+                         "(mremap): a new worker would not know where its parts are now")
+            return
         delay = min(_BACKOFF_S[0] * 2 ** (self.consecutive - 1), _BACKOFF_S[1])
         self.say.line(logging.WARNING, (
             f"pager worker {w.pid} {how} {what}: waking blocked threads and restarting it in "
