@@ -106,6 +106,34 @@ def test_read_many(stored: tuple[RedisSource, bytes]) -> None:
         assert bytes(b) == expected(data, off, n)
 
 
+def _calls(r: redis.Redis, command: str) -> int:
+    return int(r.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def test_small_parts_of_pages_are_read_with_getrange(redis_server: RedisServer) -> None:
+    """Rows of 64 KiB pages (a working set's scattered runs) come as GETRANGE of the part, not
+    MGET of each whole value; a part that comes back short is left to the MGET, which still
+    tells a zero page (an empty value) from a missing key."""
+    page = 64 << 10
+    data = make_data(size=8 * page + 1000)
+    data = data[:3 * page] + bytes(page) + data[4 * page:]  # page 3 is zeros (an empty value)
+    prefix = new_prefix()
+    src = upload(data, redis_server.url, prefix, page_size=page)
+    r = redis.Redis.from_url(redis_server.url)
+    rows = [(p * page + k * 4096 + 7, 4096) for p in (0, 2, 3, 5) for k in (1, 9)]
+    rows += [(8 * page + 100, 800)]  # inside the last, short page
+    bufs = [bytearray(n) for _, n in rows]
+    before = _calls(r, "getrange"), _calls(r, "mget")
+    src.read_many([(o, memoryview(b)) for (o, _), b in zip(rows, bufs, strict=True)])
+    assert [bytes(b) for b in bufs] == [expected(data, o, n) for o, n in rows]
+    assert _calls(r, "getrange") - before[0] == 9  # one per row
+    assert _calls(r, "mget") - before[1] == 1  # page 3's empty value: its MGET says zeros
+    r.delete(src.key(5))
+    with pytest.raises(SourceError, match=rf"page key '{src.key(5)}' does not exist"):
+        src.read_many([(5 * page + 4096, memoryview(bytearray(4096)))])
+    r.close()
+
+
 def test_big_read_many_pipelines_mget_batches(redis_server: RedisServer) -> None:
     data = random.Random(3).randbytes(4 << 20)
     src = upload(data, redis_server.url, prefix=new_prefix())

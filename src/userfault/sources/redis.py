@@ -304,6 +304,10 @@ class RedisSource:
                 pos += take
         if not first:
             return
+        if self._lean is not None and not self._cluster and self._generation is not None:
+            self._read_small_parts(first, extra)
+            if not first:
+                return
         order = list(first)
         if self._lean is not None:
             # Pages read whole into one destination go straight from the socket into it; the
@@ -354,6 +358,49 @@ class RedisSource:
                 "read", off, len(b),
                 f"page key {self.key(i)!r} holds {val if isinstance(val, int) else len(val)} "
                 f"bytes, more than the page size {ps}: wrong prefix or page_size?")
+
+    def _read_small_parts(self, first: dict[int, tuple[int, memoryview, int]],
+                          extra: dict[int, list[tuple[int, memoryview, int]]]) -> None:
+        """Read the pages of which the requests want at most a quarter (tensor rows, norms:
+        the scattered runs of a working set or of hints) with a pipelined ``GETRANGE`` of each
+        part, not an ``MGET`` of the whole value; the pages served leave ``first``. A part
+        that comes back shorter (a missing key, a zero page's empty value) leaves its page to
+        the ``MGET``, which tells those apart. Only for data ``upload()`` stored (a pinned
+        generation: the page size is known, and no value is longer)."""
+        small = {i: [piece, *extra.get(i, ())] for i, piece in first.items()}
+        small = {i: ps for i, ps in small.items()
+                 if sum(len(q[1]) for q in ps) <= self._page_size // 4}
+        spans = [(i, q[0], q[0] + len(q[1])) for i, ps in small.items() for q in ps]
+        if not spans:
+            return
+        try:
+            values = self._getrange_lean(spans)
+        except Exception:  # the MGET of the same pages reports what is wrong
+            return
+        got = iter(values)
+        for i, pieces in small.items():
+            parts = [next(got)[1] for _ in pieces]
+            if all(isinstance(v, bytes) and len(v) == len(q[1])
+                   for v, q in zip(parts, pieces, strict=True)):
+                for v, (_, dst, _) in zip(parts, pieces, strict=True):
+                    dst[:] = v  # type: ignore[assignment]
+                del first[i]
+                extra.pop(i, None)
+
+    def _getrange_lean(self, spans: list[tuple[int, int, int]]
+                       ) -> list[tuple[int, bytes | int | None]]:
+        """``GETRANGE`` of bytes ``[lo, hi)`` of the value of each page ``(page, lo, hi)``,
+        pipelined to the standalone server: ``[(page, bytes)]`` in the same order."""
+        if self._pid != os.getpid():
+            self._reset_process_state()
+        assert self._lean is not None
+        prefix = self._keys.encode()
+        request = b"".join(_command(b"GETRANGE", b"%s%d" % (prefix, i), b"%d" % lo,
+                                    b"%d" % (hi - 1)) for i, lo, hi in spans)
+        plan: list[_Pipeline] = [((self._lean[0], self._lean[1]), list(range(len(spans))),
+                                  [len(spans)], request)]
+        return self._exchange(plan, [i for i, _, _ in spans], [None] * len(spans),
+                              read=_RespConn.read_bulks)
 
     def write_from(self, offset: int, data: memoryview) -> None:
         """Store ``data`` at ``offset`` (bytes past ``size`` are dropped).
@@ -538,10 +585,15 @@ class RedisSource:
                 for server, (at, sizes) in per_server.items()]
 
     def _exchange(self, plan: list[_Pipeline],
-                  order: list[int], dsts: list[memoryview | None]
+                  order: list[int], dsts: list[memoryview | None],
+                  read: Callable[[_RespConn, list[int], list[memoryview | None], bytes],
+                                 list[tuple[int, bytes | int | None]]] | None = None
                   ) -> list[tuple[int, bytes | int | None]]:
-        """Send every server its pipeline, then read the replies; see :meth:`_mget_lean`.
-        Raises :class:`_Retry` when trying again may succeed."""
+        """Send every server its pipeline, then read the replies (``read``: MGETs by
+        default); see :meth:`_mget_lean`. Raises :class:`_Retry` when trying again may
+        succeed."""
+        if read is None:
+            read = _RespConn.read_mget_into
         assert self._lean is not None
         _, _, db, user, password = self._lean
         deadline = time.monotonic() + self._timeout + len(order) * self._page_size / _MIN_RATE
@@ -566,7 +618,7 @@ class RedisSource:
             while busy:
                 c, server, at, sizes, fresh = busy[0]
                 try:
-                    got = c.read_mget_into(sizes, [dsts[k] for k in at], zero)
+                    got = read(c, sizes, [dsts[k] for k in at], zero)
                 except _TooLong as err:
                     # The rest of this stream cannot be trusted to be in step; the caller
                     # fails the read on the page too long, so the other replies do not matter.
@@ -1030,6 +1082,11 @@ def _lean_target(url: str) -> tuple[str, int, int, str | None, str | None] | Non
 _Pipeline = tuple[tuple[str, int], list[int], list[int], bytes]
 
 
+def _command(*args: bytes) -> bytes:
+    """One command in RESP."""
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
 def _mget_request(keys: list[bytes], sizes: list[int]) -> bytes:
     """Pipelined MGETs of ``keys``, ``sizes`` keys each."""
     out = []
@@ -1117,9 +1174,7 @@ class _RespConn:
             if db:
                 setup.append([b"SELECT", b"%d" % db])
             if setup:
-                self.sock.sendall(b"".join(
-                    b"*%d\r\n" % len(cmd) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in cmd)
-                    for cmd in setup))
+                self.sock.sendall(b"".join(_command(*cmd) for cmd in setup))
                 for _ in setup:
                     self.line()  # +OK, or an error reply raised
         except BaseException:
@@ -1195,6 +1250,27 @@ class _RespConn:
             self.pos = self.end = 0
             self._recv_exact(dst[avail:])  # the rest skips the buffer
         self._crlf()
+
+    def read_bulks(self, sizes: list[int], dsts: list[memoryview | None],
+                   zero: bytes) -> list[tuple[int, bytes | int | None]]:
+        """The replies of ``sum(sizes)`` pipelined commands that each answer one bulk string
+        (GETRANGE), as ``[(index, value)]``; none may be longer than a page (``zero``).
+        (``dsts``: unused, as :meth:`read_mget_into` takes it.)"""
+        out: list[tuple[int, bytes | int | None]] = []
+        for k in range(sum(sizes)):
+            head = self.line()
+            if head[:1] != b"$":
+                raise RespProtocolError(f"unexpected reply {head[:80]!r} to GETRANGE")
+            n = _int(head[1:], "bulk length")
+            if n > len(zero) or n < -1:
+                raise RespProtocolError(f"unexpected bulk length {n} in a GETRANGE reply")
+            if n < 0:
+                out.append((k, None))
+                continue
+            val = bytearray(n)
+            self._value(n, memoryview(val))
+            out.append((k, bytes(val)))
+        return out
 
     def read_mget_into(self, sizes: list[int], dsts: list[memoryview | None],
                        zero: bytes) -> list[tuple[int, bytes | int | None]]:
