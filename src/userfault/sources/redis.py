@@ -34,7 +34,9 @@ all the keys of a batch with pipelined ``MGET`` over a lean RESP client of its o
 connections): on a cluster one ``MGET`` per hash slot (CRC16 of the key, hash tags honoured),
 one pipeline per master, all sent before any reply is read. A ``MOVED``/``ASK`` reply or a
 master unreachable refreshes the slot map (redis-py's) and retries once. (``rediss://`` and
-other URLs the lean client does not speak are read through redis-py.)
+other URLs the lean client does not speak are read through redis-py.) On a standalone server,
+pages of which a batch wants at most a quarter (a tensor's rows: the scattered runs of a
+working set) are read with a pipelined ``GETRANGE`` per part, not the whole value.
 
 Writes (``write_from``, what a ``writable=True`` pager calls to write pages back) go to the
 pinned generation, one pipeline of ``SET``/``SETRANGE`` per master. With ``replicas`` > 0
