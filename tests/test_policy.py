@@ -9,11 +9,13 @@ every step waits until the engine has settled.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import random
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -363,6 +365,39 @@ def test_a_remapped_region_keeps_being_served(runtime: str) -> None:
         assert p.check() is None
 
 
+def move_range(frm: int, length: int, to: int) -> None:
+    got, err = _native.mremap(frm, length, length, MREMAP_MAYMOVE | MREMAP_FIXED, to)
+    assert (got, err) == (to, 0)
+
+
+@contextlib.contextmanager
+def quarters_swapped(p: userfault.Pager, body: bytes) -> Iterator[int]:
+    """Move the pager's second quarter away and its fourth into the hole (two REMAPs); yields
+    where the second went. Then both go back, and every byte is checked."""
+    q, old = p.size // 4, p.address
+    far, err = _native.mmap(0, q, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    assert err == 0
+    move_range(old + q, q, far)
+    move_range(old + 3 * q, q, old + q)
+    try:
+        settled(p, lambda s: s.remap_events == 2)
+        yield far
+    finally:
+        move_range(old + q, q, old + 3 * q)
+        move_range(far, q, old + q)
+    settled(p, lambda s: s.remap_events == 4)
+    with memoryview(p) as v:
+        assert v == body
+
+
+def each_quarter_holds_its_own(p: userfault.Pager, far: int, body: bytes) -> None:
+    q, old = p.size // 4, p.address
+    for addr, src in ((old, 0), (old + q, 3 * q), (old + 2 * q, 2 * q), (far, q)):
+        got = bytes((ctypes.c_char * q).from_address(addr))
+        assert got == body[src:src + q], f"{addr - old:#x} holds the wrong bytes"
+    assert settled(p).poisoned == 0
+
+
 def test_a_working_set_after_a_remap_serves_each_part_its_own_bytes(
         runtime: str, tmp_path: Path) -> None:
     """A working set of the whole region, its first fault after two mremaps: the second part
@@ -370,34 +405,13 @@ def test_a_working_set_after_a_remap_serves_each_part_its_own_bytes(
     install the second part's bytes where the fourth's now are. The engine leaves the rest
     of the set to faults."""
     size = 4 * MiB
-    q = size // 4
     body = page_data(size)
     ws = tmp_path / "all.uws"
     write_working_set(ws, WorkingSet(tuple(range(0, size, PAGE)), PAGE, source_size=size))
 
-    def move(frm: int, to: int) -> None:
-        got, err = _native.mremap(frm, q, q, MREMAP_MAYMOVE | MREMAP_FIXED, to)
-        assert (got, err) == (to, 0)
-
     with userfault.map(bytes_source(runtime, body), readahead=False, prefetch=ws,
-                       force_prefetch=True) as p:
-        old = p.address
-        far, err = _native.mmap(0, q, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-        assert err == 0
-        move(old + q, far)
-        move(old + 3 * q, old + q)
-        try:
-            settled(p, lambda s: s.remap_events == 2)
-            for addr, src in ((old, 0), (old + q, 3 * q), (old + 2 * q, 2 * q), (far, q)):
-                got = bytes((ctypes.c_char * q).from_address(addr))  # the first fault: the set
-                assert got == body[src:src + q], f"{addr - old:#x} holds the wrong bytes"
-            assert settled(p).poisoned == 0
-        finally:
-            move(old + q, old + 3 * q)
-            move(far, old + q)
-        settled(p, lambda s: s.remap_events == 4)
-        with memoryview(p) as v:
-            assert v == body
+                       force_prefetch=True) as p, quarters_swapped(p, body) as far:
+        each_quarter_holds_its_own(p, far, body)  # the first fault starts the set
 
 
 @pytest.mark.parametrize("how", ["working set", "willneed"])
@@ -414,10 +428,6 @@ def test_a_piece_read_across_two_remaps_is_not_installed_at_its_old_addresses(
     ws = tmp_path / "all.uws"
     write_working_set(ws, WorkingSet(tuple(range(0, size, PAGE)), PAGE, source_size=size))
 
-    def move(frm: int, to: int) -> None:
-        got, err = _native.mremap(frm, q, q, MREMAP_MAYMOVE | MREMAP_FIXED, to)
-        assert (got, err) == (to, 0)
-
     def lines(suffix: str) -> int:
         path = Path(gate + suffix)
         return len(path.read_text().splitlines()) if path.exists() else 0
@@ -425,33 +435,18 @@ def test_a_piece_read_across_two_remaps_is_not_installed_at_its_old_addresses(
     options: dict[str, object] = dict(readahead=False, prefetch=ws, force_prefetch=True) \
         if how == "working set" else {}
     with userfault.map(Gated(body, q, size, gate), **options) as p:
-        old = p.address
         touch(p, 0)  # the first fault starts the set
         if how == "willneed":
             assert p.willneed([(q, q)]) == q
         assert wait_until(lambda: lines(".held") > 0, 10), "no background read was held"
-        far, err = _native.mmap(0, q, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-        assert err == 0
-        move(old + q, far)
-        move(old + 3 * q, old + q)
-        try:
-            settled(p, lambda s: s.remap_events == 2)
+        with quarters_swapped(p, body) as far:
             before = p.stats()
             Path(gate).touch()  # the held reads go on
             assert wait_until(lambda: lines(".done") == lines(".held"), 30)
             # their pieces end: installed (the bug) or given up (EAGAIN)
             assert wait_until(lambda: p.stats().eagain > before.eagain
                               or p.stats().bytes_installed >= before.bytes_installed + PAGE, 10)
-            for addr, src in ((old, 0), (old + q, 3 * q), (old + 2 * q, 2 * q), (far, q)):
-                got = bytes((ctypes.c_char * q).from_address(addr))
-                assert got == body[src:src + q], f"{addr - old:#x} holds the wrong bytes"
-            assert settled(p).poisoned == 0
-        finally:
-            move(old + q, old + 3 * q)
-            move(far, old + q)
-        settled(p, lambda s: s.remap_events == 4)
-        with memoryview(p) as v:
-            assert v == body
+            each_quarter_holds_its_own(p, far, body)
 
 
 def test_unmapped_pages_are_forgotten(runtime: str) -> None:
