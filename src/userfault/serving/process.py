@@ -196,6 +196,8 @@ class _Spare:
 
 #: what a spare sends once its imports are done, before it waits for a uffd
 _READY = b"R"
+#: waits this long or longer are waits for ever (a socket timeout must fit a time_t)
+_FOREVER = 1e9
 
 
 def _await_ready(spare: _Spare, timeout: float) -> bool:
@@ -223,9 +225,6 @@ def _await_ready(spare: _Spare, timeout: float) -> bool:
         spare.ready = True
         return True
 
-
-#: waits this long or longer are waits for ever (a socket timeout must fit a time_t)
-_FOREVER = 1e9
 
 _spare: _Spare | None = None
 _spare_lock = threading.Lock()
