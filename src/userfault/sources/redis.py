@@ -369,10 +369,12 @@ class RedisSource:
         that comes back shorter (a missing key, a zero page's empty value) leaves its page to
         the ``MGET``, which tells those apart. Only for data ``upload()`` stored (a pinned
         generation: the page size is known, and no value is longer)."""
-        small = {i: [piece, *extra.get(i, ())] for i, piece in first.items()}
-        small = {i: ps for i, ps in small.items()
-                 if sum(len(q[1]) for q in ps) <= self._page_size // 4}
-        spans = [(i, q[0], q[0] + len(q[1])) for i, ps in small.items() for q in ps]
+        small: dict[int, list[tuple[int, memoryview, int]]] = {}
+        for i, piece in first.items():
+            pieces = [piece, *extra.get(i, ())]
+            if sum(len(q[1]) for q in pieces) <= self._page_size // 4:
+                small[i] = pieces
+        spans = [(i, q[0], q[0] + len(q[1])) for i, pieces in small.items() for q in pieces]
         if not spans:
             return
         try:
