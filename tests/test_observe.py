@@ -14,12 +14,12 @@ import pytest
 
 import userfault
 from pager_helpers import settled, wait_until
-from py_sources import PyBytes, PyFile
+from py_sources import Gated, PyBytes, PyFile
 from userfault import FileSource, _native
 from userfault._flags import RegisterMode
 from userfault.serving.config import ServeConfig
 from userfault.serving.runtime import RECORD, engine_args
-from userfault.trace import Cause, Kind, read
+from userfault.trace import Cause, Kind, TraceFlag, read
 from userfault.working_set import (
     WorkingSet,
     WorkingSetMismatch,
@@ -91,6 +91,41 @@ def test_readahead_installs_are_traced(tmp_path: Path, runtime: str, data: bytes
     # every page read came in by a fault or by readahead, and the trace says which
     assert set(range(0, 64 * PAGE, PAGE)) <= covered
     assert (ev["offset"] + ev["length"] <= PAGES * PAGE).all()
+
+
+def test_a_fault_left_to_a_piece_in_flight_is_traced_with_its_whole_wait(
+        tmp_path: Path, data: bytes) -> None:
+    """A fault on a page that a background piece is reading already waits for that piece:
+    its record says so (WAITED) and its service time runs until the piece was in, not just
+    while the serving thread looked at it (that was a few microseconds)."""
+    gate = str(tmp_path / "gate")
+    hold = 0.3  # seconds the piece is held after the fault is in: a floor of its wait
+    trace_path = tmp_path / "wait.uftrace"
+    with userfault.map(Gated(data, 32 * PAGE, len(data), gate), trace=trace_path) as p:
+        assert p.willneed([(32 * PAGE, 64 * PAGE)]) == 64 * PAGE  # read as readahead: held
+        held = Path(gate + ".held")
+        assert wait_until(lambda: held.exists() and "\n" in held.read_text(), 10), \
+            "no readahead was held"
+        start, length = (int(x) for x in held.read_text().split()[0].split("+"))
+        page = (start + length) // PAGE - 1  # the held piece's last page, past the gate
+        faults = p.stats().faults
+        reader = threading.Thread(target=touch, args=(p, [page], data))
+        reader.start()
+        assert wait_until(lambda: p.stats().faults > faults, 10), "the fault was not seen"
+        threading.Event().wait(hold)
+        Path(gate).touch()
+        reader.join(30)
+        assert not reader.is_alive()
+        assert p.stats().service_max_ns >= hold * 1e9
+    ev = read(trace_path).events
+    mine = ev[(ev["cause"] == Cause.FAULT) & (ev["offset"] == page * PAGE)]
+    assert len(mine) == 1
+    assert mine["flags"][0] & TraceFlag.WAITED and not mine["flags"][0] & TraceFlag.EEXIST
+    assert mine["length"][0] == 0  # the piece installed it, and its own record says so
+    assert mine["service_ns"][0] >= hold * 1e9
+    ra = ev[(ev["cause"] == Cause.READAHEAD) & (ev["offset"] <= page * PAGE)
+            & (ev["offset"] + ev["length"] > page * PAGE)]
+    assert len(ra) == 1
 
 
 def test_record_then_prefetch(tmp_path: Path, runtime: str, data: bytes) -> None:

@@ -43,6 +43,7 @@
 #define UF_TRACE_RECS 1365 /* 64 KiB of records per trace buffer */
 #define UF_FORK_SLOTS 256 /* the fork table: one slot per pid modulo this */
 #define UF_MAX_HINTS 65536 /* willneed() ranges pending at once */
+#define UF_RA_WAITS 32 /* faults a readahead piece records the waits of (serve_fault) */
 #define UF_BATCH 64 /* runs of a working set a background thread installs with one source read */
 
 enum { SRC_ZERO, SRC_PATTERN, SRC_MEMORY, SRC_CYCLE, SRC_PYTHON, SRC_FAIL };
@@ -70,12 +71,20 @@ enum { CAUSE_FAULT, CAUSE_READAHEAD, CAUSE_PREFETCH, CAUSE_POPULATE, CAUSE_EVICT
 enum { UF_COUNTERS(UF_ENUM) UF_N_COUNTERS };
 #undef UF_ENUM
 
+/* A fault record's flags above the kernel's (trace/format.py TraceFlag): the page was present
+ * (EEXIST), the mapping was changing (EAGAIN), the budget held the fault back (HELD), or it
+ * waited for a background piece in flight, its service time running until that was in. */
+#define REC_EEXIST 0x100
+#define REC_EAGAIN 0x200
+#define REC_HELD 0x400
+#define REC_WAITED 0x800
+
 /* One record of the fault log (and of trace files): 48 bytes, little-endian. */
 typedef struct {
     uint64_t t_ns, offset, address, length;
     uint32_t tid, service_ns;
     uint8_t kind, cause;
-    uint16_t flags; /* UFFD_PAGEFAULT_FLAG_* */
+    uint16_t flags; /* UFFD_PAGEFAULT_FLAG_* and REC_* */
     uint32_t reserved;
 } uf_rec_t;
 
@@ -162,13 +171,16 @@ typedef struct {
     /* A background thread's piece: (offset, length) ranges of one area, read at once (one
      * read_many for a Python source): scattered runs of a working set or of willneed()
      * hints, or one range. A readahead piece being read is the batch of the area at ra_base
-     * of ra_ctx (under e->lock); ra_waiters: a fault there was left to it (Python sources:
-     * serve_fault). */
+     * of ra_ctx (under e->lock); ra_waiters: faults there were left to it (Python sources:
+     * serve_fault), the first UF_RA_WAITS of which it records when done (ra_wait, with
+     * their fault-log slots): those threads waited until then, not just while served. */
     uint64_t batch[2 * UF_BATCH];
     int nbatch;
     uctx_t *ra_ctx;
     uint64_t ra_base;
     int ra_waiters;
+    uf_rec_t ra_wait[UF_RA_WAITS];
+    uint64_t ra_wait_seq[UF_RA_WAITS];
     /* Installing what it claimed earlier (a background piece, a prefetch): the area it
      * copied then names addresses that a REMAP since may have given to other memory, so its
      * installs stop once the context's remaps differs from this (faults look areas up anew). */

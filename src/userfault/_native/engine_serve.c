@@ -382,20 +382,45 @@ static uint64_t read_by(const worker_t *b, const uctx_t *c, uint64_t addr)
 
 /* A Python source's read is a round trip: a fault in a readahead piece being read already is
  * left to the background thread reading it, which wakes each range of the piece when it is
- * done (installed or not: a page it could not install faults again and is served then). */
-static int left_to_readahead(engine_t *e, uctx_t *c, uint64_t addr)
+ * done (installed or not: a page it could not install faults again and is served then).
+ * Returns 0 (not in a piece), LEFT_HANDED (the piece's thread records the fault, rec, when
+ * its wait ends) or LEFT_COUNTED (left, but more faults wait there than it records). */
+enum { LEFT_HANDED = 1, LEFT_COUNTED = 2 };
+static int left_to_readahead(engine_t *e, uctx_t *c, uint64_t addr, uf_rec_t *rec, uint64_t seq)
 {
     if (e->kind != SRC_PYTHON)
         return 0;
-    int found = 0;
+    int left = 0;
     pthread_mutex_lock(&e->lock);
-    for (int i = e->nthreads; i < e->nworkers && !found; i++) {
+    for (int i = e->nthreads; i < e->nworkers && !left; i++) {
         worker_t *b = &e->workers[i];
-        if (read_by(b, c, addr))
-            found = ++b->ra_waiters;
+        if (!read_by(b, c, addr))
+            continue;
+        left = b->ra_waiters < UF_RA_WAITS ? LEFT_HANDED : LEFT_COUNTED;
+        if (left == LEFT_HANDED) {
+            b->ra_wait[b->ra_waiters] = *rec;
+            b->ra_wait[b->ra_waiters].flags |= REC_WAITED;
+            b->ra_wait[b->ra_waiters].length = 0; /* the piece installs the page */
+            b->ra_wait_seq[b->ra_waiters] = seq;
+        }
+        b->ra_waiters++;
     }
     pthread_mutex_unlock(&e->lock);
-    return found;
+    return left;
+}
+
+/* Record the faults left to a background piece: their wait ended now, with the piece in. */
+static void end_waits(engine_t *e, const uf_rec_t *wait, const uint64_t *seq, int n)
+{
+    uint64_t t1 = uf_now_ns();
+    for (int k = 0; k < n; k++) {
+        uf_rec_t rec = wait[k];
+        uint64_t ns = t1 - rec.t_ns;
+        uf_observe_latency(e, ns);
+        uf_log_end(e, seq[k], ns);
+        rec.service_ns = ns > UINT32_MAX ? UINT32_MAX : (uint32_t)ns;
+        uf_trace(e, &rec);
+    }
 }
 
 /* A forked child's at-fork hook touched the beacon: its thread id (the child's pid, the hook
@@ -450,7 +475,7 @@ static int serve_fault(engine_t *e, worker_t *w, uctx_t *c, struct uffd_msg *m, 
     uf_rec_t rec = {t0, a->src_off + page_off, addr, n, (uint32_t)m->arg.pagefault.feat.ptid, 0,
                     (uint8_t)fault_kind(flags), CAUSE_FAULT, (uint16_t)flags, 0};
     uint64_t seq = uf_log_begin(e, &rec), reserved;
-    int err = 0;
+    int err = 0, left;
     if (e->npreload && !LOAD(e->preload_armed)) { /* the first fault starts the working set */
         pthread_mutex_lock(&e->lock);
         e->preload_armed = 1;
@@ -478,11 +503,14 @@ static int serve_fault(engine_t *e, worker_t *w, uctx_t *c, struct uffd_msg *m, 
             uf_page_in(e, c, a->first_page + page_off / e->page);
     } else if (uf_reactivate(e, c, a, page_off, &err)) {
         got = err ? 0 : e->page; /* back from the pool, no source read */
-    } else if (left_to_readahead(e, c, addr)) {
+    } else if ((left = left_to_readahead(e, c, addr, &rec, seq))) {
         update_readahead(e, c, as, a, off, off + n); /* the piece's thread wakes this one */
+        if (left == LEFT_HANDED)
+            return 0; /* and records it */
+        rec.flags |= REC_WAITED; /* the time is only this thread's (UF_RA_WAITS are recorded) */
     } else if (uf_throttle(e, c, a->base + page_off, n / e->page, (pid_t)m->arg.pagefault.feat.ptid,
                            &reserved)) {
-        rec.flags |= 0x400; /* held: the budget is full until the evictor's round is over */
+        rec.flags |= REC_HELD; /* the budget is full until the evictor's round is over */
     } else {
         /* A COPY wakes what it installs; install_range wakes the faulting page itself if it was
          * present already (EEXIST), and failed pages get on_error. */
@@ -505,8 +533,8 @@ static int serve_fault(engine_t *e, worker_t *w, uctx_t *c, struct uffd_msg *m, 
     uf_log_end(e, seq, t1 - t0);
     rec.length = got;
     rec.service_ns = t1 - t0 > UINT32_MAX ? UINT32_MAX : (uint32_t)(t1 - t0);
-    if (!(rec.flags & 0x400)) /* EAGAIN, EEXIST (held: neither) */
-        rec.flags |= (uint16_t)(err == EAGAIN ? 0x200 : !got ? 0x100 : 0);
+    if (!(rec.flags & (REC_HELD | REC_WAITED)))
+        rec.flags |= (uint16_t)(err == EAGAIN ? REC_EAGAIN : !got ? REC_EEXIST : 0);
     uf_trace(e, &rec);
     return err == ESRCH ? ESRCH : 0;
 }
@@ -1054,14 +1082,19 @@ static void *background_main(void *arg)
         if (err == EAGAIN)
             ADD(e, eagain, 1);
         if (cause == CAUSE_READAHEAD) {
+            uf_rec_t wait[UF_RA_WAITS];
+            uint64_t seq[UF_RA_WAITS];
             pthread_mutex_lock(&e->lock);
-            int waiters = w->ra_waiters;
+            int waiters = w->ra_waiters, recorded = waiters < UF_RA_WAITS ? waiters : UF_RA_WAITS;
+            memcpy(wait, w->ra_wait, sizeof(*wait) * (size_t)recorded);
+            memcpy(seq, w->ra_wait_seq, sizeof(*seq) * (size_t)recorded);
             w->ra_ctx = NULL;
             pthread_mutex_unlock(&e->lock);
             for (int k = 0; waiters && err != ESRCH && k < w->nbatch; k++) {
                 struct uffdio_range r = {w->ra_base + w->batch[2 * k], w->batch[2 * k + 1]};
                 uf_ioctl(c->uffd, UFFDIO_WAKE, &r);
             }
+            end_waits(e, wait, seq, recorded);
         }
         ctx_leave(e, c, err == ESRCH);
         if (cause == CAUSE_PREFETCH || cause == CAUSE_POPULATE) {

@@ -106,6 +106,9 @@ class TraceFlag(enum.IntFlag):
     #: held back: the budget was full (max_resident + one eviction batch) until the
     #: evictor's round was over; the thread faulted again then
     HELD = 1 << 10
+    #: left to a background piece already reading the page (a Python source): nothing
+    #: installed by the fault itself, and its service time runs until the piece was in
+    WAITED = 1 << 11
 
 
 def kind_from_fault_flags(flags: int) -> Kind:
