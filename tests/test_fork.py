@@ -253,6 +253,44 @@ def test_a_worker_that_dies_keeps_serving_forked_children(tmp_path: Path) -> Non
     assert marker.exists() and "restarting it" in r.stderr
 
 
+def test_a_worker_that_dies_after_a_child_moved_its_memory_gives_up(tmp_path: Path) -> None:
+    """Forked children's areas are not kept after an mremap: a new worker would serve a moved
+    part of the child the bytes of what was there first. The supervisor gives up instead,
+    and the child's fault ends in a logged SIGBUS, never in another part's bytes."""
+    marker = tmp_path / "crashed"
+    r = run_script(f"""
+        import mmap, os, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import userfault
+        from userfault import _native
+        from py_sources import Misbehaving
+        if __name__ == "__main__":
+            page = 4096
+            data = b"".join(i.to_bytes(4, "little") * (page // 4) for i in range(256))
+            src = Misbehaving(data, [40 * page], "crash-once", until={str(marker)!r})
+            p = userfault.map(src, readahead=False)
+            assert _native.touch(p.address, 1, 1, 0, 0, False) == 0
+            pid = os.fork()
+            if pid == 0:
+                q = len(data) // 4
+                far, err = _native.mmap(0, q, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+                assert err == 0 and _native.mremap(p.address + q, q, q, 3, far) == (far, 0)
+                assert _native.mremap(p.address + 3 * q, q, q, 3, p.address + q) == \
+                    (p.address + q, 0)
+                _native.touch(p.address + 40 * page, 1, 1, 0, 0, False)  # kills the worker
+                print("child read a moved part:",
+                      _native.touch(p.address + q, 1, 1, 0, 0, False), flush=True)
+                os._exit(0)
+            _, status = os.waitpid(pid, 0)
+            print("child", os.waitstatus_to_exitcode(status), flush=True)
+            p.close()
+    """, timeout=60)
+    assert marker.exists()  # the worker did die
+    assert "child read a moved part" not in r.stdout, (r.stdout, r.stderr)
+    assert f"child {-signal.SIGBUS}" in r.stdout, (r.stdout, r.stderr)
+    assert "after a forked child's mapping was moved (mremap)" in r.stderr
+
+
 def test_unprivileged_child_fails_loudly(child: Callable[..., tuple[int, bytes]]) -> None:
     """Without CAP_SYS_PTRACE there is no EVENT_FORK: the region is not inherited at all
     (MADV_DONTFORK), so a child touching it dies of SIGSEGV instead of reading zeros."""

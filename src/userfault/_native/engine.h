@@ -33,6 +33,7 @@
  * (BENCHMARKS.md, "piece"; Redis and HTTP sequential reads ran 15-35 % faster at 512 KiB) */
 #define UF_PYTHON_PIECE (512ull << 10)
 #define UF_MAX_AREAS 4096
+#define UF_KEPT_AREAS 64 /* areas the state keeps after an mremap (a pager process's restart) */
 #define UF_MAX_RETRIES 100
 #define UF_MAX_MARKS 64              /* condemned pages, suspect ranges */
 #define UF_ERR_MSG 512
@@ -119,6 +120,12 @@ typedef struct {
     /* The thread of the faulting process that answers the mail (its watchdog), 0 until it
      * runs: the engine never holds that thread's faults (its copies for the evictor). */
     uint64_t agent_tid;
+    /* The root context's areas once an mremap moved them (remap() writes them; areas_seq
+     * is odd meanwhile and 0 while nothing moved), so that a new pager-process worker
+     * starts from where the parts are now; nareas over UF_KEPT_AREAS: too many to keep.
+     * child_remaps: mremaps in forked children, whose areas are not kept. */
+    uint64_t areas_seq, nareas, child_remaps;
+    uint64_t areas[3 * UF_KEPT_AREAS]; /* (address, length, source offset) */
     uint64_t log_written, log_read;
     uf_rec_t log[];
 } uf_state_t;
@@ -335,6 +342,7 @@ int uf_state_check(const void *buf, size_t len, const char **why);
 void uf_state_error(uf_state_t *st, int err, uint64_t addr, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 void uf_log(engine_t *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void uf_state_keep_areas(uf_state_t *st, const areas_t *as);
 uint64_t uf_log_begin(engine_t *e, const uf_rec_t *r);
 void uf_log_end(engine_t *e, uint64_t seq, uint64_t service_ns);
 void uf_observe_latency(engine_t *e, uint64_t ns);

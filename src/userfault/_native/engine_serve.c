@@ -606,6 +606,10 @@ static void remap(engine_t *e, uctx_t *c, uint64_t from, uint64_t to, uint64_t l
     }
     __atomic_store_n(&c->areas, as, __ATOMIC_RELEASE);
     retire(e, old);
+    if (c == e->ctxs)
+        uf_state_keep_areas(e->st, as);
+    else
+        __atomic_add_fetch(&e->st->child_remaps, 1, __ATOMIC_SEQ_CST);
     memset(c->ra, 0, sizeof(c->ra));
     __atomic_add_fetch(&c->remaps, 1, __ATOMIC_SEQ_CST);
     int wake = 0;

@@ -100,6 +100,18 @@ void uf_log(engine_t *e, const char *fmt, ...)
 /* The fault log: a record is published before the fault is served, so the woken thread can
  * read it already; its service time is filled in afterwards unless it was drained meanwhile.
  * Only this process writes; the reader (maybe another process) moves log_read. */
+void uf_state_keep_areas(uf_state_t *st, const areas_t *as)
+{
+    __atomic_add_fetch(&st->areas_seq, 1, __ATOMIC_SEQ_CST); /* odd: being written */
+    st->nareas = (uint64_t)as->n;
+    for (int i = 0; i < as->n && i < UF_KEPT_AREAS; i++) {
+        st->areas[3 * i] = as->a[i].base;
+        st->areas[3 * i + 1] = as->a[i].len;
+        st->areas[3 * i + 2] = as->a[i].src_off;
+    }
+    __atomic_add_fetch(&st->areas_seq, 1, __ATOMIC_SEQ_CST);
+}
+
 uint64_t uf_log_begin(engine_t *e, const uf_rec_t *r)
 {
     uf_state_t *st = e->st;

@@ -177,6 +177,30 @@ static PyObject *inflight_list(uf_state_t *st)
 }
 
 static PyObject *py_state_inflight(PyObject *self, PyObject *obj) { WITH_STATE(obj, 0, inflight_list(st)) }
+
+/* (kept, areas, child_remaps): kept 0 while no mremap moved the root's areas, 1 with them
+ * in `areas`, -1 if they could not be kept (too many, or torn by a worker that died
+ * writing them). */
+static PyObject *moved_areas(uf_state_t *st)
+{
+    uint64_t seq = __atomic_load_n(&st->areas_seq, __ATOMIC_ACQUIRE), n = st->nareas;
+    int kept = !seq ? 0 : (seq & 1 || n > UF_KEPT_AREAS) ? -1 : 1;
+    PyObject *areas = PyList_New(0);
+    for (uint64_t i = 0; areas && kept == 1 && i < n; i++) {
+        PyObject *t = Py_BuildValue("(KKK)", (unsigned long long)st->areas[3 * i],
+                                    (unsigned long long)st->areas[3 * i + 1],
+                                    (unsigned long long)st->areas[3 * i + 2]);
+        if (!t || PyList_Append(areas, t) < 0)
+            Py_CLEAR(areas);
+        Py_XDECREF(t);
+    }
+    if (!areas)
+        return NULL;
+    return Py_BuildValue("(iNK)", kept, areas,
+                         (unsigned long long)__atomic_load_n(&st->child_remaps, __ATOMIC_ACQUIRE));
+}
+
+static PyObject *py_state_moved_areas(PyObject *self, PyObject *obj) { WITH_STATE(obj, 0, moved_areas(st)) }
 static PyObject *py_state_process_exited(PyObject *self, PyObject *obj)
 {
     WITH_STATE(obj, 0, PyBool_FromLong((long)__atomic_load_n(&st->root_gone, __ATOMIC_ACQUIRE)))
@@ -246,6 +270,9 @@ PyMethodDef userfault_engine_methods[] = {
     {"state_error", py_state_error, METH_O, "state_error(state) -> None or (errno, address, message)"},
     {"state_set_error", py_state_set_error, METH_VARARGS, "state_set_error(state, errno, message)"},
     {"state_add", py_state_add, METH_VARARGS, "state_add(state, counter, n)"},
+    {"state_moved_areas", py_state_moved_areas, METH_O,
+     "state_moved_areas(state) -> (kept, [(address, length, source_offset)], child_remaps): the "
+     "root's areas after an mremap (kept 1; 0: none moved; -1: not kept)"},
     {"state_inflight", py_state_inflight, METH_O,
      "state_inflight(state) -> [(slot, start_ns, source_offset, length, address)] reads in progress"},
     {"state_process_exited", py_state_process_exited, METH_O,

@@ -63,6 +63,7 @@ PyMODINIT_FUNC PyInit__native(void)
     ADD_INT(m, UF_MAX_LOG);
     ADD_INT(m, UF_MAX_RETRIES);
     ADD_INT(m, UF_MAX_MARKS);
+    ADD_INT(m, UF_KEPT_AREAS);
     ADD_INT(m, UF_FORK_SLOTS);
     ADD_INT(m, UF_HIST_BUCKETS);
     PyModule_AddIntConstant(m, "RECORD_SIZE", (long)sizeof(uf_rec_t));

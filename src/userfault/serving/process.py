@@ -783,11 +783,10 @@ class _Supervisor:
         if self.consecutive > self.config.max_restarts:
             self.give_up(f"pager worker {w.pid} {how} {what}")
             return
-        if _native.state_counters(self.state)["remap_events"]:
-            # A new worker starts from the areas of the pager's start: where the process
-            # moved memory since (mremap), it would serve another part's bytes.
-            self.give_up(f"pager worker {w.pid} {how} {what}, after the mapping was moved "
-                         "(mremap): a new worker would not know where its parts are now")
+        lost = self.follow_moves()
+        if lost:
+            self.give_up(f"pager worker {w.pid} {how} {what}, after {lost} was moved (mremap): "
+                         "a new worker would not know where its parts are now")
             return
         delay = min(_BACKOFF_S[0] * 2 ** (self.consecutive - 1), _BACKOFF_S[1])
         self.say.line(logging.WARNING, (
@@ -795,6 +794,20 @@ class _Supervisor:
             f"{delay:.2f} s (restart {self.consecutive} of at most {self.config.max_restarts} "
             "in a row)"))
         self.restart_at = time.monotonic() + delay
+
+    def follow_moves(self) -> str:
+        """Start new workers from where the process has moved its memory to (mremap), as the
+        engine keeps it in the state; a worker starting from the pager's first areas would
+        serve another part's bytes there. Returns what moved without being kept, or ""."""
+        kept, areas, child_remaps = _native.state_moved_areas(self.state)
+        if child_remaps:
+            return "a forked child's mapping"  # their areas are not kept
+        if kept < 0:
+            return (f"the mapping (into more than {_native.UF_KEPT_AREAS} parts, or the worker "
+                    "died noting where)")
+        if kept:
+            self.setup = replace(self.setup, areas=areas)
+        return ""
 
     def blame(self, reads: list[tuple[int, int, int, int, int]]) -> None:
         """What the dead worker was reading: a batch is read page by page from now on; a page
