@@ -123,7 +123,8 @@ typedef struct {
     /* The root context's areas once an mremap moved them (remap() writes them; areas_seq
      * is odd meanwhile and 0 while nothing moved), so that a new pager-process worker
      * starts from where the parts are now; nareas over UF_KEPT_AREAS: too many to keep.
-     * child_remaps: mremaps in forked children, whose areas are not kept. */
+     * A forked child's areas go to the supervisor with its descriptor, and again after
+     * each mremap; child_remaps counts those it could not be told of. */
     uint64_t areas_seq, nareas, child_remaps;
     uint64_t areas[3 * UF_KEPT_AREAS]; /* (address, length, source offset) */
     uint64_t log_written, log_read;

@@ -123,18 +123,20 @@ uctx_t *uf_ctx_new(engine_t *e, int uffd, const areas_t *areas, int own_fd, cons
     return c;
 }
 
-/* To the supervisor (fork_sock): a child's descriptor and areas (kind 1), or its end (2).
- * Never blocks: a supervisor that cannot take it loses only a restart's hold on the child. */
-static void tell_supervisor(engine_t *e, uctx_t *c, int kind)
+/* To the supervisor (fork_sock): a child's descriptor and areas (TELL_CHILD), its end
+ * (TELL_END), or its areas after an mremap (TELL_MOVED). Never blocks: a supervisor that
+ * cannot take it loses only a restart's hold on the child. Returns 0, or -1 if not sent. */
+enum { TELL_CHILD = 1, TELL_END = 2, TELL_MOVED = 3 };
+static int tell_supervisor(engine_t *e, uctx_t *c, int kind)
 {
     if (e->fork_sock < 0 || e->owner != getpid())
-        return;
+        return 0;
     areas_t *as = c->areas;
-    int n = kind == 1 && as ? as->n : 0;
+    int n = kind != TELL_END && as ? as->n : 0;
     size_t size = 16 + (size_t)n * 24;
     uint64_t *msg = uf_alloc(size); /* mmap, not malloc: this may run during a fork (see uf_alloc) */
     if (!msg)
-        return;
+        return -1;
     msg[0] = (uint64_t)kind | ((uint64_t)n << 32);
     msg[1] = c->key;
     for (int i = 0; i < n; i++) {
@@ -145,7 +147,7 @@ static void tell_supervisor(engine_t *e, uctx_t *c, int kind)
     struct iovec iov = {msg, size};
     union { struct cmsghdr h; char buf[CMSG_SPACE(sizeof(int))]; } ctl;
     struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
-    if (kind == 1) {
+    if (kind == TELL_CHILD) {
         memset(&ctl, 0, sizeof(ctl));
         mh.msg_control = ctl.buf;
         mh.msg_controllen = sizeof(ctl.buf);
@@ -155,10 +157,12 @@ static void tell_supervisor(engine_t *e, uctx_t *c, int kind)
         cm->cmsg_len = CMSG_LEN(sizeof(int));
         memcpy(CMSG_DATA(cm), &c->uffd, sizeof(int));
     }
-    if (sendmsg(e->fork_sock, &mh, MSG_DONTWAIT | MSG_NOSIGNAL) < 0)
+    int sent = sendmsg(e->fork_sock, &mh, MSG_DONTWAIT | MSG_NOSIGNAL) < 0 ? -1 : 0;
+    if (sent && kind == TELL_CHILD)
         uf_log(e, "could not tell the pager process of a forked child (%s): if this worker "
                "dies, that child's pages not loaded yet read as zeros", strerror(errno));
     uf_free(msg);
+    return sent;
 }
 
 /* Under e->lock, with no thread inside: let go of a dead context's descriptor and memory. */
@@ -167,7 +171,7 @@ static void ctx_release(engine_t *e, uctx_t *c)
     if (c->uffd < 0)
         return;
     if (c->id)
-        tell_supervisor(e, c, 2);
+        tell_supervisor(e, c, TELL_END);
     /* A forked copy of the engine shares the epoll instance with its parent: only the owner
      * may change it. */
     if (e->epfd >= 0 && e->owner == getpid())
@@ -606,10 +610,10 @@ static void remap(engine_t *e, uctx_t *c, uint64_t from, uint64_t to, uint64_t l
     }
     __atomic_store_n(&c->areas, as, __ATOMIC_RELEASE);
     retire(e, old);
-    if (c == e->ctxs)
+    if (c == e->ctxs) /* where a new pager-process worker starts from */
         uf_state_keep_areas(e->st, as);
-    else
-        __atomic_add_fetch(&e->st->child_remaps, 1, __ATOMIC_SEQ_CST);
+    else if (tell_supervisor(e, c, TELL_MOVED))
+        __atomic_add_fetch(&e->st->child_remaps, 1, __ATOMIC_SEQ_CST); /* lost: it gives up */
     memset(c->ra, 0, sizeof(c->ra));
     __atomic_add_fetch(&c->remaps, 1, __ATOMIC_SEQ_CST);
     int wake = 0;
@@ -633,7 +637,7 @@ static void adopt_child(engine_t *e, uctx_t *parent, int fd)
     if (c) {
         ADD(e, children, 1);
         c->key = e->key_base + (uint64_t)c->id;
-        tell_supervisor(e, c, 1); /* before the fork returns: the child cannot fault yet */
+        tell_supervisor(e, c, TELL_CHILD); /* before the fork returns: the child cannot fault yet */
     }
     pthread_mutex_unlock(&e->lock);
     if (!c) {

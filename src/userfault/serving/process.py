@@ -554,7 +554,8 @@ def _die_with_parent(parent: int) -> None:
 
 #: A forked child a worker served: its uffd (the supervisor's copy), key and areas.
 _Child = tuple[int, int, list[tuple[int, int, int]]]
-_FORK_HEAD = struct.Struct("<IIQ")  # kind (1: a child's uffd, 2: its end), areas, key
+#: kind (1: a child's uffd, 2: its end, 3: its areas after an mremap), areas, key
+_FORK_HEAD = struct.Struct("<IIQ")
 _FORK_AREA = struct.Struct("<QQQ")
 
 
@@ -711,12 +712,15 @@ class _Supervisor:
             except BlockingIOError:
                 return
             kind, n, key = _FORK_HEAD.unpack_from(msg)
+            areas = [(int(a), int(b), int(c)) for a, b, c in (
+                _FORK_AREA.unpack_from(msg, _FORK_HEAD.size + i * _FORK_AREA.size)
+                for i in range(n))]
             if kind == 1 and fds:
-                areas = [_FORK_AREA.unpack_from(msg, _FORK_HEAD.size + i * _FORK_AREA.size)
-                         for i in range(n)]
-                self.children[key] = (fds[0], [(int(a), int(b), int(c)) for a, b, c in areas])
+                self.children[key] = (fds[0], areas)
             elif kind == 2 and key in self.children:
                 os.close(self.children.pop(key)[0])
+            elif kind == 3 and key in self.children:  # the child moved memory (mremap)
+                self.children[key] = (self.children[key][0], areas)
 
     def dup_children(self) -> list[_Child]:
         """The children, with descriptors of their own (an engine closes those it adopts)."""
@@ -801,7 +805,7 @@ class _Supervisor:
         serve another part's bytes there. Returns what moved without being kept, or ""."""
         kept, areas, child_remaps = _native.state_moved_areas(self.state)
         if child_remaps:
-            return "a forked child's mapping"  # their areas are not kept
+            return "a forked child's mapping"  # and the worker could not tell us where to
         if kept < 0:
             return (f"the mapping (into more than {_native.UF_KEPT_AREAS} parts, or the worker "
                     "died noting where)")
