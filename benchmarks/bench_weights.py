@@ -235,9 +235,9 @@ def download_first(url: str, dest: Path) -> dict[str, float]:
     t_all = time.perf_counter() - t0
     nbytes = sum(t.nbytes for t in tensors.values())
     del tensors
+    size = dest.stat().st_size
     dest.unlink()  # its dirty pages go unwritten, not flushed to disk during the next cases
-    return {"get_s": t_get, "all_s": t_all, "get_rate": dest.stat().st_size / t_get,
-            "nbytes": nbytes}
+    return {"get_s": t_get, "all_s": t_all, "get_rate": size / t_get, "nbytes": nbytes}
 
 
 def warm(paths: list[Path]) -> None:
