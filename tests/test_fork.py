@@ -13,6 +13,8 @@ import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -222,35 +224,50 @@ def test_parent_exiting_without_close_gives_the_child_sigbus_not_zeros(kind: str
     assert "still used its memory: the" in r.stderr
 
 
+#: The owner of a pager whose worker dies once, at page 40 (data page i holds the byte i):
+#: it loads page 0, forks a child that runs {child} (which touches page 40, killing the
+#: worker, and exits 0 if every byte it read was right), then reports how the child ended.
+CRASHING_OWNER = """
+import mmap, os, sys
+sys.path.insert(0, {tests!r})
+import userfault
+from userfault import _native
+from py_sources import Misbehaving
+if __name__ == "__main__":
+    page = 4096
+    data = b"".join(i.to_bytes(4, "little") * (page // 4) for i in range(256))
+    src = Misbehaving(data, [40 * page], "crash-once", until={marker!r})
+    p = userfault.map(src, readahead=False)
+    assert _native.touch(p.address, 1, 1, 0, 0, False) == 0
+    pid = os.fork()
+    if pid == 0:
+{child}
+    _, status = os.waitpid(pid, 0)
+    print("child", os.waitstatus_to_exitcode(status), "restarts", p.stats().restarts,
+          flush=True)
+    p.close()
+"""
+
+
+def run_crashing_owner(marker: Path, child: str) -> subprocess.CompletedProcess[str]:
+    """Run :data:`CRASHING_OWNER` with ``child`` as its child's code; the worker did die."""
+    r = run_script(CRASHING_OWNER.format(tests=os.path.dirname(__file__), marker=str(marker),
+                                         child=textwrap.indent(textwrap.dedent(child), " " * 8)),
+                   timeout=60)
+    assert marker.exists(), (r.stdout, r.stderr)
+    assert "restarting it" in r.stderr
+    return r
+
+
 def test_a_worker_that_dies_keeps_serving_forked_children(tmp_path: Path) -> None:
     """The pager process's worker holds the forked children's uffds; one that dies must not
     take them along (the child would read zeros): the next worker serves them."""
-    marker = tmp_path / "crashed"
-    r = run_script(f"""
-        import os, sys
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
-        import userfault
-        from userfault import _native
-        from py_sources import Misbehaving
-        if __name__ == "__main__":
-            page = 4096
-            data = b"".join(i.to_bytes(4, "little") * (page // 4) for i in range(256))
-            src = Misbehaving(data, [40 * page], "crash-once", until={str(marker)!r})
-            p = userfault.map(src, readahead=False)
-            assert _native.touch(p.address, 1, 1, 0, 0, False) == 0
-            pid = os.fork()
-            if pid == 0:
-                first = _native.touch(p.address + 40 * page, 1, 1, 0, 0, False)  # kills it
-                ok = first == 40 and bytes(memoryview(p)) == data
-                os._exit(0 if ok else 1)
-            _, status = os.waitpid(pid, 0)
-            print("child", os.waitstatus_to_exitcode(status), "restarts", p.stats().restarts,
-                  flush=True)
-            p.close()
-    """, timeout=60)
+    r = run_crashing_owner(tmp_path / "crashed", """
+        first = _native.touch(p.address + 40 * page, 1, 1, 0, 0, False)  # kills it
+        os._exit(0 if first == 40 and bytes(memoryview(p)) == data else 1)
+    """)
     assert r.returncode == 0, r.stderr
     assert "child 0 restarts 1" in r.stdout, (r.stdout, r.stderr)
-    assert marker.exists() and "restarting it" in r.stderr
 
 
 def test_a_worker_that_dies_after_a_child_moved_its_memory_serves_it_where_it_is_now(
@@ -259,40 +276,19 @@ def test_a_worker_that_dies_after_a_child_moved_its_memory_serves_it_where_it_is
     pager worker died. The worker told the supervisor the child's areas after each mremap,
     so the next one serves each part of the child its own bytes (not the second quarter's
     where the fourth is now)."""
-    marker = tmp_path / "crashed"
-    r = run_script(f"""
-        import mmap, os, sys
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
-        import userfault
-        from userfault import _native
-        from py_sources import Misbehaving
-        if __name__ == "__main__":
-            page = 4096
-            data = b"".join(i.to_bytes(4, "little") * (page // 4) for i in range(256))
-            src = Misbehaving(data, [40 * page], "crash-once", until={str(marker)!r})
-            p = userfault.map(src, readahead=False)
-            assert _native.touch(p.address, 1, 1, 0, 0, False) == 0
-            pid = os.fork()
-            if pid == 0:
-                q = len(data) // 4
-                far, err = _native.mmap(0, q, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-                assert err == 0 and _native.mremap(p.address + q, q, q, 3, far) == (far, 0)
-                assert _native.mremap(p.address + 3 * q, q, q, 3, p.address + q) == \\
-                    (p.address + q, 0)
-                assert _native.touch(p.address + 40 * page, 1, 1, 0, 0, False) == 40  # kills it
-                right = all(_native.touch(addr + i * page, 1, 1, 0, 0, False) == first + i
-                            for addr, first in ((p.address, 0), (far, 64),
-                                                (p.address + 2 * q, 128), (p.address + q, 192))
-                            for i in range(64))
-                os._exit(0 if right else 1)
-            _, status = os.waitpid(pid, 0)
-            print("child", os.waitstatus_to_exitcode(status), "restarts", p.stats().restarts,
-                  flush=True)
-            p.close()
-    """, timeout=60)
-    assert marker.exists()  # the worker did die
+    r = run_crashing_owner(tmp_path / "crashed", """
+        q = len(data) // 4
+        far, err = _native.mmap(0, q, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        assert err == 0 and _native.mremap(p.address + q, q, q, 3, far) == (far, 0)
+        assert _native.mremap(p.address + 3 * q, q, q, 3, p.address + q) == (p.address + q, 0)
+        assert _native.touch(p.address + 40 * page, 1, 1, 0, 0, False) == 40  # kills it
+        right = all(_native.touch(addr + i * page, 1, 1, 0, 0, False) == first + i
+                    for addr, first in ((p.address, 0), (far, 64), (p.address + 2 * q, 128),
+                                        (p.address + q, 192))
+                    for i in range(64))
+        os._exit(0 if right else 1)
+    """)
     assert "child 0 restarts 1" in r.stdout, (r.stdout, r.stderr)
-    assert "restarting it" in r.stderr
 
 
 def test_unprivileged_child_fails_loudly(child: Callable[..., tuple[int, bytes]]) -> None:
