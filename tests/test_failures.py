@@ -175,6 +175,40 @@ def test_a_worker_that_dies_after_a_remap_restarts_where_the_parts_are_now(
     assert "restarting it" in err
 
 
+@pytest.mark.parametrize("how", ["no restarts left", "too many parts"])
+def test_a_worker_that_dies_serving_moved_memory_and_is_not_replaced_ends_in_sigbus(
+        how: str) -> None:
+    """The worker dies reading a page the process had moved (mremap), and the supervisor
+    gives up: with ``max_restarts=0``, or with the memory in more parts than the engine
+    notes. The thread that faulted there must be woken, and its access ends in a logged
+    SIGBUS, not in a hang."""
+    rc, out, err = child(f"""
+        import ctypes, mmap, userfault
+        from userfault import _native
+        from py_sources import Misbehaving
+        from test_failures import data
+        if __name__ == "__main__":
+            body = data()
+            page = 4096
+            crash = 200 * page  # moved below: the fault the worker dies on is at its new place
+            p = userfault.map(Misbehaving(body, [crash], "crash"), readahead=False, retries=1,
+                              max_restarts=0 if {how!r} == "no restarts left" else 20)
+            moved = [200] if {how!r} == "no restarts left" else list(range(10, 210, 5))
+            new = {{}}
+            for i in moved:  # 40 single pages moved out: 81 parts, more than are noted
+                new[i], e = _native.mmap(0, page, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+                assert e == 0
+                assert _native.mremap(p.address + i * page, page, page, 3, new[i]) == (new[i], 0)
+            print("touching", flush=True)
+            print("read", ctypes.c_char.from_address(new[200]).value, flush=True)
+    """, timeout=60)
+    assert "touching" in out and "read" not in out, (out, err)
+    assert rc == -signal.SIGBUS, (out, err)
+    assert "giving up" in err
+    if how == "too many parts":
+        assert "more than 64 parts" in err
+
+
 def test_a_hanging_read_is_cut_by_the_timeout() -> None:
     rc, out, err = child("""
         import time, userfault

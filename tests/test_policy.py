@@ -449,6 +449,24 @@ def test_a_piece_read_across_two_remaps_is_not_installed_at_its_old_addresses(
             each_quarter_holds_its_own(p, far, body)
 
 
+def test_memory_moved_onto_another_part_reads_the_moved_bytes(runtime: str) -> None:
+    """mremap(MREMAP_FIXED) of the fourth quarter onto the first: what was mapped there is
+    gone, so its pages not loaded yet read the fourth quarter's bytes, not the first's (a
+    stale area at the destination was found first)."""
+    size = 1 * MiB
+    body = page_data(size)
+    q = size // 4
+    with userfault.map(bytes_source(runtime, body), readahead=False) as p:
+        old = p.address
+        touch(p, q, q, 1)  # the second quarter loaded before, the rest not
+        move_range(old + 3 * q, q, old)
+        settled(p, lambda s: s.remap_events == 1)
+        for addr, src in ((old, 3 * q), (old + q, q), (old + 2 * q, 2 * q)):
+            got = bytes((ctypes.c_char * q).from_address(addr))
+            assert got == body[src:src + q], f"{addr - old:#x} holds the wrong bytes"
+        assert settled(p).poisoned == 0
+
+
 def test_unmapped_pages_are_forgotten(runtime: str) -> None:
     size = 2 * MiB
     body = page_data(size)

@@ -124,8 +124,8 @@ typedef struct {
      * is odd meanwhile and 0 while nothing moved), so that a new pager-process worker
      * starts from where the parts are now; nareas over UF_KEPT_AREAS: too many to keep.
      * A forked child's areas go to the supervisor with its descriptor, and again after
-     * each mremap; child_remaps counts those it could not be told of. */
-    uint64_t areas_seq, nareas, child_remaps;
+     * each mremap; children_unsent counts the children whose last ones could not be sent. */
+    uint64_t areas_seq, nareas, children_unsent;
     uint64_t areas[3 * UF_KEPT_AREAS]; /* (address, length, source offset) */
     uint64_t log_written, log_read;
     uf_rec_t log[];
@@ -152,6 +152,8 @@ typedef struct uctx {
     struct { int area, dir; uint64_t next, end, window, first, last_end, used; } ra[UF_STREAMS];
     uint64_t ra_tick;
     uint64_t remaps;     /* REMAPs handled (under e->lock): areas copied before one are stale */
+    int moved_unsent;    /* a forked child's areas after its last mremap did not reach the
+                          * supervisor (counted in the state's children_unsent) */
     struct uctx *next;
 } uctx_t;
 

@@ -172,6 +172,9 @@ static void ctx_release(engine_t *e, uctx_t *c)
         return;
     if (c->id)
         tell_supervisor(e, c, TELL_END);
+    if (c->moved_unsent && e->owner == getpid()) /* gone: nothing of it is lacking now */
+        __atomic_sub_fetch(&e->st->children_unsent, 1, __ATOMIC_SEQ_CST);
+    c->moved_unsent = 0;
     /* A forked copy of the engine shares the epoll instance with its parent: only the owner
      * may change it. */
     if (e->epfd >= 0 && e->owner == getpid())
@@ -580,11 +583,28 @@ static int end_preload(engine_t *e)
     return wake;
 }
 
-/* mremap moved [from, from+len) to `to`: the areas (or the parts of them) inside follow. */
+/* Append the parts of area a outside [lo, hi) to as (none, one or two). */
+static void add_outside(areas_t *as, area_t a, uint64_t lo, uint64_t hi, uint64_t page)
+{
+    uint64_t end = a.base + a.len;
+    if (end <= lo || a.base >= hi) {
+        as->a[as->n++] = a;
+        return;
+    }
+    if (a.base < lo)
+        as->a[as->n++] = (area_t){a.base, lo - a.base, a.src_off, a.first_page};
+    if (hi < end)
+        as->a[as->n++] = (area_t){hi, end - hi, a.src_off + (hi - a.base),
+                                  a.first_page + (hi - a.base) / page};
+}
+
+/* mremap moved [from, from+len) to `to`: the areas (or the parts of them) inside follow, and
+ * what was mapped at [to, to+len) before is gone (MREMAP_FIXED unmaps it first: a stale
+ * area there would be found first and serve its old bytes). */
 static void remap(engine_t *e, uctx_t *c, uint64_t from, uint64_t to, uint64_t len)
 {
     pthread_mutex_lock(&e->lock);
-    areas_t *old = c->areas, *as = uf_alloc(sizeof(areas_t) + (size_t)old->n * 3 * sizeof(area_t));
+    areas_t *old = c->areas, *as = uf_alloc(sizeof(areas_t) + (size_t)old->n * 5 * sizeof(area_t));
     if (!as) {
         pthread_mutex_unlock(&e->lock);
         uf_log(e, "out of memory following an mremap of %#llx: faults at %#llx will be poisoned",
@@ -597,23 +617,29 @@ static void remap(engine_t *e, uctx_t *c, uint64_t from, uint64_t to, uint64_t l
         uint64_t end = a.base + a.len, lo = a.base > from ? a.base : from;
         uint64_t hi = end < from + len ? end : from + len;
         if (lo >= hi) {
-            as->a[as->n++] = a;
+            add_outside(as, a, to, to + len, e->page);
             continue;
         }
         if (a.base < lo)
-            as->a[as->n++] = (area_t){a.base, lo - a.base, a.src_off, a.first_page};
+            add_outside(as, (area_t){a.base, lo - a.base, a.src_off, a.first_page}, to,
+                        to + len, e->page);
         as->a[as->n++] = (area_t){to + (lo - from), hi - lo, a.src_off + (lo - a.base),
                                   a.first_page + (lo - a.base) / e->page};
         if (hi < end)
-            as->a[as->n++] = (area_t){hi, end - hi, a.src_off + (hi - a.base),
-                                      a.first_page + (hi - a.base) / e->page};
+            add_outside(as, (area_t){hi, end - hi, a.src_off + (hi - a.base),
+                                     a.first_page + (hi - a.base) / e->page}, to, to + len,
+                        e->page);
     }
     __atomic_store_n(&c->areas, as, __ATOMIC_RELEASE);
     retire(e, old);
-    if (c == e->ctxs) /* where a new pager-process worker starts from */
+    if (c == e->ctxs) { /* where a new pager-process worker starts from */
         uf_state_keep_areas(e->st, as);
-    else if (tell_supervisor(e, c, TELL_MOVED))
-        __atomic_add_fetch(&e->st->child_remaps, 1, __ATOMIC_SEQ_CST); /* lost: it gives up */
+    } else { /* a child whose areas the supervisor lacks makes it give up at a death */
+        int unsent = tell_supervisor(e, c, TELL_MOVED) != 0;
+        if (unsent != c->moved_unsent)
+            __atomic_add_fetch(&e->st->children_unsent, unsent ? 1 : (uint64_t)-1, __ATOMIC_SEQ_CST);
+        c->moved_unsent = unsent;
+    }
     memset(c->ra, 0, sizeof(c->ra));
     __atomic_add_fetch(&c->remaps, 1, __ATOMIC_SEQ_CST);
     int wake = 0;
@@ -1098,11 +1124,11 @@ static void *background_main(void *arg)
             memcpy(seq, w->ra_wait_seq, sizeof(*seq) * (size_t)recorded);
             w->ra_ctx = NULL;
             pthread_mutex_unlock(&e->lock);
+            end_waits(e, wait, seq, recorded); /* recorded before they run on (trace_sync) */
             for (int k = 0; waiters && err != ESRCH && k < w->nbatch; k++) {
                 struct uffdio_range r = {w->ra_base + w->batch[2 * k], w->batch[2 * k + 1]};
                 uf_ioctl(c->uffd, UFFDIO_WAKE, &r);
             }
-            end_waits(e, wait, seq, recorded);
         }
         ctx_leave(e, c, err == ESRCH);
         if (cause == CAUSE_PREFETCH || cause == CAUSE_POPULATE) {

@@ -178,9 +178,10 @@ static PyObject *inflight_list(uf_state_t *st)
 
 static PyObject *py_state_inflight(PyObject *self, PyObject *obj) { WITH_STATE(obj, 0, inflight_list(st)) }
 
-/* (kept, areas, child_remaps): kept 0 while no mremap moved the root's areas, 1 with them
- * in `areas`, -1 if they could not be kept (too many, or torn by a worker that died
- * writing them). */
+/* (kept, areas, children_unsent): kept 0 while no mremap moved the root's areas, 1 with
+ * them in `areas`, -1 if they could not be kept (too many, or torn by a worker that died
+ * writing them); children_unsent: forked children whose areas after an mremap the
+ * supervisor lacks. */
 static PyObject *moved_areas(uf_state_t *st)
 {
     uint64_t seq = __atomic_load_n(&st->areas_seq, __ATOMIC_ACQUIRE), n = st->nareas;
@@ -197,7 +198,7 @@ static PyObject *moved_areas(uf_state_t *st)
     if (!areas)
         return NULL;
     return Py_BuildValue("(iNK)", kept, areas,
-                         (unsigned long long)__atomic_load_n(&st->child_remaps, __ATOMIC_ACQUIRE));
+                         (unsigned long long)__atomic_load_n(&st->children_unsent, __ATOMIC_ACQUIRE));
 }
 
 static PyObject *py_state_moved_areas(PyObject *self, PyObject *obj) { WITH_STATE(obj, 0, moved_areas(st)) }
@@ -271,7 +272,7 @@ PyMethodDef userfault_engine_methods[] = {
     {"state_set_error", py_state_set_error, METH_VARARGS, "state_set_error(state, errno, message)"},
     {"state_add", py_state_add, METH_VARARGS, "state_add(state, counter, n)"},
     {"state_moved_areas", py_state_moved_areas, METH_O,
-     "state_moved_areas(state) -> (kept, [(address, length, source_offset)], child_remaps): the "
+     "state_moved_areas(state) -> (kept, [(address, length, source_offset)], children_unsent): the "
      "root's areas after an mremap (kept 1; 0: none moved; -1: not kept)"},
     {"state_inflight", py_state_inflight, METH_O,
      "state_inflight(state) -> [(slot, start_ns, source_offset, length, address)] reads in progress"},

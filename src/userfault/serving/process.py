@@ -623,6 +623,7 @@ class _Supervisor:
         self.forks.setblocking(False)
         self.children: dict[int, tuple[int, list[tuple[int, int, int]]]] = {}
         self.generation = 0
+        self.blocked: list[tuple[int, int]] = []  # (address, length) the dead worker read for
 
     def spawn(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -784,10 +785,11 @@ class _Supervisor:
         if self.pending is not None:
             op, self.pending = self.pending.get("op"), None
             _send(self.sock, {"error": f"{op} failed: the pager worker {how} {what}"})
+        self.blocked = [(addr, n) for _, _, _, n, addr in reads]
+        lost = self.follow_moves()  # first: a give-up wakes and poisons where the parts are
         if self.consecutive > self.config.max_restarts:
             self.give_up(f"pager worker {w.pid} {how} {what}")
             return
-        lost = self.follow_moves()
         if lost:
             self.give_up(f"pager worker {w.pid} {how} {what}, after {lost} was moved (mremap): "
                          "a new worker would not know where its parts are now")
@@ -803,8 +805,8 @@ class _Supervisor:
         """Start new workers from where the process has moved its memory to (mremap), as the
         engine keeps it in the state; a worker starting from the pager's first areas would
         serve another part's bytes there. Returns what moved without being kept, or ""."""
-        kept, areas, child_remaps = _native.state_moved_areas(self.state)
-        if child_remaps:
+        kept, areas, children_unsent = _native.state_moved_areas(self.state)
+        if children_unsent:
             return "a forked child's mapping"  # and the worker could not tell us where to
         if kept < 0:
             return (f"the mapping (into more than {_native.UF_KEPT_AREAS} parts, or the worker "
@@ -834,11 +836,20 @@ class _Supervisor:
         self.restart_at = None
         self.read_forks()  # every child the dead worker served
         self.spawn()
-        # wake the threads whose faults the dead worker had read: they fault again
-        for fd, areas in [(self.uffd, self.setup.areas), *self.children.values()]:
-            for address, length, _ in areas:
-                with contextlib.suppress(OSError):
-                    _native.wake(fd, address, length)
+        self.wake_blocked()
+
+    def wake_blocked(self) -> None:
+        """Wake the threads whose faults the dead worker had read: they fault again. Its
+        reads in progress name their addresses too, for memory moved where the areas we
+        know do not reach (more of them than the state keeps)."""
+        ranges = [(self.uffd, address, length) for address, length, _ in self.setup.areas]
+        ranges += [(self.uffd, address - address % self.page, -(-length // self.page) * self.page)
+                   for address, length in self.blocked]
+        ranges += [(fd, address, length) for fd, areas in self.children.values()
+                   for address, length, _ in areas]
+        for fd, address, length in ranges:
+            with contextlib.suppress(OSError):
+                _native.wake(fd, address, length)
 
     def give_up(self, last: str) -> None:
         msg = (f"the pager worker died {self.consecutive} times in a row (last: {last}): "
@@ -855,6 +866,7 @@ class _Supervisor:
             **ProcessRuntime._fork_args(self.setup))
         self.fallback.start()
         self.fallback.wake()
+        self.wake_blocked()  # and where the areas it knows do not reach
 
 
 def main(argv: list[str] | None = None) -> int:
