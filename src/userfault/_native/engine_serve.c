@@ -583,6 +583,12 @@ static int end_preload(engine_t *e)
     return wake;
 }
 
+/* The part [lo, hi) of area a (lo, hi within it). */
+static area_t sub_area(area_t a, uint64_t lo, uint64_t hi, uint64_t page)
+{
+    return (area_t){lo, hi - lo, a.src_off + (lo - a.base), a.first_page + (lo - a.base) / page};
+}
+
 /* Append the parts of area a outside [lo, hi) to as (none, one or two). */
 static void add_outside(areas_t *as, area_t a, uint64_t lo, uint64_t hi, uint64_t page)
 {
@@ -592,10 +598,9 @@ static void add_outside(areas_t *as, area_t a, uint64_t lo, uint64_t hi, uint64_
         return;
     }
     if (a.base < lo)
-        as->a[as->n++] = (area_t){a.base, lo - a.base, a.src_off, a.first_page};
+        as->a[as->n++] = sub_area(a, a.base, lo, page);
     if (hi < end)
-        as->a[as->n++] = (area_t){hi, end - hi, a.src_off + (hi - a.base),
-                                  a.first_page + (hi - a.base) / page};
+        as->a[as->n++] = sub_area(a, hi, end, page);
 }
 
 /* mremap moved [from, from+len) to `to`: the areas (or the parts of them) inside follow, and
@@ -621,14 +626,12 @@ static void remap(engine_t *e, uctx_t *c, uint64_t from, uint64_t to, uint64_t l
             continue;
         }
         if (a.base < lo)
-            add_outside(as, (area_t){a.base, lo - a.base, a.src_off, a.first_page}, to,
-                        to + len, e->page);
-        as->a[as->n++] = (area_t){to + (lo - from), hi - lo, a.src_off + (lo - a.base),
-                                  a.first_page + (lo - a.base) / e->page};
+            add_outside(as, sub_area(a, a.base, lo, e->page), to, to + len, e->page);
+        area_t moved = sub_area(a, lo, hi, e->page);
+        moved.base = to + (lo - from);
+        as->a[as->n++] = moved;
         if (hi < end)
-            add_outside(as, (area_t){hi, end - hi, a.src_off + (hi - a.base),
-                                     a.first_page + (hi - a.base) / e->page}, to, to + len,
-                        e->page);
+            add_outside(as, sub_area(a, hi, end, e->page), to, to + len, e->page);
     }
     __atomic_store_n(&c->areas, as, __ATOMIC_RELEASE);
     retire(e, old);

@@ -97,9 +97,8 @@ void uf_log(engine_t *e, const char *fmt, ...)
     pthread_mutex_unlock(&e->log_lock);
 }
 
-/* The fault log: a record is published before the fault is served, so the woken thread can
- * read it already; its service time is filled in afterwards unless it was drained meanwhile.
- * Only this process writes; the reader (maybe another process) moves log_read. */
+/* The root context's areas after an mremap, for a new pager-process worker (uf_state_t):
+ * areas_seq is odd while they are written. */
 void uf_state_keep_areas(uf_state_t *st, const areas_t *as)
 {
     __atomic_add_fetch(&st->areas_seq, 1, __ATOMIC_SEQ_CST); /* odd: being written */
@@ -112,6 +111,9 @@ void uf_state_keep_areas(uf_state_t *st, const areas_t *as)
     __atomic_add_fetch(&st->areas_seq, 1, __ATOMIC_SEQ_CST);
 }
 
+/* The fault log: a record is published before the fault is served, so the woken thread can
+ * read it already; its service time is filled in afterwards unless it was drained meanwhile.
+ * Only this process writes; the reader (maybe another process) moves log_read. */
 uint64_t uf_log_begin(engine_t *e, const uf_rec_t *r)
 {
     uf_state_t *st = e->st;

@@ -865,8 +865,7 @@ class _Supervisor:
             name=self.setup.name, retries=0, state=self.state, children=self.dup_children(),
             **ProcessRuntime._fork_args(self.setup))
         self.fallback.start()
-        self.fallback.wake()
-        self.wake_blocked()  # and where the areas it knows do not reach
+        self.wake_blocked()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1096,8 +1096,7 @@ def _mget_request(keys: list[bytes], sizes: list[int]) -> bytes:
     out = []
     s = 0
     for count in sizes:
-        out.append(b"*%d\r\n$4\r\nMGET\r\n" % (count + 1))
-        out += [b"$%d\r\n%s\r\n" % (len(k), k) for k in keys[s: s + count]]
+        out.append(_command(b"MGET", *keys[s: s + count]))
         s += count
     return b"".join(out)
 
