@@ -47,9 +47,10 @@ loopback (tests/servers.py) and compressed into a snapshot. Each run measures, p
   source): what no source over a network can beat on this machine.
 
 Before each case the files it reads (the checkpoint nginx serves, the snapshot) are read
-through once, so that each case finds them in the page cache: on a VM whose host reclaims
-guest page cache (virtio-balloon free page reporting), part of a 4 GiB file is otherwise
-read from disk in one case and not in the next.
+through once, so that each case finds them in the page cache: on the 2-vCPU VM of
+BENCHMARKS.md the page cache shrinks with most memory free (the cause is not known; the VM
+has a virtio-balloon device), and part of a 4 GiB file is otherwise read from disk in one
+case and not in the next.
 
 Cases run round-robin within a run; figures are medians over ``--runs``. Targets (issue 12):
 first tensor <= 50 ms (for 4 GiB on loopback), all tensors >= 90 % of the source's stream,
