@@ -1,6 +1,7 @@
 """A pager process started ahead (``userfault.prestart``): the next pager of a Python source
-takes it, with every descriptor it needs, and a new spare is started; a spare that does not
-fit (another environment) is not used; one nobody takes exits with its process."""
+takes it, with every descriptor it needs, and a new spare is started a second later; a spare
+that does not fit (another environment) is not used; one nobody takes exits with its
+process."""
 
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ def test_the_next_pager_takes_the_spare_and_a_new_one_is_started(tmp_path: Path)
         assert wait_until(lambda: pager.stats().evictions > 0, 10)
         assert bytes(view) == data  # and they come back
         view.release()
+        assert wait_until(lambda: process._spare is not None, 10)  # NEXT_SPARE_DELAY later
         second = _spare_pid()
         assert second != first
     faults = read(trace).records
@@ -65,6 +67,26 @@ def test_the_next_pager_takes_the_spare_and_a_new_one_is_started(tmp_path: Path)
     userfault.prestart(False)
     assert process._spare is None
     assert wait_until(lambda: _gone(second), 10)
+
+
+def test_the_next_spare_waits_until_the_pager_that_took_one_has_started(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next spare's imports would compete with the new pager's first faults: it starts
+    NEXT_SPARE_DELAY later, or at once when asked for (``prestart()``)."""
+    monkeypatch.setattr(process, "NEXT_SPARE_DELAY", 3600.0)
+    userfault.prestart(wait=30)
+    with userfault.Pager(PyBytes(b"z" * PAGE)) as pager:
+        assert bytes(memoryview(pager)[:1]) == b"z"
+        assert process._spare is None and process._next_spare is not None
+        userfault.prestart()  # asked for: now, and the later one is dropped
+        assert process._spare is not None and process._next_spare is None
+        asked = _spare_pid()
+    with userfault.Pager(PyBytes(b"w" * PAGE)) as pager:  # takes it; the next one is due
+        assert pager._runtime.proc.pid == asked  # type: ignore[union-attr]
+        assert process._next_spare is not None
+        userfault.prestart(False)  # not kept: nor started later
+        assert process._spare is None and process._next_spare is None
+        assert bytes(memoryview(pager)[:1]) == b"w"
 
 
 def test_a_spare_started_under_another_environment_is_not_used(
