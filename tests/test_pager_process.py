@@ -129,6 +129,24 @@ def test_populate_fills_everything_in_the_background(snapshot_file: tuple[Path, 
         view.release()
 
 
+def _thread_names(pid: int) -> list[str]:
+    return sorted(Path(f"/proc/{pid}/task/{t}/comm").read_text().strip()
+                  for t in os.listdir(f"/proc/{pid}/task"))
+
+
+def test_the_pager_process_and_its_threads_are_named_for_ps_and_perf(
+        snapshot_file: tuple[Path, bytes]) -> None:
+    path, data = snapshot_file
+    with userfault.Pager(SnapshotSource(path), max_resident=1 << 20) as pager:
+        assert bytes(memoryview(pager)[:PAGE]) == data[:PAGE]
+        supervisor = pager._runtime.proc.pid  # type: ignore[union-attr]
+        assert _thread_names(supervisor) == ["uf-pager"]
+        worker = int(Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()[0])
+        names = _thread_names(worker)
+        assert {"uf-fault", "uf-background", "uf-evictor"} <= set(names), names
+        assert "uf-watchdog" in _thread_names(os.getpid())  # the owner's eye on the process
+
+
 def test_http_source_through_nginx(nginx_server: object, tmp_path: Path) -> None:
     data = _data(6 << 20, 3)
     (Path(nginx_server.directory) / "mem.bin").write_bytes(data)  # type: ignore[attr-defined]

@@ -539,6 +539,7 @@ static int evict_until_low(engine_t *e, uctx_t *c)
 static void *evictor_main(void *arg)
 {
     engine_t *e = arg;
+    pthread_setname_np(pthread_self(), "uf-evictor"); /* top -H, perf, gdb */
     uctx_t *c = e->ctxs;
     uf_worker_python(e, e->evict_worker, 1); /* write-backs of a Python source take its GIL */
     e->evictor_tid = (pid_t)gettid();

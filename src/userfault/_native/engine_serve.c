@@ -739,6 +739,7 @@ static int serve_ctx(engine_t *e, worker_t *w, uctx_t *c, struct uffd_msg *msgs)
 static void *fault_main(void *arg)
 {
     worker_t *w = arg;
+    pthread_setname_np(pthread_self(), "uf-fault"); /* top -H, perf, gdb */
     engine_t *e = w->e;
     uf_worker_python(e, w, 1);
     for (;;) {
@@ -1086,6 +1087,7 @@ static uctx_t *claim_piece(engine_t *e, worker_t *w, area_t *a, uint64_t *off, u
 static void *background_main(void *arg)
 {
     worker_t *w = arg;
+    pthread_setname_np(pthread_self(), "uf-background"); /* top -H, perf, gdb */
     engine_t *e = w->e;
     uf_worker_python(e, w, 1);
     for (;;) {

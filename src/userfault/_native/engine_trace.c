@@ -76,6 +76,7 @@ void uf_trace_install(engine_t *e, uint64_t t0, area_t *a, uint64_t off, uint64_
 static void *trace_main(void *arg)
 {
     engine_t *e = arg;
+    pthread_setname_np(pthread_self(), "uf-trace"); /* top -H, perf, gdb */
     pthread_mutex_lock(&e->trace_lock);
     for (;;) {
         while (!e->trace_full && !e->trace_stop)

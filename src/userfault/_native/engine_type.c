@@ -1161,6 +1161,7 @@ static void answer(WatchdogObject *self)
 static void *watchdog_main(void *arg)
 {
     WatchdogObject *self = arg;
+    pthread_setname_np(pthread_self(), "uf-watchdog"); /* top -H, perf, gdb */
     if (self->agent_req >= 0) /* the pager process's engine may hold every other thread's faults */
         __atomic_store_n(&self->engine->e->st->agent_tid, (uint64_t)gettid(), __ATOMIC_RELEASE);
     /* poll ignores the descriptors that are -1 */

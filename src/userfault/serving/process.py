@@ -76,6 +76,7 @@ IN_PAGER_PROCESS = "USERFAULT_PAGER_PROCESS"
 START_TIMEOUT = 30.0
 _FRAME = struct.Struct("<I")
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
 _POLL_S = 0.05          # how often the supervisor looks for reads that hang
 _LIVED_S = 10.0         # a worker that lived this long resets the restart backoff
 _BACKOFF_S = (0.05, 5.0)
@@ -917,6 +918,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="userfault pager: %(message)s")
     sock = socket.socket(fileno=int(args[0]))
     spare = "--spare" in args[1:]
+    # ps and top show "uf-pager" (its threads, named after it until the engine names its own)
+    ctypes.CDLL(None).prctl(_PR_SET_NAME, b"uf-pager", 0, 0, 0)
     if spare:
         # a Ctrl-C meant for your program must not end a spare with a traceback
         signal.signal(signal.SIGINT, signal.SIG_IGN)
