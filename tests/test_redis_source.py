@@ -316,6 +316,33 @@ def test_cluster_write_and_fork(redis_cluster: RedisCluster,
     assert read(src, 0, len(data)) == bytes(before)
 
 
+def test_cluster_small_parts_are_read_with_getrange_from_each_master(
+        redis_cluster: RedisCluster) -> None:
+    """As on one server: rows of 64 KiB pages come as GETRANGE, one pipeline per master that
+    holds some, every part in its place; a zero page's empty value is left to MGET."""
+    page = 64 << 10
+    data = make_data(seed=8, size=24 * page + 500)
+    data = data[:5 * page] + bytes(page) + data[6 * page:]  # page 5 is zeros
+    src = upload(data, redis_cluster.url, new_prefix(), page_size=page, cluster=True)
+    nodes = [redis.Redis(host=h, port=p) for h, p in redis_cluster.startup_nodes]
+
+    def calls(command: str) -> list[int]:
+        return [_calls(n, command) for n in nodes]
+
+    rows = [(p * page + k * 4096 + 3, 4096) for p in range(24) for k in (2, 11)]
+    rows += [(24 * page + 10, 300)]  # inside the last, short page
+    bufs = [bytearray(n) for _, n in rows]
+    before_gr, before_mget = calls("getrange"), calls("mget")
+    src.read_many([(o, memoryview(b)) for (o, _), b in zip(rows, bufs, strict=True)])
+    assert [bytes(b) for b in bufs] == [expected(data, o, n) for o, n in rows]
+    per_node = [a - b for a, b in zip(calls("getrange"), before_gr, strict=True)]
+    assert sum(per_node) == len(rows)  # one per row
+    assert sum(1 for n in per_node if n) > 1  # the pages' keys spread over the masters
+    assert sum(calls("mget")) - sum(before_mget) == 1  # page 5's empty value: zeros
+    for n in nodes:
+        n.close()
+
+
 @pytest.mark.parametrize("prefix, page_size", [("pg:", 4096), ("{obj}pg:", 65536)],
                          ids=["spread", "hashtag-64k"])
 def test_cluster_pager_serves_every_byte(redis_cluster: RedisCluster, prefix: str,
@@ -345,6 +372,13 @@ def move_page_slot(cluster: RedisCluster, src: RedisSource, page: int, *,
     return before, after
 
 
+def read_parts(src: RedisSource, parts: list[tuple[int, int]]) -> list[bytes]:
+    """One ``read_many`` of small ``(offset, length)`` parts (each read with GETRANGE)."""
+    bufs = [bytearray(n) for _, n in parts]
+    src.read_many([(o, memoryview(b)) for (o, _), b in zip(parts, bufs, strict=True)])
+    return [bytes(b) for b in bufs]
+
+
 def test_cluster_read_after_its_slot_moved(fresh_servers: FreshServers) -> None:
     cluster = fresh_servers.cluster()  # private: this test reshards it
     data = make_data(seed=23, size=64 * PAGE)
@@ -354,7 +388,10 @@ def test_cluster_read_after_its_slot_moved(fresh_servers: FreshServers) -> None:
     moved = redis.Redis(port=after)
     assert moved.get(src.key(2)) == data[2 * PAGE: 3 * PAGE]  # the page lives there now
     moved.close()
-    # The source's slot map is stale: MOVED from the old owner, a new map, a retry.
+    # The source's slot map is stale: MOVED from the old owner (to the GETRANGE of small
+    # parts, then to the MGET they fall back to), a new map, a retry.
+    assert read_parts(src, [(2 * PAGE + 100, 200), (2 * PAGE + 3000, 64)]) == [
+        data[2 * PAGE + 100: 2 * PAGE + 300], data[2 * PAGE + 3000: 2 * PAGE + 3064]]
     assert read(src, 0, len(data)) == data
 
 
@@ -369,7 +406,8 @@ def test_cluster_read_while_its_slot_is_migrating(fresh_servers: FreshServers) -
         old_owner.get(src.key(5))  # the page's key has left: its old owner answers ASK
     old_owner.close()
     # The slot map is unchanged (the old owner still owns the slot), so a refresh cannot
-    # help: the page is read where ASK points, every byte right.
+    # help: the page is read where ASK points, every byte right (small parts too).
+    assert read_parts(src, [(5 * PAGE + 10, 100)]) == [data[5 * PAGE + 10: 5 * PAGE + 110]]
     assert read(src, 0, len(data)) == data
 
 

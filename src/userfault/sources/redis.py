@@ -34,9 +34,10 @@ all the keys of a batch with pipelined ``MGET`` over a lean RESP client of its o
 connections): on a cluster one ``MGET`` per hash slot (CRC16 of the key, hash tags honoured),
 one pipeline per master, all sent before any reply is read. A ``MOVED``/``ASK`` reply or a
 master unreachable refreshes the slot map (redis-py's) and retries once. (``rediss://`` and
-other URLs the lean client does not speak are read through redis-py.) On a standalone server,
-pages of which a batch wants at most a quarter (a tensor's rows: the scattered runs of a
-working set) are read with a pipelined ``GETRANGE`` per part, not the whole value.
+other URLs the lean client does not speak are read through redis-py.) Pages of which a batch
+wants at most a quarter (a tensor's rows: the scattered runs of a working set) are read with a
+pipelined ``GETRANGE`` per part, not the whole value (on a cluster, one pipeline per master;
+a redirection sends the batch to the ``MGET`` path, which follows it).
 
 Writes (``write_from``, what a ``writable=True`` pager calls to write pages back) go to the
 pinned generation, one pipeline of ``SET``/``SETRANGE`` per master. With ``replicas`` > 0
@@ -306,7 +307,7 @@ class RedisSource:
                 pos += take
         if not first:
             return
-        if self._lean is not None and not self._cluster and self._generation is not None:
+        if self._lean is not None and self._generation is not None:
             self._read_small_parts(first, extra)
             if not first:
                 return
@@ -379,11 +380,11 @@ class RedisSource:
             return
         try:
             values = self._getrange_lean(spans)
-        except Exception:  # the MGET of the same pages reports what is wrong
+        except Exception:  # the MGET of the same pages reports (or follows) what is wrong
             return
         got = iter(values)
         for i, pieces in small.items():
-            parts = [next(got)[1] for _ in pieces]
+            parts = [next(got) for _ in pieces]
             if all(isinstance(v, bytes) and len(v) == len(q[1])
                    for v, q in zip(parts, pieces, strict=True)):
                 for v, (_, dst, _) in zip(parts, pieces, strict=True):
@@ -391,20 +392,22 @@ class RedisSource:
                 del first[i]
                 extra.pop(i, None)
 
-    def _getrange_lean(self, spans: list[tuple[int, int, int]]
-                       ) -> list[tuple[int, bytes | int | None]]:
+    def _getrange_lean(self, spans: list[tuple[int, int, int]]) -> list[bytes | int | None]:
         """``GETRANGE`` of bytes ``[lo, hi)`` of the value of each page ``(page, lo, hi)``,
-        pipelined to the standalone server: ``[(page, bytes)]`` in the same order."""
+        pipelined to each server that holds some: the values in the order of ``spans``."""
         if self._pid != os.getpid():
             self._reset_process_state()
-        assert self._lean is not None
         prefix = self._keys.encode()
-        request = b"".join(_command(b"GETRANGE", b"%s%d" % (prefix, i), b"%d" % lo,
-                                    b"%d" % (hi - 1)) for i, lo, hi in spans)
-        plan: list[_Pipeline] = [((self._lean[0], self._lean[1]), list(range(len(spans))),
-                                  [len(spans)], request)]
-        return self._exchange(plan, [i for i, _, _ in spans], [None] * len(spans),
-                              read=_RespConn.read_bulks)
+        keys = [b"%s%d" % (prefix, i) for i, _, _ in spans]
+        plan: list[_Pipeline] = []
+        for server, groups in self._route(keys):
+            at = [k for g in groups for k in g]
+            plan.append((server, at, [len(at)], b"".join(
+                _command(b"GETRANGE", keys[k], b"%d" % spans[k][1], b"%d" % (spans[k][2] - 1))
+                for k in at)))
+        got = self._exchange(plan, list(range(len(spans))), [None] * len(spans),
+                             read=_RespConn.read_bulks)
+        return [v for _, v in sorted(got, key=lambda kv: kv[0])]
 
     def write_from(self, offset: int, data: memoryview) -> None:
         """Store ``data`` at ``offset`` (bytes past ``size`` are dropped).
@@ -555,14 +558,22 @@ class RedisSource:
         raise AssertionError("unreachable")
 
     def _plan(self, keys: list[bytes]) -> list[_Pipeline]:
-        """What to send where: everything to the one server of a standalone source; on a
-        cluster the keys of each master, one MGET per hash slot."""
+        """What to send where: to each server (the one of a standalone source, or each master
+        of a cluster) its keys, one MGET per hash slot (of at most ``_MGET_BATCH`` keys)."""
+        plan: list[_Pipeline] = []
+        for server, groups in self._route(keys):
+            at = [k for g in groups for k in g]
+            sizes = [min(_MGET_BATCH, len(g) - s) for g in groups
+                     for s in range(0, len(g), _MGET_BATCH)]
+            plan.append((server, at, sizes, _mget_request([keys[k] for k in at], sizes)))
+        return plan
+
+    def _route(self, keys: list[bytes]) -> list[tuple[tuple[str, int], list[list[int]]]]:
+        """Where each key lives: per server, the positions in ``keys`` of its keys, in groups
+        of one hash slot (one group for the one server of a standalone source)."""
+        assert self._lean is not None
         if not self._cluster:
-            assert self._lean is not None
-            n = len(keys)
-            sizes = [min(_MGET_BATCH, n - s) for s in range(0, n, _MGET_BATCH)]
-            return [((self._lean[0], self._lean[1]), list(range(n)), sizes,
-                     _mget_request(keys, sizes))]
+            return [((self._lean[0], self._lean[1]), [list(range(len(keys)))])]
         key_slot = _import_redis().crc.key_slot
         table = self._slot_table
         if table is None:
@@ -575,18 +586,15 @@ class RedisSource:
         slots: dict[int, list[int]] = {}
         for k, key in enumerate(keys):
             slots.setdefault(key_slot(key), []).append(k)
-        per_server: dict[tuple[str, int], tuple[list[int], list[int]]] = {}
+        per_server: dict[tuple[str, int], list[list[int]]] = {}
         for slot, ks in slots.items():
             server = table[slot]
             if server is None:
                 raise _Retry(ConnectionError(
                     f"hash slot {slot} is served by no master of the cluster (CLUSTER SLOTS "
                     "on a node says which are covered)"))
-            at, sizes = per_server.setdefault(server, ([], []))
-            at += ks
-            sizes += [min(_MGET_BATCH, len(ks) - s) for s in range(0, len(ks), _MGET_BATCH)]
-        return [(server, at, sizes, _mget_request([keys[k] for k in at], sizes))
-                for server, (at, sizes) in per_server.items()]
+            per_server.setdefault(server, []).append(ks)
+        return list(per_server.items())
 
     def _exchange(self, plan: list[_Pipeline],
                   order: list[int], dsts: list[memoryview | None],
