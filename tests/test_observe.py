@@ -101,7 +101,8 @@ def test_a_fault_left_to_a_piece_in_flight_is_traced_with_its_whole_wait(
     gate = str(tmp_path / "gate")
     hold = 0.3  # seconds the piece is held after the fault is in: a floor of its wait
     trace_path = tmp_path / "wait.uftrace"
-    with userfault.map(Gated(data, 32 * PAGE, len(data), gate), trace=trace_path) as p:
+    with userfault.map(Gated(data, 32 * PAGE, len(data), gate), trace=trace_path,
+                       log_faults=64) as p:
         assert p.willneed([(32 * PAGE, 64 * PAGE)]) == 64 * PAGE  # read as readahead: held
         held = Path(gate + ".held")
         assert wait_until(lambda: held.exists() and "\n" in held.read_text(), 10), \
@@ -117,6 +118,10 @@ def test_a_fault_left_to_a_piece_in_flight_is_traced_with_its_whole_wait(
         reader.join(30)
         assert not reader.is_alive()
         assert p.stats().service_max_ns >= hold * 1e9
+        logged = [r for r in p.faults() if r.offset == page * PAGE]  # the fault log's copy
+    assert len(logged) == 1 and logged[0].length == 0
+    assert logged[0].flags & TraceFlag.WAITED and not logged[0].flags & TraceFlag.EEXIST
+    assert logged[0].service_ns >= hold * 1e9
     ev = read(trace_path).events
     mine = ev[(ev["cause"] == Cause.FAULT) & (ev["offset"] == page * PAGE)]
     assert len(mine) == 1

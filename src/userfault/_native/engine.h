@@ -347,7 +347,7 @@ void uf_state_error(uf_state_t *st, int err, uint64_t addr, const char *fmt, ...
 void uf_log(engine_t *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void uf_state_keep_areas(uf_state_t *st, const areas_t *as);
 uint64_t uf_log_begin(engine_t *e, const uf_rec_t *r);
-void uf_log_end(engine_t *e, uint64_t seq, uint64_t service_ns);
+void uf_log_end(engine_t *e, uint64_t seq, const uf_rec_t *done);
 void uf_observe_latency(engine_t *e, uint64_t ns);
 void uf_inflight(engine_t *e, int slot, uint64_t src_off, uint64_t len, uint64_t addr);
 int uf_marked(const uf_mark_t *marks, uint64_t n, uint64_t off, uint64_t len);

@@ -424,8 +424,8 @@ static void end_waits(engine_t *e, const uf_rec_t *wait, const uint64_t *seq, in
         uf_rec_t rec = wait[k];
         uint64_t ns = t1 - rec.t_ns;
         uf_observe_latency(e, ns);
-        uf_log_end(e, seq[k], ns);
         rec.service_ns = ns > UINT32_MAX ? UINT32_MAX : (uint32_t)ns;
+        uf_log_end(e, seq[k], &rec);
         uf_trace(e, &rec);
     }
 }
@@ -537,11 +537,11 @@ static int serve_fault(engine_t *e, worker_t *w, uctx_t *c, struct uffd_msg *m, 
     }
     uint64_t t1 = uf_now_ns();
     uf_observe_latency(e, t1 - t0);
-    uf_log_end(e, seq, t1 - t0);
     rec.length = got;
     rec.service_ns = t1 - t0 > UINT32_MAX ? UINT32_MAX : (uint32_t)(t1 - t0);
     if (!(rec.flags & (REC_HELD | REC_WAITED)))
         rec.flags |= (uint16_t)(err == EAGAIN ? REC_EAGAIN : !got ? REC_EEXIST : 0);
+    uf_log_end(e, seq, &rec);
     uf_trace(e, &rec);
     return err == ESRCH ? ESRCH : 0;
 }

@@ -112,7 +112,8 @@ void uf_state_keep_areas(uf_state_t *st, const areas_t *as)
 }
 
 /* The fault log: a record is published before the fault is served, so the woken thread can
- * read it already; its service time is filled in afterwards unless it was drained meanwhile.
+ * read it already; its service time, length and outcome flags (REC_*) are filled in afterwards
+ * unless it was drained meanwhile.
  * Only this process writes; the reader (maybe another process) moves log_read. */
 uint64_t uf_log_begin(engine_t *e, const uf_rec_t *r)
 {
@@ -133,14 +134,17 @@ uint64_t uf_log_begin(engine_t *e, const uf_rec_t *r)
     return seq;
 }
 
-void uf_log_end(engine_t *e, uint64_t seq, uint64_t service_ns)
+void uf_log_end(engine_t *e, uint64_t seq, const uf_rec_t *done)
 {
     uf_state_t *st = e->st;
     if (seq == UINT64_MAX)
         return;
-    if (seq >= __atomic_load_n(&st->log_read, __ATOMIC_ACQUIRE))
-        __atomic_store_n(&st->log[seq % st->log_cap].service_ns,
-                         service_ns > UINT32_MAX ? UINT32_MAX : (uint32_t)service_ns, __ATOMIC_RELAXED);
+    if (seq >= __atomic_load_n(&st->log_read, __ATOMIC_ACQUIRE)) {
+        uf_rec_t *r = &st->log[seq % st->log_cap];
+        __atomic_store_n(&r->length, done->length, __ATOMIC_RELAXED);
+        __atomic_store_n(&r->flags, done->flags, __ATOMIC_RELAXED);
+        __atomic_store_n(&r->service_ns, done->service_ns, __ATOMIC_RELAXED);
+    }
 }
 
 void uf_observe_latency(engine_t *e, uint64_t ns)

@@ -54,7 +54,12 @@ _KINDS = {_native.KIND_READ: "read", _native.KIND_WRITE: "write", _native.KIND_M
 
 @dataclass(frozen=True)
 class FaultRecord:
-    """One served fault: where, why, who, and how long the service took."""
+    """One served fault: where, why, who, and how long the service took.
+
+    ``flags`` are the kernel's ``UFFD_PAGEFAULT_FLAG_*`` and the outcome bits of
+    :class:`userfault.trace.TraceFlag` (EEXIST, EAGAIN, HELD, WAITED); ``length`` is what this
+    fault installed (0 when the page was present already or a background piece installed it).
+    """
 
     address: int
     offset: int
