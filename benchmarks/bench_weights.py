@@ -14,10 +14,11 @@ loopback (tests/servers.py) and compressed into a snapshot. Each run measures, p
 * ``cold``: ``userfault.map`` + the safetensors header parsed from the mapping, with no pager
   process started ahead (an interpreter starts and imports userfault on the way);
 * ``lazy``: the same with a spare pager process ready (``userfault.prestart(wait=30)``
-  before each case; each map takes the spare and starts the next), + every tensor copied out in
-  file order: ``map+header``, time to the first tensor (from the ``map`` call to its bytes
-  copied out), time to all, bytes fetched; with the pager defaults (one serving thread, two
-  background threads installing 256 KiB pieces, readahead 64 KiB doubling to 4 MiB);
+  before each case; each map takes the spare and starts the next a second later), + every
+  tensor copied out in file order: ``map+header``, time to the first tensor (from the ``map``
+  call to its bytes copied out), time to all, bytes fetched; with the pager defaults (one
+  serving thread, two background threads installing 512 KiB pieces, a Python source's
+  default, readahead 64 KiB doubling to 4 MiB);
 * ``willneed``: ``lazy`` with every tensor hinted in file order right after the header
   (``LazyCheckpoint(willneed=True)``: ``Pager.willneed`` of their byte ranges, so that the
   background threads read them ahead of the reader, from the first one on, instead of
@@ -396,8 +397,8 @@ def main() -> int:
                       (LOCAL, "userfault.map", lambda: lazy_all(str(ckpt)))]
             for what, case, fn in cases:
                 warm(reads.get(what, [ckpt]))
-                # every case starts with a spare ready: a map right after another would wait
-                # for the imports of the spare that one started
+                # every case starts with a spare ready: a map right after another would start
+                # a pager process of its own (the next spare starts a second after a map)
                 userfault.prestart(wait=30)
                 r = fn()
                 results.setdefault((what, case), []).append(r)
