@@ -348,6 +348,32 @@ def test_a_fault_blocked_when_the_supervisor_dies_gets_sigbus() -> None:
     assert "the pager process (pid" in err
 
 
+def test_a_fault_blocked_in_moved_memory_when_the_supervisor_dies_gets_sigbus() -> None:
+    """The process moved a page (mremap) and faulted there; the worker took the fault and
+    its read hangs; then the supervisor is killed. The standby engine knows only the first
+    areas, where that thread no longer is: it must be woken anyway (a wake of every
+    address), fault again, and get SIGBUS, not hang."""
+    rc, out, err = child("""
+        import ctypes, mmap, subprocess, userfault
+        from userfault import _native
+        from py_sources import Misbehaving
+        from test_failures import data
+        if __name__ == "__main__":
+            page = 4096
+            p = userfault.map(Misbehaving(data(), [200 * page], "hang"), readahead=False)
+            new, e = _native.mmap(0, page, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+            assert e == 0
+            assert _native.mremap(p.address + 200 * page, page, page, 3, new) == (new, 0)
+            # a killer outside this process: the fault below holds the GIL while it waits
+            subprocess.Popen(["sh", "-c", f"sleep 0.5; kill -9 {p._runtime.proc.pid}"])
+            print("touching", flush=True)
+            print("read", ctypes.c_char.from_address(new).value, flush=True)
+    """, timeout=40)
+    assert "touching" in out and "read" not in out, (out, err)
+    assert rc == -signal.SIGBUS, (out, err)
+    assert "the pager process (pid" in err
+
+
 # -- on_error -------------------------------------------------------------------------------
 
 

@@ -278,6 +278,22 @@ def test_copy_dontwake_then_wake(uffd: Uffd, region: Region, toucher) -> None:
     assert t.result == ord("w")
 
 
+def test_wake_all_wakes_a_fault_wherever_it_is(uffd: Uffd, region: Region, toucher) -> None:
+    """One wake of the whole address space, no range named: the thread faults again (a
+    second message for the same page), and an install then lets it through."""
+    uffd.register(region.address, region.size)
+    t = toucher(region.address + 3 * P)
+    first = uffd.read_event(timeout=5)
+    assert isinstance(first, Pagefault) and first.address == region.address + 3 * P
+    uffd.wake_all()
+    again = uffd.read_event(timeout=5)  # woken, the page still missing: it faulted again
+    assert isinstance(again, Pagefault) and again.address == first.address
+    assert t.is_alive()
+    assert uffd.copy(region.address + 3 * P, b"z" * P) == P
+    t.join(5)
+    assert t.result == ord("z")
+
+
 def test_copy_wp_then_write_gets_a_wp_fault(uffd: Uffd, region: Region, toucher) -> None:
     uffd.register(region.address, region.size, RegisterMode.MISSING | RegisterMode.WP)
     assert uffd.copy(region.address, b"r" * P, mode=CopyMode.WP) == P

@@ -364,6 +364,18 @@ class Uffd:
         if err:
             raise self._fail(err, "UFFDIO_WAKE", address, length)
 
+    def wake_all(self) -> None:
+        """UFFDIO_WAKE of every address the process could fault on: every thread waiting on
+        a fault of this uffd faults again, wherever it is (also where memory was moved with
+        ``mremap`` since it was registered). Waking a thread whose page is still missing is
+        harmless: it faults again."""
+        if self._fd < 0:
+            raise ClosedError(errno.EBADF, "UFFDIO_WAKE on a closed userfaultfd",
+                              operation="UFFDIO_WAKE")
+        err = _native.wake_all(self.fileno())
+        if err:
+            raise self._fail(err, "UFFDIO_WAKE", 0, 0)
+
     def copy(self, dst: int, src: int | bytes | bytearray | memoryview, length: int | None = None,
              mode: CopyMode = CopyMode(0)) -> int:
         """UFFDIO_COPY: install ``length`` bytes from ``src`` (an address or a buffer) at ``dst``.

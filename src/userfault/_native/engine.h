@@ -409,7 +409,8 @@ void uf_ctx_free_all(engine_t *e);
 void uf_orphan_children(engine_t *e);
 int uf_prefetch(engine_t *e, worker_t *w, const uint64_t *ranges, Py_ssize_t n, uint64_t *installed);
 int uf_willneed(engine_t *e, const uint64_t *ranges, Py_ssize_t n, uint64_t *queued);
-void uf_wake_all(engine_t *e);
+void uf_wake_all(engine_t *e);      /* every thread blocked on the areas */
+void uf_wake_anywhere(engine_t *e); /* every thread blocked on the uffds, anywhere */
 void uf_jobs_init(engine_t *e);
 
 #endif

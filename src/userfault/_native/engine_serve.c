@@ -1211,6 +1211,16 @@ void uf_engine_stop(engine_t *e)
 }
 
 /* Wake every thread blocked on any area of any context (they fault again). */
+void uf_wake_anywhere(engine_t *e)
+{
+    for (uctx_t *c = e->ctxs; c; c = c->next) {
+        if (!ctx_enter(e, c))
+            continue;
+        uf_wake_space(c->uffd);
+        ctx_leave(e, c, 0);
+    }
+}
+
 void uf_wake_all(engine_t *e)
 {
     for (uctx_t *c = e->ctxs; c; c = c->next) {

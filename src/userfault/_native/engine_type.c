@@ -466,18 +466,6 @@ static int parse_preload(engine_t *e, PyObject *obj, areas_t *as)
     return 0;
 }
 
-static uint64_t mmap_min_addr(void)
-{
-    unsigned long long v = 65536;
-    FILE *f = fopen("/proc/sys/vm/mmap_min_addr", "re");
-    if (f) {
-        if (fscanf(f, "%llu", &v) != 1)
-            v = 65536;
-        fclose(f);
-    }
-    return (v + 4095) & ~4095ull;
-}
-
 #define BAD(...) do { PyErr_Format(PyExc_ValueError, __VA_ARGS__); goto done; } while (0)
 
 static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
@@ -572,7 +560,7 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
     e->log_tokens = 20;
     e->log_last_ns = uf_now_ns();
     e->fail_errno = fail_errno;
-    e->probe_addr = mmap_min_addr();
+    e->probe_addr = uf_mmap_min_addr();
     snprintf(e->name, sizeof(e->name), "%s", *name ? name : "the source");
     snprintf(e->fail_msg, sizeof(e->fail_msg), "%s", fail_message);
     if (page < 4096 || (page & (page - 1)))
@@ -1193,7 +1181,7 @@ static void *watchdog_main(void *arg)
                        "memory: pages not loaded yet are poisoned (SIGBUS)");
     }
     if (!uf_engine_start(e))
-        uf_wake_all(e);
+        uf_wake_anywhere(e); /* faults the dead pager had read, in moved memory too */
     return NULL;
 }
 

@@ -16,5 +16,9 @@ extern PyMethodDef userfault_engine_methods[];
 /* ioctl() that retries EINTR; returns 0 or an errno value. */
 int uf_ioctl(int fd, unsigned long request, void *arg);
 uint64_t uf_now_ns(void);
+/* The lowest address a process may map, page aligned (/proc/sys/vm/mmap_min_addr). */
+uint64_t uf_mmap_min_addr(void);
+/* UFFDIO_WAKE of every address the process could fault on; 0 or an errno value. */
+int uf_wake_space(int uffd);
 
 #endif

@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <stdio.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -19,6 +20,33 @@ int uf_ioctl(int fd, unsigned long request, void *arg)
         r = ioctl(fd, request, arg);
     } while (r < 0 && errno == EINTR);
     return r < 0 ? errno : 0;
+}
+
+uint64_t uf_mmap_min_addr(void)
+{
+    unsigned long long v = 65536;
+    FILE *f = fopen("/proc/sys/vm/mmap_min_addr", "re");
+    if (f) {
+        if (fscanf(f, "%llu", &v) != 1)
+            v = 65536;
+        fclose(f);
+    }
+    return (v + 4095) & ~4095ull;
+}
+
+/* Wake every thread waiting on a fault of this uffd, wherever it faulted. UFFDIO_WAKE needs
+ * no registered range, only addresses the process could map (mmap_min_addr up to its task
+ * size, which the kernel checks: the widest range it takes is used). Threads whose faults a
+ * dead server had read are woken in memory no known area reaches (moved with mremap). */
+int uf_wake_space(int uffd)
+{
+    uint64_t pg = (uint64_t)getpagesize(), lo = (uf_mmap_min_addr() + pg - 1) & ~(pg - 1);
+    int err = EINVAL;
+    for (int bits = 57; bits >= 39 && err == EINVAL; bits--) {
+        struct uffdio_range r = {lo, (1ull << bits) - pg - lo};
+        err = uf_ioctl(uffd, UFFDIO_WAKE, &r);
+    }
+    return err;
 }
 
 uint64_t uf_now_ns(void)
@@ -103,6 +131,17 @@ static PyObject *range_op(PyObject *args, unsigned long request)
 
 static PyObject *unregister(PyObject *self, PyObject *args) { return range_op(args, UFFDIO_UNREGISTER); }
 static PyObject *wake(PyObject *self, PyObject *args) { return range_op(args, UFFDIO_WAKE); }
+
+static PyObject *wake_all(PyObject *self, PyObject *args)
+{
+    int fd, err;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    err = uf_wake_space(fd);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(err);
+}
 
 /* copy(fd, dst, src, len, mode): src is an address or any buffer (held during the call). */
 static PyObject *copy(PyObject *self, PyObject *args)
@@ -460,6 +499,7 @@ PyMethodDef userfault_ops_methods[] = {
     {"register", do_register, METH_VARARGS, "register(fd, start, len, mode) -> (ioctls, errno)"},
     {"unregister", unregister, METH_VARARGS, "unregister(fd, start, len) -> errno"},
     {"wake", wake, METH_VARARGS, "wake(fd, start, len) -> errno"},
+    {"wake_all", wake_all, METH_VARARGS, "wake_all(fd) -> errno: every fault waiting, anywhere"},
     {"copy", copy, METH_VARARGS, "copy(fd, dst, src, len, mode) -> (bytes_done, errno)"},
     {"zeropage", zeropage, METH_VARARGS, "zeropage(fd, start, len, mode) -> (bytes_done, errno)"},
     {"writeprotect", writeprotect, METH_VARARGS, "writeprotect(fd, start, len, mode) -> errno"},

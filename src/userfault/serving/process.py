@@ -667,7 +667,6 @@ class _Supervisor:
         self.forks.setblocking(False)
         self.children: dict[int, tuple[int, list[tuple[int, int, int]]]] = {}
         self.generation = 0
-        self.blocked: list[tuple[int, int]] = []  # (address, length) the dead worker read for
 
     def spawn(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -829,7 +828,6 @@ class _Supervisor:
         if self.pending is not None:
             op, self.pending = self.pending.get("op"), None
             _send(self.sock, {"error": f"{op} failed: the pager worker {how} {what}"})
-        self.blocked = [(addr, n) for _, _, _, n, addr in reads]
         lost = self.follow_moves()  # first: a give-up wakes and poisons where the parts are
         if self.consecutive > self.config.max_restarts:
             self.give_up(f"pager worker {w.pid} {how} {what}")
@@ -883,17 +881,12 @@ class _Supervisor:
         self.wake_blocked()
 
     def wake_blocked(self) -> None:
-        """Wake the threads whose faults the dead worker had read: they fault again. Its
-        reads in progress name their addresses too, for memory moved where the areas we
-        know do not reach (more of them than the state keeps)."""
-        ranges = [(self.uffd, address, length) for address, length, _ in self.setup.areas]
-        ranges += [(self.uffd, address - address % self.page, -(-length // self.page) * self.page)
-                   for address, length in self.blocked]
-        ranges += [(fd, address, length) for fd, areas in self.children.values()
-                   for address, length, _ in areas]
-        for fd, address, length in ranges:
-            with contextlib.suppress(OSError):
-                _native.wake(fd, address, length)
+        """Wake the threads whose faults the dead worker had read: they fault again, to the
+        next worker or the fallback. One wake covers every address of each uffd, so memory
+        moved where no area we know reaches (more parts than the state keeps) is woken too,
+        and so is a fault the worker had read but not started a read for."""
+        for fd in (self.uffd, *(fd for fd, _ in self.children.values())):
+            _native.wake_all(fd)
 
     def give_up(self, last: str) -> None:
         msg = (f"the pager worker died {self.consecutive} times in a row (last: {last}): "
