@@ -1022,15 +1022,6 @@ static PyObject *Engine_error(EngineObject *self, PyObject *unused)
     return error_tuple(e->st);
 }
 
-static PyObject *Engine_wake(EngineObject *self, PyObject *unused)
-{
-    ENGINE_OR_RAISE(self)
-    Py_BEGIN_ALLOW_THREADS
-    uf_wake_all(e);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
 static PyObject *Engine_running(EngineObject *self, void *closure)
 {
     ENGINE_OR_RAISE(self)
@@ -1077,7 +1068,6 @@ static PyMethodDef Engine_methods[] = {
     {"stats", (PyCFunction)Engine_stats, METH_NOARGS, "Counters as a dict."},
     {"drain_log", (PyCFunction)Engine_drain_log, METH_NOARGS, "Take the logged fault records."},
     {"error", (PyCFunction)Engine_error, METH_NOARGS, "The first error (errno, address, message), or None."},
-    {"wake", (PyCFunction)Engine_wake, METH_NOARGS, "Wake every thread blocked on the areas."},
     {NULL, NULL, 0, NULL},
 };
 
