@@ -175,6 +175,29 @@ def test_a_worker_that_dies_after_a_remap_restarts_where_the_parts_are_now(
     assert "restarting it" in err
 
 
+def test_a_worker_that_dies_with_an_mremap_in_hand_is_not_replaced() -> None:
+    """A worker that dies between reading an mremap's event and applying it took the move
+    along: the kernel will not tell it again, and a new worker would serve the moved part
+    from where it was. The engine counts its threads in that window in the shared state
+    (here set by hand: the window is a few instructions), and the supervisor gives up on
+    such a death: the access ends in a logged SIGBUS, never another part's bytes."""
+    rc, out, err = child("""
+        import ctypes, userfault
+        from userfault import _native
+        from py_sources import Misbehaving
+        from test_failures import data
+        if __name__ == "__main__":
+            p = userfault.map(Misbehaving(data(), [8 * 4096], "crash"), readahead=False)
+            print("page 0", ctypes.c_char.from_address(p.address).value, flush=True)
+            _native.state_add(p._runtime.state, "remaps_in_hand", 1)  # as if mid-batch
+            print("touching", flush=True)
+            print("read", ctypes.c_char.from_address(p.address + 8 * 4096).value, flush=True)
+    """, timeout=40)
+    assert "page 0" in out and "touching" in out and "read" not in out, (out, err)
+    assert rc == -signal.SIGBUS, (out, err)
+    assert "giving up" in err and "died between reading an mremap and noting where" in err
+
+
 @pytest.mark.parametrize("how", ["no restarts left", "too many parts"])
 def test_a_worker_that_dies_serving_moved_memory_and_is_not_replaced_ends_in_sigbus(
         how: str) -> None:

@@ -58,7 +58,9 @@ enum { CAUSE_FAULT, CAUSE_READAHEAD, CAUSE_PREFETCH, CAUSE_POPULATE, CAUSE_EVICT
 /* Counters, in the order Python sees them (COUNTER_NAMES). Progress of the background jobs
  * (populate, preload: the working set): *_total bytes, *_done bytes finished with (installed,
  * or skipped as present), *_over 1 once the job will do no more (done, stopped by the budget,
- * or the pager process gave up); prefetch_done: bytes prefetch() calls are finished with. */
+ * or the pager process gave up); prefetch_done: bytes prefetch() calls are finished with;
+ * remaps_in_hand: fault threads between reading a batch that may hold a REMAP and applying it
+ * (serve_ctx), which the supervisor reads (and zeroes) at a worker's death. */
 #define UF_COUNTERS(X)                                                                        \
     X(faults) X(write_faults) X(minor_faults) X(wp_faults) X(bytes_installed) X(fault_bytes) \
     X(readahead_bytes) X(populate_bytes) X(prefetch_bytes) X(eexist) X(eagain) X(poisoned)    \
@@ -67,7 +69,7 @@ enum { CAUSE_FAULT, CAUSE_READAHEAD, CAUSE_PREFETCH, CAUSE_POPULATE, CAUSE_EVICT
     X(log_dropped) X(log_suppressed) X(resident_pages) X(evictions) X(refaults)               \
     X(writebacks) X(writeback_bytes) X(dirty_pages) X(reactivations) X(trace_dropped)     \
     X(populate_total) X(populate_done) X(populate_over) X(preload_total) X(preload_done)      \
-    X(preload_over) X(prefetch_done)
+    X(preload_over) X(prefetch_done) X(remaps_in_hand)
 #define UF_ENUM(n) C_##n,
 enum { UF_COUNTERS(UF_ENUM) UF_N_COUNTERS };
 #undef UF_ENUM

@@ -178,14 +178,16 @@ static PyObject *inflight_list(uf_state_t *st)
 
 static PyObject *py_state_inflight(PyObject *self, PyObject *obj) { WITH_STATE(obj, 0, inflight_list(st)) }
 
-/* (kept, areas, children_unsent): kept 0 while no mremap moved the root's areas, 1 with
- * them in `areas`, -1 if they could not be kept (too many, or torn by a worker that died
- * writing them); children_unsent: forked children whose areas after an mremap the
- * supervisor lacks. */
+/* (kept, areas, children_unsent), once per worker death: kept 0 while no mremap moved the
+ * root's areas, 1 with them in `areas`, -1 if they could not be kept (too many, torn by a
+ * worker that died writing them, or an mremap it had read and not applied: remaps_in_hand,
+ * which this call sets back to 0 for the next worker); children_unsent: forked children
+ * whose areas after an mremap the supervisor lacks. */
 static PyObject *moved_areas(uf_state_t *st)
 {
+    uint64_t in_hand = __atomic_exchange_n(&st->counters[C_remaps_in_hand], 0, __ATOMIC_SEQ_CST);
     uint64_t seq = __atomic_load_n(&st->areas_seq, __ATOMIC_ACQUIRE), n = st->nareas;
-    int kept = !seq ? 0 : (seq & 1 || n > UF_KEPT_AREAS) ? -1 : 1;
+    int kept = in_hand ? -1 : !seq ? 0 : (seq & 1 || n > UF_KEPT_AREAS) ? -1 : 1;
     PyObject *areas = PyList_New(0);
     for (uint64_t i = 0; areas && kept == 1 && i < n; i++) {
         PyObject *t = Py_BuildValue("(KKK)", (unsigned long long)st->areas[3 * i],

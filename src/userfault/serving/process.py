@@ -852,7 +852,7 @@ class _Supervisor:
             return "a forked child's mapping"  # and the worker could not tell us where to
         if kept < 0:
             return (f"the mapping (into more than {_native.UF_KEPT_AREAS} parts, or the worker "
-                    "died noting where)")
+                    "died between reading an mremap and noting where)")
         if kept:
             self.setup = replace(self.setup, areas=areas)
         return ""
