@@ -133,6 +133,52 @@ def test_a_fault_left_to_a_piece_in_flight_is_traced_with_its_whole_wait(
     assert len(ra) == 1
 
 
+def test_fault_log_records_drained_while_faults_are_served_are_never_torn() -> None:
+    """Six threads fault on pages a seventh keeps dropping (MADV_DONTNEED) while the log,
+    two records deep, is drained: a record is copied whole, before or after its outcome was
+    written, never half of each (a served fault of length 0 always says why: EEXIST, EAGAIN,
+    HELD or WAITED), and every page read is right."""
+    import ctypes
+    import time
+    libc = ctypes.CDLL(None)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    pages = 64
+    body = b"".join(i.to_bytes(4, "little") * (PAGE // 4) for i in range(pages))
+    outcome = TraceFlag.EEXIST | TraceFlag.EAGAIN | TraceFlag.HELD | TraceFlag.WAITED
+    with userfault.Pager(userfault.BufferSource(body), log_faults=2, readahead=False,
+                         threads=4) as p:
+        stop = time.monotonic() + 2.0
+        wrong = []
+
+        def toucher() -> None:
+            buf = ctypes.create_string_buffer(8)
+            while time.monotonic() < stop:
+                for pg in range(pages):
+                    libc.memcpy(buf, ctypes.c_void_p(p.address + pg * PAGE + 8), 8)
+                    if buf.raw[:4] != pg.to_bytes(4, "little"):
+                        wrong.append(pg)
+
+        def dropper() -> None:
+            while time.monotonic() < stop:
+                libc.madvise(ctypes.c_void_p(p.address), pages * PAGE, 4)  # MADV_DONTNEED
+                time.sleep(0.0005)
+
+        threads = [threading.Thread(target=toucher) for _ in range(6)]
+        threads.append(threading.Thread(target=dropper))
+        for t in threads:
+            t.start()
+        records = []
+        while any(t.is_alive() for t in threads):
+            records += p.faults()
+        for t in threads:
+            t.join()
+        records += p.faults()
+    assert not wrong
+    assert len(records) > 100  # the log was drained while it filled
+    torn = [r for r in records if r.length == 0 and not r.flags & outcome]
+    assert not torn, torn[:3]
+
+
 def test_record_then_prefetch(tmp_path: Path, runtime: str, data: bytes) -> None:
     order = scattered(40, seed=5)
     ws_path = tmp_path / "run.ws"

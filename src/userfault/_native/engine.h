@@ -82,6 +82,11 @@ enum { UF_COUNTERS(UF_ENUM) UF_N_COUNTERS };
 #define REC_HELD 0x400
 #define REC_WAITED 0x800
 
+/* In a fault-log record's `reserved`, beside its sequence number: its outcome is being
+ * written, or has been (engine_state.c). */
+#define UF_LOG_WRITING 0x80000000u
+#define UF_LOG_DONE 0x40000000u
+
 /* One record of the fault log (and of trace files): 48 bytes, little-endian. */
 typedef struct {
     uint64_t t_ns, offset, address, length;

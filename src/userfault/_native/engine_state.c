@@ -113,8 +113,14 @@ void uf_state_keep_areas(uf_state_t *st, const areas_t *as)
 
 /* The fault log: a record is published before the fault is served, so the woken thread can
  * read it already; its service time, length and outcome flags (REC_*) are filled in afterwards
- * unless it was drained meanwhile.
+ * unless it was drained meanwhile. A record's `reserved` holds its sequence number's low 30
+ * bits, with UF_LOG_WRITING while uf_log_end writes and UF_LOG_DONE after: the drain copies a
+ * record again until it reads the same tag, not being written, on both sides of its copy (an
+ * end that ran whole during the copy changed it to DONE); an end whose slot holds another
+ * record by now (drained, and the log wrapped) writes nothing.
  * Only this process writes; the reader (maybe another process) moves log_read. */
+static uint32_t log_tag(uint64_t seq) { return (uint32_t)(seq & (UF_LOG_DONE - 1)); }
+
 uint64_t uf_log_begin(engine_t *e, const uf_rec_t *r)
 {
     uf_state_t *st = e->st;
@@ -127,7 +133,11 @@ uint64_t uf_log_begin(engine_t *e, const uf_rec_t *r)
         ADD(e, log_dropped, 1);
     } else {
         seq = written;
-        st->log[seq % st->log_cap] = *r;
+        uf_rec_t *slot = &st->log[seq % st->log_cap], rec = *r;
+        while (__atomic_load_n(&slot->reserved, __ATOMIC_ACQUIRE) & UF_LOG_WRITING)
+            ; /* the end of the record this slot held: three stores */
+        rec.reserved = log_tag(seq);
+        *slot = rec;
         __atomic_store_n(&st->log_written, written + 1, __ATOMIC_RELEASE);
     }
     pthread_mutex_unlock(&e->lock);
@@ -137,14 +147,17 @@ uint64_t uf_log_begin(engine_t *e, const uf_rec_t *r)
 void uf_log_end(engine_t *e, uint64_t seq, const uf_rec_t *done)
 {
     uf_state_t *st = e->st;
-    if (seq == UINT64_MAX)
+    if (seq == UINT64_MAX || seq < __atomic_load_n(&st->log_read, __ATOMIC_ACQUIRE))
         return;
-    if (seq >= __atomic_load_n(&st->log_read, __ATOMIC_ACQUIRE)) {
-        uf_rec_t *r = &st->log[seq % st->log_cap];
-        __atomic_store_n(&r->length, done->length, __ATOMIC_RELAXED);
-        __atomic_store_n(&r->flags, done->flags, __ATOMIC_RELAXED);
-        __atomic_store_n(&r->service_ns, done->service_ns, __ATOMIC_RELAXED);
-    }
+    uf_rec_t *r = &st->log[seq % st->log_cap];
+    uint32_t tag = log_tag(seq);
+    if (!__atomic_compare_exchange_n(&r->reserved, &tag, tag | UF_LOG_WRITING, 0,
+                                     __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+        return; /* drained, and the slot holds a newer record */
+    __atomic_store_n(&r->length, done->length, __ATOMIC_RELAXED);
+    __atomic_store_n(&r->flags, done->flags, __ATOMIC_RELAXED);
+    __atomic_store_n(&r->service_ns, done->service_ns, __ATOMIC_RELAXED);
+    __atomic_store_n(&r->reserved, log_tag(seq) | UF_LOG_DONE, __ATOMIC_RELEASE);
 }
 
 void uf_observe_latency(engine_t *e, uint64_t ns)
