@@ -335,3 +335,43 @@ def test_children_of_many_forks_are_all_dropped(runtime: str) -> None:
         assert codes == [0] * 8
         assert wait_until(lambda: p.stats().children == 0, 10)
         assert p.stats().fork_events == 8
+
+
+@pytest.mark.parametrize("source", ["native", "process"])
+def test_a_fork_while_a_pager_is_being_made_neither_hangs(source: str) -> None:
+    """A thread forks in a loop while another makes and closes pagers. A fork between the
+    region's registration (with EVENT_FORK) and the serving's start would wait in the
+    kernel for a FORK event nobody reads yet, holding the GIL the making thread needs: both
+    hung for good. Such a fork now waits until the pager serves."""
+    tests = str(Path(__file__).parent)
+    result = run_script(f"""
+        import faulthandler, os, sys, threading, time
+        sys.path.insert(0, {tests!r})
+        import userfault
+        from py_sources import PyBytes
+        faulthandler.dump_traceback_later(40, exit=True)
+        stop = time.monotonic() + 2.0
+        forks = 0
+        def forker():
+            global forks
+            while time.monotonic() < stop:
+                pid = os.fork()
+                if pid == 0:
+                    os._exit(0)
+                os.waitpid(pid, 0)
+                forks += 1
+        t = threading.Thread(target=forker)
+        t.start()
+        maps = 0
+        data = b"n" * 4 * 4096
+        while time.monotonic() < stop:
+            src = userfault.BufferSource(data) if {source!r} == "native" else PyBytes(data)
+            with userfault.Pager(src) as p:
+                assert bytes(memoryview(p)[:1]) == b"n"
+            maps += 1
+        t.join()
+        print("maps", maps > 0, "forks", forks > 0, flush=True)
+    """, timeout=50)
+    assert result.stdout.split() == ["maps", "True", "forks", "True"], \
+        result.stdout + result.stderr
+

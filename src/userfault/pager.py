@@ -179,41 +179,44 @@ class Pager(_native.Mapping):
             self.readahead: tuple[int, int] = (ra_min, ra_max)
             if self.config.tracks_writes:
                 self._check_tracking(src)
-            self.uffd, self.fork_served = self._open_uffd()
-            mode = RegisterMode.MISSING | (
-                RegisterMode.MINOR if self.install == "continue" else RegisterMode(0)) | (
-                RegisterMode.WP if self.config.tracks_writes else RegisterMode(0))
-            self.uffd.register(self.region.address, self.region.size, mode)
-            if not self.fork_served:
-                # A child would see the registration dropped and read zeros (for a memfd, the
-                # parent too): do not give it the region at all.
-                _native.madvise(self.region.address, self.region.size, mmap.MADV_DONTFORK)
-            else:
-                self._forks = ForkGuard(self.uffd)
-            if self.config.max_resident or (writable and self.runtime == "process"):
-                # where the evictor keeps pages on probation, and written pages pass through on
-                # their way home from a pager process (see engine_budget.c, engine_write.c)
-                self._pool_fd = os.memfd_create("userfault-pool", os.MFD_CLOEXEC)
-                os.ftruncate(self._pool_fd, self.region.size)
-            name = source_name(src)
-            preload: list[tuple[int, int]] = []
-            if prefetch is not None:
-                self.working_set, preload = working_set_ranges(
-                    prefetch, source=name, source_size=src.size, page_size=page,
-                    force=force_prefetch)
-            self._observation = Observation.open(
-                trace, record, source=name, region_size=self.region.size, page_size=page,
-                source_size=src.size)
-            self._runtime = build_runtime(
-                self.uffd.fileno(), [(self.region.address, self.region.size, 0)], page, src,
-                self.config, install=self.install, memfd=self.region.memfd,
-                runtime=self.runtime, evict_advice=mmap.MADV_REMOVE if region == "memfd"
-                else mmap.MADV_DONTNEED, pool_fd=self._pool_fd, shared=region == "memfd",
-                trace_fd=self._observation.fd if self._observation else -1, preload=preload,
-                **(self._forks.engine_args() if self._forks else {}))
-            self._runtime.start()
-            if self._forks is not None:
-                self._forks.watch(self._runtime.keeper_pid)
+            # No fork from the registration until the serving runs: it would wait in the
+            # kernel, holding the GIL, for a FORK event nobody reads yet.
+            with _forking:
+                self.uffd, self.fork_served = self._open_uffd()
+                mode = RegisterMode.MISSING | (
+                    RegisterMode.MINOR if self.install == "continue" else RegisterMode(0)) | (
+                    RegisterMode.WP if self.config.tracks_writes else RegisterMode(0))
+                self.uffd.register(self.region.address, self.region.size, mode)
+                if not self.fork_served:
+                    # A child would see the registration dropped and read zeros (for a memfd, the
+                    # parent too): do not give it the region at all.
+                    _native.madvise(self.region.address, self.region.size, mmap.MADV_DONTFORK)
+                else:
+                    self._forks = ForkGuard(self.uffd)
+                if self.config.max_resident or (writable and self.runtime == "process"):
+                    # where the evictor keeps pages on probation, and written pages pass through on
+                    # their way home from a pager process (see engine_budget.c, engine_write.c)
+                    self._pool_fd = os.memfd_create("userfault-pool", os.MFD_CLOEXEC)
+                    os.ftruncate(self._pool_fd, self.region.size)
+                name = source_name(src)
+                preload: list[tuple[int, int]] = []
+                if prefetch is not None:
+                    self.working_set, preload = working_set_ranges(
+                        prefetch, source=name, source_size=src.size, page_size=page,
+                        force=force_prefetch)
+                self._observation = Observation.open(
+                    trace, record, source=name, region_size=self.region.size, page_size=page,
+                    source_size=src.size)
+                self._runtime = build_runtime(
+                    self.uffd.fileno(), [(self.region.address, self.region.size, 0)], page, src,
+                    self.config, install=self.install, memfd=self.region.memfd,
+                    runtime=self.runtime, evict_advice=mmap.MADV_REMOVE if region == "memfd"
+                    else mmap.MADV_DONTNEED, pool_fd=self._pool_fd, shared=region == "memfd",
+                    trace_fd=self._observation.fd if self._observation else -1, preload=preload,
+                    **(self._forks.engine_args() if self._forks else {}))
+                self._runtime.start()
+                if self._forks is not None:
+                    self._forks.watch(self._runtime.keeper_pid)
             self._progress = watch_background(
                 self._runtime, populate=populate, working_set=bool(preload), enabled=progress,
                 stream=sys.stderr)
