@@ -5,8 +5,10 @@ process."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,6 +118,39 @@ def test_a_spare_nobody_takes_exits_with_its_process() -> None:
     while not _gone(pid):  # an exited child of the dead parent is reaped by init
         assert time.monotonic() < deadline, f"spare pager process {pid} outlived its parent"
         time.sleep(0.05)
+
+
+def test_a_spare_exits_with_its_process_while_a_child_holds_its_socket() -> None:
+    """A child forked while the spare was being started (before the at-fork hook could know
+    its socket) keeps the socket's end open after its parent exits: the spare watches the
+    parent itself (a pidfd), and exits with it."""
+    result = run_script("""
+        import os, socket, time, userfault
+        from userfault.serving import process
+        userfault.prestart(wait=30)
+        held = os.dup(process._spare.sock.fileno())  # as that fork's copy would be
+        child = os.fork()
+        if child == 0:
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 1)                     # the script's output ends with its parent
+            os.dup2(null, 2)
+            time.sleep(20)                       # outlives the parent, the socket open
+            os._exit(0)
+        print(process._spare.proc.pid, child, flush=True)
+        os._exit(0)
+    """)
+    pid, child = (int(x) for x in result.stdout.split()[:2])
+    try:
+        deadline = time.monotonic() + 10
+        while not _gone(pid):
+            assert time.monotonic() < deadline, f"spare pager process {pid} outlived its parent"
+            time.sleep(0.05)
+        # the script's output ended with the spare (it had the same stdout): the child, with
+        # the socket's end, must still be there, or the spare only went when the child did
+        assert not _gone(child)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
 
 
 def test_prestart_can_wait_until_the_spare_is_ready() -> None:

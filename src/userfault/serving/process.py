@@ -241,11 +241,19 @@ _next_spare: threading.Timer | None = None  # the spare to start NEXT_SPARE_DELA
 def _spawn_supervisor(env: dict[str, str], *, spare: bool = False
                       ) -> tuple[subprocess.Popen[bytes], socket.socket]:
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    with theirs:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "userfault.serving.process", str(theirs.fileno()),
-             *(["--spare"] if spare else [])],
-            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env)
+    # A spare starts with SIGINT blocked (it inherits this thread's mask) and unblocks it once
+    # it ignores it: a Ctrl-C meant for your program must not end it with a traceback, even
+    # during the interpreter's first imports.
+    masked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if spare else None
+    try:
+        with theirs:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "userfault.serving.process", str(theirs.fileno()),
+                 *(["--spare"] if spare else [])],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env)
+    finally:
+        if masked is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, masked)
     return proc, mine
 
 
@@ -288,17 +296,9 @@ def prestart(keep: bool = True, *, wait: float = 0.0) -> bool:
         return False
     with _spare_lock:
         _cancel_next_spare()  # started now, or not kept
-        spare = _spare
-        if spare is None or spare.owner != os.getpid() or spare.proc.poll() is not None \
-                or not keep:
-            _spare = None
-            if spare is not None and spare.owner == os.getpid():
-                _drop_spare(spare)
-            if not keep:
-                return False
-            env = _pager_env()
-            proc, sock = _spawn_supervisor(env, spare=True)
-            spare = _spare = _Spare(proc, sock, env, os.getpid())
+        spare = _keep_spare_locked(keep)
+    if spare is None:
+        return False
     if spare.ready or wait <= 0:
         return spare.ready
     # Not under _spare_lock: a fork meanwhile would leave the child's copy of it held.
@@ -310,6 +310,24 @@ def prestart(keep: bool = True, *, wait: float = 0.0) -> bool:
                 _spare = None
         _drop_spare(spare)
         raise
+
+
+def _keep_spare_locked(keep: bool) -> _Spare | None:
+    """Under ``_spare_lock``: the spare, started now if there is none that fits (``keep``),
+    or none (stopped, if there was one)."""
+    global _spare
+    spare = _spare
+    if spare is None or spare.owner != os.getpid() or spare.proc.poll() is not None \
+            or not keep:
+        _spare = None
+        if spare is not None and spare.owner == os.getpid():
+            _drop_spare(spare)
+        if not keep:
+            return None
+        env = _pager_env()
+        proc, sock = _spawn_supervisor(env, spare=True)
+        spare = _spare = _Spare(proc, sock, env, os.getpid())
+    return spare
 
 
 def _cancel_next_spare() -> None:
@@ -333,16 +351,16 @@ def _start_next_spare_later() -> None:
 
 def _start_next_spare() -> None:
     global _next_spare
-    with _spare_lock:
+    with _spare_lock:  # held while it starts: a prestart(False) meanwhile comes after
         if _next_spare is not threading.current_thread():
             return  # cancelled while it fired
         _next_spare = None
-    try:
-        prestart()
-    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        # the pager that took the last spare is up: say so, go on (RuntimeError: the
-        # interpreter is shutting down)
-        log.warning("userfault: could not start the next spare pager process: %s", err)
+        try:
+            _keep_spare_locked(True)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+            # the pager that took the last spare is up: say so, go on (RuntimeError: the
+            # interpreter is shutting down)
+            log.warning("userfault: could not start the next spare pager process: %s", err)
 
 
 def _forget_spare_in_child() -> None:
@@ -905,6 +923,32 @@ class _Supervisor:
         self.wake_blocked()
 
 
+def _owner_alive_while_waiting(sock: socket.socket) -> bool:
+    """A spare waits for a pager to take it: True once the socket has something (a uffd, or
+    its end), False if the process that started it exits first. The socket alone would not
+    say so while a child forked by that process holds its end (a fork while the spare was
+    being started, before the child's at-fork hook could know that socket)."""
+    owner = os.getppid()
+    try:
+        pidfd = os.pidfd_open(owner)
+    except OSError:
+        return True  # no pidfd here (or the owner is gone: the socket says so too)
+    try:
+        if owner == 1 or os.getppid() != owner:
+            return False  # it exited before we looked
+        poll = select.poll()
+        poll.register(sock, select.POLLIN)
+        poll.register(pidfd, select.POLLIN)
+        while True:
+            ready = dict(poll.poll())
+            if sock.fileno() in ready:
+                return True
+            if pidfd in ready:
+                return False
+    finally:
+        os.close(pidfd)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Supervisor entry point: ``SOCK_FD [--spare]``."""
     args = sys.argv[1:] if argv is None else argv
@@ -914,8 +958,10 @@ def main(argv: list[str] | None = None) -> int:
     # ps and top show "uf-pager" (its threads, named after it until the engine names its own)
     ctypes.CDLL(None).prctl(_PR_SET_NAME, b"uf-pager", 0, 0, 0)
     if spare:
-        # a Ctrl-C meant for your program must not end a spare with a traceback
+        # a Ctrl-C meant for your program must not end a spare with a traceback (it came
+        # with SIGINT blocked, see _spawn_supervisor)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         # waiting anyway: import the modules of the sources open_source makes, which
         # unpickling the source would import on the way to the first fault
         for name in _SPARE_MODULES:
@@ -923,6 +969,8 @@ def main(argv: list[str] | None = None) -> int:
                 importlib.import_module(name)
         with contextlib.suppress(OSError):  # gone: recv_fds below finds it so
             sock.sendall(_READY)
+        if not _owner_alive_while_waiting(sock):
+            return 0  # a spare nobody took: its process exited
     try:
         _, fds, _, _ = socket.recv_fds(sock, 16, 8)
     except ConnectionResetError:  # closed with _READY unread (a spare nobody took)
