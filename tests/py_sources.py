@@ -109,7 +109,8 @@ class Misbehaving(PyBytes):
     """:class:`PyBytes` except on the pages in ``bad`` (source offsets of pages).
 
     ``how``: ``"raise"`` (an exception), ``"short"`` (returns fewer bytes than asked, having
-    written only that many), ``"keep"`` (keeps the buffer it was given), ``"hang"`` (sleeps
+    written only that many), ``"keep"`` (keeps the buffer it was given), ``"keep-drop"`` (keeps
+    it until its next read, which lets it go first), ``"hang"`` (sleeps
     for an hour), ``"crash"`` (the process exits at once), ``"crash-once"`` (creates ``until``,
     then exits: the next read is fine). The bad pages misbehave until the file ``until``
     exists (always, without one); create it and they read normally.
@@ -129,6 +130,8 @@ class Misbehaving(PyBytes):
         return any(offset <= b < offset + n for b in self.bad)
 
     def read_into(self, offset: int, buf: memoryview) -> int | None:
+        if self.how == "keep-drop":
+            Misbehaving.kept.clear()  # the buffer kept last time is freed now
         if not self._bad(offset, len(buf)):
             super().read_into(offset, buf)
             return None
@@ -138,7 +141,7 @@ class Misbehaving(PyBytes):
             half = len(buf) // 2
             buf[:half] = self.data[offset:offset + half]
             return half
-        if self.how == "keep":
+        if self.how in ("keep", "keep-drop"):
             super().read_into(offset, buf)
             Misbehaving.kept.append(buf)
             return None

@@ -119,6 +119,23 @@ def test_a_bad_read_is_a_failed_page_never_stale_bytes(how: str, why: str) -> No
         assert p.prefetch([(6 * PAGE, PAGE)]) == PAGE
 
 
+def test_a_batch_whose_source_kept_the_buffer_is_read_again_page_by_page() -> None:
+    """The source keeps the buffer of a batch read until its next read: the worker moves to
+    a fresh buffer (the old one belongs to the views, and goes with them) and reads the batch
+    again page by page, into the fresh one. Only the bad page fails. The retries read into
+    the old buffer, freed by then: the worker crashed (SIGSEGV)."""
+    body = data()
+    with userfault.map(Misbehaving(body, [5 * PAGE], "keep-drop"), readahead=False,
+                       retries=1) as p:
+        with pytest.raises(PrefetchError, match="kept a reference") as info:
+            p.prefetch([(4 * PAGE, 4 * PAGE)])
+        assert info.value.poisoned == ((5 * PAGE, PAGE),)
+        with memoryview(p) as v:
+            for page in (4, 6, 7):
+                assert v[page * PAGE:(page + 1) * PAGE] == body[page * PAGE:(page + 1) * PAGE]
+        assert p.stats().restarts == 0
+
+
 def test_a_short_read_on_a_fault_gets_sigbus() -> None:
     rc, out, err = child("""
         import userfault

@@ -284,12 +284,18 @@ static void python_read(engine_t *e, worker_t *w, area_t *a, run_t *runs, int n)
 {
     int todo = 0;
     uint64_t lo = UINT64_MAX, hi = 0;
-    for (int i = 0; i < n; i++)
+    const char *buf = w->bounce, *buf_end = w->bounce + e->unit_max;
+    for (int i = 0; i < n; i++) {
+        if (runs[i].buf && !runs[i].err && (runs[i].buf < buf || runs[i].buf + runs[i].len > buf_end)) {
+            snprintf(w->msg, sizeof(w->msg), "a read outside the worker's buffer (an engine bug)");
+            runs[i].err = EIO; /* never a view of memory that is not the buffer's */
+        }
         if (runs[i].buf && !runs[i].err) {
             todo++;
             lo = runs[i].off < lo ? runs[i].off : lo;
             hi = runs[i].off + runs[i].len > hi ? runs[i].off + runs[i].len : hi;
         }
+    }
     if (!todo)
         return;
     /* the span of all the runs (a batch's are scattered): the supervisor blames it if the
@@ -764,7 +770,10 @@ static int fail_range(engine_t *e, worker_t *w, uctx_t *c, area_t *a, run_t *r, 
         int kept = 0;
         for (int i = 0; i < np; i++) {
             uint64_t got;
-            char *slot = r->buf ? r->buf + (w->pages[i] - r->off) : NULL;
+            /* one page at the start of the worker's buffer as it is now: a source that kept
+             * a view of it made python_read move to a fresh one, and r->buf points into the
+             * old one, which the views own (and may free) */
+            char *slot = r->buf ? w->bounce : NULL;
             int e2 = try_page(e, w, c, a, w->pages[i], r->zero, slot, flags, wake_off, &got);
             *installed += got;
             if (!e2)
