@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import userfault
+from pager_helpers import run_script
 from server_fixtures import FreshServers, require_servers
 from servers import RedisCluster, RedisServer
 from userfault.errors import SourceError
@@ -409,6 +410,18 @@ def test_cluster_read_while_its_slot_is_migrating(fresh_servers: FreshServers) -
     # help: the page is read where ASK points, every byte right (small parts too).
     assert read_parts(src, [(5 * PAGE + 10, 100)]) == [data[5 * PAGE + 10: 5 * PAGE + 110]]
     assert read(src, 0, len(data)) == data
+    # Through a pager, one page per fault: redis-py, which follows the ASK, keeps the
+    # exceptions of its pipeline, and their tracebacks must not reach the read's buffer (the
+    # pager would fail the read: the source kept a reference). In a child: that failure is
+    # a SIGBUS.
+    result = run_script(f"""
+        import hashlib, userfault
+        from userfault.sources.redis import RedisSource
+        src = RedisSource({cluster.url!r}, prefix={src.prefix!r}, cluster=True)
+        with userfault.map(src, readahead=False) as pager:
+            print(hashlib.sha256(memoryview(pager)[:{len(data)}]).hexdigest(), flush=True)
+    """, timeout=60)
+    assert result.stdout.split() == [hashlib.sha256(data).hexdigest()], result.stderr
 
 
 def test_cluster_node_down_raises(fresh_servers: FreshServers) -> None:

@@ -54,6 +54,7 @@ lazily in the process that uses it, and again after a fork.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -61,6 +62,7 @@ import secrets
 import socket
 import threading
 import time
+import traceback
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -308,7 +310,12 @@ class RedisSource:
         if not first:
             return
         if self._lean is not None and self._generation is not None:
-            self._read_small_parts(first, extra)
+            try:
+                self._read_small_parts(first, extra)
+            except Exception as err:  # a timeout or a server gone: the MGET would wait again
+                off = views[0][0]
+                length = max(o + len(b) for o, b in views) - off
+                raise self._redis_error("read", off, length, err) from err
             if not first:
                 return
         order = list(first)
@@ -368,7 +375,8 @@ class RedisSource:
         the scattered runs of a working set or of hints) with a pipelined ``GETRANGE`` of each
         part, not an ``MGET`` of the whole value; the pages served leave ``first``. A part
         that comes back shorter (a missing key, a zero page's empty value) leaves its page to
-        the ``MGET``, which tells those apart. Only for data ``upload()`` stored (a pinned
+        the ``MGET``, which tells those apart, and so does a redirection or a refusal; a
+        timeout or a server gone raises. Only for data ``upload()`` stored (a pinned
         generation: the page size is known, and no value is longer)."""
         small: dict[int, list[tuple[int, memoryview, int]]] = {}
         for i, piece in first.items():
@@ -380,7 +388,10 @@ class RedisSource:
             return
         try:
             values = self._getrange_lean(spans)
-        except Exception:  # the MGET of the same pages reports (or follows) what is wrong
+        except (_Retry, RedisErrorReply) as err:
+            # a redirection, a reused connection the server closed, or a refusal: the MGET of
+            # the same pages follows (or tells) what is wrong
+            _forget_frames(err)
             return
         got = iter(values)
         for i, pieces in small.items():
@@ -512,7 +523,7 @@ class RedisSource:
             keys = [self.key(i) for i in order]
             client = self._client()
             if self._cluster:
-                return list(client.mget_nonatomic(keys))
+                return list(_off_stack(functools.partial(client.mget_nonatomic, keys)))
             if len(keys) <= _MGET_BATCH:
                 return list(client.mget(keys))
             pipe = client.pipeline(transaction=False)
@@ -543,11 +554,13 @@ class RedisSource:
             try:
                 return self._exchange(self._plan(keys), order, dsts)
             except _Retry as err:
+                _forget_frames(err)
                 if attempt and _migrating(err.cause):
                     # A slot half-way through a resharding answers ASK (or TRYAGAIN) whatever
                     # the slot map says: redis-py's cluster client follows those (ASKING to
                     # the importing node); every value comes back to be placed by the caller.
-                    values = self._client().mget_nonatomic([self.key(i) for i in order])
+                    values = _off_stack(functools.partial(
+                        self._client().mget_nonatomic, [self.key(i) for i in order]))
                     return list(zip(order, values, strict=True))
                 if attempt:
                     raise err.cause from err.cause.__cause__
@@ -709,7 +722,53 @@ class RedisSource:
 _PIPELINE_NOTE = re.compile(r"Command # \d+ \(.*\) of pipeline caused error: ", re.S)
 
 
+class RedisPyError(Exception):
+    """What redis-py raised on a call made by :func:`_off_stack` (its description)."""
+
+
+def _off_stack(call: Callable[[], Any]) -> Any:
+    """``call()`` (redis-py's cluster client) on a thread of its own, with the reads' frames
+    out of its reach. redis-py keeps the exceptions of a cluster pipeline (an ASK it
+    followed, in its command objects), and their tracebacks reach every frame below the
+    call, with the caller's buffers in them: a pager would see a buffer still referenced after
+    the read and fail it. What it raises comes back as a :class:`RedisPyError` naming it."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = call()
+        except Exception as err:  # described, never raised on the caller's stack
+            box["error"] = _describe_error(err)
+
+    t = threading.Thread(target=run, name="uf-redis-py", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise RedisPyError(box["error"])
+    return box["value"]
+
+
+def _forget_frames(err: BaseException) -> None:
+    """Drop the frames a caught exception (and its causes) still holds, clearing the locals
+    of those that are done. They hold views of the caller's buffers, and the exception chain
+    is a reference cycle (a cause kept in a frame of its own traceback), freed only by a
+    later garbage collection: a pager would see the buffer still referenced after the read
+    and fail it."""
+    todo: list[BaseException | None] = [err]
+    seen: set[int] = set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        e.__traceback__ = None  # the frames still running (the caller's) too
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+
+
 def _describe_error(err: BaseException) -> str:
+    if isinstance(err, RedisPyError):
+        return str(err)  # described already
     slot, host = getattr(err, "slot_id", None), getattr(err, "host", None)
     if slot is not None and host is not None:  # redis-py's MovedError and AskError
         port = getattr(err, "port", "?")
