@@ -100,7 +100,19 @@ def test_a_spare_started_under_another_environment_is_not_used(
         assert bytes(memoryview(pager)[:1]) == b"x"
         assert pager._runtime.proc.pid != stale  # type: ignore[union-attr]
     assert wait_until(lambda: _gone(stale), 10)
-    assert process._spare is None  # a spare is kept only after one was taken
+    assert process._spare is None  # not at once: the next one starts a second later
+
+
+def test_a_spare_that_died_is_replaced_after_the_next_map() -> None:
+    userfault.prestart(wait=30)
+    dead = _spare_pid()
+    os.kill(dead, signal.SIGKILL)
+    assert wait_until(lambda: process._spare.proc.poll() is not None, 10)  # type: ignore[union-attr]
+    with userfault.Pager(PyBytes(b"d" * PAGE)) as pager:  # a pager process of its own
+        assert pager._runtime.proc.pid != dead  # type: ignore[union-attr]
+        assert bytes(memoryview(pager)[:1]) == b"d"
+    assert wait_until(lambda: process._spare is not None, 10)  # spares are kept still
+    assert _spare_pid() != dead
 
 
 def test_a_spare_nobody_takes_exits_with_its_process() -> None:

@@ -381,11 +381,12 @@ os.register_at_fork(after_in_child=_forget_spare_in_child)
 
 def _take_supervisor() -> tuple[subprocess.Popen[bytes], socket.socket, bool]:
     """The spare if :func:`prestart` left one that fits, else a supervisor started now; and
-    whether it was the spare."""
+    whether a spare is kept (one was there, fit or not: the next starts later)."""
     global _spare
     env = _pager_env()
     with _spare_lock:
         spare, _spare = _spare, None
+    kept = spare is not None and spare.owner == os.getpid()
     if spare is not None and spare.owner != os.getpid():
         spare = None  # the parent's (this is a forked child): not ours to use or stop
     elif spare is not None and (spare.env != env or spare.proc.poll() is not None):
@@ -400,7 +401,7 @@ def _take_supervisor() -> tuple[subprocess.Popen[bytes], socket.socket, bool]:
             _drop_spare(spare)
             spare = None
     if spare is None:
-        return (*_spawn_supervisor(env), False)
+        return (*_spawn_supervisor(env), kept)
     return spare.proc, spare.sock, True
 
 
@@ -451,7 +452,7 @@ class ProcessRuntime:
     def start(self) -> None:
         """Spawn the supervisor (or take the spare, see :func:`prestart`), hand it the uffd
         and the other descriptors, and wait until its worker serves."""
-        self.proc, mine, spare = _take_supervisor()
+        self.proc, mine, keep_spare = _take_supervisor()
         self._sock = mine
         try:
             socket.send_fds(mine, [b"U"], [self._uffd, self._state_fd, *(
@@ -470,7 +471,7 @@ class ProcessRuntime:
         self._watchdog = _native.Watchdog(
             self._pidfd, self._standby, self.proc.pid, agent_fds=self._agent_fds,
             pool_fd=self._setup.pool_fd, pool_len=sum(n for _, n, _ in self._setup.areas))
-        if spare:
+        if keep_spare:
             _start_next_spare_later()
 
     def _check_owner(self, what: str) -> None:
