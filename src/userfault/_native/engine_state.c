@@ -6,6 +6,7 @@
 #include "engine.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -135,7 +136,8 @@ uint64_t uf_log_begin(engine_t *e, const uf_rec_t *r)
         seq = written;
         uf_rec_t *slot = &st->log[seq % st->log_cap], rec = *r;
         while (__atomic_load_n(&slot->reserved, __ATOMIC_ACQUIRE) & UF_LOG_WRITING)
-            ; /* the end of the record this slot held: three stores */
+            sched_yield(); /* the end of the record this slot held: three stores, unless its
+                            * thread was preempted between them */
         rec.reserved = log_tag(seq);
         *slot = rec;
         __atomic_store_n(&st->log_written, written + 1, __ATOMIC_RELEASE);

@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <stdio.h>
+#include <sched.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -88,6 +89,7 @@ static PyObject *drain_log(uf_state_t *st)
             __atomic_thread_fence(__ATOMIC_ACQUIRE);
             if (!(before & UF_LOG_WRITING) && before == __atomic_load_n(&src->reserved, __ATOMIC_RELAXED))
                 break;
+            sched_yield(); /* its writer may have been preempted mid-record */
         }
         dst[i].reserved = 0;
     }
