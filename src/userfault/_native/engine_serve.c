@@ -1224,7 +1224,8 @@ void uf_engine_stop(engine_t *e)
     pthread_mutex_unlock(&e->stop_lock);
 }
 
-/* Wake every thread blocked on any area of any context (they fault again). */
+/* Wake every thread blocked on any context's uffd, at any address (they fault again): those
+ * whose faults a dead server had read, in memory moved where no area of ours reaches too. */
 void uf_wake_anywhere(engine_t *e)
 {
     for (uctx_t *c = e->ctxs; c; c = c->next) {
@@ -1235,6 +1236,7 @@ void uf_wake_anywhere(engine_t *e)
     }
 }
 
+/* Wake every thread blocked on any area of any context (they fault again). */
 void uf_wake_all(engine_t *e)
 {
     for (uctx_t *c = e->ctxs; c; c = c->next) {
