@@ -215,6 +215,59 @@ def test_a_worker_that_dies_with_an_mremap_in_hand_is_not_replaced() -> None:
     assert "giving up" in err and "died between reading an mremap and noting where" in err
 
 
+@pytest.mark.timeout(120)  # the restart backoff doubles with each death in a row: ~12 s
+def test_a_worker_killed_while_pages_are_given_back_is_restarted_every_time() -> None:
+    """Threads fault while another gives the pages back (MADV_DONTNEED: REMOVE events
+    flow), and the worker is SIGKILLed again and again. Nothing was moved: every death is a
+    restart, never a give-up, and every byte read is right."""
+    rc, out, err = child("""
+        import ctypes, os, random, signal, threading, time, userfault
+        from py_sources import PyBytes
+        if __name__ == "__main__":
+            libc = ctypes.CDLL(None)
+            page, n = 4096, 2048
+            body = b"".join(i.to_bytes(4, "little") * (page // 4) for i in range(n))
+            p = userfault.map(PyBytes(body), readahead=False, max_restarts=1000)
+            supervisor = p._runtime.proc.pid
+            stop, wrong = False, []
+            def reader():
+                r, buf = random.Random(), ctypes.create_string_buffer(4)
+                while not stop:
+                    i = r.randrange(n)
+                    ctypes.memmove(buf, p.address + i * page + 4 * r.randrange(1024), 4)
+                    if int.from_bytes(buf.raw, "little") != i:
+                        wrong.append(i)
+            def dropper():
+                while not stop:
+                    libc.madvise(ctypes.c_void_p(p.address), ctypes.c_size_t(n * page), 4)
+                    time.sleep(0.005)
+            threads = [threading.Thread(target=reader) for _ in range(3)]
+            threads.append(threading.Thread(target=dropper))
+            for t in threads:
+                t.start()
+            kills, deadline = 0, time.monotonic() + 100
+            while kills < 8 and time.monotonic() < deadline:
+                path = f"/proc/{supervisor}/task/{supervisor}/children"
+                workers = [int(w) for w in open(path).read().split()]
+                if workers and p.stats().restarts == kills:  # the last one is back
+                    time.sleep(0.1)
+                    os.kill(workers[0], signal.SIGKILL)
+                    kills += 1
+                time.sleep(0.02)
+            while p.stats().restarts < kills and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.3)
+            stop = True
+            for t in threads:
+                t.join()
+            print("kills", kills, "restarts", p.stats().restarts, "wrong", len(wrong), flush=True)
+            p.close()
+    """, timeout=120)
+    assert rc == 0, (out, err)
+    assert "kills 8 restarts 8 wrong 0" in out, (out, err)
+    assert "giving up" not in err
+
+
 @pytest.mark.parametrize("how", ["no restarts left", "too many parts"])
 def test_a_worker_that_dies_serving_moved_memory_and_is_not_replaced_ends_in_sigbus(
         how: str) -> None:

@@ -59,7 +59,7 @@ enum { CAUSE_FAULT, CAUSE_READAHEAD, CAUSE_PREFETCH, CAUSE_POPULATE, CAUSE_EVICT
  * (populate, preload: the working set): *_total bytes, *_done bytes finished with (installed,
  * or skipped as present), *_over 1 once the job will do no more (done, stopped by the budget,
  * or the pager process gave up); prefetch_done: bytes prefetch() calls are finished with;
- * remaps_in_hand: fault threads between reading a batch that may hold a REMAP and applying it
+ * remaps_in_hand: fault threads between reading a batch that holds a REMAP and applying it
  * (serve_ctx), which the supervisor reads (and zeroes) at a worker's death. */
 #define UF_COUNTERS(X)                                                                        \
     X(faults) X(write_faults) X(minor_faults) X(wp_faults) X(bytes_installed) X(fault_bytes) \
@@ -86,6 +86,7 @@ enum { UF_COUNTERS(UF_ENUM) UF_N_COUNTERS };
  * written, or has been (engine_state.c). */
 #define UF_LOG_WRITING 0x80000000u
 #define UF_LOG_DONE 0x40000000u
+#define UF_LOG_SPINS 1000 /* yields before a record's writer is taken for dead */
 
 /* One record of the fault log (and of trace files): 48 bytes, little-endian. */
 typedef struct {

@@ -704,15 +704,9 @@ static int serve_ctx(engine_t *e, worker_t *w, uctx_t *c, struct uffd_msg *msgs)
     uint64_t *in_hand = &e->st->counters[C_remaps_in_hand];
     for (;;) {
         __atomic_add_fetch(&e->in_batch, 1, __ATOMIC_ACQ_REL);
-        /* A REMAP read is gone from the kernel: until it is applied (and noted for the next
-         * worker, remap()), a worker that dies takes the move along, and the supervisor must
-         * not start another from the areas it knows. Counted from before the read, given back
-         * at once when the batch holds none. */
-        __atomic_add_fetch(in_hand, 1, __ATOMIC_SEQ_CST);
         ssize_t got = read(c->uffd, msgs, sizeof(struct uffd_msg) * UF_MSG_BATCH);
         uint64_t t0 = uf_now_ns();
         if (got <= 0) {
-            __atomic_sub_fetch(in_hand, 1, __ATOMIC_SEQ_CST);
             __atomic_sub_fetch(&e->in_batch, 1, __ATOMIC_ACQ_REL);
             if (got < 0 && (errno == EAGAIN || errno == EINTR))
                 return SERVED;
@@ -720,12 +714,16 @@ static int serve_ctx(engine_t *e, worker_t *w, uctx_t *c, struct uffd_msg *msgs)
                            strerror(got < 0 ? errno : EIO));
             return CTX_GONE;
         }
+        /* A REMAP read is gone from the kernel: until it is applied (and noted for the next
+         * worker, remap()), a worker that dies takes the move along, and the supervisor must
+         * not start another from the areas it knows. Counted as soon as the batch is seen to
+         * hold one (counting every read made every death under REMOVE traffic final). */
         size_t count = (size_t)got / sizeof(msgs[0]);
         int remaps = 0;
         for (size_t i = 0; i < count; i++)
             remaps |= msgs[i].event == UFFD_EVENT_REMAP;
-        if (!remaps)
-            __atomic_sub_fetch(in_hand, 1, __ATOMIC_SEQ_CST);
+        if (remaps)
+            __atomic_add_fetch(in_hand, 1, __ATOMIC_SEQ_CST);
         /* Non-fault events first: a REMOVE read here lets installs into its range succeed
          * again, so its pages must be marked before any fault of the batch (or a background
          * install) fills them. */

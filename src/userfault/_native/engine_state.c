@@ -115,7 +115,8 @@ void uf_state_keep_areas(uf_state_t *st, const areas_t *as)
 /* The fault log: a record is published before the fault is served, so the woken thread can
  * read it already; its service time, length and outcome flags (REC_*) are filled in afterwards
  * unless it was drained meanwhile. A record's `reserved` holds its sequence number's low 30
- * bits, with UF_LOG_WRITING while uf_log_end writes and UF_LOG_DONE after: the drain copies a
+ * bits, with UF_LOG_WRITING while uf_log_begin or uf_log_end writes and UF_LOG_DONE after the
+ * end: the drain copies a
  * record again until it reads the same tag, not being written, on both sides of its copy (an
  * end that ran whole during the copy changed it to DONE); an end whose slot holds another
  * record by now (drained, and the log wrapped) writes nothing.
@@ -135,11 +136,23 @@ uint64_t uf_log_begin(engine_t *e, const uf_rec_t *r)
     } else {
         seq = written;
         uf_rec_t *slot = &st->log[seq % st->log_cap], rec = *r;
-        while (__atomic_load_n(&slot->reserved, __ATOMIC_ACQUIRE) & UF_LOG_WRITING)
-            sched_yield(); /* the end of the record this slot held: three stores, unless its
-                            * thread was preempted between them */
-        rec.reserved = log_tag(seq);
+        /* Claim the slot (its tag becomes ours, WRITING), so that a late end of the record it
+         * held fails its CAS. That end may be writing now: three stores, unless its thread
+         * was preempted between them; or it died there (a pager-process worker killed), so
+         * the wait is bounded. */
+        uint32_t cur = __atomic_load_n(&slot->reserved, __ATOMIC_ACQUIRE);
+        for (int spins = 0;; spins++) {
+            if (cur & UF_LOG_WRITING && spins < UF_LOG_SPINS) {
+                sched_yield();
+                cur = __atomic_load_n(&slot->reserved, __ATOMIC_ACQUIRE);
+            } else if (__atomic_compare_exchange_n(&slot->reserved, &cur, log_tag(seq) | UF_LOG_WRITING,
+                                                   0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+                break;
+            }
+        }
+        rec.reserved = log_tag(seq) | UF_LOG_WRITING;
         *slot = rec;
+        __atomic_store_n(&slot->reserved, log_tag(seq), __ATOMIC_RELEASE);
         __atomic_store_n(&st->log_written, written + 1, __ATOMIC_RELEASE);
     }
     pthread_mutex_unlock(&e->lock);

@@ -83,7 +83,7 @@ static PyObject *drain_log(uf_state_t *st)
     uf_rec_t *dst = (uf_rec_t *)PyBytes_AS_STRING(out);
     for (uint64_t i = 0; i < n; i++) {
         const uf_rec_t *src = &st->log[(read + i) % st->log_cap];
-        for (int tries = 0; tries < 100000; tries++) { /* a seqlock: see uf_log_begin */
+        for (int tries = 0; tries < UF_LOG_SPINS; tries++) { /* a seqlock: see uf_log_begin */
             uint32_t before = __atomic_load_n(&src->reserved, __ATOMIC_ACQUIRE);
             memcpy(&dst[i], src, sizeof(*src));
             __atomic_thread_fence(__ATOMIC_ACQUIRE);
