@@ -1126,7 +1126,11 @@ static void *background_main(void *arg)
             break;
         if (!c)
             continue;
-        int flags = IR_SKIP_INSTALLED | (cause == CAUSE_PREFETCH ? IR_DONTWAKE : 0);
+        /* A Python source's readahead wakes by hand, after the faults left to it are
+         * recorded (end_waits) and its pages counted: a woken thread that reads the stats or
+         * the trace at once finds them (the COPY's own wake came first) */
+        int quiet = cause == CAUSE_PREFETCH || (cause == CAUSE_READAHEAD && e->kind == SRC_PYTHON);
+        int flags = IR_SKIP_INSTALLED | (quiet ? IR_DONTWAKE : 0);
         int err = uf_install_ranges(e, w, c, &a, w->batch, w->nbatch, flags, cause, NO_WAKE, &done);
         if (e->max_pages)
             uf_unreserve(e, n / e->page); /* counted now (claim_piece reserved it) */
@@ -1142,6 +1146,8 @@ static void *background_main(void *arg)
             w->ra_ctx = NULL;
             pthread_mutex_unlock(&e->lock);
             end_waits(e, wait, seq, recorded); /* recorded before they run on (trace_sync) */
+            /* DONTWAKE: a fault still queued for the fault thread finds its page present and
+             * is woken there (EEXIST); the ones left to this piece are woken here */
             for (int k = 0; waiters && err != ESRCH && k < w->nbatch; k++) {
                 struct uffdio_range r = {w->ra_base + w->batch[2 * k], w->batch[2 * k + 1]};
                 uf_ioctl(c->uffd, UFFDIO_WAKE, &r);
