@@ -162,7 +162,12 @@ def test_a_chunk_larger_than_the_room_left_is_served(runtime: str, budget: int, 
         assert not t.is_alive(), f"a fault was never served: {p.stats()}"
         assert t.result == sum(body[::PAGE])
         with memoryview(p) as v:
-            assert v == body
+            got = bytes(v)
+        wrong = [i // PAGE for i in range(0, size, PAGE) if got[i:i + PAGE] != body[i:i + PAGE]]
+        # (seen once in CI, not reproduced since: the pages, what they held, and the stats)
+        first = got[wrong[0] * PAGE:(wrong[0] + 1) * PAGE] if wrong else b""
+        held = "zeros" if first == bytes(PAGE) else "not zeros"
+        assert not wrong, f"{len(wrong)} pages wrong, first {wrong[:8]} ({held}); {p.stats()}"
         assert p.check() is None
 
 
