@@ -313,9 +313,7 @@ class RedisSource:
             try:
                 self._read_small_parts(first, extra)
             except Exception as err:  # a timeout or a server gone: the MGET would wait again
-                off = views[0][0]
-                length = max(o + len(b) for o, b in views) - off
-                raise self._redis_error("read", off, length, err) from err
+                raise self._redis_error("read", *_span(views), err) from err
             if not first:
                 return
         order = list(first)
@@ -332,9 +330,7 @@ class RedisSource:
             # the keys of a replaced one are deleted after the new one is in place.
             replaced = self._replaced()
             if replaced is not None:
-                off = views[0][0]
-                length = max(o + len(b) for o, b in views) - off
-                raise self._error("read", off, length, replaced)
+                raise self._error("read", *_span(views), replaced)
         for i, val in left:
             if val is None:
                 if self._missing == "error":
@@ -534,9 +530,7 @@ class RedisSource:
                 out.extend(part)
             return out
         except Exception as err:
-            off = views[0][0] if views else 0
-            length = max((o + len(b) for o, b in views), default=0) - off
-            raise self._redis_error("read", off, length, err) from err
+            raise self._redis_error("read", *_span(views), err) from err
 
     def _mget_lean(self, order: list[int],
                    dsts: list[memoryview | None]) -> list[tuple[int, bytes | int | None]]:
@@ -720,6 +714,13 @@ class RedisSource:
 
 # redis-py prefixes an error in a pipeline with the command, page bytes and all.
 _PIPELINE_NOTE = re.compile(r"Command # \d+ \(.*\) of pipeline caused error: ", re.S)
+
+
+def _span(views: Sequence[tuple[int, memoryview]]) -> tuple[int, int]:
+    """``(offset, length)`` of a batch of reads for its error: from the first request's
+    offset to the furthest end."""
+    off = views[0][0] if views else 0
+    return off, max((o + len(b) for o, b in views), default=off) - off
 
 
 class RedisPyError(Exception):
