@@ -108,9 +108,10 @@ class Gated(PyBytes):
 class Misbehaving(PyBytes):
     """:class:`PyBytes` except on the pages in ``bad`` (source offsets of pages).
 
-    ``how``: ``"raise"`` (an exception), ``"short"`` (returns fewer bytes than asked, having
-    written only that many), ``"keep"`` (keeps the buffer it was given), ``"keep-drop"`` (keeps
-    it until its next read, which lets it go first), ``"hang"`` (sleeps
+    ``how``: ``"raise"`` (an exception), ``"timeout"`` (after 50 ms, an error raised from a
+    :class:`TimeoutError`, as a network source's), ``"short"`` (returns fewer bytes than
+    asked, having written only that many), ``"keep"`` (keeps the buffer it was given),
+    ``"keep-drop"`` (keeps it until its next read, which lets it go first), ``"hang"`` (sleeps
     for an hour), ``"crash"`` (the process exits at once), ``"crash-once"`` (creates ``until``,
     then exits: the next read is fine). The bad pages misbehave until the file ``until``
     exists (always, without one); create it and they read normally.
@@ -137,6 +138,9 @@ class Misbehaving(PyBytes):
             return None
         if self.how == "raise":
             raise OSError(f"injected failure at {offset:#x}")
+        if self.how == "timeout":
+            time.sleep(0.05)
+            raise OSError(f"reading {offset:#x} failed") from TimeoutError("timed out")
         if self.how == "short":
             half = len(buf) // 2
             buf[:half] = self.data[offset:offset + half]

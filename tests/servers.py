@@ -17,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = [
@@ -340,6 +341,18 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def paused(node: RedisServer) -> Iterator[None]:
+    """The node stopped (SIGSTOP) inside the block, resumed after it, whatever happens: a
+    server that keeps its connections and answers nothing."""
+    assert node.proc is not None
+    os.kill(node.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(node.proc.pid, signal.SIGCONT)
 
 
 class RedisCluster:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import userfault
-from pager_helpers import page_data, run_script, settled
+from pager_helpers import page_data, run_script, settled, wait_until
 from py_sources import BatchFails, Misbehaving, PyBatched, PyFile
 from userfault import PagerError, PrefetchError
 
@@ -99,6 +99,55 @@ def test_readahead_never_poisons_the_fault_decides() -> None:
     assert "poisoned by readahead: 0" in out
     assert rc == -signal.SIGBUS, err
     assert "(offset 0x28000 of Misbehaving(raise, bad=[163840]), fault) after 1 retries" in err
+
+
+# -- a source that times out ----------------------------------------------------------------
+# Its other pages would wait as long: the first timeout ends the work nobody waits for, and
+# leaves those pages to their faults, neither retried nor poisoned.
+
+
+def test_a_prefetch_stops_at_the_first_timeout_and_poisons_nothing(tmp_path: Path) -> None:
+    body, until = data(), str(tmp_path / "back")
+    with userfault.map(Misbehaving(body, range(8 * PAGE, MiB, PAGE), "timeout", until),
+                       readahead=False, retries=3) as p:
+        # (it read the 56 bad pages 4 times each, 11 s, and poisoned them all)
+        with pytest.raises(PrefetchError, match=r"prefetch stopped after installing 32768 bytes: "
+                           r"the source timed out \(OSError: reading 0x8000 failed\)") as info:
+            p.prefetch([(0, 64 * PAGE)])
+        assert info.value.installed == 8 * PAGE and info.value.poisoned == ()
+        open(until, "w").close()  # the source answers again: faults read the rest
+        with memoryview(p) as v:
+            assert v == body
+        assert p.stats().poisoned == 0 and p.check() is None
+
+
+def test_populate_stops_at_a_timeout_and_faults_serve_the_rest(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    body, until = data(4 * MiB), str(tmp_path / "back")
+    with userfault.map(Misbehaving(body, range(2 * MiB, 4 * MiB, PAGE), "timeout", until),
+                       populate=True, readahead=False, retries=3) as p:
+        assert wait_until(lambda: "populate of Misbehaving" in capfd.readouterr().err, 20)
+        s = p.stats()
+        assert s.populate_bytes <= 2 * MiB and s.poisoned == 0
+        open(until, "w").close()
+        with memoryview(p) as v:
+            assert v == body
+        assert p.stats().poisoned == 0 and p.check() is None
+
+
+def test_a_fault_whose_chunk_times_out_elsewhere_poisons_nothing(tmp_path: Path) -> None:
+    """The chunk's batch read times out on page 0; the faulting page 5 is read first and
+    served; page 0 is left to its own fault (it was retried, then poisoned)."""
+    body, until = data(), str(tmp_path / "back")
+    with userfault.map(Misbehaving(body, [0], "timeout", until), readahead=False, retries=2,
+                       chunk=16 * PAGE) as p:
+        with memoryview(p) as v:
+            assert v[5 * PAGE:6 * PAGE] == body[5 * PAGE:6 * PAGE]
+            s = settled(p)
+            assert s.poisoned == 0 and s.faults == 1
+            open(until, "w").close()
+            assert v[:PAGE] == body[:PAGE]
+        assert p.stats().poisoned == 0 and p.check() is None
 
 
 # -- what a source returns ------------------------------------------------------------------

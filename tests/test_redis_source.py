@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 import userfault
 from pager_helpers import run_script
 from server_fixtures import FreshServers, require_servers
-from servers import RedisCluster, RedisServer
-from userfault.errors import SourceError
+from servers import RedisCluster, RedisServer, paused
+from userfault.errors import PrefetchError, SourceError
 from userfault.sources.base import BatchedPageSource, WritablePageSource
 from userfault.sources.redis import RedisSource, upload
 
@@ -432,6 +432,28 @@ def test_cluster_node_down_raises(fresh_servers: FreshServers) -> None:
     cluster.nodes[1].kill()
     with pytest.raises(SourceError, match=r"read \[0, 262144\)"):
         read(src, 0, len(data))
+
+
+@pytest.mark.timeout(90)
+def test_a_stopped_master_ends_a_prefetch_at_its_first_timeout(fresh_servers: FreshServers
+                                                                ) -> None:
+    """A master that keeps its connections and answers nothing (SIGSTOP): the prefetch stops
+    at the first read that times out and poisons nothing; once the master answers again,
+    faults read every byte. (It used to read each of that master's pages retries + 1 times,
+    a timeout each: some 6 minutes here.)"""
+    data = make_data(seed=9, size=1024 * PAGE)
+    cluster = fresh_servers.cluster()  # private: one of its masters is stopped
+    upload(data, cluster.url, "stop:", cluster=True)
+    src = RedisSource(cluster.url, prefix="stop:", cluster=True, timeout=0.5)
+    with userfault.map(src, readahead=False, retries=1) as p:
+        with paused(cluster.primaries()[1]), pytest.raises(
+                PrefetchError, match=r"prefetch stopped after installing \d+ bytes: the source "
+                r"timed out \(SourceError: RedisSource .*TimeoutError") as info:
+            p.prefetch()
+        assert info.value.poisoned == () and info.value.installed < p.size
+        with memoryview(p) as v:
+            assert v == data
+        assert p.stats().poisoned == 0 and p.check() is None
 
 
 @settings(max_examples=30, deadline=None,

@@ -27,7 +27,7 @@ import redis.cluster
 import userfault
 from pager_helpers import settled, wait_until
 from server_fixtures import FreshServers, require_servers
-from servers import HOST, RedisCluster, RedisServer
+from servers import HOST, RedisCluster, RedisServer, paused
 from userfault.errors import PagerError
 from userfault.sources.redis import RedisSource, upload
 
@@ -90,17 +90,6 @@ def master_of(cluster: RedisCluster, key: str) -> int:
         return int(rc.get_node_from_key(key).port)
     finally:
         rc.close()
-
-
-@contextlib.contextmanager
-def paused(node: RedisServer) -> Iterator[None]:
-    """The node stopped (SIGSTOP) inside the block, resumed after it, whatever happens."""
-    assert node.proc is not None
-    os.kill(node.proc.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(node.proc.pid, signal.SIGCONT)
 
 
 def caught_up(port: int) -> bool:

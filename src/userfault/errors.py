@@ -130,7 +130,8 @@ class PagerError(RuntimeError):
 
 
 class PrefetchError(PagerError):
-    """A prefetch could not install some pages: they were handled by ``on_error``.
+    """A prefetch could not install some pages: they were handled by ``on_error``, or the
+    source timed out and the prefetch stopped (nothing poisoned: faults serve the rest).
 
     Attributes:
         installed: bytes the prefetch installed.

@@ -348,7 +348,10 @@ class Pager(_native.Mapping):
 
         Raises:
             PrefetchError: pages could not be read after retries and were poisoned
-                (``.poisoned`` lists them); the rest was installed.
+                (``.poisoned`` lists them); the rest was installed. Or the source timed out
+                (a read raised :class:`TimeoutError`, or an error raised from one): the
+                prefetch stops there, without retrying or poisoning, and faults serve the
+                rest (``.installed`` says how much went in).
         """
         self._check_open()
         todo = [(0, self.size)] if ranges is None else self._ranges(ranges, "prefetch")

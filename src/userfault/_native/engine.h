@@ -373,7 +373,7 @@ int uf_worker_buffers(engine_t *e, worker_t *w);
 void uf_worker_free(worker_t *w);
 void uf_worker_python(engine_t *e, worker_t *w, int enter);
 const char *uf_cause_name(int cause);
-void uf_take_exception(char *msg, size_t len);
+int uf_take_exception(char *msg, size_t len);
 
 /* engine_budget.c */
 void uf_page_in(engine_t *e, uctx_t *c, uint64_t p);

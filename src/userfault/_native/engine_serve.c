@@ -561,10 +561,11 @@ static void clear_range(engine_t *e, uctx_t *c, uint64_t start, uint64_t end, in
 
 static void note_jobs_over(engine_t *e);
 
-/* Under e->lock, after a REMAP: the rest of the working set is left to faults. Its runs name
- * areas by index and offset, which the split may give to other memory: read on, a run that
- * outgrew its shortened area would install its bytes over the part moved in after it.
- * Returns whether the pages it installed (DONTWAKE) are now to be woken. */
+/* Under e->lock: the rest of the working set is left to faults. After a REMAP: its runs name
+ * areas by index and offset, which the split may give to other memory (read on, a run that
+ * outgrew its shortened area would install its bytes over the part moved in after it); or
+ * after the source timed out. Returns whether the pages it installed (DONTWAKE) are now to be
+ * woken. */
 static int end_preload(engine_t *e)
 {
     if (e->preload_next >= e->npreload)
@@ -1096,6 +1097,27 @@ static uctx_t *claim_piece(engine_t *e, worker_t *w, area_t *a, uint64_t *off, u
     return NULL;
 }
 
+/* Under e->lock: the source timed out on a piece (fail_range left its pages to their faults),
+ * so the job the piece was part of ends: each next piece would wait as long. */
+static void end_job(engine_t *e, uctx_t *c, int cause)
+{
+    const char *job = "readahead";
+    if (cause == CAUSE_PREFETCH) {
+        job = "the working set";
+        end_preload(e); /* this piece is in flight: its end wakes the set */
+    } else if (cause == CAUSE_POPULATE) {
+        job = "populate";
+        e->pop_area = INT32_MAX;
+    } else {
+        memset(c->ra, 0, sizeof(c->ra));
+        if (c == e->ctxs) { /* and the willneed hints */
+            e->hint_next = e->nhints;
+            e->hint_off = 0;
+        }
+    }
+    uf_log(e, "%s of %s stops: the source timed out; faults serve the rest", job, e->name);
+}
+
 static void *background_main(void *arg)
 {
     worker_t *w = arg;
@@ -1136,6 +1158,11 @@ static void *background_main(void *arg)
             uf_unreserve(e, n / e->page); /* counted now (claim_piece reserved it) */
         if (err == EAGAIN)
             ADD(e, eagain, 1);
+        if (err == ETIMEDOUT) {
+            pthread_mutex_lock(&e->lock);
+            end_job(e, c, cause);
+            pthread_mutex_unlock(&e->lock);
+        }
         if (cause == CAUSE_READAHEAD) {
             uf_rec_t wait[UF_RA_WAITS];
             uint64_t seq[UF_RA_WAITS];
@@ -1256,7 +1283,8 @@ void uf_wake_all(engine_t *e)
 }
 
 /* Install every missing page of the (source_offset, length) ranges of the root context with
- * DONTWAKE, then wake each area once. Pages that fail get on_error; w->poisoned lists them.
+ * DONTWAKE, then wake each area once. Pages that fail get on_error; w->poisoned lists them. A
+ * source that times out ends it (ETIMEDOUT, w->msg says where).
  * With a budget, only what fits below the high watermark now (uf_room_below_high): the rest
  * is left to faults. */
 int uf_prefetch(engine_t *e, worker_t *w, const uint64_t *ranges, Py_ssize_t n, uint64_t *installed)
@@ -1298,7 +1326,7 @@ int uf_prefetch(engine_t *e, worker_t *w, const uint64_t *ranges, Py_ssize_t n, 
                 if (err == EAGAIN) { /* a REMOVE is pending there: skip it, faults will decide */
                     ADD(e, eagain, 1);
                     err = 0;
-                }
+                } /* ETIMEDOUT (the source timed out) ends it: faults serve the rest */
             }
         }
     }

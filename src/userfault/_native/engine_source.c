@@ -242,12 +242,34 @@ static const char *native_ptr(engine_t *e, worker_t *w, uint64_t off, uint64_t n
 
 /* ---- Python sources ---------------------------------------------------------------------- */
 
-/* With the GIL held: the pending exception as "Type: message", cleared. */
-void uf_take_exception(char *msg, size_t len)
+/* Whether exception x, or one it was raised from (its cause or context, a few deep: a
+ * source's SourceError from a socket's), is a TimeoutError. */
+static int timed_out(PyObject *x)
+{
+    Py_XINCREF(x);
+    for (int depth = 0; x && depth < 8; depth++) {
+        if (PyErr_GivenExceptionMatches(x, PyExc_TimeoutError)) {
+            Py_DECREF(x);
+            return 1;
+        }
+        PyObject *next = PyException_GetCause(x);
+        if (!next)
+            next = PyException_GetContext(x);
+        Py_DECREF(x);
+        x = next;
+    }
+    Py_XDECREF(x);
+    return 0;
+}
+
+/* With the GIL held: the pending exception as "Type: message", cleared. Returns ETIMEDOUT
+ * if it comes from a timeout (the source did not answer in time), else EIO. */
+int uf_take_exception(char *msg, size_t len)
 {
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
     PyErr_NormalizeException(&type, &value, &tb);
+    int err = value && timed_out(value) ? ETIMEDOUT : EIO;
     const char *name = type ? ((PyTypeObject *)type)->tp_name : "error";
     PyObject *text = value ? PyObject_Str(value) : NULL;
     const char *s = text ? PyUnicode_AsUTF8(text) : NULL;
@@ -260,6 +282,7 @@ void uf_take_exception(char *msg, size_t len)
     Py_XDECREF(value);
     Py_XDECREF(tb);
     PyErr_Clear();
+    return err;
 }
 
 /* A read's result: None, or a byte count, which must be the whole buffer. */
@@ -332,8 +355,7 @@ static void python_read(engine_t *e, worker_t *w, area_t *a, run_t *runs, int n)
             PyObject *res = args[0] ? PyObject_Vectorcall(e->read_into, args, 2, NULL) : NULL;
             Py_XDECREF(args[0]);
             if (!res) {
-                uf_take_exception(w->msg, sizeof(w->msg));
-                runs[i].err = EIO;
+                runs[i].err = uf_take_exception(w->msg, sizeof(w->msg));
             } else {
                 runs[i].err = check_count(res, runs[i].len, off, w->msg, sizeof(w->msg));
                 Py_DECREF(res);
@@ -355,10 +377,10 @@ static void python_read(engine_t *e, worker_t *w, area_t *a, run_t *runs, int n)
             res = PyObject_CallOneArg(e->read_many, list);
         Py_XDECREF(list);
         if (!res) {
-            uf_take_exception(w->msg, sizeof(w->msg));
+            int err = uf_take_exception(w->msg, sizeof(w->msg));
             for (int i = 0; i < n; i++)
                 if (views[i])
-                    runs[i].err = EIO;
+                    runs[i].err = err;
         } else {
             /* None, or one count per request */
             if (res != Py_None && PySequence_Check(res) && PySequence_Size(res) == todo) {
@@ -739,17 +761,29 @@ static void settle(engine_t *e, worker_t *w, uctx_t *c, area_t *a, uint64_t *pag
 }
 
 /* Pages [off, off+len) of a run failed (w->msg says why): retry them page by page, then in
- * `retries` rounds with backoff, then settle what still fails. Returns 0 or a final error. */
+ * `retries` rounds with backoff, then settle what still fails. Returns 0 or a final error.
+ *
+ * A read that timed out (the source did not answer in time: a server stopped or cut off)
+ * ends its round: every other page would wait as long, so a batch of n pages would take
+ * n × (retries + 1) timeouts. The pages no thread waits for (background work's, a fault's
+ * chunk beyond the faulting page) are then left to their own faults, neither poisoned nor
+ * retried here; only the faulting page, tried first, goes on through its retries. Returns
+ * ETIMEDOUT then (once the faulting page is settled): the caller reads no more of the range. */
 static int fail_range(engine_t *e, worker_t *w, uctx_t *c, area_t *a, run_t *r, uint64_t off,
                       int flags, int cause, uint64_t wake_off, int err, uint64_t *installed)
 {
     uint64_t page = e->page, end = r->off + r->len;
     char last[UF_ERR_MSG];
     int np = 0;
-    for (uint64_t p = off; p < end; p += page)
+    for (uint64_t p = off; p < end; p += page) {
         w->pages[np++] = p;
+        if (p == wake_off && np > 1) { /* the faulting page first (NO_WAKE matches none) */
+            w->pages[np - 1] = w->pages[0];
+            w->pages[0] = p;
+        }
+    }
     snprintf(last, sizeof(last), "%s", w->msg);
-    int forever = e->on_error == ONERR_RETRY && cause == CAUSE_FAULT, round;
+    int forever = e->on_error == ONERR_RETRY && cause == CAUSE_FAULT, round, left = 0;
     /* A failed batch is first read page by page; a lone page goes straight to the retries. */
     for (round = np > 1 ? 0 : 1;; round++) {
         if (round > 0) {
@@ -767,9 +801,13 @@ static int fail_range(engine_t *e, worker_t *w, uctx_t *c, area_t *a, run_t *r, 
             ADD(e, retries, 1);
             sleep_ns(e, delay);
         }
-        int kept = 0;
+        int kept = 0, timeout = 0;
         for (int i = 0; i < np; i++) {
             uint64_t got;
+            if (timeout) { /* the source did not answer the last read in time */
+                w->pages[kept++] = w->pages[i];
+                continue;
+            }
             /* one page at the start of the worker's buffer as it is now: a source that kept
              * a view of it made python_read move to a fresh one, and r->buf points into the
              * old one, which the views own (and may free) */
@@ -781,26 +819,35 @@ static int fail_range(engine_t *e, worker_t *w, uctx_t *c, area_t *a, run_t *r, 
             if (is_final(e2))
                 return e2;
             err = e2;
+            timeout = e2 == ETIMEDOUT;
             snprintf(last, sizeof(last), "%s", w->msg);
             w->pages[kept++] = w->pages[i];
         }
         np = kept;
+        if (timeout && !left) {
+            int faulting = np && w->pages[0] == wake_off;
+            if (np > faulting)
+                uf_log(e, "reading offset %#llx of %s (%s) timed out: %s; %d pages from there are "
+                       "left to their own faults", (unsigned long long)(a->src_off + w->pages[faulting]),
+                       e->name, uf_cause_name(cause), last, np - faulting);
+            left = 1;
+            np = faulting;
+        }
         if (!np)
-            return 0;
+            break;
     }
-    if (cause == CAUSE_READAHEAD)
-        return 0; /* speculative: the fault that comes for these pages decides */
     snprintf(w->msg, sizeof(w->msg), "%s", last);
-    settle(e, w, c, a, w->pages, np, flags, cause, round - 1 < 0 ? 0 : round - 1, err, installed);
-    return 0;
+    if (np && cause != CAUSE_READAHEAD) /* readahead is speculative: the page's fault decides */
+        settle(e, w, c, a, w->pages, np, flags, cause, round - 1 < 0 ? 0 : round - 1, err, installed);
+    return left ? ETIMEDOUT : 0;
 }
 
 /* Install the (offset, length) ranges of area a, page-aligned and unit_max bytes at most in
  * all, read at once (one read_many for a Python source). With IR_SKIP_INSTALLED, pages
  * marked installed are left alone (readahead, populate, prefetch); IR_DONTWAKE batches the
  * wake. The page at wake_off is woken if found present. Failed pages go through the failure
- * policy above. Returns 0 or a final error (EAGAIN, ENOENT, ESRCH); *installed gets bytes
- * installed. */
+ * policy above. Returns 0, a final error (EAGAIN, ENOENT, ESRCH), or ETIMEDOUT when the
+ * source timed out and pages were left unread (fail_range); *installed gets bytes installed. */
 int uf_install_ranges(engine_t *e, worker_t *w, uctx_t *c, area_t *a, const uint64_t *ranges,
                       int nranges, int flags, int cause, uint64_t wake_off, uint64_t *installed)
 {
@@ -813,9 +860,12 @@ int uf_install_ranges(engine_t *e, worker_t *w, uctx_t *c, area_t *a, const uint
     *installed = 0;
     w->msg[0] = 0;
     prepare_runs(e, w, a, w->runs, nr);
+    int timed_out = 0;
     for (int i = 0; i < nr; i++) {
         run_t *r = &w->runs[i];
         uint64_t got, pos;
+        if (timed_out && (wake_off < r->off || wake_off >= r->off + r->len))
+            continue; /* the source timed out: only the faulting page is still read */
         if (!r->err)
             w->msg[0] = 0;
         int err = put_run(e, w, c, a, r, flags, wake_off, &got, &pos);
@@ -826,7 +876,10 @@ int uf_install_ranges(engine_t *e, worker_t *w, uctx_t *c, area_t *a, const uint
             ret = err;
             break;
         }
-        if ((ret = fail_range(e, w, c, a, r, pos, flags, cause, wake_off, err, installed)))
+        err = fail_range(e, w, c, a, r, pos, flags, cause, wake_off, err, installed);
+        if (err == ETIMEDOUT)
+            timed_out = ret = err;
+        else if ((ret = err))
             break;
     }
     ADD(e, bytes_installed, *installed);

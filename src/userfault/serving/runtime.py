@@ -285,7 +285,8 @@ def flush_result(raw: tuple[int, int, int, str]) -> int:
 
 
 def prefetch_result(raw: tuple[int, int, list[tuple[int, int]], int, str]) -> int:
-    """Bytes installed by an engine prefetch, or :class:`PrefetchError` if it poisoned."""
+    """Bytes installed by an engine prefetch, or :class:`PrefetchError` if it poisoned pages
+    or stopped at a source's timeout."""
     installed, poisoned_bytes, poisoned, err, message = raw
     if poisoned_bytes:
         shown = ", ".join(f"{off:#x}..+{n}" for off, n in poisoned[:8])
@@ -294,6 +295,11 @@ def prefetch_result(raw: tuple[int, int, list[tuple[int, int]], int, str]) -> in
             f"prefetch installed {installed} bytes but poisoned {poisoned_bytes} bytes at source "
             f"offsets {shown}{more}: {message} (accesses there get SIGBUS)",
             installed=installed, poisoned=tuple(poisoned), poisoned_bytes=poisoned_bytes)
+    if err == errno.ETIMEDOUT:
+        raise PrefetchError(
+            f"prefetch stopped after installing {installed} bytes: the source timed out "
+            f"({message}); the rest is left to its faults, which read it on first touch",
+            installed=installed)
     if err and err != errno.ESRCH:
         raise error_from_errno(err, "prefetch", done=installed)
     return int(installed)
