@@ -17,6 +17,7 @@
 
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -760,6 +761,12 @@ static void settle(engine_t *e, worker_t *w, uctx_t *c, area_t *a, uint64_t *pag
     }
 }
 
+static int by_offset(const void *x, const void *y)
+{
+    uint64_t a = *(const uint64_t *)x, b = *(const uint64_t *)y;
+    return (a > b) - (a < b);
+}
+
 /* Pages [off, off+len) of a run failed (w->msg says why): retry them page by page, then in
  * `retries` rounds with backoff, then settle what still fails. Returns 0 or a final error.
  *
@@ -778,7 +785,7 @@ static int fail_range(engine_t *e, worker_t *w, uctx_t *c, area_t *a, run_t *r, 
     for (uint64_t p = off; p < end; p += page) {
         w->pages[np++] = p;
         if (p == wake_off && np > 1) { /* the faulting page first (NO_WAKE matches none) */
-            w->pages[np - 1] = w->pages[0];
+            memmove(w->pages + 1, w->pages, (size_t)(np - 1) * sizeof(w->pages[0]));
             w->pages[0] = p;
         }
     }
@@ -837,6 +844,8 @@ static int fail_range(engine_t *e, worker_t *w, uctx_t *c, area_t *a, run_t *r, 
             break;
     }
     snprintf(w->msg, sizeof(w->msg), "%s", last);
+    /* in order again, the faulting page among the rest: one log line per run of pages */
+    qsort(w->pages, (size_t)np, sizeof(w->pages[0]), by_offset);
     if (np && cause != CAUSE_READAHEAD) /* readahead is speculative: the page's fault decides */
         settle(e, w, c, a, w->pages, np, flags, cause, round - 1 < 0 ? 0 : round - 1, err, installed);
     return left ? ETIMEDOUT : 0;
