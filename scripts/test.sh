@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything the tests need from nothing, then lint, type-check and run the suite.
-#   - Debian packages: nginx, redis-server (the tests start private instances themselves)
+#   - Debian packages: nginx, redis-server (the tests start private instances themselves),
+#     chromium (the HTML trace plot, run headless)
 #   - ./.venv with userfault and its test extras (pip builds the C extension)
 # Needs root for apt-get and for the kernel-mode userfaultfd tests. Set FIRECRACKER_BIN to a
 # Firecracker >= 1.14 binary to also run the end-to-end microVM tests (skipped otherwise).
