@@ -152,6 +152,7 @@ typedef struct uctx {
     uint8_t *ref, *evicting, *evicted; /* the resident budget (root context only) */
     uint8_t *inactive;            /* on probation in the pool: the next touch installs it back */
     uint8_t *deactivating;        /* put on probation, the REMOVE of its drop not handled yet */
+    uint8_t *pooled;              /* on probation, and its copy into the pool is complete */
     uint8_t *dirty, *wbusy, *deferred; /* writable: written since written back; being written
                                           back; a writer held until that is done */
     /* readahead: the sequential streams the faults follow, forward or backward (glibc's large
@@ -377,7 +378,7 @@ int uf_take_exception(char *msg, size_t len);
 
 /* engine_budget.c */
 void uf_page_in(engine_t *e, uctx_t *c, uint64_t p);
-int uf_reactivate(engine_t *e, uctx_t *c, area_t *a, uint64_t off, int *err);
+int uf_reactivate(engine_t *e, uctx_t *c, area_t *a, uint64_t off, pid_t tid, int *err);
 int uf_park(engine_t *e, uctx_t *c, uint64_t addr, pid_t tid);
 int uf_throttle(engine_t *e, uctx_t *c, uint64_t addr, uint64_t pages, pid_t tid, uint64_t *reserved);
 int uf_reserve(engine_t *e, uint64_t pages, uint64_t limit);

@@ -93,23 +93,47 @@ int uf_budget_alloc(engine_t *e, uctx_t *c)
     c->evicted = calloc(n, 1);
     c->inactive = e->pool_map ? calloc(n, 1) : NULL;
     c->deactivating = e->pool_map ? calloc(n, 1) : NULL;
-    return c->ref && c->evicting && c->evicted && (!e->pool_map || (c->inactive && c->deactivating))
-           ? 0 : ENOMEM;
+    c->pooled = e->pool_map ? calloc(n, 1) : NULL;
+    return c->ref && c->evicting && c->evicted
+           && (!e->pool_map || (c->inactive && c->deactivating && c->pooled)) ? 0 : ENOMEM;
+}
+
+/* Whether a fault of thread `tid` may be held back: never the evictor's own (its copies),
+ * nor one that may be the thread answering a pager process's mail (its watchdog: that
+ * thread, or any while it is not known yet), nor any when the kernel reports no thread ids
+ * (tid 0: UFFD_FEATURE_THREAD_ID not granted). */
+static int may_hold(engine_t *e, pid_t tid)
+{
+    if (!tid || tid == e->evictor_tid)
+        return 0;
+    if (e->agent_req < 0)
+        return 1; /* in-process: the evictor does its own copies and madvise */
+    uint64_t agent = __atomic_load_n(&e->st->agent_tid, __ATOMIC_ACQUIRE);
+    return agent && (pid_t)agent != tid;
 }
 
 /* A fault on a page on probation: install it back from the pool (waking the thread).
  * Returns 1 if it was there (0 on success, or EAGAIN in *err: the mapping is changing, fault
- * again), 0 if the fault must be served from the source. */
-int uf_reactivate(engine_t *e, uctx_t *c, area_t *a, uint64_t off, int *err)
+ * again), 0 if the fault must be served from the source.
+ *
+ * Only once its copy into the pool is complete (pooled): before that the slot holds zeros or
+ * an older copy. A fault then is the copy's own, on a page counted as present that was not
+ * (an install finds a page present between the REMOVE of its eviction being read and that
+ * madvise dropping it, and counts it), or the process's, in the middle of the copy. Either is
+ * served from the source. The copy's own fault leaves the page on probation: the copy takes
+ * those bytes, then drops it. The process's takes it off. */
+int uf_reactivate(engine_t *e, uctx_t *c, area_t *a, uint64_t off, pid_t tid, int *err)
 {
     uint64_t p = a->first_page + off / e->page;
     *err = 0;
     if (!c->inactive)
         return 0;
     pthread_mutex_lock(&e->budget_lock);
-    int was = bit_test_clear(c->inactive, p);
+    int was = bit_get(c->inactive, p), ready = was && bit_get(c->pooled, p);
+    if (ready || (was && may_hold(e, tid))) /* may_hold: not the copy's own fault */
+        bit_clear(c->inactive, p);
     pthread_mutex_unlock(&e->budget_lock);
-    if (!was)
+    if (!ready)
         return 0;
     struct uffdio_copy cp = {.dst = a->base + off, .src = (uintptr_t)(e->pool_map + p * e->page),
                              .len = e->page, .mode = e->track_writes ? UFFDIO_COPY_MODE_WP : 0};
@@ -127,28 +151,16 @@ int uf_reactivate(engine_t *e, uctx_t *c, area_t *a, uint64_t off, int *err)
         pthread_mutex_lock(&e->budget_lock);
         if (bit_test_clear(c->installed, p))
             ADD(e, resident_pages, -1);
+        bit_clear(c->pooled, p);
         pthread_mutex_unlock(&e->budget_lock);
         fallocate(e->pool_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(p * e->page), (off_t)e->page);
         *err = 0;
         return 0;
     }
+    bit_clear(c->pooled, p);
     bit_set(c->ref, p);
     ADD(e, reactivations, 1);
     return 1;
-}
-
-/* Whether a fault of thread `tid` may be held back: never the evictor's own (its copies),
- * nor one that may be the thread answering a pager process's mail (its watchdog: that
- * thread, or any while it is not known yet), nor any when the kernel reports no thread ids
- * (tid 0: UFFD_FEATURE_THREAD_ID not granted). */
-static int may_hold(engine_t *e, pid_t tid)
-{
-    if (!tid || tid == e->evictor_tid)
-        return 0;
-    if (e->agent_req < 0)
-        return 1; /* in-process: the evictor does its own copies and madvise */
-    uint64_t agent = __atomic_load_n(&e->st->agent_tid, __ATOMIC_ACQUIRE);
-    return agent && (pid_t)agent != tid;
 }
 
 /* The evictor's madvise raises the mm's mmap_changing until it runs again after its REMOVE
@@ -418,9 +430,11 @@ static int pick_victims(engine_t *e, uctx_t *c, victim_t *v, int max_runs)
             /* Freed before it leaves the pool: once it has, a fault serves it from the source,
              * and a write-back of what that installs copies it through this very slot (a
              * pager process), which a late hole punch would turn to zeros. */
-            if (still)
+            if (still) {
+                bit_clear(c->pooled, p);
                 fallocate(e->pool_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(p * e->page),
                           (off_t)e->page);
+            }
             if (still && bit_test_clear(c->installed, p)) {
                 ADD(e, resident_pages, -1);
                 ADD(e, evictions, 1);
@@ -461,8 +475,14 @@ static void deactivate(engine_t *e, uctx_t *c, victim_t *r)
 {
     uint64_t first = r->a.first_page + r->off / e->page, n = r->len / e->page;
     int err = target_deactivate(e, r->a.base + r->off, r->len, first * e->page);
-    if (!err)
+    if (!err) { /* copied: the pool holds the pages still on probation (uf_reactivate) */
+        pthread_mutex_lock(&e->budget_lock);
+        for (uint64_t i = 0; i < n; i++)
+            if (bit_get(c->inactive, first + i))
+                bit_set(c->pooled, first + i);
+        pthread_mutex_unlock(&e->budget_lock);
         return;
+    }
     for (uint64_t i = 0; i < n; i++) {
         bit_clear(c->inactive, first + i);
         bit_clear(c->deactivating, first + i);

@@ -192,10 +192,11 @@ static void ctx_release(engine_t *e, uctx_t *c)
     free(c->evicted);
     free(c->inactive);
     free(c->deactivating);
+    free(c->pooled);
     free(c->dirty);
     free(c->wbusy);
     free(c->deferred);
-    c->ref = c->evicting = c->evicted = c->inactive = c->deactivating = NULL;
+    c->ref = c->evicting = c->evicted = c->inactive = c->deactivating = c->pooled = NULL;
     c->dirty = c->wbusy = c->deferred = NULL;
     if (c->id)
         ADD(e, children, -1);
@@ -508,7 +509,7 @@ static int serve_fault(engine_t *e, worker_t *w, uctx_t *c, struct uffd_msg *m, 
         }
         if (!err)
             uf_page_in(e, c, a->first_page + page_off / e->page);
-    } else if (uf_reactivate(e, c, a, page_off, &err)) {
+    } else if (uf_reactivate(e, c, a, page_off, (pid_t)m->arg.pagefault.feat.ptid, &err)) {
         got = err ? 0 : e->page; /* back from the pool, no source read */
     } else if ((left = left_to_readahead(e, c, addr, &rec, seq))) {
         update_readahead(e, c, as, a, off, off + n); /* the piece's thread wakes this one */

@@ -494,7 +494,7 @@ static int collect_runs(engine_t *e, uctx_t *c, area_t *a, uint64_t off, uint64_
     int nr = 0, suspect = e->kind == SRC_PYTHON && LOAD(e->st->nsuspect) > 0;
     while (off < end) {
         uint64_t p = a->first_page + off / page;
-        if ((skip && bit_get(c->installed, p)) || (c->inactive && bit_get(c->inactive, p))) {
+        if ((skip && bit_get(c->installed, p)) || (c->pooled && bit_get(c->pooled, p))) {
             off += page; /* present, or in the pool (where its next fault finds it) */
             continue;
         }
@@ -504,7 +504,7 @@ static int collect_runs(engine_t *e, uctx_t *c, area_t *a, uint64_t off, uint64_
         while (!alone && run < end && run - off < e->unit_max) {
             uint64_t q = a->first_page + run / page;
             if ((skip && bit_get(c->installed, q)) || bit_get(c->removed, q) != zero
-                || (c->inactive && bit_get(c->inactive, q)))
+                || (c->pooled && bit_get(c->pooled, q)))
                 break;
             if (suspect && uf_marked(e->st->suspect, LOAD(e->st->nsuspect), a->src_off + run, page))
                 break;
