@@ -166,8 +166,9 @@ typedef struct uctx {
     struct uctx *next;
 } uctx_t;
 
-/* A run of pages of one area to read and install. */
-typedef struct { uint64_t off, len; int zero, err; char *buf; } run_t;
+/* A run of pages of one area to read and install (unread: failed without a read, after an
+ * earlier run's timeout). */
+typedef struct { uint64_t off, len; int zero, err; char *buf; int unread; } run_t;
 
 typedef struct engine engine_t;
 

@@ -1105,9 +1105,13 @@ static void end_job(engine_t *e, uctx_t *c, int cause)
     const char *job = "readahead";
     if (cause == CAUSE_PREFETCH) {
         job = "the working set";
+        if (e->preload_next >= e->npreload)
+            return; /* ended already (by the other background thread) */
         end_preload(e); /* this piece is in flight: its end wakes the set */
     } else if (cause == CAUSE_POPULATE) {
         job = "populate";
+        if (e->pop_area == INT32_MAX)
+            return;
         e->pop_area = INT32_MAX;
     } else {
         memset(c->ra, 0, sizeof(c->ra));

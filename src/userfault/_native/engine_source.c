@@ -243,8 +243,9 @@ static const char *native_ptr(engine_t *e, worker_t *w, uint64_t off, uint64_t n
 
 /* ---- Python sources ---------------------------------------------------------------------- */
 
-/* Whether exception x, or one it was raised from (its cause or context, a few deep: a
- * source's SourceError from a socket's), is a TimeoutError. */
+/* Whether exception x, or one it was raised from (`raise ... from err`, a few deep: a
+ * source's SourceError from a socket's), is a TimeoutError. Not an error raised while
+ * handling one (its context): a source may fail over after a timeout and fail otherwise. */
 static int timed_out(PyObject *x)
 {
     Py_XINCREF(x);
@@ -254,8 +255,6 @@ static int timed_out(PyObject *x)
             return 1;
         }
         PyObject *next = PyException_GetCause(x);
-        if (!next)
-            next = PyException_GetContext(x);
         Py_DECREF(x);
         x = next;
     }
@@ -348,15 +347,22 @@ static void python_read(engine_t *e, worker_t *w, area_t *a, run_t *runs, int n)
             if (runs[i].buf && !runs[i].err)
                 runs[i].err = failed;
     } else if (todo == 1 || !e->read_many) {
+        int timeout = 0;
         for (int i = 0; i < n; i++) {
             if (!views[i])
                 continue;
+            if (timeout) { /* each would wait as long: the message stays the timeout's */
+                runs[i].err = ETIMEDOUT;
+                runs[i].unread = 1;
+                continue;
+            }
             uint64_t off = a->src_off + runs[i].off;
             PyObject *args[2] = {PyLong_FromUnsignedLongLong(off), views[i]};
             PyObject *res = args[0] ? PyObject_Vectorcall(e->read_into, args, 2, NULL) : NULL;
             Py_XDECREF(args[0]);
             if (!res) {
                 runs[i].err = uf_take_exception(w->msg, sizeof(w->msg));
+                timeout = runs[i].err == ETIMEDOUT;
             } else {
                 runs[i].err = check_count(res, runs[i].len, off, w->msg, sizeof(w->msg));
                 Py_DECREF(res);
@@ -767,6 +773,16 @@ static int by_offset(const void *x, const void *y)
     return (a > b) - (a < b);
 }
 
+/* The source timed out on [a page of] a range: the pages left of it no thread waits for go to
+ * their own faults (logged once for the range). */
+static void leave_to_faults(engine_t *e, area_t *a, uint64_t off, int cause, int n, const char *why)
+{
+    if (n)
+        uf_log(e, "reading offset %#llx of %s (%s) timed out: %s; %d pages from there are left "
+               "to their own faults", (unsigned long long)(a->src_off + off), e->name,
+               uf_cause_name(cause), why, n);
+}
+
 /* Pages [off, off+len) of a run failed (w->msg says why): retry them page by page, then in
  * `retries` rounds with backoff, then settle what still fails. Returns 0 or a final error.
  *
@@ -774,8 +790,9 @@ static int by_offset(const void *x, const void *y)
  * ends its round: every other page would wait as long, so a batch of n pages would take
  * n × (retries + 1) timeouts. The pages no thread waits for (background work's, a fault's
  * chunk beyond the faulting page) are then left to their own faults, neither poisoned nor
- * retried here; only the faulting page, tried first, goes on through its retries. Returns
- * ETIMEDOUT then (once the faulting page is settled): the caller reads no more of the range. */
+ * retried here; only the faulting page goes on, read alone first, then through its retries.
+ * Returns ETIMEDOUT then (once the faulting page is settled): the caller reads no more of the
+ * range. */
 static int fail_range(engine_t *e, worker_t *w, uctx_t *c, area_t *a, run_t *r, uint64_t off,
                       int flags, int cause, uint64_t wake_off, int err, uint64_t *installed)
 {
@@ -790,9 +807,19 @@ static int fail_range(engine_t *e, worker_t *w, uctx_t *c, area_t *a, run_t *r, 
         }
     }
     snprintf(last, sizeof(last), "%s", w->msg);
-    int forever = e->on_error == ONERR_RETRY && cause == CAUSE_FAULT, round, left = 0;
-    /* A failed batch is first read page by page; a lone page goes straight to the retries. */
-    for (round = np > 1 ? 0 : 1;; round++) {
+    int forever = e->on_error == ONERR_RETRY && cause == CAUSE_FAULT, left = 0;
+    /* A failed batch is first read page by page; a lone page goes straight to the retries
+     * (unless it was not read at all: after an earlier run's timeout). */
+    int round = np > 1 || r->unread ? 0 : 1;
+    if (err == ETIMEDOUT) { /* the read of the batch timed out */
+        int faulting = w->pages[0] == wake_off;
+        leave_to_faults(e, a, w->pages[faulting], cause, np - faulting, last);
+        left = 1;
+        if (!faulting)
+            return ETIMEDOUT;
+        np = 1;
+    }
+    for (;; round++) {
         if (round > 0) {
             if (cause == CAUSE_READAHEAD || err == ECANCELED || (round > e->retries && !forever))
                 break;
@@ -801,10 +828,11 @@ static int fail_range(engine_t *e, worker_t *w, uctx_t *c, area_t *a, run_t *r, 
             uint64_t delay = 5000000ull << (round - 1 < 8 ? round - 1 : 8);
             if (delay > 1000000000ull)
                 delay = 1000000000ull;
-            uf_log(e, "reading %#llx..+%llu (offset %#llx of %s, %s) failed: %s; retry %d in %.3f s",
-                   (unsigned long long)(a->base + w->pages[0]), (unsigned long long)((uint64_t)np * page),
-                   (unsigned long long)(a->src_off + w->pages[0]), e->name, uf_cause_name(cause),
-                   last, round, (double)delay / 1e9);
+            /* the lowest page: the faulting one is first, the rest in order */
+            uint64_t lo = np > 1 && w->pages[1] < w->pages[0] ? w->pages[1] : w->pages[0];
+            uf_log(e, "reading %d pages from %#llx (offset %#llx of %s, %s) failed: %s; retry %d in "
+                   "%.3f s", np, (unsigned long long)(a->base + lo), (unsigned long long)(a->src_off + lo),
+                   e->name, uf_cause_name(cause), last, round, (double)delay / 1e9);
             ADD(e, retries, 1);
             sleep_ns(e, delay);
         }
@@ -833,10 +861,7 @@ static int fail_range(engine_t *e, worker_t *w, uctx_t *c, area_t *a, run_t *r, 
         np = kept;
         if (timeout && !left) {
             int faulting = np && w->pages[0] == wake_off;
-            if (np > faulting)
-                uf_log(e, "reading offset %#llx of %s (%s) timed out: %s; %d pages from there are "
-                       "left to their own faults", (unsigned long long)(a->src_off + w->pages[faulting]),
-                       e->name, uf_cause_name(cause), last, np - faulting);
+            leave_to_faults(e, a, w->pages[faulting], cause, np - faulting, last);
             left = 1;
             np = faulting;
         }
@@ -873,8 +898,8 @@ int uf_install_ranges(engine_t *e, worker_t *w, uctx_t *c, area_t *a, const uint
     for (int i = 0; i < nr; i++) {
         run_t *r = &w->runs[i];
         uint64_t got, pos;
-        if (timed_out && (wake_off < r->off || wake_off >= r->off + r->len))
-            continue; /* the source timed out: only the faulting page is still read */
+        if (timed_out && r->err && (wake_off < r->off || wake_off >= r->off + r->len))
+            continue; /* the source timed out: of what failed, only the faulting page is read */
         if (!r->err)
             w->msg[0] = 0;
         int err = put_run(e, w, c, a, r, flags, wake_off, &got, &pos);
