@@ -777,14 +777,14 @@ static int by_offset(const void *x, const void *y)
  * their own faults (logged once for the range). */
 static void leave_to_faults(engine_t *e, area_t *a, uint64_t off, int cause, int n, const char *why)
 {
-    if (n)
-        uf_log(e, "reading offset %#llx of %s (%s) timed out: %s; %d pages from there are left "
-               "to their own faults", (unsigned long long)(a->src_off + off), e->name,
-               uf_cause_name(cause), why, n);
+    uf_log(e, "reading offset %#llx of %s (%s) timed out: %s; %d pages from there are left "
+           "to their own faults", (unsigned long long)(a->src_off + off), e->name,
+           uf_cause_name(cause), why, n);
 }
 
 /* Pages [off, off+len) of a run failed (w->msg says why): retry them page by page, then in
- * `retries` rounds with backoff, then settle what still fails. Returns 0 or a final error.
+ * `retries` rounds with backoff, then settle what still fails. Returns 0, a final error, or
+ * ETIMEDOUT (below).
  *
  * A read that timed out (the source did not answer in time: a server stopped or cut off)
  * ends its round: every other page would wait as long, so a batch of n pages would take
@@ -797,7 +797,7 @@ static int fail_range(engine_t *e, worker_t *w, uctx_t *c, area_t *a, run_t *r, 
                       int flags, int cause, uint64_t wake_off, int err, uint64_t *installed)
 {
     uint64_t page = e->page, end = r->off + r->len;
-    char last[UF_ERR_MSG];
+    char last[UF_ERR_MSG], fault_msg[UF_ERR_MSG] = "";
     int np = 0;
     for (uint64_t p = off; p < end; p += page) {
         w->pages[np++] = p;
@@ -813,7 +813,8 @@ static int fail_range(engine_t *e, worker_t *w, uctx_t *c, area_t *a, run_t *r, 
     int round = np > 1 || r->unread ? 0 : 1;
     if (err == ETIMEDOUT) { /* the read of the batch timed out */
         int faulting = w->pages[0] == wake_off;
-        leave_to_faults(e, a, w->pages[faulting], cause, np - faulting, last);
+        if (np > faulting)
+            leave_to_faults(e, a, w->pages[faulting], cause, np - faulting, last);
         left = 1;
         if (!faulting)
             return ETIMEDOUT;
@@ -836,7 +837,7 @@ static int fail_range(engine_t *e, worker_t *w, uctx_t *c, area_t *a, run_t *r, 
             ADD(e, retries, 1);
             sleep_ns(e, delay);
         }
-        int kept = 0, timeout = 0;
+        int kept = 0, timeout = 0, fault_err = 0;
         for (int i = 0; i < np; i++) {
             uint64_t got;
             if (timeout) { /* the source did not answer the last read in time */
@@ -856,14 +857,23 @@ static int fail_range(engine_t *e, worker_t *w, uctx_t *c, area_t *a, run_t *r, 
             err = e2;
             timeout = e2 == ETIMEDOUT;
             snprintf(last, sizeof(last), "%s", w->msg);
+            if (!kept && w->pages[i] == wake_off) { /* the faulting page's own failure */
+                fault_err = e2;
+                snprintf(fault_msg, sizeof(fault_msg), "%s", w->msg);
+            }
             w->pages[kept++] = w->pages[i];
         }
         np = kept;
         if (timeout && !left) {
             int faulting = np && w->pages[0] == wake_off;
-            leave_to_faults(e, a, w->pages[faulting], cause, np - faulting, last);
+            if (np > faulting)
+                leave_to_faults(e, a, w->pages[faulting], cause, np - faulting, last);
             left = 1;
             np = faulting;
+            if (faulting) { /* it goes on alone: with its own error, not the timeout's */
+                err = fault_err;
+                snprintf(last, sizeof(last), "%s", fault_msg);
+            }
         }
         if (!np)
             break;
