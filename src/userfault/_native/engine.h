@@ -150,6 +150,7 @@ typedef struct uctx {
     uint64_t npages;
     uint8_t *installed, *removed; /* one bit per page */
     uint8_t *ref, *evicting, *evicted; /* the resident budget (root context only) */
+    uint8_t *refilled;            /* being evicted, and installed again after the drop */
     uint8_t *inactive;            /* on probation in the pool: the next touch installs it back */
     uint8_t *deactivating;        /* put on probation, the REMOVE of its drop not handled yet */
     uint8_t *pooled;              /* on probation, and its copy into the pool is complete */
@@ -387,6 +388,7 @@ uint64_t uf_room_below_high(engine_t *e);
 int uf_take_room(engine_t *e, uint64_t *len, uint64_t *room);
 void uf_unreserve(engine_t *e, uint64_t pages);
 void uf_page_out(engine_t *e, uctx_t *c, uint64_t p, int zero);
+void uf_refill(engine_t *e, uctx_t *c, uint64_t p);
 int uf_budget_alloc(engine_t *e, uctx_t *c);
 int uf_evictor_start(engine_t *e);
 void uf_evictor_stop(engine_t *e);

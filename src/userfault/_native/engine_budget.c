@@ -57,7 +57,18 @@ void uf_page_out(engine_t *e, uctx_t *c, uint64_t p, int zero)
         return;
     if (c->inactive && bit_get(c->inactive, p))
         return; /* put on probation (the pool holds it), or dropped again while there */
-    if (c->evicting && bit_test_clear(c->evicting, p)) {
+    int ours = 0, back = 0;
+    if (c->evicting && bit_get(c->evicting, p)) {
+        pthread_mutex_lock(&e->budget_lock);
+        ours = bit_test_clear(c->evicting, p);
+        back = ours && bit_test_clear(c->refilled, p);
+        pthread_mutex_unlock(&e->budget_lock);
+    }
+    if (back) {
+        bit_clear(c->removed, p); /* installed again since the drop: it stays counted */
+        return;
+    }
+    if (ours) {
         /* our own eviction: the page goes back to the source, whatever on_remove says */
         if (bit_test_clear(c->installed, p)) {
             ADD(e, resident_pages, -1);
@@ -84,6 +95,20 @@ void uf_page_out(engine_t *e, uctx_t *c, uint64_t p, int zero)
         bit_clear(c->removed, p);
 }
 
+/* Page p was installed (not found present). While its eviction's REMOVE is still to be
+ * handled (another fault thread read it, the madvise dropped the page, this install put it
+ * back), that handling must not count it out: it would stay present, uncounted, and never be
+ * evicted again. Under budget_lock, as uf_page_out's test: one of the two comes first. */
+void uf_refill(engine_t *e, uctx_t *c, uint64_t p)
+{
+    if (!c->evicting || !bit_get(c->evicting, p))
+        return;
+    pthread_mutex_lock(&e->budget_lock);
+    if (bit_get(c->evicting, p))
+        bit_set(c->refilled, p);
+    pthread_mutex_unlock(&e->budget_lock);
+}
+
 /* The root context's budget bitmaps (under e->lock or before threads run). */
 int uf_budget_alloc(engine_t *e, uctx_t *c)
 {
@@ -91,10 +116,11 @@ int uf_budget_alloc(engine_t *e, uctx_t *c)
     c->ref = calloc(n, 1);
     c->evicting = calloc(n, 1);
     c->evicted = calloc(n, 1);
+    c->refilled = calloc(n, 1);
     c->inactive = e->pool_map ? calloc(n, 1) : NULL;
     c->deactivating = e->pool_map ? calloc(n, 1) : NULL;
     c->pooled = e->pool_map ? calloc(n, 1) : NULL;
-    return c->ref && c->evicting && c->evicted
+    return c->ref && c->evicting && c->evicted && c->refilled
            && (!e->pool_map || (c->inactive && c->deactivating && c->pooled)) ? 0 : ENOMEM;
 }
 
@@ -112,6 +138,29 @@ static int may_hold(engine_t *e, pid_t tid)
     return agent && (pid_t)agent != tid;
 }
 
+/* Whether a fault of thread `tid` is known to be the evictor's own copy into the pool: the
+ * evictor's (in-process) or the faulting process's watchdog's (a pager process, once it has
+ * said which thread it is). */
+static int copy_fault(engine_t *e, pid_t tid)
+{
+    if (!tid)
+        return 0;
+    if (e->agent_req < 0)
+        return tid == e->evictor_tid;
+    uint64_t agent = __atomic_load_n(&e->st->agent_tid, __ATOMIC_ACQUIRE);
+    return agent && (pid_t)agent == tid;
+}
+
+/* Free the pool slot of page p, which left the pool (not under budget_lock). Not while a
+ * write-back copies through it (a pager process's do): the punch would zero what it copied. */
+static void free_slot(engine_t *e, uctx_t *c, uint64_t p)
+{
+    pthread_mutex_lock(&e->wp_lock);
+    if (!c->wbusy || !bit_get(c->wbusy, p))
+        fallocate(e->pool_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(p * e->page), (off_t)e->page);
+    pthread_mutex_unlock(&e->wp_lock);
+}
+
 /* A fault on a page on probation: install it back from the pool (waking the thread).
  * Returns 1 if it was there (0 on success, or EAGAIN in *err: the mapping is changing, fault
  * again), 0 if the fault must be served from the source.
@@ -121,7 +170,8 @@ static int may_hold(engine_t *e, pid_t tid)
  * (an install finds a page present between the REMOVE of its eviction being read and that
  * madvise dropping it, and counts it), or the process's, in the middle of the copy. Either is
  * served from the source. The copy's own fault leaves the page on probation: the copy takes
- * those bytes, then drops it. The process's takes it off. */
+ * those bytes, then drops it. The process's takes it off (so does a fault not known to be the
+ * copy's: a page left on probation while present would be counted out, and stay, when freed). */
 int uf_reactivate(engine_t *e, uctx_t *c, area_t *a, uint64_t off, pid_t tid, int *err)
 {
     uint64_t p = a->first_page + off / e->page;
@@ -130,7 +180,7 @@ int uf_reactivate(engine_t *e, uctx_t *c, area_t *a, uint64_t off, pid_t tid, in
         return 0;
     pthread_mutex_lock(&e->budget_lock);
     int was = bit_get(c->inactive, p), ready = was && bit_get(c->pooled, p);
-    if (ready || (was && may_hold(e, tid))) /* may_hold: not the copy's own fault */
+    if (ready || (was && !copy_fault(e, tid)))
         bit_clear(c->inactive, p);
     pthread_mutex_unlock(&e->budget_lock);
     if (!ready)
@@ -138,13 +188,16 @@ int uf_reactivate(engine_t *e, uctx_t *c, area_t *a, uint64_t off, pid_t tid, in
     struct uffdio_copy cp = {.dst = a->base + off, .src = (uintptr_t)(e->pool_map + p * e->page),
                              .len = e->page, .mode = e->track_writes ? UFFDIO_COPY_MODE_WP : 0};
     *err = uf_ioctl(c->uffd, UFFDIO_COPY, &cp);
-    if (*err == EAGAIN || *err == EEXIST) {
-        bit_set(c->inactive, p); /* still pooled: a REMOVE is pending, or it is back already */
-        if (*err == EEXIST) {
-            struct uffdio_range r = {a->base + off, e->page};
-            uf_ioctl(c->uffd, UFFDIO_WAKE, &r);
-            *err = 0;
-        }
+    if (*err == EAGAIN) {
+        bit_set(c->inactive, p); /* still pooled: a REMOVE is pending */
+        return 1;
+    }
+    if (*err == EEXIST) { /* back already: off the pool */
+        struct uffdio_range r = {a->base + off, e->page};
+        uf_ioctl(c->uffd, UFFDIO_WAKE, &r);
+        bit_clear(c->pooled, p);
+        free_slot(e, c, p);
+        *err = 0;
         return 1;
     }
     if (*err) { /* serve it from the source instead; its pooled copy is freed */
@@ -158,6 +211,7 @@ int uf_reactivate(engine_t *e, uctx_t *c, area_t *a, uint64_t off, pid_t tid, in
         return 0;
     }
     bit_clear(c->pooled, p);
+    free_slot(e, c, p); /* else the pool keeps a copy of every page ever brought back */
     bit_set(c->ref, p);
     ADD(e, reactivations, 1);
     return 1;
@@ -481,6 +535,9 @@ static void deactivate(engine_t *e, uctx_t *c, victim_t *r)
             if (bit_get(c->inactive, first + i))
                 bit_set(c->pooled, first + i);
         pthread_mutex_unlock(&e->budget_lock);
+        for (uint64_t i = 0; i < n; i++) /* taken off probation during the copy: stale */
+            if (!bit_get(c->inactive, first + i) && !bit_get(c->pooled, first + i))
+                free_slot(e, c, first + i);
         return;
     }
     for (uint64_t i = 0; i < n; i++) {
@@ -488,9 +545,12 @@ static void deactivate(engine_t *e, uctx_t *c, victim_t *r)
         bit_clear(c->deactivating, first + i);
         bit_set(c->evicting, first + i);
     }
-    if (evict_madvise(e, r->a.base + r->off, r->len))
-        for (uint64_t i = 0; i < n; i++)
+    if (evict_madvise(e, r->a.base + r->off, r->len)) {
+        for (uint64_t i = 0; i < n; i++) {
             bit_clear(c->evicting, first + i);
+            bit_clear(c->refilled, first + i);
+        }
+    }
 }
 
 /* Give pages back until the count is at the low watermark; 0 if there was nothing to give. */
@@ -536,8 +596,10 @@ static int evict_until_low(engine_t *e, uctx_t *c)
                 uf_trace_install(e, t0, &r->a, r->off, r->len, CAUSE_EVICT);
             uf_release(e, c, first, n, !err);
             if (err) {
-                for (uint64_t off = r->off; off < r->off + r->len; off += e->page)
-                    bit_clear(c->evicting, r->a.first_page + off / e->page);
+                for (uint64_t p = first; p < first + n; p++) {
+                    bit_clear(c->evicting, p);
+                    bit_clear(c->refilled, p);
+                }
             }
             if (err && err != ECANCELED)
                 uf_state_error(e->st, err, addr, "evicting %#llx..+%llu failed: %s",

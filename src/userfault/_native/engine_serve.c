@@ -193,10 +193,11 @@ static void ctx_release(engine_t *e, uctx_t *c)
     free(c->inactive);
     free(c->deactivating);
     free(c->pooled);
+    free(c->refilled);
     free(c->dirty);
     free(c->wbusy);
     free(c->deferred);
-    c->ref = c->evicting = c->evicted = c->inactive = c->deactivating = c->pooled = NULL;
+    c->ref = c->evicting = c->evicted = c->refilled = c->inactive = c->deactivating = c->pooled = NULL;
     c->dirty = c->wbusy = c->deferred = NULL;
     if (c->id)
         ADD(e, children, -1);

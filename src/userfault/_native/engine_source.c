@@ -646,8 +646,10 @@ static int put_run(engine_t *e, worker_t *w, uctx_t *c, area_t *a, run_t *r, int
         uint64_t done = err ? 0 : install_once(e, w, c->uffd, a, off, end - off, r->zero, data,
                                                flags & IR_DONTWAKE, &err);
         uint64_t p = a->first_page + off / e->page;
-        for (uint64_t i = 0; i < done / e->page; i++)
+        for (uint64_t i = 0; i < done / e->page; i++) {
+            uf_refill(e, c, p + i);
             uf_page_in(e, c, p + i);
+        }
         if (w->cause != CAUSE_FAULT) /* a record per install ioctl (faults: by serve_fault) */
             uf_trace_install(e, w->t0, a, off, done, w->cause);
         *installed += done;
