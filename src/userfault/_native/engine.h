@@ -87,6 +87,7 @@ enum { UF_COUNTERS(UF_ENUM) UF_N_COUNTERS };
 #define UF_LOG_WRITING 0x80000000u
 #define UF_LOG_DONE 0x40000000u
 #define UF_LOG_SPINS 1000 /* yields before a record's writer is taken for dead */
+#define UF_FLUSHERS 8 /* threads in flush() at once whose faults the budget knows not to hold */
 
 /* One record of the fault log (and of trace files): 48 bytes, little-endian. */
 typedef struct {
@@ -263,6 +264,10 @@ struct engine {
     uint64_t reserved_pages;
     int throttle_off;
     pid_t evictor_tid;
+    /* threads in uf_flush (UF_FLUSHERS at most are known): their faults are never held. A
+     * flush's pwrite from the memory faults holding the file's inode lock, which the
+     * evictor's own write-back then waits for: held, that fault would never be woken. */
+    pid_t flushers[UF_FLUSHERS];
     /* writable: where written pages go (a file, a buffer, or a Python write_from). Writes
      * are tracked (pages installed write-protected, dirty bits) when writable, and under a
      * budget too: there a written page of a read-only pager is kept, never dropped. */

@@ -125,13 +125,16 @@ int uf_budget_alloc(engine_t *e, uctx_t *c)
 }
 
 /* Whether a fault of thread `tid` may be held back: never the evictor's own (its copies),
- * nor one that may be the thread answering a pager process's mail (its watchdog: that
- * thread, or any while it is not known yet), nor any when the kernel reports no thread ids
- * (tid 0: UFFD_FEATURE_THREAD_ID not granted). */
+ * nor a flushing thread's, nor one that may be the thread answering a pager process's mail
+ * (its watchdog: that thread, or any while it is not known yet), nor any when the kernel
+ * reports no thread ids (tid 0: UFFD_FEATURE_THREAD_ID not granted). */
 static int may_hold(engine_t *e, pid_t tid)
 {
     if (!tid || tid == e->evictor_tid)
         return 0;
+    for (int i = 0; i < UF_FLUSHERS; i++)
+        if (__atomic_load_n(&e->flushers[i], __ATOMIC_ACQUIRE) == tid)
+            return 0; /* a flush (engine.h) */
     if (e->agent_req < 0)
         return 1; /* in-process: the evictor does its own copies and madvise */
     uint64_t agent = __atomic_load_n(&e->st->agent_tid, __ATOMIC_ACQUIRE);

@@ -289,16 +289,34 @@ int uf_writeback(engine_t *e, worker_t *w, uctx_t *c, uint64_t first, uint64_t n
     return ret;
 }
 
+static int flush_all(engine_t *e, worker_t *w, uctx_t *c, uint64_t *pages, uint64_t *bytes);
+
 /* Everything dirty goes home, then the source is asked to make it durable (fsync, or the
  * source's flush()). If that fails, the pages written this time are dirty again: a later
  * flush writes them again (after a failed fsync the kernel may have dropped them). */
 int uf_flush(engine_t *e, worker_t *w, uint64_t *pages, uint64_t *bytes)
 {
     uctx_t *c = e->ctxs;
-    int ret = 0;
     *bytes = 0;
     if (!c || !c->dirty || !e->writable) /* a read-only pager's written pages have no home */
         return 0;
+    pid_t me = (pid_t)gettid(), none = 0;
+    int slot = -1;
+    for (int i = 0; slot < 0 && i < UF_FLUSHERS; i++)
+        if (__atomic_compare_exchange_n(&e->flushers[i], &none, me, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+            slot = i;
+        else
+            none = 0;
+    int ret = flush_all(e, w, c, pages, bytes);
+    if (slot >= 0)
+        __atomic_store_n(&e->flushers[slot], 0, __ATOMIC_SEQ_CST);
+    return ret;
+}
+
+/* uf_flush's work, its thread known as a flusher. */
+static int flush_all(engine_t *e, worker_t *w, uctx_t *c, uint64_t *pages, uint64_t *bytes)
+{
+    int ret = 0;
     uint8_t *written = calloc(c->npages / 8 + 1, 1);
     if (!written) {
         snprintf(w->msg, sizeof(w->msg), "out of memory");
